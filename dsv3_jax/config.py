@@ -1,0 +1,269 @@
+"""Configuration as data: frozen dataclasses, named presets, `--set a.b=c` overrides.
+
+Every value is checked in `__post_init__`; a bad value raises `ConfigError` whose message
+names the field, the value, and what is allowed (the CLI prints it as one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value (or override) that is not allowed. Message: one line."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """DeepSeek-V3 architecture hyper-parameters (field names follow the report / HF config)."""
+
+    vocab_size: int = 2048
+    d_model: int = 128
+    n_layers: int = 4
+    first_k_dense: int = 1  # the first k layers use a dense SwiGLU FFN instead of MoE
+    n_heads: int = 4
+    q_lora_rank: int = 64  # 0: plain W_Q (as DeepSeek-V2-Lite)
+    kv_lora_rank: int = 32  # C: the cached latent c_KV
+    qk_nope_dim: int = 16
+    qk_rope_dim: int = 16  # R: decoupled RoPE dim (shared k_R is cached too)
+    v_head_dim: int = 16
+    ffn_dim: int = 384  # dense layers' intermediate size
+    moe_ffn_dim: int = 64  # each expert's intermediate size
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    top_k: int = 2
+    n_group: int = 4
+    topk_group: int = 2
+    routed_scaling_factor: float = 2.5
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    norm_topk_prob: bool = True
+    # RoPE + YaRN (report §4.3: factor 40, alpha=beta_slow 1, beta=beta_fast 32). yarn_factor 1 = off.
+    rope_theta: float = 10000.0
+    yarn_factor: float = 1.0
+    original_max_position: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 1.0
+    max_seq_len: int = 256
+    mtp_depth: int = 1  # D sequential MTP modules (eq. 21-25); 0 disables MTP
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
+    init_std: float = 0.02
+    norm_eps: float = 1e-6
+    remat: bool = False  # rematerialise each scanned layer in the backward pass
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_dim",
+                     "v_head_dim", "max_seq_len", "original_max_position"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, f"model.{name}={value!r} must be a positive integer")
+        for name in ("q_lora_rank", "first_k_dense", "n_shared_experts", "mtp_depth", "n_routed_experts"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, f"model.{name}={value!r} must be an integer >= 0")
+        _require(self.qk_rope_dim > 0 and self.qk_rope_dim % 2 == 0,
+                 f"model.qk_rope_dim={self.qk_rope_dim} must be a positive even integer (RoPE rotates pairs)")
+        _require(self.first_k_dense <= self.n_layers,
+                 f"model.first_k_dense={self.first_k_dense} must be <= model.n_layers={self.n_layers}")
+        _require(self.score_func in ("sigmoid", "softmax"),
+                 f"model.score_func={self.score_func!r} must be one of: sigmoid, softmax")
+        for name in ("dtype", "param_dtype"):
+            _require(getattr(self, name) in ("float32", "bfloat16"),
+                     f"model.{name}={getattr(self, name)!r} must be one of: float32, bfloat16")
+        if self.n_moe_layers > 0 or self.mtp_depth > 0:
+            self._check_moe()
+        if self.first_k_dense > 0:
+            _require(self.ffn_dim > 0, f"model.ffn_dim={self.ffn_dim} must be > 0 when first_k_dense > 0")
+        _require(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be > 0")
+        _require(self.yarn_factor >= 1.0, f"model.yarn_factor={self.yarn_factor} must be >= 1 (1 = YaRN off)")
+        _require(self.yarn_beta_fast > self.yarn_beta_slow > 0,
+                 f"model.yarn_beta_fast={self.yarn_beta_fast} must be > model.yarn_beta_slow={self.yarn_beta_slow} > 0")
+        _require(self.init_std > 0 and math.isfinite(self.init_std), f"model.init_std={self.init_std} must be > 0")
+        _require(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
+
+    def _check_moe(self) -> None:
+        E, G = self.n_routed_experts, self.n_group
+        _require(E > 0, f"model.n_routed_experts={E} must be > 0 when there are MoE layers "
+                        f"(n_layers - first_k_dense = {self.n_moe_layers}, mtp_depth = {self.mtp_depth})")
+        _require(self.moe_ffn_dim > 0, f"model.moe_ffn_dim={self.moe_ffn_dim} must be > 0")
+        _require(G >= 1, f"model.n_group={G} must be >= 1")
+        _require(E % G == 0, f"model.n_routed_experts={E} must be divisible by model.n_group={G}")
+        _require(1 <= self.topk_group <= G,
+                 f"model.topk_group={self.topk_group} must be between 1 and model.n_group={G}")
+        reachable = self.topk_group * (E // G)
+        _require(1 <= self.top_k <= reachable,
+                 f"model.top_k={self.top_k} must be between 1 and the {reachable} experts reachable in "
+                 f"topk_group={self.topk_group} of n_group={G} groups of {E // G}")
+        if self.score_func == "sigmoid" and G > 1:
+            _require(E // G >= 2, f"model.n_group={G} leaves {E // G} expert per group; sigmoid group scores "
+                                  "sum each group's top-2, so groups need >= 2 experts")
+        _require(self.routed_scaling_factor > 0,
+                 f"model.routed_scaling_factor={self.routed_scaling_factor} must be > 0")
+
+    # Derived sizes -------------------------------------------------------------------------
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.first_k_dense
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_dim + self.qk_rope_dim
+
+    @property
+    def kv_cache_values_per_token_per_layer(self) -> int:
+        """MLA caches RMSNorm(c_KV) and the roped shared k_R only (report §2.1.1)."""
+        return self.kv_lora_rank + self.qk_rope_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run needs. Sub-configs are added by the parts that use them."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+# Presets ---------------------------------------------------------------------------------------
+
+_TINY = ModelConfig()
+
+_SMALL = ModelConfig(
+    vocab_size=8192, d_model=512, n_layers=8, first_k_dense=1, n_heads=8, q_lora_rank=192,
+    kv_lora_rank=128, qk_nope_dim=32, qk_rope_dim=32, v_head_dim=32, ffn_dim=1536, moe_ffn_dim=384,
+    n_routed_experts=16, n_shared_experts=1, top_k=4, n_group=4, topk_group=2,
+    routed_scaling_factor=2.5, max_seq_len=512, mtp_depth=1, init_std=0.02,
+)
+
+# HF deepseek-ai/DeepSeek-V2-Lite config.json.
+_V2_LITE = ModelConfig(
+    vocab_size=102400, d_model=2048, n_layers=27, first_k_dense=1, n_heads=16, q_lora_rank=0,
+    kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128, ffn_dim=10944, moe_ffn_dim=1408,
+    n_routed_experts=64, n_shared_experts=2, top_k=6, n_group=1, topk_group=1,
+    routed_scaling_factor=1.0, score_func="softmax", norm_topk_prob=False, rope_theta=10000.0,
+    yarn_factor=40.0, original_max_position=4096, yarn_mscale=0.707, yarn_mscale_all_dim=0.707,
+    max_seq_len=163840, mtp_depth=0, dtype="bfloat16", init_std=0.02,
+)
+
+# Report §2 / §4.2 and HF deepseek-ai/DeepSeek-V3 config.json.
+_V3 = ModelConfig(
+    vocab_size=129280, d_model=7168, n_layers=61, first_k_dense=3, n_heads=128, q_lora_rank=1536,
+    kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128, ffn_dim=18432, moe_ffn_dim=2048,
+    n_routed_experts=256, n_shared_experts=1, top_k=8, n_group=8, topk_group=4,
+    routed_scaling_factor=2.5, score_func="sigmoid", norm_topk_prob=True, rope_theta=10000.0,
+    yarn_factor=40.0, original_max_position=4096, yarn_mscale=1.0, yarn_mscale_all_dim=1.0,
+    max_seq_len=163840, mtp_depth=1, dtype="bfloat16", init_std=0.006,
+)
+
+PRESETS: dict[str, Config] = {
+    "tiny": Config(model=_TINY),
+    "small": Config(model=_SMALL),
+    "deepseek-v2-lite": Config(model=_V2_LITE),
+    "deepseek-v3-671b": Config(model=_V3),
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# Overrides -------------------------------------------------------------------------------------
+
+def _parse_value(key: str, text: str, annotation: Any) -> Any:
+    """Parse `text` as the type a dataclass field declares (resolved annotation)."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if text not in allowed:
+            raise ConfigError(f"{key}={text!r} must be one of: {', '.join(map(str, allowed))}")
+        return text
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if text.lower() in ("none", "null"):
+            return None
+        return _parse_value(key, text, args[0])
+    if annotation is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={text!r} must be a boolean (true/false)")
+    if annotation in (int, float):
+        try:
+            return annotation(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} must be {'an integer' if annotation is int else 'a number'}") from None
+    if annotation is str:
+        return text
+    raise ConfigError(f"{key}: cannot parse a value of type {annotation}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _replace_path(obj: Any, path: list[str], text: str, full_key: str) -> Any:
+    names = {f.name for f in dataclasses.fields(obj)}
+    head = path[0]
+    if head not in names:
+        raise ConfigError(f"unknown config key {full_key!r}; valid keys under "
+                          f"{'.'.join(full_key.split('.')[:-len(path)]) or 'the top level'}: {', '.join(sorted(names))}")
+    current = getattr(obj, head)
+    if len(path) == 1:
+        if dataclasses.is_dataclass(current):
+            raise ConfigError(f"config key {full_key!r} is a section; set one of its fields, e.g. {full_key}.<field>=...")
+        value = _parse_value(full_key, text, _field_types(type(obj))[head])
+    else:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"unknown config key {full_key!r}: {head!r} has no sub-fields")
+        value = _replace_path(current, path[1:], text, full_key)
+    return dataclasses.replace(obj, **{head: value})
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply `section.field=value` strings in order; each is parsed by the field's declared type."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value (e.g. model.n_layers=2)")
+        key, text = item.split("=", 1)
+        config = _replace_path(config, key.strip().split("."), text.strip(), key.strip())
+    return config
+
+
+def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"valid: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+            kwargs[name] = _from_dict(hints[name], value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_json(text: str) -> Config:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config file must hold a JSON object")
+    return _from_dict(Config, data, "")

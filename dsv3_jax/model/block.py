@@ -1,0 +1,88 @@
+"""Decoder block: x + MLA(RMSNorm(x)), then + FFN(RMSNorm(.)) with a dense SwiGLU or DeepSeekMoE.
+
+Also the layer-stack helpers: a stack is one module whose weights carry a leading "layers" axis,
+built with `jax.vmap` over per-layer keys and run with `jax.lax.scan` over (graphdef, state), so
+compile time stays flat in depth and a pipeline stage is a slice of the stack.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.layers import MLP, RMSNorm
+from dsv3_jax.model.mla import MLA
+from dsv3_jax.model.moe import MoE
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, "norm", cfg.param_dtype)
+        self.attn = MLA(cfg, rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, "norm", cfg.param_dtype)
+        self.ffn = MoE(cfg, rngs) if moe else MLP(cfg, cfg.ffn_dim, rngs, "ffn")
+        self.is_moe = moe
+
+    def __call__(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array
+                 ) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+        if self.is_moe:
+            y_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
+        else:
+            y_BTD, stats = self.ffn(self.ffn_norm(x_BTD)), {}
+        return x_BTD + y_BTD, stats
+
+
+def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """n independently initialised copies of `make(rngs)` as one module with stacked weights.
+
+    Every Variable's `logical_axes` gains a leading "layers" name.
+    """
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+    keys = jax.random.split(rngs.params(), n)
+    state = jax.vmap(lambda key: nnx.state(make(nnx.Rngs(key))))(keys)
+    stacked = nnx.merge(graphdef, state)
+    for _, variable in nnx.iter_graph(stacked):
+        if isinstance(variable, nnx.Variable):
+            axes = variable.get_metadata().get("logical_axes")
+            if axes is not None:
+                variable.set_metadata(logical_axes=("layers",) + tuple(axes))
+    return stacked
+
+
+def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, remat: bool = False):
+    """lax.scan of `step(layer, carry, x) -> (carry, y)` over the layers of a stacked module.
+
+    The module is split once; each iteration merges its own slice of the state (pure, no
+    hidden mutation), so the same code runs under jit, grad, shard_map and pipeline stages.
+    """
+    graphdef, state = nnx.split(stack)
+
+    def body(carry, scanned):
+        layer_state, x = scanned
+        return step(nnx.merge(graphdef, layer_state), carry, x)
+
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    return jax.lax.scan(body, carry, (state, xs))
+
+
+def run_blocks(stack: nnx.Module, x_BTD: Array, cos: Array, sin: Array, remat: bool
+               ) -> tuple[Array, dict[str, Array]]:
+    """Apply a stack of Blocks in order; returns the output and per-layer stats stacked on axis 0."""
+    return scan_stack(stack, lambda block, x, _: block(x, cos, sin), x_BTD, remat=remat)
+
+
+def num_layers(stack: nnx.Module | None) -> int:
+    if stack is None:
+        return 0
+    return jax.tree.leaves(nnx.state(stack))[0].shape[0]
+
+
+def zeros_like_stats(cfg: ModelConfig, n: int) -> dict[str, Array]:
+    return {"expert_load": jnp.zeros((n, cfg.n_routed_experts)), "balance_loss": jnp.zeros((n,))}

@@ -1,0 +1,78 @@
+"""Basic layers: RMSNorm, Embed, Linear, SwiGLU MLP.
+
+Legend: B batch, T tokens, D model dim, F ffn dim, V vocab.
+Weights are fp32 (or `param_dtype`) masters declared with logical axis names; they are cast to
+the compute dtype at use. `parallel/mesh.py` maps logical names to mesh axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from dsv3_jax.config import ModelConfig
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float,
+          dtype: jnp.dtype) -> nnx.Param:
+    """A normal(0, std) weight tagged with its logical axes (one name per dimension)."""
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, axis_name: str = "norm", dtype: str = "float32"):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype_of(dtype)), logical_axes=(axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        # Normalise in fp32 whatever the compute dtype, then cast back.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.table_VD = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std,
+                              dtype_of(cfg.param_dtype))
+        self.dtype = dtype_of(cfg.dtype)
+
+    def __call__(self, tokens_BT: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+        return jnp.take(self.table_VD[...], tokens_BT, axis=0).astype(self.dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ W with W of shape `in_shape + out_shape` (multi-dim in/out, e.g. heads)."""
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], axes: tuple[str, ...],
+                 cfg: ModelConfig, rngs: nnx.Rngs, std: float | None = None):
+        self.n_in = len(in_shape)
+        self.kernel = param(rngs, tuple(in_shape) + tuple(out_shape), axes,
+                            cfg.init_std if std is None else std, dtype_of(cfg.param_dtype))
+        self.dtype = dtype_of(cfg.dtype)
+
+    def __call__(self, x: Array) -> Array:
+        w = self.kernel[...].astype(self.dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        return jax.lax.dot_general(x.astype(self.dtype), w, (contract, ((), ())),
+                                   preferred_element_type=jnp.float32).astype(self.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU FFN: down(silu(gate(x)) * up(x)). Used for dense layers and shared experts."""
+
+    def __init__(self, cfg: ModelConfig, hidden_dim: int, rngs: nnx.Rngs, hidden_axis: str = "ffn"):
+        D = cfg.d_model
+        self.gate = Linear((D,), (hidden_dim,), ("embed", hidden_axis), cfg, rngs)
+        self.up = Linear((D,), (hidden_dim,), ("embed", hidden_axis), cfg, rngs)
+        self.down = Linear((hidden_dim,), (D,), (hidden_axis, "embed"), cfg, rngs)
+
+    def __call__(self, x_BTD: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))

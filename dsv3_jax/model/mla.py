@@ -1,0 +1,84 @@
+"""Multi-head Latent Attention (report §2.1.1, eq. 1-11): training / prefill path.
+
+Legend: B batch, T query tokens, S key tokens, D model dim, H heads, Q q latent (q_lora_rank),
+C kv latent (kv_lora_rank), N qk nope dim, R qk rope dim, Vh v head dim.
+
+q path:  c_Q = RMSNorm(x W_DQ) (eq. 6);  q_C = c_Q W_UQ (eq. 7);  q_R = RoPE(c_Q W_QR) (eq. 8)
+         (q_lora_rank = 0: q = x W_Q directly, as DeepSeek-V2-Lite).
+kv path: [c_KV | k_R] = x W_DKV (eq. 1, 3; one matmul, as the published weights store it),
+         c_KV <- RMSNorm(c_KV), k_C = c_KV W_UK (eq. 2), v_C = c_KV W_UV (eq. 5),
+         k_R = RoPE(k_R), shared by all heads (eq. 3-4).
+Only RMSNorm(c_KV) and roped k_R need caching: (C + R) values per token per layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.layers import Linear, RMSNorm
+from dsv3_jax.model.rope import apply_rope, softmax_scale
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, H, C, R = cfg.d_model, cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_dim
+        self.cfg = cfg
+        if cfg.q_lora_rank > 0:
+            self.w_dq = Linear((D,), (cfg.q_lora_rank,), ("embed", "q_lora"), cfg, rngs)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, "q_lora", cfg.param_dtype)
+            self.w_uq = Linear((cfg.q_lora_rank,), (H, cfg.qk_head_dim), ("q_lora", "heads", "qk_head"), cfg, rngs)
+        else:
+            self.w_q = Linear((D,), (H, cfg.qk_head_dim), ("embed", "heads", "qk_head"), cfg, rngs)
+        self.w_dkv = Linear((D,), (C + R,), ("embed", "kv_lora"), cfg, rngs)
+        self.kv_norm = RMSNorm(C, cfg.norm_eps, "kv_lora", cfg.param_dtype)
+        self.w_uk = Linear((C,), (H, cfg.qk_nope_dim), ("kv_lora", "heads", "qk_head"), cfg, rngs)
+        self.w_uv = Linear((C,), (H, cfg.v_head_dim), ("kv_lora", "heads", "v_head"), cfg, rngs)
+        self.w_o = Linear((H, cfg.v_head_dim), (D,), ("heads", "v_head", "embed"), cfg, rngs)
+        self.scale = softmax_scale(cfg)
+
+    def queries(self, x_BTD: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
+        """(q_nope [B,T,H,N], roped q_rope [B,T,H,R])."""
+        if self.cfg.q_lora_rank > 0:
+            q_BTHK = self.w_uq(self.q_norm(self.w_dq(x_BTD)))
+        else:
+            q_BTHK = self.w_q(x_BTD)
+        q_nope_BTHN, q_rope_BTHR = jnp.split(q_BTHK, [self.cfg.qk_nope_dim], axis=-1)
+        return q_nope_BTHN, apply_rope(q_rope_BTHR, cos, sin)
+
+    def latent_kv(self, x_BTD: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
+        """What the cache holds: (RMSNorm(c_KV) [B,T,C], roped shared k_R [B,T,R])."""
+        ckv_BTC, k_rope_BTR = jnp.split(self.w_dkv(x_BTD), [self.cfg.kv_lora_rank], axis=-1)
+        return self.kv_norm(ckv_BTC), apply_rope(k_rope_BTR, cos, sin)
+
+    def attend_expanded(self, q_nope_BTHN: Array, q_rope_BTHR: Array, ckv_BSC: Array, k_rope_BSR: Array,
+                        mask_BTS: Array) -> Float[Array, "B T D"]:
+        """Attention with per-head K/V rebuilt from the latent (the training path)."""
+        k_nope_BSHN = self.w_uk(ckv_BSC)
+        v_BSHV = self.w_uv(ckv_BSC)
+        logits_BHTS = (jnp.einsum("bthn,bshn->bhts", q_nope_BTHN, k_nope_BSHN, preferred_element_type=jnp.float32)
+                       + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR, preferred_element_type=jnp.float32))
+        probs_BHTS = _masked_softmax(logits_BHTS * self.scale, mask_BTS[:, None])
+        out_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS.astype(v_BSHV.dtype), v_BSHV,
+                              preferred_element_type=jnp.float32).astype(v_BSHV.dtype)
+        return self.w_o(out_BTHV)
+
+    def __call__(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array) -> Float[Array, "B T D"]:
+        """Causal self-attention over the whole sequence (training / scoring)."""
+        T = x_BTD.shape[1]
+        q_nope, q_rope = self.queries(x_BTD, cos, sin)
+        ckv_BTC, k_rope_BTR = self.latent_kv(x_BTD, cos, sin)
+        mask_BTS = jnp.tril(jnp.ones((T, T), bool))[None]
+        return self.attend_expanded(q_nope, q_rope, ckv_BTC, k_rope_BTR, mask_BTS)
+
+
+def _masked_softmax(logits: Array, mask: Array) -> Array:
+    """fp32 softmax with masked entries at -inf (rows fully masked give zeros, not NaN)."""
+    logits = jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    unnorm = jnp.exp(logits - jax.lax.stop_gradient(peak))
+    return unnorm / jnp.maximum(jnp.sum(unnorm, axis=-1, keepdims=True), 1e-30)

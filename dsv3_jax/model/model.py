@@ -1,0 +1,74 @@
+"""DeepSeek-V3: embed -> scanned dense blocks -> scanned MoE blocks -> norm -> head (+ MTP).
+
+Legend: B batch, T tokens, D model dim, V vocab, L layers, E routed experts, P MTP depth.
+
+The forward pass is a pure function of (weights, routing bias, tokens). Router statistics come
+out as values: per-layer expert loads (for the aux-loss-free bias update and MaxVio) and
+per-layer sequence-wise balance losses (eq. 17-20).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.block import Block, run_blocks, scan_stack, stack_modules
+from dsv3_jax.model.layers import Embed, Linear, RMSNorm
+from dsv3_jax.model.mtp import MTPModule, tokens_ahead
+from dsv3_jax.model.rope import rope_tables
+
+
+class ModelOutput(NamedTuple):
+    logits_BTV: Float[Array, "B T V"]  # fp32
+    mtp_logits_PBTV: Float[Array, "P B T V"] | None  # depth k predicts t_{i+k+1}; fp32
+    stats: dict[str, Array]  # expert_load [L_moe, E], balance_loss [L_moe], mtp_* [P, ...]
+
+
+class DeepSeekV3(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg, rngs)
+        self.dense_layers = (stack_modules(lambda r: Block(cfg, moe=False, rngs=r), cfg.first_k_dense, rngs)
+                             if cfg.first_k_dense else None)
+        self.moe_layers = (stack_modules(lambda r: Block(cfg, moe=True, rngs=r), cfg.n_moe_layers, rngs)
+                           if cfg.n_moe_layers else None)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, "norm", cfg.param_dtype)
+        self.head = Linear((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg, rngs)
+        self.mtp = stack_modules(lambda r: MTPModule(cfg, r), cfg.mtp_depth, rngs) if cfg.mtp_depth else None
+
+    def logits(self, h_BTD: Array) -> Float[Array, "B T V"]:
+        """The (shared) output head; logits in fp32 for a stable softmax."""
+        return self.head(h_BTD).astype(jnp.float32)
+
+    def __call__(self, tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"] | None = None,
+                 with_mtp: bool = True) -> ModelOutput:
+        cfg = self.cfg
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        cos, sin = rope_tables(cfg, positions_BT)
+        h_BTD = self.embed(tokens_BT)
+        stats: dict[str, Array] = {}
+        if self.dense_layers is not None:
+            h_BTD, _ = run_blocks(self.dense_layers, h_BTD, cos, sin, cfg.remat)
+        if self.moe_layers is not None:
+            h_BTD, stats = run_blocks(self.moe_layers, h_BTD, cos, sin, cfg.remat)
+        logits_BTV = self.logits(self.final_norm(h_BTD))
+
+        mtp_logits = None
+        if self.mtp is not None and with_mtp:
+            emb_ahead_PBTD = self.embed(tokens_ahead(tokens_BT, cfg.mtp_depth))
+
+            def depth_step(module: MTPModule, h_prev, emb_ahead):
+                h_next, h_normed, layer_stats = module(h_prev, emb_ahead, cos, sin)
+                return h_next, (h_normed, layer_stats)
+
+            # The main model's final hidden state (before its final norm) is h^0 (eq. 21).
+            _, (h_normed_PBTD, mtp_stats) = scan_stack(self.mtp, depth_step, h_BTD, emb_ahead_PBTD, cfg.remat)
+            mtp_logits = self.logits(h_normed_PBTD)
+            stats = {**stats, **{f"mtp_{k}": v for k, v in mtp_stats.items()}}
+        return ModelOutput(logits_BTV, mtp_logits, stats)

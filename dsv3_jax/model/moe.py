@@ -1,0 +1,67 @@
+"""DeepSeekMoE (report §2.1.2, eq. 12): h' = u + sum_shared FFN(u) + sum_routed g_i FFN_i(u).
+
+Legend: B batch, T tokens, N = B*T, D model dim, E routed experts, K top-k, F expert ffn dim,
+M = N*K routed (token, slot) assignments.
+
+Local expert computation is dropless and never builds an [N, E, D] tensor: the N*K assignments
+are sorted by expert and each expert's contiguous rows go through a grouped matmul
+(`jax.lax.ragged_dot`), then are unsorted and combined with their gates.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.layers import MLP, dtype_of, param
+from dsv3_jax.model.routing import Router
+
+
+def grouped_swiglu(x_MD: Float[Array, "M D"], group_sizes_E: Int[Array, "E"], w_gate_EDF: Array,
+                   w_up_EDF: Array, w_down_EFD: Array) -> Float[Array, "M D"]:
+    """SwiGLU over rows already sorted by expert; rows [sum(gs[:e]), sum(gs[:e+1])) use expert e."""
+    gate_MF = jax.lax.ragged_dot(x_MD, w_gate_EDF, group_sizes_E, preferred_element_type=jnp.float32)
+    up_MF = jax.lax.ragged_dot(x_MD, w_up_EDF, group_sizes_E, preferred_element_type=jnp.float32)
+    h_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_MD.dtype)
+    return jax.lax.ragged_dot(h_MF, w_down_EFD, group_sizes_E, preferred_element_type=jnp.float32).astype(x_MD.dtype)
+
+
+def routed_experts(x_ND: Float[Array, "N D"], expert_idx_NK: Int[Array, "N K"], gates_NK: Array,
+                   w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD: Array) -> Float[Array, "N D"]:
+    """Dropless sort -> grouped matmul -> unsort -> gate-weighted sum over the K slots."""
+    N, K = expert_idx_NK.shape
+    E = w_gate_EDF.shape[0]
+    expert_M = expert_idx_NK.reshape(-1)
+    order_M = jnp.argsort(expert_M, stable=True)
+    x_MD = jnp.take(x_ND, order_M // K, axis=0)
+    group_sizes_E = jnp.bincount(expert_M, length=E).astype(jnp.int32)
+    y_sorted_MD = grouped_swiglu(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD)
+    y_NKD = jnp.zeros_like(y_sorted_MD).at[order_M].set(y_sorted_MD).reshape(N, K, -1)
+    return jnp.einsum("nkd,nk->nd", y_NKD.astype(jnp.float32), gates_NK.astype(jnp.float32)).astype(x_ND.dtype)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        E, D, F = cfg.n_routed_experts, cfg.d_model, cfg.moe_ffn_dim
+        pdt = dtype_of(cfg.param_dtype)
+        self.router = Router(cfg, rngs)
+        # DeepSeek stores the shared experts as one SwiGLU of width n_shared * F.
+        self.shared = MLP(cfg, cfg.n_shared_experts * F, rngs, "moe_ffn") if cfg.n_shared_experts else None
+        self.w_gate_EDF = param(rngs, (E, D, F), ("expert", "embed", "moe_ffn"), cfg.init_std, pdt)
+        self.w_up_EDF = param(rngs, (E, D, F), ("expert", "embed", "moe_ffn"), cfg.init_std, pdt)
+        self.w_down_EFD = param(rngs, (E, F, D), ("expert", "moe_ffn", "embed"), cfg.init_std, pdt)
+        self.dtype = dtype_of(cfg.dtype)
+
+    def __call__(self, x_BTD: Float[Array, "B T D"]) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
+        B, T, D = x_BTD.shape
+        routing, stats = self.router(x_BTD)
+        cast = lambda w: w[...].astype(self.dtype)
+        y_ND = routed_experts(x_BTD.reshape(B * T, D).astype(self.dtype), routing.expert_idx_NK, routing.gates_NK,
+                              cast(self.w_gate_EDF), cast(self.w_up_EDF), cast(self.w_down_EFD))
+        y_BTD = y_ND.reshape(B, T, D)
+        if self.shared is not None:
+            y_BTD = y_BTD + self.shared(x_BTD)
+        return y_BTD, stats

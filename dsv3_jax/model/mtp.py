@@ -1,0 +1,47 @@
+"""Multi-Token Prediction modules (report §2.2, eq. 21-25).
+
+Legend: B batch, T tokens, D model dim, V vocab, P MTP depth.
+
+Module k (k = 1..P) at position i combines the previous depth's representation h^{k-1}_i with
+the embedding of token t_{i+k}:
+    h'^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]        (eq. 21)
+    h^k    = TRM_k(h'^k)                                           (eq. 22)
+    P^k_{i+k+1} = OutHead(RMSNorm_k(h^k_i))                          (eq. 23)
+The report writes [h; emb]; the published V3 weights (enorm, hnorm, eh_proj) concatenate the
+normalised embedding first, so we follow the weights. Emb and OutHead are the main model's.
+Positions i > T-1-k have no t_{i+k} in the input; their outputs are computed on padding and
+must be masked by the loss (causality keeps them from touching earlier positions).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Int
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.block import Block
+from dsv3_jax.model.layers import Linear, RMSNorm
+
+
+class MTPModule(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.enorm = RMSNorm(cfg.d_model, cfg.norm_eps, "norm", cfg.param_dtype)
+        self.hnorm = RMSNorm(cfg.d_model, cfg.norm_eps, "norm", cfg.param_dtype)
+        self.eh_proj = Linear((2 * cfg.d_model,), (cfg.d_model,), ("mtp_concat", "embed"), cfg, rngs)
+        self.block = Block(cfg, moe=cfg.n_routed_experts > 0, rngs=rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, "norm", cfg.param_dtype)
+
+    def __call__(self, h_prev_BTD: Array, emb_ahead_BTD: Array, cos: Array, sin: Array
+                 ) -> tuple[Array, Array, dict[str, Array]]:
+        """Returns (h^k for the next depth, normalised h^k for the shared head, block stats)."""
+        joined = jnp.concatenate([self.enorm(emb_ahead_BTD), self.hnorm(h_prev_BTD)], axis=-1)
+        h_BTD, stats = self.block(self.eh_proj(joined), cos, sin)
+        return h_BTD, self.final_norm(h_BTD), stats
+
+
+def tokens_ahead(tokens_BT: Int[Array, "B T"], depth: int, pad_id: int = 0) -> Int[Array, "P B T"]:
+    """[k-1] -> t_{i+k} for k = 1..depth: the inputs shifted left by k, right-padded with pad_id."""
+    B, T = tokens_BT.shape
+    padded = jnp.concatenate([tokens_BT, jnp.full((B, depth), pad_id, tokens_BT.dtype)], axis=1)
+    return jnp.stack([padded[:, k:k + T] for k in range(1, depth + 1)])
