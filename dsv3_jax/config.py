@@ -141,7 +141,7 @@ _TINY = ModelConfig()
 
 _SMALL = ModelConfig(
     vocab_size=8192, d_model=512, n_layers=8, first_k_dense=1, n_heads=8, q_lora_rank=192,
-    kv_lora_rank=128, qk_nope_dim=32, qk_rope_dim=32, v_head_dim=32, ffn_dim=1536, moe_ffn_dim=384,
+    kv_lora_rank=128, qk_nope_dim=32, qk_rope_dim=32, v_head_dim=32, ffn_dim=1536, moe_ffn_dim=512,
     n_routed_experts=16, n_shared_experts=1, top_k=4, n_group=4, topk_group=2,
     routed_scaling_factor=2.5, max_seq_len=512, mtp_depth=1, init_std=0.02,
 )

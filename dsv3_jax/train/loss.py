@@ -1,0 +1,62 @@
+"""Losses: next-token CE, the MTP loss (eq. 24-25), the sequence-wise balance loss (eq. 17).
+
+Legend: B batch, T tokens, V vocab, P MTP depth.
+A batch holds `tokens_BS` with S = T + 1: the model reads tokens[:, :T]; the main head at
+position i predicts tokens[:, i+1]; MTP depth k at position i predicts tokens[:, i+k+1].
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+def cross_entropy(logits_BTV: Float[Array, "B T V"], labels_BT: Int[Array, "B T"],
+                  mask_BT: Array | None = None) -> Float[Array, ""]:
+    """Mean token CE over unmasked positions (fp32)."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    picked_BT = jnp.take_along_axis(logits_BTV, labels_BT[..., None], axis=-1)[..., 0]
+    nll_BT = log_z_BT - picked_BT
+    if mask_BT is None:
+        return nll_BT.mean()
+    mask_BT = mask_BT.astype(jnp.float32)
+    return (nll_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
+
+
+def mtp_targets(tokens_BS: Int[Array, "B S"], depth: int) -> tuple[Array, Array]:
+    """Targets and validity for depths k = 1..depth: labels[k-1, :, i] = tokens[:, i+k+1].
+
+    Returns (labels [P, B, T], mask [P, B, T]) with T = S - 1; positions whose target lies past
+    the end of the window are masked (eq. 24 sums i from 2+k to T+1).
+    """
+    B, S = tokens_BS.shape
+    T = S - 1
+    padded = jnp.concatenate([tokens_BS, jnp.zeros((B, depth), tokens_BS.dtype)], axis=1)
+    labels = jnp.stack([padded[:, k + 1:k + 1 + T] for k in range(1, depth + 1)])
+    positions = jnp.arange(T)
+    mask = jnp.stack([jnp.broadcast_to(positions + k + 1 <= T, (B, T)) for k in range(1, depth + 1)])
+    return labels, mask
+
+
+class LossParts(NamedTuple):
+    total: Float[Array, ""]
+    lm: Float[Array, ""]
+    mtp: Float[Array, ""]  # mean over depths, before lambda
+    balance: Float[Array, ""]  # summed over MoE layers, before alpha
+
+
+def total_loss(logits_BTV: Array, mtp_logits_PBTV: Array | None, stats: dict[str, Array],
+               tokens_BS: Int[Array, "B S"], mtp_lambda: float, balance_alpha: float) -> LossParts:
+    """L = L_main + lambda/P sum_k L^k_MTP (eq. 25) + alpha * sum_layers L_Bal (eq. 17)."""
+    lm = cross_entropy(logits_BTV, tokens_BS[:, 1:])
+    mtp = jnp.zeros((), jnp.float32)
+    if mtp_logits_PBTV is not None:
+        labels_PBT, mask_PBT = mtp_targets(tokens_BS, mtp_logits_PBTV.shape[0])
+        per_depth = jax.vmap(cross_entropy)(mtp_logits_PBTV, labels_PBT, mask_PBT)
+        mtp = per_depth.mean()
+    balance = sum((v.sum() for k, v in stats.items() if k.endswith("balance_loss")), jnp.zeros((), jnp.float32))
+    return LossParts(lm + mtp_lambda * mtp + balance_alpha * balance, lm, mtp, balance)

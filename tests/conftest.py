@@ -1,0 +1,25 @@
+import os
+
+# Several host devices for multi-device tests; must be set before jax initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import dataclasses
+
+import pytest
+
+from dsv3_jax.config import ModelConfig, get_preset
+
+
+def tiny_model_config(**changes) -> ModelConfig:
+    """The `tiny` preset shrunk further for unit tests (fp32, short sequences)."""
+    base = dict(vocab_size=97, d_model=32, n_layers=3, first_k_dense=1, n_heads=2, q_lora_rank=16,
+                kv_lora_rank=16, qk_nope_dim=8, qk_rope_dim=8, v_head_dim=8, ffn_dim=48, moe_ffn_dim=16,
+                n_routed_experts=8, n_shared_experts=1, top_k=2, n_group=4, topk_group=2, max_seq_len=64,
+                mtp_depth=2, dtype="float32")
+    base.update(changes)
+    return dataclasses.replace(get_preset("tiny").model, **base)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> ModelConfig:
+    return tiny_model_config()

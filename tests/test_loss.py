@@ -1,0 +1,41 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax.train.loss import cross_entropy, mtp_targets, total_loss
+
+
+def test_mtp_depth_k_targets_are_tokens_t_plus_k_plus_1():
+    tokens = jnp.arange(100, 110)[None]  # S = 10, T = 9
+    labels, mask = mtp_targets(tokens, depth=3)
+    assert labels.shape == mask.shape == (3, 1, 9)
+    for k in (1, 2, 3):
+        for i in range(9):
+            if i + k + 1 <= 9:
+                assert bool(mask[k - 1, 0, i]) and int(labels[k - 1, 0, i]) == 100 + i + k + 1
+            else:
+                assert not bool(mask[k - 1, 0, i])
+    assert int(mask[0].sum()) == 8 and int(mask[2].sum()) == 6
+
+
+def test_cross_entropy_matches_numpy():
+    logits = jax.random.normal(jax.random.key(0), (2, 5, 11))
+    labels = jax.random.randint(jax.random.key(1), (2, 5), 0, 11)
+    mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    lp = np.asarray(jax.nn.log_softmax(logits, -1))
+    nll = -np.take_along_axis(lp, np.asarray(labels)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(cross_entropy(logits, labels, mask), (nll * mask).sum() / 8, rtol=1e-6)
+
+
+def test_total_loss_combines_parts_as_eq_25_and_17():
+    tokens = jax.random.randint(jax.random.key(2), (2, 7), 0, 13)
+    logits = jax.random.normal(jax.random.key(3), (2, 6, 13))
+    mtp_logits = jax.random.normal(jax.random.key(4), (2, 2, 6, 13))
+    stats = {"balance_loss": jnp.array([1.0, 2.0]), "mtp_balance_loss": jnp.array([0.5])}
+    parts = total_loss(logits, mtp_logits, stats, tokens, mtp_lambda=0.3, balance_alpha=0.01)
+    labels, mask = mtp_targets(tokens, 2)
+    l1 = cross_entropy(mtp_logits[0], labels[0], mask[0])
+    l2 = cross_entropy(mtp_logits[1], labels[1], mask[1])
+    np.testing.assert_allclose(parts.mtp, (l1 + l2) / 2, rtol=1e-6)
+    np.testing.assert_allclose(parts.balance, 3.5)
+    np.testing.assert_allclose(parts.total, parts.lm + 0.3 * parts.mtp + 0.01 * 3.5, rtol=1e-6)
