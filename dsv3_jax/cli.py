@@ -8,12 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from dsv3_jax.config import ConfigError, apply_overrides, get_preset
-
-
-class UsageError(Exception):
-    """Bad user input other than a config value (paths, checkpoints, ...)."""
+from dsv3_jax.errors import UsageError
 
 
 def _fail(message: str) -> None:
@@ -47,6 +45,77 @@ def cmd_info(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def _load_config(args: argparse.Namespace):
+    from dsv3_jax.config import config_from_json
+
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"--config file {args.config!r} does not exist")
+        config = config_from_json(path.read_text())
+    else:
+        config = get_preset(args.preset)
+    overrides = list(args.set or [])
+    if getattr(args, "steps", None) is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if getattr(args, "data", None):
+        overrides.append(f"data.source={args.data}")
+    if getattr(args, "seed", None) is not None:
+        overrides.append(f"train.seed={args.seed}")
+    return apply_overrides(config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import time
+
+    from dsv3_jax.train.loop import train
+
+    config = _load_config(args)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    status = train(config, run_dir, resume=args.resume, progress=not args.quiet)
+    if status:
+        raise SystemExit(status)
+    print(f"done: metrics, plots and checkpoints in {run_dir}", file=sys.stderr)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import time
+
+    from dsv3_jax.checkpoint import load_trained
+    from dsv3_jax.data.tokenizer import EOS
+    from dsv3_jax.infer.sampling import generate_full_recompute
+
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature={args.temperature} must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p={args.top_p} must be in (0, 1]")
+    config, model, tokenizer = load_trained(Path(args.run_dir))
+    prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+    if not prompt_ids:
+        raise UsageError("--prompt is empty")
+    if len(prompt_ids) + args.max_new_tokens > config.model.max_seq_len:
+        raise UsageError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens={args.max_new_tokens} exceeds "
+                         f"model.max_seq_len={config.model.max_seq_len}")
+    start = time.perf_counter()
+    new_ids = generate_full_recompute(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p,
+                                      args.seed, tokenizer.token_to_id(EOS))
+    elapsed = time.perf_counter() - start
+    print(args.prompt + tokenizer.decode(new_ids, skip_special_tokens=False))
+    print(f"[{len(new_ids)} tokens in {elapsed:.2f}s: {len(new_ids) / elapsed:.1f} tokens/s]", file=sys.stderr)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from dsv3_jax.report import write_report
+
+    if not Path(args.run_dir).is_dir():
+        raise UsageError(f"--run-dir {args.run_dir!r} is not a directory")
+    for path in write_report(Path(args.run_dir)):
+        print(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in JAX/Flax NNX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +126,31 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--seq-len", type=int, default=4096, help="context length for the attention FLOPs")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+
+    train = sub.add_parser("train", help="train a model; leaves a run directory")
+    train.add_argument("--preset", default="tiny")
+    train.add_argument("--config", help="a config.json (e.g. a run's) instead of a preset")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.lr=1e-3")
+    train.add_argument("--steps", type=int)
+    train.add_argument("--data", help="stdlib (default), synthetic, or a path / glob of text or jsonl files")
+    train.add_argument("--run-dir", help="default: runs/<preset>-<time>")
+    train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="sample text from a trained run")
+    gen.add_argument("--run-dir", required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
+    report = sub.add_parser("report", help="PNG plots from a run's metrics")
+    report.add_argument("--run-dir", required=True)
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -126,10 +126,76 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from: `stdlib` (this interpreter's standard library source), `synthetic`,
+    or a path / glob of .txt / .py / .jsonl files."""
+
+    source: str = "stdlib"
+    max_bytes: int = 6_000_000  # corpus budget read from the source (deterministic order)
+    tokenizer: str = ""  # path to a tokenizer.json; empty: train a byte-level BPE on the corpus
+    fim_rate: float = 0.1  # report §4.1: FIM at rate 0.1, PSM form
+    val_fraction: float = 0.02  # share of documents held out for validation
+    shuffle_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.source, str) and self.source != "", "data.source must be stdlib, synthetic or a path")
+        _require(self.max_bytes > 0, f"data.max_bytes={self.max_bytes} must be > 0")
+        _require(0.0 <= self.fim_rate <= 1.0, f"data.fim_rate={self.fim_rate} must be in [0, 1]")
+        _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction={self.val_fraction} must be in (0, 0.5)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    seed: int = 0
+    # AdamW (report §4.2: betas 0.9/0.95, weight decay 0.1) with warmup -> constant -> cosine.
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    decay_start_fraction: float = 0.6  # constant until this fraction of steps, then cosine decay
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    bf16_moments: bool = False
+    mtp_lambda: float = 0.3  # eq. 25 (report: 0.3 for the first 10T tokens)
+    balance_alpha: float = 1e-4  # eq. 17 (report: 0.0001)
+    bias_gamma: float = 1e-3  # aux-loss-free bias update speed; 0 freezes the bias
+    log_every: int = 1
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
+                     "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, f"train.{name}={value!r} must be a positive integer")
+        _require(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        _require(self.lr > 0 and math.isfinite(self.lr), f"train.lr={self.lr} must be a positive number")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _require(0.0 <= self.decay_start_fraction <= 1.0,
+                 f"train.decay_start_fraction={self.decay_start_fraction} must be in [0, 1]")
+        _require(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, f"train.b1={self.b1}, train.b2={self.b2} must be in [0, 1)")
+        for name in ("weight_decay", "grad_clip", "mtp_lambda", "balance_alpha", "bias_gamma"):
+            value = getattr(self, name)
+            _require(value >= 0 and math.isfinite(value), f"train.{name}={value} must be a finite number >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything a run needs. Sub-configs are added by the parts that use them."""
+    """Everything a run needs; written as config.json beside the run's checkpoints."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.train.seq_len <= self.model.max_seq_len,
+                 f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -168,7 +234,8 @@ _V3 = ModelConfig(
 
 PRESETS: dict[str, Config] = {
     "tiny": Config(model=_TINY),
-    "small": Config(model=_SMALL),
+    "small": Config(model=_SMALL, train=TrainConfig(seq_len=256, batch_size=16, lr=1.5e-3),
+                    data=DataConfig(max_bytes=40_000_000)),
     "deepseek-v2-lite": Config(model=_V2_LITE),
     "deepseek-v3-671b": Config(model=_V3),
 }

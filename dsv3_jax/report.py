@@ -1,0 +1,78 @@
+"""Plots of a run from its metrics.jsonl and router.jsonl: loss curves, MaxVio, expert-load heatmap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dsv3_jax.errors import UsageError
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_report(run_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    if not metrics:
+        raise UsageError(f"{str(run_dir)!r} has no metrics.jsonl with any step: is it a dsv3 run directory?")
+    written = []
+    steps = np.array([m["step"] for m in metrics])
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "total loss"), ("lm_loss", "LM loss"), ("mtp_loss", "MTP loss (depth mean)")):
+        if key in metrics[0]:
+            ax.plot(steps, [m[key] for m in metrics], label=label, lw=1)
+    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation LM loss")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="Training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, run_dir / "loss.png"))
+
+    if "max_vio" in metrics[0]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, [m["max_vio"] for m in metrics], lw=1, label="MaxVio (batch, mean over layers)")
+        val = [(m["step"], m["val_max_vio"]) for m in metrics if "val_max_vio" in m]
+        if val:
+            ax.plot(*zip(*val), "o-", label="MaxVio (validation set)")
+        ax.set(xlabel="step", ylabel="max load / mean load - 1", title="Expert load imbalance")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, run_dir / "max_vio.png"))
+
+    router = _read_jsonl(run_dir / "router.jsonl")
+    if router:
+        load_SLE = np.array([r["expert_load"] for r in router], np.float64)
+        relative_SLE = load_SLE / load_SLE.mean(-1, keepdims=True)
+        n_layers = load_SLE.shape[1]
+        fig, axes = plt.subplots(n_layers, 1, figsize=(7, 1.8 * n_layers + 0.6), squeeze=False, sharex=True)
+        for layer, ax in enumerate(axes[:, 0]):
+            image = ax.imshow(relative_SLE[:, layer].T, aspect="auto", cmap="magma", vmin=0,
+                              vmax=max(2.0, float(relative_SLE.max())), interpolation="nearest",
+                              extent=(router[0]["step"] - 0.5, router[-1]["step"] + 0.5, load_SLE.shape[2] - 0.5, -0.5))
+            ax.set_ylabel(f"MoE layer {layer}\nexpert")
+        axes[-1, 0].set_xlabel("step")
+        fig.colorbar(image, ax=axes[:, 0].tolist(), label="load / mean load")
+        fig.suptitle("Expert load per MoE layer over training")
+        written.append(_save(fig, run_dir / "expert_load.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,205 @@
+"""The training loop: data, jitted steps, metrics, validation, checkpoints, signals, progress.
+
+Run directory (DESIGN.md §6): config.json, tokenizer.json, metrics.jsonl (one line per step),
+router.jsonl (per-layer expert loads per step), checkpoints/ (orbax), plots (*.png).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from dsv3_jax.checkpoint import Checkpointer
+from dsv3_jax.config import Config, config_from_json
+from dsv3_jax.data.pipeline import build_data, train_iterator, val_batches
+from dsv3_jax.errors import UsageError
+from dsv3_jax.train.state import create_train_state
+from dsv3_jax.train.step import make_eval_step, make_train_step, max_violation
+
+# Fields of metrics.jsonl that may change between a run and its resume.
+_RESUMABLE_TRAIN_FIELDS = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+
+
+class NonFiniteLoss(UsageError):
+    pass
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop lines for steps after `last_step` (written after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    _write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def resolve_run_config(config: Config, run_dir: Path, resume: bool) -> Config:
+    """The config of this run: the given one for a new run, the saved one (+ new step count) on resume."""
+    saved_path = run_dir / "config.json"
+    ckpt_dir = run_dir / "checkpoints"
+    has_checkpoints = ckpt_dir.exists() and any(ckpt_dir.iterdir())
+    if not resume:
+        if has_checkpoints or saved_path.exists():
+            raise UsageError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue it, "
+                             "or choose a new --run-dir (nothing was changed)")
+        return config
+    if not saved_path.exists():
+        raise UsageError(f"--resume: {str(run_dir)!r} has no config.json, so it is not a dsv3 run directory")
+    try:
+        saved = config_from_json(saved_path.read_text())
+    except Exception as e:
+        raise UsageError(f"--resume: {str(saved_path)!r} cannot be read as a dsv3 config: {e}") from None
+    import dataclasses
+    changes = {name: getattr(config.train, name) for name in _RESUMABLE_TRAIN_FIELDS}
+    return dataclasses.replace(saved, train=dataclasses.replace(saved.train, **changes))
+
+
+def _host(metrics: dict) -> dict:
+    return {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> int:
+    """Train (or continue) a run. Returns the process exit status (0, or 128+signal when stopped)."""
+    run_dir = Path(run_dir)
+    config = resolve_run_config(config, run_dir, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tc = config.train
+    data = build_data(config, run_dir)
+    graphdef, optimizer, state = create_train_state(config, tc.seed)
+    iterator = train_iterator(data.train_windows, tc.batch_size, config.data.shuffle_seed)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
+    metrics_path, router_path = run_dir / "metrics.jsonl", run_dir / "router.jsonl"
+
+    start = 0
+    if resume and checkpointer.latest_step() is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        state, data_state, start = checkpointer.restore(abstract)
+        iterator.set_state(data_state)
+        _truncate_jsonl(metrics_path, start)
+        _truncate_jsonl(router_path, start)
+    elif not resume:
+        for path in (metrics_path, router_path):
+            path.unlink(missing_ok=True)
+    _write_atomic(run_dir / "config.json", config.to_json())
+
+    train_step = jax.jit(make_train_step(config, graphdef, optimizer), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(config, graphdef))
+    val_set = val_batches(data.val_windows, tc.batch_size, tc.eval_batches)
+
+    stop_signal: list[int] = []
+    handlers = {sig: signal.signal(sig, lambda s, _f: stop_signal.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    reporter = _Progress(enabled=progress, total=tc.steps, start=start)
+    tokens_per_step = tc.batch_size * tc.seq_len
+    status = 0
+    try:
+        with open(metrics_path, "a") as metrics_file, open(router_path, "a") as router_file:
+            for step in range(start + 1, tc.steps + 1):
+                batch = next(iterator)
+                t0 = time.perf_counter()
+                state, metrics = train_step(state, batch)
+                metrics = _host(metrics)
+                elapsed = time.perf_counter() - t0
+                _check_finite(metrics, step, checkpointer, run_dir)
+                load = metrics.pop("expert_load", None)
+                record = {"step": step, **{k: float(v) for k, v in metrics.items()},
+                          "tokens_per_s": tokens_per_step / elapsed, "dropped_fraction": 0.0}
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    record.update(_evaluate(eval_step, state, val_set))
+                if step % tc.log_every == 0 or "val_loss" in record:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if load is not None:
+                    router_file.write(json.dumps({"step": step, "expert_load": load.tolist()}) + "\n")
+                    router_file.flush()
+                reporter.update(step, record)
+                if step % tc.checkpoint_every == 0 or step == tc.steps or stop_signal:
+                    checkpointer.save(step, state, iterator.get_state())
+                if stop_signal:
+                    reporter.message(f"stopped by signal {stop_signal[0]} after step {step}; checkpoint saved. "
+                                     f"Continue with: dsv3 train --run-dir {run_dir} --resume")
+                    status = 128 + stop_signal[0]
+                    break
+    finally:
+        reporter.close()
+        checkpointer.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if status == 0:
+        from dsv3_jax.report import write_report
+        write_report(run_dir)
+    return status
+
+
+def _evaluate(eval_step, state, val_set: list[np.ndarray]) -> dict[str, float]:
+    losses, loads = [], []
+    for batch in val_set:
+        m = _host(eval_step(state, batch))
+        losses.append(float(m["lm_loss"]))
+        if "expert_load" in m:
+            loads.append(m["expert_load"])
+    out = {"val_loss": float(np.mean(losses))}
+    if loads:
+        # MaxVio_global: loads summed over the whole validation set, per layer, averaged over layers.
+        out["val_max_vio"] = float(np.mean(max_violation(np.sum(loads, axis=0))))
+    return out
+
+
+def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer, run_dir: Path) -> None:
+    if math.isfinite(float(metrics["loss"])):
+        return
+    parts = ", ".join(f"{k}={float(metrics[k]):.4g}" for k in ("loss", "lm_loss", "mtp_loss", "balance_loss",
+                                                               "grad_norm") if k in metrics)
+    last = checkpointer.latest_step()
+    where = f"last good checkpoint: step {last}" if last is not None else "no checkpoint was saved yet"
+    raise NonFiniteLoss(f"non-finite loss at step {step} ({parts}); {where} in {run_dir / 'checkpoints'}; "
+                        f"see {run_dir / 'metrics.jsonl'} and try a lower train.lr")
+
+
+class _Progress:
+    """A rich progress bar with loss, tokens/s and MaxVio (plain lines when not a terminal)."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.enabled = enabled
+        self.progress = None
+        if enabled and self.console.is_terminal:
+            self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[info]}"), console=self.console)
+            self.task = self.progress.add_task("train", total=total, completed=start, info="")
+            self.progress.start()
+
+    def update(self, step: int, record: dict) -> None:
+        info = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
+        if "max_vio" in record:
+            info += f"  MaxVio {record['max_vio']:.2f}"
+        if "val_loss" in record:
+            info += f"  val {record['val_loss']:.3f}"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info=info)
+            if "val_loss" in record:
+                self.progress.console.print(f"step {step}: {info}")
+        elif self.enabled and (step % 25 == 0 or "val_loss" in record):
+            self.console.print(f"step {step}: {info}")
+
+    def message(self, text: str) -> None:
+        self.console.print(text)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
