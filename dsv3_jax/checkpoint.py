@@ -25,7 +25,9 @@ class Checkpointer:
                                                cleanup_tmp_directories=not read_only,
                                                enable_async_checkpointing=False)
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options)
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
         except Exception as e:  # orbax raises assorted errors on unreadable directories
             raise UsageError(f"cannot open checkpoint directory {str(self.directory)!r}: {e}") from None
 
@@ -41,6 +43,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise UsageError(f"no checkpoint found in {str(self.directory)!r}")
+        self._check_compatible(abstract_state, step)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -48,19 +51,42 @@ class Checkpointer:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UsageError(f"checkpoint {step} in {str(self.directory)!r} cannot be restored into this model "
                              f"(damaged, or written by a different config): {first_line[:300]}") from None
-        _check_shapes(abstract_state, restored.state, step, self.directory)
         return restored.state, restored.data, step
+
+    def _check_compatible(self, abstract_state: Any, step: int) -> None:
+        """Compare the stored tree's names and shapes with ours before reading any array, so a
+        foreign checkpoint is named precisely (and orbax is never left with failed reads)."""
+        try:
+            stored = self.manager.item_metadata(step)["state"]
+            stored_shapes = {_path_name(path): tuple(meta.shape)
+                             for path, meta in jax.tree_util.tree_leaves_with_path(stored)}
+        except Exception as e:
+            raise UsageError(f"checkpoint {step} in {str(self.directory)!r} is damaged or not a dsv3 checkpoint "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        ours = {_path_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)}
+        missing = sorted(set(ours) - set(stored_shapes))
+        unexpected = sorted(set(stored_shapes) - set(ours))
+        misshapen = sorted(k for k in set(ours) & set(stored_shapes) if ours[k] != stored_shapes[k])
+        if missing or unexpected or misshapen:
+            details = "; ".join(f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                                for label, names in (("missing", missing), ("unexpected", unexpected),
+                                                     ("misshapen", [f"{k} {stored_shapes[k]} != {ours[k]}"
+                                                                    for k in misshapen])) if names)
+            raise UsageError(f"checkpoint {step} in {str(self.directory)!r} was written by a different model: {details}")
 
     def close(self) -> None:
         self.manager.close()
 
 
-def _check_shapes(expected: Any, got: Any, step: int, directory: Path) -> None:
-    bad = [jax.tree_util.keystr(path) for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(expected),
-                                                             jax.tree.leaves(got)) if a.shape != b.shape]
-    if bad:
-        raise UsageError(f"checkpoint {step} in {str(directory)!r} does not match this model: "
-                         f"misshapen {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+def _path_name(path: tuple) -> str:
+    """'params.moe_layers.ffn.w_gate_EDF.value' from a pytree key path (dict, attr or index keys)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return ".".join(parts)
 
 
 def load_trained(run_dir: Path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,8 +16,11 @@ from dsv3_jax.errors import UsageError
 
 
 def _fail(message: str) -> None:
-    print(f"dsv3: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    print(f"dsv3: error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Exit at once: background threads (orbax, tensorstore) have nothing to finish after bad
+    # input, and their shutdown noise would bury the one line that matters.
+    os._exit(2)
 
 
 def _human(n: int) -> str:
@@ -72,7 +76,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = _load_config(args)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"run directory: {run_dir}", file=sys.stderr)
     status = train(config, run_dir, resume=args.resume, progress=not args.quiet)
     if status:
         raise SystemExit(status)
@@ -156,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's info/warning chatter is not for users
     try:
         args.func(args)
     except (ConfigError, UsageError) as e:

@@ -6,6 +6,7 @@ router.jsonl (per-layer expert loads per step), checkpoints/ (orbax), plots (*.p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -62,7 +63,6 @@ def resolve_run_config(config: Config, run_dir: Path, resume: bool) -> Config:
         saved = config_from_json(saved_path.read_text())
     except Exception as e:
         raise UsageError(f"--resume: {str(saved_path)!r} cannot be read as a dsv3 config: {e}") from None
-    import dataclasses
     changes = {name: getattr(config.train, name) for name in _RESUMABLE_TRAIN_FIELDS}
     return dataclasses.replace(saved, train=dataclasses.replace(saved.train, **changes))
 
@@ -80,9 +80,17 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     data = build_data(config, run_dir)
     graphdef, optimizer, state = create_train_state(config, tc.seed)
     iterator = train_iterator(data.train_windows, tc.batch_size, config.data.shuffle_seed)
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
-    metrics_path, router_path = run_dir / "metrics.jsonl", run_dir / "router.jsonl"
 
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
+    try:
+        return _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, iterator, checkpointer)
+    finally:
+        checkpointer.close()
+
+
+def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, iterator, checkpointer) -> int:
+    tc = config.train
+    metrics_path, router_path = run_dir / "metrics.jsonl", run_dir / "router.jsonl"
     start = 0
     if resume and checkpointer.latest_step() is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
@@ -102,6 +110,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     stop_signal: list[int] = []
     handlers = {sig: signal.signal(sig, lambda s, _f: stop_signal.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
     reporter = _Progress(enabled=progress, total=tc.steps, start=start)
+    reporter.message(f"run directory: {run_dir} (steps {start + 1}..{tc.steps})")
     tokens_per_step = tc.batch_size * tc.seq_len
     status = 0
     try:
@@ -134,7 +143,6 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                     break
     finally:
         reporter.close()
-        checkpointer.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     if status == 0:
@@ -198,7 +206,8 @@ class _Progress:
             self.console.print(f"step {step}: {info}")
 
     def message(self, text: str) -> None:
-        self.console.print(text)
+        if self.enabled:
+            self.console.print(text)
 
     def close(self) -> None:
         if self.progress is not None:

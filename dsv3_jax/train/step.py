@@ -55,7 +55,7 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         routing_bias = update_routing_bias(state.routing_bias, stats, tc.bias_gamma)
-        metrics = {"loss": parts.total, "lm_loss": parts.lm, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": parts.total, "lm_loss": parts.lm, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step)}
         if "expert_load" in stats or "mtp_expert_load" in stats:
             metrics["balance_loss"] = parts.balance

@@ -1,0 +1,101 @@
+import json
+
+import numpy as np
+import pytest
+
+from dsv3_jax.config import DataConfig, TrainConfig, apply_overrides, get_preset
+from dsv3_jax.data.corpus import load_documents, stdlib_files, synthetic_documents
+from dsv3_jax.data.fim import encode_document, fim_split, reassemble
+from dsv3_jax.data.packing import pack
+from dsv3_jax.data.pipeline import build_data, train_iterator
+from dsv3_jax.data.tokenizer import EOS, FIM_BEGIN, train_tokenizer
+from dsv3_jax.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(load_documents("stdlib", 300_000), vocab_size=600)
+
+
+def test_stdlib_corpus_is_real_python_in_fixed_order():
+    files = stdlib_files()
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files[:50])
+    docs = load_documents("stdlib", 50_000)
+    assert docs == load_documents("stdlib", 50_000)
+    assert any("def " in d for d in docs)
+
+
+def test_byte_level_round_trip(tokenizer):
+    text = "déf f(x):\n\treturn x  # ünïcode ✓ \x00\n"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False).ids) == text
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.0])
+def test_fim_reassembles_the_original_document(tokenizer, rate):
+    rng = np.random.default_rng(0)
+    docs = load_documents("stdlib", 60_000)[:40] + ["", "x", "ab"]
+    begin = tokenizer.token_to_id(FIM_BEGIN)
+    for doc in docs:
+        ids = encode_document(doc, tokenizer, rng, rate)
+        assert ids[-1] == tokenizer.token_to_id(EOS)
+        assert (ids[0] == begin) == (rate == 1.0)
+        assert reassemble(ids, tokenizer) == doc
+
+
+def test_fim_rate_is_respected(tokenizer):
+    rng = np.random.default_rng(1)
+    begin = tokenizer.token_to_id(FIM_BEGIN)
+    n = sum(encode_document("def f(): pass", tokenizer, rng, 0.1)[0] == begin for _ in range(2000))
+    assert 150 < n < 250  # 10% of 2000, well within binomial noise
+
+
+def test_fim_split_covers_text():
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        p, m, s = fim_split("abcdefghij", rng)
+        assert p + m + s == "abcdefghij"
+
+
+def test_packing_loses_and_duplicates_nothing():
+    rng = np.random.default_rng(3)
+    docs = [list(rng.integers(10, 99, size=rng.integers(1, 40))) + [1] for _ in range(57)]
+    windows = pack(docs, window=17, pad_id=1)
+    stream = [t for d in docs for t in d]
+    flat = windows.reshape(-1)
+    assert windows.shape[1] == 17
+    assert list(flat[:len(stream)]) == stream
+    assert np.all(flat[len(stream):] == 1) and len(flat) - len(stream) < 17
+
+
+def test_pipeline_splits_documents_and_iterator_state_resumes():
+    config = apply_overrides(get_preset("tiny"), ["data.source=synthetic", "train.seq_len=32", "model.vocab_size=512"])
+    data = build_data(config)
+    assert data.train_windows.shape[1] == 33 and len(data.val_windows) >= 1
+    it = train_iterator(data.train_windows, 4, seed=0)
+    [next(it) for _ in range(3)]
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    again = train_iterator(data.train_windows, 4, seed=0)
+    again.set_state(json.loads(json.dumps(state)))
+    for a in expected:
+        np.testing.assert_array_equal(a, next(again))
+
+
+def test_bad_data_sources(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_documents(str(tmp_path / "nope.txt"), 100)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="matches no files"):
+        load_documents(str(tmp_path / "empty"), 100)
+    (tmp_path / "blank.txt").write_text("   \n")
+    with pytest.raises(UsageError, match="holds no text"):
+        load_documents(str(tmp_path / "blank.txt"), 100)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(UsageError, match="bad.jsonl:2"):
+        load_documents(str(tmp_path / "bad.jsonl"), 100)
+
+
+def test_jsonl_and_glob_sources(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "first doc"}\n{"text": "second doc"}\n')
+    (tmp_path / "b.txt").write_text("third doc")
+    assert load_documents(str(tmp_path / "*"), 10_000) == ["first doc", "second doc", "third doc"]

@@ -1,0 +1,58 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dsv3_jax.config import Config, TrainConfig
+from dsv3_jax.train.state import create_train_state
+from dsv3_jax.train.step import make_train_step, max_violation, sign_bias_update
+from tests.conftest import tiny_model_config
+
+
+def test_sign_rule_moves_overloaded_down_and_underloaded_up_by_gamma():
+    bias = jnp.array([[0.5, 0.0, -0.2, 0.1]])
+    load = jnp.array([[10.0, 2.0, 4.0, 4.0]])  # mean 5
+    np.testing.assert_allclose(sign_bias_update(bias, load, 0.01), [[0.49, 0.01, -0.19, 0.11]], rtol=1e-6)
+    np.testing.assert_array_equal(sign_bias_update(bias, load, 0.0), bias)
+    np.testing.assert_array_equal(sign_bias_update(bias, jnp.array([[5.0, 5, 5, 5]]), 0.01), bias)
+
+
+def test_max_violation():
+    np.testing.assert_allclose(max_violation(jnp.array([[10.0, 2, 4, 4], [5, 5, 5, 5]])), [1.0, 0.0])
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = Config(model=tiny_model_config(), train=TrainConfig(steps=20, batch_size=4, seq_len=16, lr=3e-3,
+                                                                 warmup_steps=2, bias_gamma=0.01))
+    graphdef, optimizer, state = create_train_state(config, 0)
+    return config, jax.jit(make_train_step(config, graphdef, optimizer)), state
+
+
+def test_step_applies_bias_rule_from_the_whole_batch_loads(setup):
+    config, step, state = setup
+    tokens = jax.random.randint(jax.random.key(0), (4, 17), 0, config.model.vocab_size)
+    new_state, metrics = step(state, tokens)
+    old = nnx.to_flat_state(state.routing_bias)
+    new = dict(nnx.to_flat_state(new_state.routing_bias))
+    load = metrics["expert_load"]  # [L_moe, E] over all 4 x 16 tokens of the batch
+    np.testing.assert_array_equal(load.sum(-1), 4 * 16 * config.model.top_k)
+    for path, var in old:
+        if path[0] == "moe_layers":
+            expected = var.get_value() - 0.01 * np.sign(load - load.mean(-1, keepdims=True))
+            np.testing.assert_allclose(new[path].get_value(), expected, rtol=1e-6)
+    np.testing.assert_allclose(metrics["max_vio"], np.mean(load.max(-1) / load.mean(-1) - 1), rtol=1e-6)
+    assert int(new_state.step) == 1
+
+
+def test_steps_reduce_loss_on_a_repeated_batch(setup):
+    config, step, state = setup
+    tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, config.model.vocab_size)
+    losses = []
+    for _ in range(15):
+        state, metrics = step(state, tokens)
+        losses.append(float(metrics["lm_loss"]))
+    assert losses[-1] < losses[0] - 1.0, losses
