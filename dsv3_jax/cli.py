@@ -87,7 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from dsv3_jax.checkpoint import load_trained
     from dsv3_jax.data.tokenizer import EOS
-    from dsv3_jax.infer.sampling import generate_full_recompute
+    from dsv3_jax.infer.generate import generate, generate_speculative
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
@@ -95,6 +95,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UsageError(f"--temperature={args.temperature} must be >= 0 (0 = greedy)")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p={args.top_p} must be in (0, 1]")
+    if args.speculative and args.temperature > 0:
+        raise UsageError("--speculative mtp is greedy: use it with --temperature 0")
     config, model, tokenizer = load_trained(Path(args.run_dir))
     prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
     if not prompt_ids:
@@ -102,12 +104,45 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if len(prompt_ids) + args.max_new_tokens > config.model.max_seq_len:
         raise UsageError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens={args.max_new_tokens} exceeds "
                          f"model.max_seq_len={config.model.max_seq_len}")
+    eos = tokenizer.token_to_id(EOS)
     start = time.perf_counter()
-    new_ids = generate_full_recompute(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p,
-                                      args.seed, tokenizer.token_to_id(EOS))
+    extra = ""
+    if args.speculative:
+        new_ids, stats = generate_speculative(model, prompt_ids, args.max_new_tokens, eos)
+        extra = (f", MTP drafts accepted {stats.accepted}/{stats.drafted} ({stats.acceptance_rate:.0%}), "
+                 f"{stats.main_forward_passes} main-model passes")
+    else:
+        new_ids = generate(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_p, args.seed, eos)[0]
     elapsed = time.perf_counter() - start
     print(args.prompt + tokenizer.decode(new_ids, skip_special_tokens=False))
-    print(f"[{len(new_ids)} tokens in {elapsed:.2f}s: {len(new_ids) / elapsed:.1f} tokens/s]", file=sys.stderr)
+    print(f"[{len(new_ids)} tokens in {elapsed:.2f}s: {len(new_ids) / elapsed:.1f} tokens/s{extra}]", file=sys.stderr)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from dsv3_jax.bench import bench_decode, markdown_table
+
+    config = _load_config(args)
+    if args.what == "decode":
+        if args.batch < 1 or args.context < 1:
+            raise UsageError("--batch and --context must be >= 1")
+        rows = bench_decode(config, args.batch, args.context, args.decode_steps)
+        title = (f"dsv3 bench decode --preset {args.preset} --batch {args.batch} --context {args.context} "
+                 f"({jax_device()})")
+    table = markdown_table(rows)
+    print(f"{title}\n\n{table}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(f"# {title}\n\n{table}\n")
+
+
+def jax_device() -> str:
+    import platform
+
+    import jax
+
+    device = jax.devices()[0]
+    return f"{device.platform}: {getattr(device, 'device_kind', '')}, {platform.processor() or platform.machine()}, " \
+           f"{__import__('os').cpu_count()} cores, jax {jax.__version__}"
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -149,7 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--speculative", choices=["mtp"], help="MTP drafts one token ahead; output equals greedy")
     gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="throughput tables")
+    bench.add_argument("what", choices=["decode"])
+    bench.add_argument("--preset", default="small")
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--context", type=int, default=2048)
+    bench.add_argument("--decode-steps", type=int, default=8)
+    bench.add_argument("--out", help="also write the table to this markdown file")
+    bench.set_defaults(func=cmd_bench)
 
     report = sub.add_parser("report", help="PNG plots from a run's metrics")
     report.add_argument("--run-dir", required=True)

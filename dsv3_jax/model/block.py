@@ -31,6 +31,16 @@ class Block(nnx.Module):
     def __call__(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array
                  ) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+        return self._ffn(x_BTD)
+
+    def cached(self, x_BTD: Array, cos: Array, sin: Array, cache: tuple[Array, Array], positions_BT: Array,
+               mode: str) -> tuple[Array, tuple[Array, Array]]:
+        """The block on new tokens against a KV cache (see MLA.cached); returns the updated cache."""
+        y_BTD, cache = self.attn.cached(self.attn_norm(x_BTD), cos, sin, cache, positions_BT, mode)
+        x_BTD, _ = self._ffn(x_BTD + y_BTD)
+        return x_BTD, cache
+
+    def _ffn(self, x_BTD: Array) -> tuple[Array, dict[str, Array]]:
         if self.is_moe:
             y_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
         else:
@@ -78,11 +88,10 @@ def run_blocks(stack: nnx.Module, x_BTD: Array, cos: Array, sin: Array, remat: b
     return scan_stack(stack, lambda block, x, _: block(x, cos, sin), x_BTD, remat=remat)
 
 
-def num_layers(stack: nnx.Module | None) -> int:
-    if stack is None:
-        return 0
-    return jax.tree.leaves(nnx.state(stack))[0].shape[0]
+def run_blocks_cached(stack: nnx.Module, x_BTD: Array, cos: Array, sin: Array, cache: tuple[Array, Array],
+                      positions_BT: Array, mode: str) -> tuple[Array, tuple[Array, Array]]:
+    """Apply a stack of Blocks with per-layer caches stacked on axis 0; returns the new caches."""
+    return scan_stack(stack, lambda block, x, layer_cache: block.cached(x, cos, sin, layer_cache, positions_BT, mode),
+                      x_BTD, cache)
 
 
-def zeros_like_stats(cfg: ModelConfig, n: int) -> dict[str, Array]:
-    return {"expert_load": jnp.zeros((n, cfg.n_routed_experts)), "balance_loss": jnp.zeros((n,))}

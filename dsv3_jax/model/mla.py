@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (report §2.1.1, eq. 1-11): training / prefill path.
+"""Multi-head Latent Attention (report §2.1.1, eq. 1-11): training path and cached decoding.
 
 Legend: B batch, T query tokens, S key tokens, D model dim, H heads, Q q latent (q_lora_rank),
 C kv latent (kv_lora_rank), N qk nope dim, R qk rope dim, Vh v head dim.
@@ -9,6 +9,11 @@ kv path: [c_KV | k_R] = x W_DKV (eq. 1, 3; one matmul, as the published weights 
          c_KV <- RMSNorm(c_KV), k_C = c_KV W_UK (eq. 2), v_C = c_KV W_UV (eq. 5),
          k_R = RoPE(k_R), shared by all heads (eq. 3-4).
 Only RMSNorm(c_KV) and roped k_R need caching: (C + R) values per token per layer.
+
+Decoding with absorbed weights (DeepSeek-V2 §2.1.2): since q_C . k_C = (q_C W_UK^T) . c_KV, the
+query is folded into latent space once per step, scores are taken directly against the cached
+c_KV, the attention-weighted latent sum is formed, and W_UV is applied after attention. No
+per-head key or value is ever rebuilt for the cached positions.
 """
 
 from __future__ import annotations
@@ -65,6 +70,56 @@ class MLA(nnx.Module):
         out_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS.astype(v_BSHV.dtype), v_BSHV,
                               preferred_element_type=jnp.float32).astype(v_BSHV.dtype)
         return self.w_o(out_BTHV)
+
+    def attend_absorbed(self, q_nope_BTHN: Array, q_rope_BTHR: Array, ckv_BSC: Array, k_rope_BSR: Array,
+                        mask_BTS: Array) -> Float[Array, "B T D"]:
+        """Attention in latent space: W_UK folded into the query, W_UV applied after attention."""
+        dtype = q_nope_BTHN.dtype
+        w_uk_CHN = self.w_uk.kernel[...].astype(dtype)
+        w_uv_CHV = self.w_uv.kernel[...].astype(dtype)
+        q_latent_BTHC = jnp.einsum("bthn,chn->bthc", q_nope_BTHN, w_uk_CHN, preferred_element_type=jnp.float32)
+        ckv_BSC = ckv_BSC.astype(jnp.float32)
+        logits_BHTS = (jnp.einsum("bthc,bsc->bhts", q_latent_BTHC, ckv_BSC)
+                       + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR.astype(jnp.float32), k_rope_BSR.astype(jnp.float32)))
+        probs_BHTS = _masked_softmax(logits_BHTS * self.scale, mask_BTS[:, None])
+        out_latent_BTHC = jnp.einsum("bhts,bsc->bthc", probs_BHTS, ckv_BSC)
+        out_BTHV = jnp.einsum("bthc,chv->bthv", out_latent_BTHC.astype(dtype), w_uv_CHV,
+                              preferred_element_type=jnp.float32).astype(dtype)
+        return self.w_o(out_BTHV)
+
+    def cached(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array, cache: tuple[Array, Array],
+               positions_BT: Array, mode: str = "absorbed") -> tuple[Float[Array, "B T D"], tuple[Array, Array]]:
+        """Attention of T new tokens at `positions_BT` against a preallocated cache of S slots.
+
+        mode "absorbed" / "expanded": the cache is the latent (RMSNorm(c_KV) [B,S,C], k_R [B,S,R]);
+        "expanded" rebuilds per-head K/V from it every step (what MaxText does). mode "naive":
+        the cache holds per-head keys [B,S,H,N+R] and values [B,S,H,Vh] (standard MHA caching).
+        New entries are written first, then every query sees slots <= its own position.
+        """
+        B, T, _ = x_BTD.shape
+        q_nope, q_rope = self.queries(x_BTD, cos, sin)
+        ckv_BTC, k_rope_BTR = self.latent_kv(x_BTD, cos, sin)
+        rows_B1 = jnp.arange(B)[:, None]
+        first, second = cache
+        S = first.shape[1]
+        mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+        if mode == "naive":
+            k_nope_BTHN = self.w_uk(ckv_BTC)
+            k_BTHK = jnp.concatenate([k_nope_BTHN, jnp.broadcast_to(k_rope_BTR[:, :, None], k_nope_BTHN.shape[:3] + (
+                k_rope_BTR.shape[-1],))], axis=-1)
+            k_cache = first.at[rows_B1, positions_BT].set(k_BTHK.astype(first.dtype))
+            v_cache = second.at[rows_B1, positions_BT].set(self.w_uv(ckv_BTC).astype(second.dtype))
+            q_BTHK = jnp.concatenate([q_nope, q_rope], axis=-1)
+            logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_cache.astype(q_BTHK.dtype),
+                                     preferred_element_type=jnp.float32)
+            probs_BHTS = _masked_softmax(logits_BHTS * self.scale, mask_BTS[:, None])
+            out_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_cache.astype(jnp.float32)).astype(x_BTD.dtype)
+            return self.w_o(out_BTHV), (k_cache, v_cache)
+        ckv_cache = first.at[rows_B1, positions_BT].set(ckv_BTC.astype(first.dtype))
+        k_rope_cache = second.at[rows_B1, positions_BT].set(k_rope_BTR.astype(second.dtype))
+        ckv_BSC, k_rope_BSR = ckv_cache.astype(x_BTD.dtype), k_rope_cache.astype(x_BTD.dtype)
+        attend = self.attend_absorbed if mode == "absorbed" else self.attend_expanded
+        return attend(q_nope, q_rope, ckv_BSC, k_rope_BSR, mask_BTS), (ckv_cache, k_rope_cache)
 
     def __call__(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array) -> Float[Array, "B T D"]:
         """Causal self-attention over the whole sequence (training / scoring)."""

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.block import Block, run_blocks, scan_stack, stack_modules
+from dsv3_jax.model.block import Block, run_blocks, run_blocks_cached, scan_stack, stack_modules
 from dsv3_jax.model.layers import Embed, Linear, RMSNorm
 from dsv3_jax.model.mtp import MTPModule, tokens_ahead
 from dsv3_jax.model.rope import rope_tables
@@ -72,3 +73,32 @@ class DeepSeekV3(nnx.Module):
             mtp_logits = self.logits(h_normed_PBTD)
             stats = {**stats, **{f"mtp_{k}": v for k, v in mtp_stats.items()}}
         return ModelOutput(logits_BTV, mtp_logits, stats)
+
+    # Cached decoding ------------------------------------------------------------------------
+    def decode(self, tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"], caches: dict,
+               mode: str = "absorbed") -> tuple[Float[Array, "B T V"], Float[Array, "B T D"], dict]:
+        """Main model on T new tokens per row at `positions_BT` against per-stack KV caches.
+
+        Returns (logits fp32, final hidden state before the norm (h^0 for MTP), new caches).
+        `caches` maps "dense" / "moe" to a pair of arrays stacked over that stack's layers.
+        """
+        cos, sin = rope_tables(self.cfg, positions_BT)
+        h_BTD = self.embed(tokens_BT)
+        caches = dict(caches)
+        for name in ("dense", "moe"):
+            stack = self.dense_layers if name == "dense" else self.moe_layers
+            if stack is not None:
+                h_BTD, caches[name] = run_blocks_cached(stack, h_BTD, cos, sin, caches[name], positions_BT, mode)
+        return self.logits(self.final_norm(h_BTD)), h_BTD, caches
+
+    def draft(self, h_prev_BTD: Array, next_tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"],
+              mtp_cache, mode: str = "absorbed") -> tuple[Float[Array, "B T V"], tuple]:
+        """The first MTP module as a drafter: logits for t_{i+2} from h_i and t_{i+1} (eq. 21-23)."""
+        cos, sin = rope_tables(self.cfg, positions_BT)
+        graphdef, state = nnx.split(self.mtp)
+        first_module = nnx.merge(graphdef, jax.tree.map(lambda x: x[0], state))
+        layer_cache = jax.tree.map(lambda x: x[0], mtp_cache)
+        h_normed, layer_cache = first_module.cached(h_prev_BTD, self.embed(next_tokens_BT), cos, sin, layer_cache,
+                                                    positions_BT, mode)
+        mtp_cache = jax.tree.map(lambda full, new: full.at[0].set(new), mtp_cache, layer_cache)
+        return self.logits(h_normed), mtp_cache

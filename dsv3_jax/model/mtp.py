@@ -35,9 +35,18 @@ class MTPModule(nnx.Module):
     def __call__(self, h_prev_BTD: Array, emb_ahead_BTD: Array, cos: Array, sin: Array
                  ) -> tuple[Array, Array, dict[str, Array]]:
         """Returns (h^k for the next depth, normalised h^k for the shared head, block stats)."""
-        joined = jnp.concatenate([self.enorm(emb_ahead_BTD), self.hnorm(h_prev_BTD)], axis=-1)
-        h_BTD, stats = self.block(self.eh_proj(joined), cos, sin)
+        h_BTD, stats = self.block(self.combine(h_prev_BTD, emb_ahead_BTD), cos, sin)
         return h_BTD, self.final_norm(h_BTD), stats
+
+    def combine(self, h_prev_BTD: Array, emb_ahead_BTD: Array) -> Array:
+        """eq. 21, in the published weights' order."""
+        return self.eh_proj(jnp.concatenate([self.enorm(emb_ahead_BTD), self.hnorm(h_prev_BTD)], axis=-1))
+
+    def cached(self, h_prev_BTD: Array, emb_ahead_BTD: Array, cos: Array, sin: Array, cache, positions_BT: Array,
+               mode: str):
+        """Drafting step against the module's own KV cache: (normalised h^k, updated cache)."""
+        h_BTD, cache = self.block.cached(self.combine(h_prev_BTD, emb_ahead_BTD), cos, sin, cache, positions_BT, mode)
+        return self.final_norm(h_BTD), cache
 
 
 def tokens_ahead(tokens_BT: Int[Array, "B T"], depth: int, pad_id: int = 0) -> Int[Array, "P B T"]:

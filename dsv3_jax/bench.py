@@ -1,0 +1,61 @@
+"""Benchmarks that print a table (never timed assertions): `dsv3 bench decode`, `dsv3 bench train`."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.config import Config
+from dsv3_jax.infer.cache import MODES, bytes_per_token, init_caches
+from dsv3_jax.infer.generate import _decode
+from dsv3_jax.model.model import DeepSeekV3
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median seconds of fn() over repeats (after one warm-up call that compiles)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_decode(config: Config, batch: int, context: int, decode_steps: int = 8, modes=MODES,
+                 cache_dtype=jnp.bfloat16) -> list[dict]:
+    """Prefill `context` tokens, then time one-token decode steps at position `context`, per cache mode."""
+    cfg = dataclasses.replace(config.model, max_seq_len=max(config.model.max_seq_len, context + decode_steps + 1))
+    model = DeepSeekV3(cfg, nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    tokens = jax.random.randint(jax.random.key(0), (batch, context), 0, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(context), (batch, context))
+    slots = context + decode_steps
+    rows = []
+    for mode in modes:
+        caches = init_caches(cfg, batch, slots, mode, cache_dtype)
+        prefill_s = _timed(lambda: _decode(graphdef, state, caches, tokens, positions, mode)[0], repeats=1)
+        _, _, filled = _decode(graphdef, state, caches, tokens, positions, mode)
+        next_tokens = tokens[:, -1:]
+        step_positions = jnp.full((batch, 1), context, jnp.int32)
+        step_s = _timed(lambda: _decode(graphdef, state, filled, next_tokens, step_positions, mode)[0],
+                        repeats=decode_steps)
+        rows.append({"mode": mode, "batch": batch, "context": context,
+                     "prefill_tokens_per_s": batch * context / prefill_s,
+                     "decode_tokens_per_s": batch / step_s, "decode_ms_per_step": 1e3 * step_s,
+                     "cache_bytes_per_token": bytes_per_token(caches, batch, slots),
+                     "cache_MiB": sum(x.nbytes for x in jax.tree.leaves(caches)) / 2 ** 20})
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:,.1f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

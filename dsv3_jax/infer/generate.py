@@ -1,0 +1,145 @@
+"""Cached generation: prefill + one-token decode steps, and MTP speculative decoding.
+
+Prompts of different lengths are right-padded into one prefill; each row then decodes at its
+own position, overwriting its padding slots before any query can see them (a query at
+position p attends slots <= p). The decode step is jitted once per (batch, cache slots).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.errors import UsageError
+from dsv3_jax.infer.cache import init_caches, init_mtp_cache
+from dsv3_jax.infer.sampling import sample_token
+
+
+def _round_up(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode"))
+def _decode(graphdef, state, caches, tokens_BT, positions_BT, mode):
+    return nnx.merge(graphdef, state).decode(tokens_BT, positions_BT, caches, mode)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode"))
+def _draft(graphdef, state, mtp_cache, h_BTD, next_tokens_BT, positions_BT, mode):
+    return nnx.merge(graphdef, state).draft(h_BTD, next_tokens_BT, positions_BT, mtp_cache, mode)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_p"))
+def _sample_rows(logits_BV, key, temperature, top_p):
+    keys = jax.random.split(key, logits_BV.shape[0])
+    return jax.vmap(lambda l, k: sample_token(l, k, temperature, top_p))(logits_BV, keys)
+
+
+def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UsageError("every prompt needs at least one token")
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab_size]
+    if bad:
+        raise UsageError(f"prompt token id {bad[0]} is out of range: ids must be in [0, {vocab_size})")
+
+
+def generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, mode: str = "absorbed",
+             cache_dtype=jnp.bfloat16) -> list[list[int]]:
+    """New tokens per prompt (stopping at EOS, which is included)."""
+    cfg = model.cfg
+    _check_prompts(prompts, cfg.vocab_size)
+    B, lengths = len(prompts), np.array([len(p) for p in prompts])
+    slots = _round_up(int(lengths.max()) + max_new_tokens)
+    if int(lengths.max()) + max_new_tokens > cfg.max_seq_len:
+        raise UsageError(f"prompt + max_new_tokens = {int(lengths.max()) + max_new_tokens} exceeds "
+                         f"model.max_seq_len={cfg.max_seq_len}")
+    graphdef, state = nnx.split(model)
+    caches = init_caches(cfg, B, slots, mode, cache_dtype)
+    tokens = np.zeros((B, int(lengths.max())), np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = p
+    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    logits, _, caches = _decode(graphdef, state, caches, tokens, positions, mode)
+    last_logits = logits[jnp.arange(B), lengths - 1]
+    key = jax.random.key(seed)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = np.zeros(B, bool)
+    for i in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        next_B = np.asarray(_sample_rows(last_logits, sub, temperature, top_p))
+        for b in np.flatnonzero(~done):
+            out[b].append(int(next_B[b]))
+            done[b] |= next_B[b] == eos_id
+        if done.all() or i == max_new_tokens - 1:
+            break
+        logits, _, caches = _decode(graphdef, state, caches, next_B[:, None].astype(np.int32),
+                                    (lengths + i)[:, None].astype(np.int32), mode)
+        last_logits = logits[:, 0]
+    return out
+
+
+@dataclass
+class SpeculativeStats:
+    drafted: int = 0
+    accepted: int = 0
+    main_forward_passes: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / max(self.drafted, 1)
+
+
+def generate_speculative(model: nnx.Module, prompt: list[int], max_new_tokens: int, eos_id: int | None = None,
+                         mode: str = "absorbed", cache_dtype=jnp.bfloat16) -> tuple[list[int], SpeculativeStats]:
+    """Greedy decoding with the first MTP module drafting one token ahead (report §2.2, "MTP in
+    Inference"); the main model verifies [t_n, draft] in one pass. Output equals plain greedy.
+
+    Invariant at the top of the loop: main and MTP caches hold positions < n, t_n is decided
+    (not yet cached), and `draft` is the MTP guess for t_{n+1}. A rejected draft leaves a stale
+    slot at n+1 that the next pass overwrites before anything attends to it.
+    """
+    cfg = model.cfg
+    if cfg.mtp_depth < 1:
+        raise UsageError("speculative decoding with MTP needs a model with model.mtp_depth >= 1")
+    _check_prompts([prompt], cfg.vocab_size)
+    P = len(prompt)
+    slots = _round_up(P + max_new_tokens + 2)
+    graphdef, state = nnx.split(model)
+    caches = init_caches(cfg, 1, slots, mode, cache_dtype)
+    mtp_cache = init_mtp_cache(cfg, 1, slots, mode, cache_dtype)
+    stats = SpeculativeStats()
+
+    tokens = np.asarray(prompt, np.int32)[None]
+    logits, h, caches = _decode(graphdef, state, caches, tokens, np.arange(P, dtype=np.int32)[None], mode)
+    stats.main_forward_passes += 1
+    out = [int(jnp.argmax(logits[0, -1]))]
+    ahead = np.concatenate([tokens[:, 1:], np.array([[out[0]]], np.int32)], axis=1)
+    mtp_logits, mtp_cache = _draft(graphdef, state, mtp_cache, h, ahead, np.arange(P, dtype=np.int32)[None], mode)
+    draft = int(jnp.argmax(mtp_logits[0, -1]))
+    n = P
+    while len(out) < max_new_tokens and out[-1] != eos_id:
+        positions = np.array([[n, n + 1]], np.int32)
+        logits, h, caches = _decode(graphdef, state, caches, np.array([[out[-1], draft]], np.int32), positions, mode)
+        stats.main_forward_passes += 1
+        stats.drafted += 1
+        verified = int(jnp.argmax(logits[0, 0]))
+        if verified == draft:
+            stats.accepted += 1
+            new = [draft, int(jnp.argmax(logits[0, 1]))]
+        else:
+            new = [verified]
+        next_tokens = np.array([[new[0], new[-1] if len(new) == 2 else 0]], np.int32)
+        mtp_logits, mtp_cache = _draft(graphdef, state, mtp_cache, h, next_tokens, positions, mode)
+        draft = int(jnp.argmax(mtp_logits[0, len(new) - 1]))
+        out.extend(new)
+        n += len(new)
+    out = out[:max_new_tokens]
+    if eos_id is not None and eos_id in out:
+        out = out[:out.index(eos_id) + 1]
+    return out, stats
