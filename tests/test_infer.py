@@ -7,7 +7,7 @@ from flax import nnx
 from dsv3_jax.config import get_preset
 from dsv3_jax.errors import UsageError
 from dsv3_jax.infer.cache import bytes_per_token, init_caches
-from dsv3_jax.infer.generate import generate, generate_speculative
+from dsv3_jax.infer.generate import _decode, generate, generate_speculative
 from dsv3_jax.infer.sampling import sample_token
 from dsv3_jax.model.model import DeepSeekV3
 from tests.conftest import tiny_model_config
@@ -26,11 +26,12 @@ def test_cached_decoding_matches_full_forward_at_every_position(model, mode):
     tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, cfg.vocab_size)
     full = model(tokens).logits_BTV
     caches = init_caches(cfg, 2, 24, mode, jnp.float32)
+    graphdef, state = nnx.split(model)
     # Prefill 7 tokens at once, then one token per step past the original context of 8.
-    logits, _, caches = model.decode(tokens[:, :7], jnp.broadcast_to(jnp.arange(7), (2, 7)), caches, mode)
+    logits, _, caches = _decode(graphdef, state, caches, tokens[:, :7], jnp.broadcast_to(jnp.arange(7), (2, 7)), mode)
     steps = [logits]
     for t in range(7, 20):
-        logits, _, caches = model.decode(tokens[:, t:t + 1], jnp.full((2, 1), t), caches, mode)
+        logits, _, caches = _decode(graphdef, state, caches, tokens[:, t:t + 1], jnp.full((2, 1), t), mode)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-5)
 

@@ -24,6 +24,9 @@ def _round_up(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
+PREFILL_BUCKET = 16  # prompts are right-padded to a multiple of this: few prefill compilations
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode"))
 def _decode(graphdef, state, caches, tokens_BT, positions_BT, mode):
     return nnx.merge(graphdef, state).decode(tokens_BT, positions_BT, caches, mode)
@@ -55,13 +58,14 @@ def generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, t
     cfg = model.cfg
     _check_prompts(prompts, cfg.vocab_size)
     B, lengths = len(prompts), np.array([len(p) for p in prompts])
-    slots = _round_up(int(lengths.max()) + max_new_tokens)
+    prefill_len = _round_up(int(lengths.max()), PREFILL_BUCKET)
+    slots = _round_up(max(prefill_len, int(lengths.max()) + max_new_tokens))
     if int(lengths.max()) + max_new_tokens > cfg.max_seq_len:
         raise UsageError(f"prompt + max_new_tokens = {int(lengths.max()) + max_new_tokens} exceeds "
                          f"model.max_seq_len={cfg.max_seq_len}")
     graphdef, state = nnx.split(model)
     caches = init_caches(cfg, B, slots, mode, cache_dtype)
-    tokens = np.zeros((B, int(lengths.max())), np.int32)
+    tokens = np.zeros((B, prefill_len), np.int32)
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = p
     positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
@@ -109,19 +113,24 @@ def generate_speculative(model: nnx.Module, prompt: list[int], max_new_tokens: i
         raise UsageError("speculative decoding with MTP needs a model with model.mtp_depth >= 1")
     _check_prompts([prompt], cfg.vocab_size)
     P = len(prompt)
-    slots = _round_up(P + max_new_tokens + 2)
+    prefill_len = _round_up(P, PREFILL_BUCKET)
+    slots = _round_up(max(prefill_len, P + max_new_tokens + 2))
     graphdef, state = nnx.split(model)
     caches = init_caches(cfg, 1, slots, mode, cache_dtype)
     mtp_cache = init_mtp_cache(cfg, 1, slots, mode, cache_dtype)
     stats = SpeculativeStats()
 
-    tokens = np.asarray(prompt, np.int32)[None]
-    logits, h, caches = _decode(graphdef, state, caches, tokens, np.arange(P, dtype=np.int32)[None], mode)
+    # Prefill (right-padded; slots >= P hold padding until overwritten).
+    tokens = np.zeros((1, prefill_len), np.int32)
+    tokens[0, :P] = prompt
+    positions = np.arange(prefill_len, dtype=np.int32)[None]
+    logits, h, caches = _decode(graphdef, state, caches, tokens, positions, mode)
     stats.main_forward_passes += 1
-    out = [int(jnp.argmax(logits[0, -1]))]
-    ahead = np.concatenate([tokens[:, 1:], np.array([[out[0]]], np.int32)], axis=1)
-    mtp_logits, mtp_cache = _draft(graphdef, state, mtp_cache, h, ahead, np.arange(P, dtype=np.int32)[None], mode)
-    draft = int(jnp.argmax(mtp_logits[0, -1]))
+    out = [int(jnp.argmax(logits[0, P - 1]))]
+    ahead = np.zeros_like(tokens)
+    ahead[0, :P] = list(prompt[1:]) + out
+    mtp_logits, mtp_cache = _draft(graphdef, state, mtp_cache, h, ahead, positions, mode)
+    draft = int(jnp.argmax(mtp_logits[0, P - 1]))
     n = P
     while len(out) < max_new_tokens and out[-1] != eos_id:
         positions = np.array([[n, n + 1]], np.int32)
