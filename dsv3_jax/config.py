@@ -47,6 +47,9 @@ class ModelConfig:
     routed_scaling_factor: float = 2.5
     score_func: Literal["sigmoid", "softmax"] = "sigmoid"
     norm_topk_prob: bool = True
+    # Routing lab (model/routing.py): a registered router, and "+"-joined balancers.
+    router: str = "deepseek_v3"
+    balancer: str = "aux_free+sequence_loss"  # V3: sign-bias update + complementary sequence loss
     # RoPE + YaRN (report §4.3: factor 40, alpha=beta_slow 1, beta=beta_fast 32). yarn_factor 1 = off.
     rope_theta: float = 10000.0
     yarn_factor: float = 1.0
@@ -82,6 +85,7 @@ class ModelConfig:
                      f"model.{name}={getattr(self, name)!r} must be one of: float32, bfloat16")
         if self.n_moe_layers > 0 or self.mtp_depth > 0:
             self._check_moe()
+            self._check_routing_lab()
         if self.first_k_dense > 0:
             _require(self.ffn_dim > 0, f"model.ffn_dim={self.ffn_dim} must be > 0 when first_k_dense > 0")
         _require(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be > 0")
@@ -109,6 +113,21 @@ class ModelConfig:
                                   "sum each group's top-2, so groups need >= 2 experts")
         _require(self.routed_scaling_factor > 0,
                  f"model.routed_scaling_factor={self.routed_scaling_factor} must be > 0")
+
+    def _check_routing_lab(self) -> None:
+        from dsv3_jax.model import routing  # the registries live with the implementations
+
+        for registry, names, kind in ((routing.ROUTERS, [self.router], "router"),
+                                      (routing.BALANCERS, self.balancer_names, "balancer")):
+            for name in names:
+                try:
+                    routing.resolve(registry, name, kind)
+                except (KeyError, ImportError) as e:
+                    raise ConfigError(f"model.{kind}={name!r}: {str(e).strip(chr(39)).strip(chr(34))}") from None
+
+    @property
+    def balancer_names(self) -> list[str]:
+        return [name.strip() for name in self.balancer.split("+") if name.strip()]
 
     # Derived sizes -------------------------------------------------------------------------
     @property
@@ -163,6 +182,8 @@ class TrainConfig:
     mtp_lambda: float = 0.3  # eq. 25 (report: 0.3 for the first 10T tokens)
     balance_alpha: float = 1e-4  # eq. 17 (report: 0.0001)
     bias_gamma: float = 1e-3  # aux-loss-free bias update speed; 0 freezes the bias
+    aux_loss_alpha: float = 1e-2  # Switch/GShard global auxiliary loss (balancer "aux_loss")
+    z_loss_coef: float = 1e-3  # router z-loss (balancer "z_loss")
     log_every: int = 1
     eval_every: int = 50
     eval_batches: int = 4
@@ -180,7 +201,8 @@ class TrainConfig:
         _require(0.0 <= self.decay_start_fraction <= 1.0,
                  f"train.decay_start_fraction={self.decay_start_fraction} must be in [0, 1]")
         _require(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, f"train.b1={self.b1}, train.b2={self.b2} must be in [0, 1)")
-        for name in ("weight_decay", "grad_clip", "mtp_lambda", "balance_alpha", "bias_gamma"):
+        for name in ("weight_decay", "grad_clip", "mtp_lambda", "balance_alpha", "bias_gamma", "aux_loss_alpha",
+                     "z_loss_coef"):
             value = getattr(self, name)
             _require(value >= 0 and math.isfinite(value), f"train.{name}={value} must be a finite number >= 0")
 

@@ -31,11 +31,13 @@ def test_total_loss_combines_parts_as_eq_25_and_17():
     tokens = jax.random.randint(jax.random.key(2), (2, 7), 0, 13)
     logits = jax.random.normal(jax.random.key(3), (2, 6, 13))
     mtp_logits = jax.random.normal(jax.random.key(4), (2, 2, 6, 13))
-    stats = {"balance_loss": jnp.array([1.0, 2.0]), "mtp_balance_loss": jnp.array([0.5])}
-    parts = total_loss(logits, mtp_logits, stats, tokens, mtp_lambda=0.3, balance_alpha=0.01)
+    stats = {"aux_sequence_loss": jnp.array([1.0, 2.0]), "mtp_aux_sequence_loss": jnp.array([0.5]),
+             "aux_z_loss": jnp.array([4.0, 4.0]), "expert_load": jnp.ones((2, 4))}
+    parts = total_loss(logits, mtp_logits, stats, tokens, mtp_lambda=0.3,
+                       aux_weights={"sequence_loss": 0.01, "z_loss": 0.5})
     labels, mask = mtp_targets(tokens, 2)
     l1 = cross_entropy(mtp_logits[0], labels[0], mask[0])
     l2 = cross_entropy(mtp_logits[1], labels[1], mask[1])
     np.testing.assert_allclose(parts.mtp, (l1 + l2) / 2, rtol=1e-6)
-    np.testing.assert_allclose(parts.balance, 3.5)
-    np.testing.assert_allclose(parts.total, parts.lm + 0.3 * parts.mtp + 0.01 * 3.5, rtol=1e-6)
+    np.testing.assert_allclose(parts.balance, 0.01 * 3.5 + 0.5 * 8.0, rtol=1e-6)
+    np.testing.assert_allclose(parts.total, parts.lm + 0.3 * parts.mtp + 0.01 * 3.5 + 4.0, rtol=1e-6)

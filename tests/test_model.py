@@ -73,7 +73,7 @@ def test_overfits_one_batch(tiny_cfg):
 
     def loss_fn(p):
         out = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
-        return total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens, 0.3, 1e-4).total
+        return total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens, 0.3, {"sequence_loss": 1e-4}).total
 
     @jax.jit
     def step(p, o):

@@ -73,7 +73,7 @@ def test_moe_gradients_match_naive_dense_computation():
         x = x_BTD.reshape(6, -1)
         h = jax.nn.silu(jnp.einsum("nd,edf->nef", x, m.w_gate_EDF[...])) * jnp.einsum("nd,edf->nef", x, m.w_up_EDF[...])
         y_NED = jnp.einsum("nef,efd->ned", h, m.w_down_EFD[...])
-        w_NE = jnp.zeros((6, cfg.n_routed_experts)).at[jnp.arange(6)[:, None], routing.expert_idx_NK].add(routing.gates_NK)
+        w_NE = jnp.zeros((6, cfg.n_routed_experts)).at[routing.token_M, routing.expert_M].add(routing.gate_M)
         return jnp.sum((jnp.einsum("ned,ne->nd", y_NED, w_NE) + m.shared(x)) ** 2)
 
     g1, g2 = jax.grad(loss_sorted)(params), jax.grad(loss_dense)(params)

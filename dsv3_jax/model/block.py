@@ -28,21 +28,21 @@ class Block(nnx.Module):
         self.ffn = MoE(cfg, rngs) if moe else MLP(cfg, cfg.ffn_dim, rngs, "ffn")
         self.is_moe = moe
 
-    def __call__(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array
+    def __call__(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array, token_ids_BT: Array | None = None
                  ) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
-        return self._ffn(x_BTD)
+        return self._ffn(x_BTD, token_ids_BT)
 
     def cached(self, x_BTD: Array, cos: Array, sin: Array, cache: tuple[Array, Array], positions_BT: Array,
-               mode: str) -> tuple[Array, tuple[Array, Array]]:
+               mode: str, token_ids_BT: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
         """The block on new tokens against a KV cache (see MLA.cached); returns the updated cache."""
         y_BTD, cache = self.attn.cached(self.attn_norm(x_BTD), cos, sin, cache, positions_BT, mode)
-        x_BTD, _ = self._ffn(x_BTD + y_BTD)
+        x_BTD, _ = self._ffn(x_BTD + y_BTD, token_ids_BT)
         return x_BTD, cache
 
-    def _ffn(self, x_BTD: Array) -> tuple[Array, dict[str, Array]]:
+    def _ffn(self, x_BTD: Array, token_ids_BT: Array | None) -> tuple[Array, dict[str, Array]]:
         if self.is_moe:
-            y_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
+            y_BTD, stats = self.ffn(self.ffn_norm(x_BTD), token_ids_BT)
         else:
             y_BTD, stats = self.ffn(self.ffn_norm(x_BTD)), {}
         return x_BTD + y_BTD, stats
@@ -82,16 +82,17 @@ def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, remat: bool = 
     return jax.lax.scan(body, carry, (state, xs))
 
 
-def run_blocks(stack: nnx.Module, x_BTD: Array, cos: Array, sin: Array, remat: bool
-               ) -> tuple[Array, dict[str, Array]]:
+def run_blocks(stack: nnx.Module, x_BTD: Array, cos: Array, sin: Array, remat: bool,
+               token_ids_BT: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """Apply a stack of Blocks in order; returns the output and per-layer stats stacked on axis 0."""
-    return scan_stack(stack, lambda block, x, _: block(x, cos, sin), x_BTD, remat=remat)
+    return scan_stack(stack, lambda block, x, _: block(x, cos, sin, token_ids_BT), x_BTD, remat=remat)
 
 
 def run_blocks_cached(stack: nnx.Module, x_BTD: Array, cos: Array, sin: Array, cache: tuple[Array, Array],
-                      positions_BT: Array, mode: str) -> tuple[Array, tuple[Array, Array]]:
+                      positions_BT: Array, mode: str, token_ids_BT: Array | None = None
+                      ) -> tuple[Array, tuple[Array, Array]]:
     """Apply a stack of Blocks with per-layer caches stacked on axis 0; returns the new caches."""
-    return scan_stack(stack, lambda block, x, layer_cache: block.cached(x, cos, sin, layer_cache, positions_BT, mode),
-                      x_BTD, cache)
+    return scan_stack(stack, lambda block, x, layer_cache: block.cached(x, cos, sin, layer_cache, positions_BT, mode,
+                                                                        token_ids_BT), x_BTD, cache)
 
 

@@ -26,7 +26,7 @@ from dsv3_jax.model.rope import rope_tables
 class ModelOutput(NamedTuple):
     logits_BTV: Float[Array, "B T V"]  # fp32
     mtp_logits_PBTV: Float[Array, "P B T V"] | None  # depth k predicts t_{i+k+1}; fp32
-    stats: dict[str, Array]  # expert_load [L_moe, E], balance_loss [L_moe], mtp_* [P, ...]
+    stats: dict[str, Array]  # expert_load [L_moe, E], aux_<balancer> [L_moe], ..., mtp_* [P, ...]
 
 
 class DeepSeekV3(nnx.Module):
@@ -57,19 +57,19 @@ class DeepSeekV3(nnx.Module):
         if self.dense_layers is not None:
             h_BTD, _ = run_blocks(self.dense_layers, h_BTD, cos, sin, cfg.remat)
         if self.moe_layers is not None:
-            h_BTD, stats = run_blocks(self.moe_layers, h_BTD, cos, sin, cfg.remat)
+            h_BTD, stats = run_blocks(self.moe_layers, h_BTD, cos, sin, cfg.remat, tokens_BT)
         logits_BTV = self.logits(self.final_norm(h_BTD))
 
         mtp_logits = None
         if self.mtp is not None and with_mtp:
-            emb_ahead_PBTD = self.embed(tokens_ahead(tokens_BT, cfg.mtp_depth))
+            ahead_PBT = tokens_ahead(tokens_BT, cfg.mtp_depth)
 
-            def depth_step(module: MTPModule, h_prev, emb_ahead):
-                h_next, h_normed, layer_stats = module(h_prev, emb_ahead, cos, sin)
+            def depth_step(module: MTPModule, h_prev, ahead_BT):
+                h_next, h_normed, layer_stats = module(h_prev, self.embed(ahead_BT), cos, sin, ahead_BT)
                 return h_next, (h_normed, layer_stats)
 
             # The main model's final hidden state (before its final norm) is h^0 (eq. 21).
-            _, (h_normed_PBTD, mtp_stats) = scan_stack(self.mtp, depth_step, h_BTD, emb_ahead_PBTD, cfg.remat)
+            _, (h_normed_PBTD, mtp_stats) = scan_stack(self.mtp, depth_step, h_BTD, ahead_PBT, cfg.remat)
             mtp_logits = self.logits(h_normed_PBTD)
             stats = {**stats, **{f"mtp_{k}": v for k, v in mtp_stats.items()}}
         return ModelOutput(logits_BTV, mtp_logits, stats)
@@ -88,7 +88,8 @@ class DeepSeekV3(nnx.Module):
         for name in ("dense", "moe"):
             stack = self.dense_layers if name == "dense" else self.moe_layers
             if stack is not None:
-                h_BTD, caches[name] = run_blocks_cached(stack, h_BTD, cos, sin, caches[name], positions_BT, mode)
+                h_BTD, caches[name] = run_blocks_cached(stack, h_BTD, cos, sin, caches[name], positions_BT, mode,
+                                                        tokens_BT)
         return self.logits(self.final_norm(h_BTD)), h_BTD, caches
 
     def draft(self, h_prev_BTD: Array, next_tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"],
@@ -99,6 +100,6 @@ class DeepSeekV3(nnx.Module):
         first_module = nnx.merge(graphdef, jax.tree.map(lambda x: x[0], state))
         layer_cache = jax.tree.map(lambda x: x[0], mtp_cache)
         h_normed, layer_cache = first_module.cached(h_prev_BTD, self.embed(next_tokens_BT), cos, sin, layer_cache,
-                                                    positions_BT, mode)
+                                                    positions_BT, mode, next_tokens_BT)
         mtp_cache = jax.tree.map(lambda full, new: full.at[0].set(new), mtp_cache, layer_cache)
         return self.logits(h_normed), mtp_cache

@@ -3,9 +3,10 @@
 Legend: B batch, T tokens, N = B*T, D model dim, E routed experts, K top-k, F expert ffn dim,
 M = N*K routed (token, slot) assignments.
 
-Local expert computation is dropless and never builds an [N, E, D] tensor: the N*K assignments
-are sorted by expert and each expert's contiguous rows go through a grouped matmul
-(`jax.lax.ragged_dot`), then are unsorted and combined with their gates.
+Local expert computation is dropless and never builds an [N, E, D] tensor: the M routed
+(token, expert, gate) assignments are sorted by expert, each expert's contiguous rows go through
+a grouped matmul (`jax.lax.ragged_dot`), are weighted by their gates and scatter-added back to
+their tokens (which also serves routers where a token can have any number of experts).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import MLP, dtype_of, param
-from dsv3_jax.model.routing import Router
+from dsv3_jax.model.routing import Router, Routing
 
 
 def grouped_swiglu(x_MD: Float[Array, "M D"], group_sizes_E: Int[Array, "E"], w_gate_EDF: Array,
@@ -29,18 +30,17 @@ def grouped_swiglu(x_MD: Float[Array, "M D"], group_sizes_E: Int[Array, "E"], w_
     return jax.lax.ragged_dot(h_MF, w_down_EFD, group_sizes_E, preferred_element_type=jnp.float32).astype(x_MD.dtype)
 
 
-def routed_experts(x_ND: Float[Array, "N D"], expert_idx_NK: Int[Array, "N K"], gates_NK: Array,
-                   w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD: Array) -> Float[Array, "N D"]:
-    """Dropless sort -> grouped matmul -> unsort -> gate-weighted sum over the K slots."""
-    N, K = expert_idx_NK.shape
+def routed_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_EDF: Array, w_up_EDF: Array,
+                   w_down_EFD: Array) -> Float[Array, "N D"]:
+    """Dropless: sort the M assignments by expert -> grouped matmul -> gate -> scatter-add to tokens."""
     E = w_gate_EDF.shape[0]
-    expert_M = expert_idx_NK.reshape(-1)
-    order_M = jnp.argsort(expert_M, stable=True)
-    x_MD = jnp.take(x_ND, order_M // K, axis=0)
-    group_sizes_E = jnp.bincount(expert_M, length=E).astype(jnp.int32)
-    y_sorted_MD = grouped_swiglu(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD)
-    y_NKD = jnp.zeros_like(y_sorted_MD).at[order_M].set(y_sorted_MD).reshape(N, K, -1)
-    return jnp.einsum("nkd,nk->nd", y_NKD.astype(jnp.float32), gates_NK.astype(jnp.float32)).astype(x_ND.dtype)
+    order_M = jnp.argsort(routing.expert_M, stable=True)
+    token_M = routing.token_M[order_M]
+    x_MD = jnp.take(x_ND, token_M, axis=0)
+    group_sizes_E = jnp.bincount(routing.expert_M, length=E).astype(jnp.int32)
+    y_MD = grouped_swiglu(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD).astype(jnp.float32)
+    y_MD = y_MD * routing.gate_M[order_M, None].astype(jnp.float32)
+    return jnp.zeros(x_ND.shape, jnp.float32).at[token_M].add(y_MD).astype(x_ND.dtype)
 
 
 class MoE(nnx.Module):
@@ -55,11 +55,12 @@ class MoE(nnx.Module):
         self.w_down_EFD = param(rngs, (E, F, D), ("expert", "moe_ffn", "embed"), cfg.init_std, pdt)
         self.dtype = dtype_of(cfg.dtype)
 
-    def __call__(self, x_BTD: Float[Array, "B T D"]) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
+    def __call__(self, x_BTD: Float[Array, "B T D"], token_ids_BT: Array | None = None
+                 ) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
         B, T, D = x_BTD.shape
-        routing, stats = self.router(x_BTD)
+        routing, stats = self.router(x_BTD, token_ids_BT)
         cast = lambda w: w[...].astype(self.dtype)
-        y_ND = routed_experts(x_BTD.reshape(B * T, D).astype(self.dtype), routing.expert_idx_NK, routing.gates_NK,
+        y_ND = routed_experts(x_BTD.reshape(B * T, D).astype(self.dtype), routing,
                               cast(self.w_gate_EDF), cast(self.w_up_EDF), cast(self.w_down_EFD))
         y_BTD = y_ND.reshape(B, T, D)
         if self.shared is not None:

@@ -32,10 +32,10 @@ class MTPModule(nnx.Module):
         self.block = Block(cfg, moe=cfg.n_routed_experts > 0, rngs=rngs)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, "norm", cfg.param_dtype)
 
-    def __call__(self, h_prev_BTD: Array, emb_ahead_BTD: Array, cos: Array, sin: Array
-                 ) -> tuple[Array, Array, dict[str, Array]]:
+    def __call__(self, h_prev_BTD: Array, emb_ahead_BTD: Array, cos: Array, sin: Array,
+                 token_ids_BT: Array | None = None) -> tuple[Array, Array, dict[str, Array]]:
         """Returns (h^k for the next depth, normalised h^k for the shared head, block stats)."""
-        h_BTD, stats = self.block(self.combine(h_prev_BTD, emb_ahead_BTD), cos, sin)
+        h_BTD, stats = self.block(self.combine(h_prev_BTD, emb_ahead_BTD), cos, sin, token_ids_BT)
         return h_BTD, self.final_norm(h_BTD), stats
 
     def combine(self, h_prev_BTD: Array, emb_ahead_BTD: Array) -> Array:
@@ -43,9 +43,10 @@ class MTPModule(nnx.Module):
         return self.eh_proj(jnp.concatenate([self.enorm(emb_ahead_BTD), self.hnorm(h_prev_BTD)], axis=-1))
 
     def cached(self, h_prev_BTD: Array, emb_ahead_BTD: Array, cos: Array, sin: Array, cache, positions_BT: Array,
-               mode: str):
+               mode: str, token_ids_BT: Array | None = None):
         """Drafting step against the module's own KV cache: (normalised h^k, updated cache)."""
-        h_BTD, cache = self.block.cached(self.combine(h_prev_BTD, emb_ahead_BTD), cos, sin, cache, positions_BT, mode)
+        h_BTD, cache = self.block.cached(self.combine(h_prev_BTD, emb_ahead_BTD), cos, sin, cache, positions_BT, mode,
+                                         token_ids_BT)
         return self.final_norm(h_BTD), cache
 
 

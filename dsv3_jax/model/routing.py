@@ -1,20 +1,26 @@
-"""Routing: token-to-expert affinities, group-limited top-k selection, gates, load statistics.
+"""The routing lab: routers and balancers as small swappable parts, plus load statistics.
 
-Legend: B batch, T tokens, N = B*T tokens, D model dim, E routed experts, K top-k, G groups.
+Legend: B batch, T tokens, N = B*T tokens, D model dim, E routed experts, K top-k, G groups,
+M routed (token, expert) assignments.
 
-DeepSeek-V3 (report §2.1.2, eq. 12-16):
-  s_{i,t} = sigmoid(u_t . e_i)                                       (eq. 15)
-  selection by top-K of s + b; b is the aux-loss-free routing bias   (eq. 16)
-  gates g = selected *unbiased* s, normalised over the K, times routed_scaling_factor (eq. 13)
-Group-limited routing: split E experts into G groups, score each group by the sum of its top-2
-biased scores, keep the best `topk_group` groups and mask the rest with -inf before the top-K,
-so no token reaches an expert outside its kept groups (node-limited routing, §2.1.2).
-DeepSeek-V2 style (`score_func="softmax"`): s = softmax(u . e), groups scored by their max.
+A **Router** maps router logits [N, E] (+ the selection bias, token ids) to a `Routing`: a flat
+list of M assignments (token, expert, gate), which covers token choice (M = N*K) and expert
+choice (M = E*capacity) alike, plus the affinities the balancers need.
+A **Balancer** turns a layer's routing into an auxiliary loss (in the forward pass) and/or a
+routing-bias update (after the optimizer step, from the whole batch's expert loads).
+
+Adding a variant: write one class and register it (see README, "Routing lab"):
+
+    @register_router("my_router")
+    class MyRouter:
+        def __call__(self, logits_NE, bias_E, token_ids_N, cfg) -> Routing: ...
+
+Then `dsv3 train --set model.router=my_router` uses it; the rest of the system is unchanged.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +33,47 @@ from dsv3_jax.model.layers import dtype_of, param
 
 class RoutingBias(nnx.Variable):
     """The aux-loss-free selection bias b (eq. 16). Not a Param: no gradient, no optimizer,
-    no weight decay; the train step moves it by -gamma * sign(load - mean load) after each update."""
+    no weight decay; bias balancers move it after each optimizer step."""
 
 
 class Routing(NamedTuple):
-    expert_idx_NK: Int[Array, "N K"]  # chosen experts per token
-    gates_NK: Float[Array, "N K"]  # weights applied to the chosen experts' outputs
-    scores_NE: Float[Array, "N E"]  # unbiased affinities s (fp32)
+    token_M: Int[Array, "M"]  # the token each assignment belongs to
+    expert_M: Int[Array, "M"]  # the expert it goes to
+    gate_M: Float[Array, "M"]  # the weight of that expert's output (0 for a dropped assignment)
+    scores_NE: Float[Array, "N E"]  # router probabilities / affinities s (fp32), for the balancers
+    logits_NE: Float[Array, "N E"]  # raw router logits (fp32), for the z-loss
+
+
+def token_choice(expert_idx_NK: Array, gates_NK: Array, scores_NE: Array, logits_NE: Array) -> Routing:
+    N, K = expert_idx_NK.shape
+    return Routing(jnp.repeat(jnp.arange(N), K), expert_idx_NK.reshape(-1), gates_NK.reshape(-1), scores_NE, logits_NE)
+
+
+def chosen_mask(routing: Routing, n_tokens: int, n_experts: int) -> Float[Array, "N E"]:
+    """1 where token n was sent to expert e with a non-zero gate."""
+    kept = (routing.gate_M != 0).astype(jnp.float32)
+    return jnp.zeros((n_tokens, n_experts), jnp.float32).at[routing.token_M, routing.expert_M].max(kept)
+
+
+def expert_load(routing: Routing, n_experts: int) -> Float[Array, "E"]:
+    """How many (token, expert) assignments each expert received (dropped ones excluded)."""
+    return jnp.zeros((n_experts,), jnp.float32).at[routing.expert_M].add((routing.gate_M != 0).astype(jnp.float32))
+
+
+# Routers ---------------------------------------------------------------------------------------
+
+class RouterFn(Protocol):
+    def __call__(self, logits_NE: Array, bias_E: Array, token_ids_N: Array, cfg: ModelConfig) -> Routing: ...
+
+
+ROUTERS: dict[str, Callable[[], RouterFn]] = {}
+
+
+def register_router(name: str):
+    def wrap(cls):
+        ROUTERS[name] = cls
+        return cls
+    return wrap
 
 
 def affinities(logits_NE: Float[Array, "N E"], score_func: str) -> Float[Array, "N E"]:
@@ -54,8 +94,9 @@ def group_mask(biased_NE: Array, n_group: int, topk_group: int, score_func: str)
     return jnp.repeat(kept_NG, E // n_group, axis=1)
 
 
-def route(logits_NE: Float[Array, "N E"], bias_E: Float[Array, "E"], cfg: ModelConfig) -> Routing:
-    """Pure DeepSeek routing; `bias_E` selects but never weights (eq. 16)."""
+def route(logits_NE: Float[Array, "N E"], bias_E: Float[Array, "E"], cfg: ModelConfig
+          ) -> tuple[Int[Array, "N K"], Float[Array, "N K"], Float[Array, "N E"]]:
+    """DeepSeek token-choice routing: (expert_idx, gates, scores); `bias_E` selects but never weights."""
     scores_NE = affinities(logits_NE, cfg.score_func)
     biased_NE = scores_NE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
     if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
@@ -65,51 +106,232 @@ def route(logits_NE: Float[Array, "N E"], bias_E: Float[Array, "E"], cfg: ModelC
     gates_NK = jnp.take_along_axis(scores_NE, expert_idx_NK, axis=-1)
     if cfg.norm_topk_prob:
         gates_NK = gates_NK / (gates_NK.sum(-1, keepdims=True) + 1e-20)
-    return Routing(expert_idx_NK, gates_NK * cfg.routed_scaling_factor, scores_NE)
+    return expert_idx_NK, gates_NK * cfg.routed_scaling_factor, scores_NE
 
 
-def expert_load(expert_idx_NK: Int[Array, "N K"], n_experts: int) -> Float[Array, "E"]:
-    """How many (token, slot) assignments each expert received."""
-    return jnp.zeros((n_experts,), jnp.float32).at[expert_idx_NK.reshape(-1)].add(1.0)
+@register_router("deepseek_v3")
+class DeepSeekV3Router:
+    """DeepSeek-V3 (report §2.1.2, eq. 13-16): s = sigmoid(u.e); top-K of s + b within the
+    `topk_group` best of `n_group` groups (each scored by its top-2 sum; others masked with
+    -inf); gates = selected unbiased s, normalised, times routed_scaling_factor. With
+    `model.score_func=softmax` and `norm_topk_prob=false` this is DeepSeek-V2's router."""
+
+    def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
+        expert_idx_NK, gates_NK, scores_NE = route(logits_NE, bias_E, cfg)
+        return token_choice(expert_idx_NK, gates_NK, scores_NE, logits_NE.astype(jnp.float32))
 
 
-def sequence_balance_loss(scores_BTE: Float[Array, "B T E"], expert_idx_BTK: Int[Array, "B T K"],
+@register_router("deepseek_v2")
+class DeepSeekV2Router:
+    """DeepSeek-V2 (arXiv:2405.04434 §2.2): softmax affinities, top-K within the best
+    `topk_group` groups by their maximum ("device-limited routing"), unnormalised gates times
+    routed_scaling_factor. The selection bias, if a bias balancer moves it, only selects."""
+
+    def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
+        import dataclasses
+        v2 = dataclasses.replace(cfg, score_func="softmax", norm_topk_prob=False)
+        expert_idx_NK, gates_NK, scores_NE = route(logits_NE, bias_E, v2)
+        return token_choice(expert_idx_NK, gates_NK, scores_NE, logits_NE.astype(jnp.float32))
+
+
+@register_router("switch")
+class SwitchRouter:
+    """Switch / GShard-style (Fedus et al. 2021; Lepikhin et al. 2020): softmax over all experts,
+    plain top-K, gates = the top-K probabilities renormalised to sum to 1 (top-1: the probability)."""
+
+    def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
+        probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+        biased = probs_NE + jax.lax.stop_gradient(bias_E)
+        _, expert_idx_NK = jax.lax.top_k(biased, cfg.top_k)
+        gates_NK = jnp.take_along_axis(probs_NE, expert_idx_NK, axis=-1)
+        if cfg.top_k > 1:
+            gates_NK = gates_NK / gates_NK.sum(-1, keepdims=True)
+        return token_choice(expert_idx_NK, gates_NK, probs_NE, logits_NE.astype(jnp.float32))
+
+
+@register_router("expert_choice")
+class ExpertChoiceRouter:
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by softmax score,
+    C = N * K / E, so every expert gets exactly its capacity; a token may get 0..E experts.
+    Note: choosing over the batch lets a token's routing depend on later tokens (not causal)."""
+
+    def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
+        probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+        N, E = probs_NE.shape
+        capacity = max(1, N * cfg.top_k // E)
+        gates_EC, token_EC = jax.lax.top_k(probs_NE.T, capacity)
+        expert_EC = jnp.broadcast_to(jnp.arange(E)[:, None], (E, capacity))
+        return Routing(token_EC.reshape(-1), expert_EC.reshape(-1), gates_EC.reshape(-1), probs_NE,
+                       logits_NE.astype(jnp.float32))
+
+
+@register_router("hash")
+class HashRouter:
+    """Hash routing baseline (Roller et al. 2021): a fixed hash of the token id picks K distinct
+    experts; gates are 1/K. The router weights receive no gradient."""
+
+    def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
+        N, E = logits_NE.shape
+        start_N = (token_ids_N.astype(jnp.uint32) * jnp.uint32(2654435761)) % jnp.uint32(E)
+        stride = max(1, E // cfg.top_k)
+        expert_idx_NK = (start_N[:, None].astype(jnp.int32) + stride * jnp.arange(cfg.top_k)) % E
+        gates_NK = jnp.full((N, cfg.top_k), 1.0 / cfg.top_k, jnp.float32)
+        uniform_NE = jnp.full((N, E), 1.0 / E, jnp.float32)
+        return token_choice(expert_idx_NK, gates_NK, uniform_NE, logits_NE.astype(jnp.float32))
+
+
+# Balancers -------------------------------------------------------------------------------------
+
+class Balancer(Protocol):
+    coefficient: str  # the TrainConfig field that scales this balancer (its loss, or its bias step)
+
+    def loss(self, routing: Routing, batch: int, seq: int, cfg: ModelConfig) -> Float[Array, ""] | None: ...
+
+    def bias_update(self, bias_LE: Array, load_LE: Array, rate: float) -> Array | None: ...
+
+
+BALANCERS: dict[str, Callable[[], Balancer]] = {}
+
+
+def register_balancer(name: str):
+    def wrap(cls):
+        BALANCERS[name] = cls
+        return cls
+    return wrap
+
+
+class _NoLoss:
+    def loss(self, routing, batch, seq, cfg):
+        return None
+
+
+class _NoBias:
+    def bias_update(self, bias_LE, load_LE, rate):
+        return None
+
+
+@register_balancer("none")
+class NoBalancing(_NoLoss, _NoBias):
+    """No balancing at all: routing is free to collapse."""
+    coefficient = ""
+
+
+@register_balancer("aux_free")
+class SignBiasBalancer(_NoLoss):
+    """DeepSeek-V3 aux-loss-free balancing (report §2.1.2; Wang et al. 2024):
+    after each step, b_i -= gamma * sign(load_i - mean load), per layer."""
+    coefficient = "bias_gamma"
+
+    def bias_update(self, bias_LE, load_LE, rate):
+        return bias_LE - rate * jnp.sign(load_LE - load_LE.mean(axis=-1, keepdims=True))
+
+
+@register_balancer("aux_free_proportional")
+class ProportionalBiasBalancer(_NoLoss):
+    """A proportional variant: b_i -= gamma * (load_i - mean) / mean, so the step shrinks as the
+    load evens out (no sign dithering around balance)."""
+    coefficient = "bias_gamma"
+
+    def bias_update(self, bias_LE, load_LE, rate):
+        mean = load_LE.mean(axis=-1, keepdims=True)
+        return bias_LE - rate * (load_LE - mean) / jnp.maximum(mean, 1e-9)
+
+
+@register_balancer("sequence_loss")
+class SequenceBalanceLoss(_NoBias):
+    """Complementary sequence-wise balance loss (report eq. 17-20), scaled by alpha."""
+    coefficient = "balance_alpha"
+
+    def loss(self, routing, batch, seq, cfg):
+        E = cfg.n_routed_experts
+        chosen_BTE = chosen_mask(routing, batch * seq, E).reshape(batch, seq, E)
+        return sequence_balance_loss(routing.scores_NE.reshape(batch, seq, E), chosen_BTE, cfg.top_k)
+
+
+@register_balancer("aux_loss")
+class GlobalAuxLoss(_NoBias):
+    """Switch / GShard auxiliary loss over the whole batch: E * sum_i f_i P_i, where f_i is the
+    fraction of assignments routed to expert i and P_i the mean router probability (1 when
+    perfectly balanced)."""
+    coefficient = "aux_loss_alpha"
+
+    def loss(self, routing, batch, seq, cfg):
+        E = cfg.n_routed_experts
+        f_E = jax.lax.stop_gradient(expert_load(routing, E) / jnp.maximum(routing.expert_M.shape[0], 1))
+        probs_NE = routing.scores_NE / routing.scores_NE.sum(-1, keepdims=True)
+        return E * jnp.sum(f_E * probs_NE.mean(0))
+
+
+@register_balancer("z_loss")
+class RouterZLoss(_NoBias):
+    """Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean_n (logsumexp_i logits_{n,i})^2,
+    keeps router logits small and training stable."""
+    coefficient = "z_loss_coef"
+
+    def loss(self, routing, batch, seq, cfg):
+        return jnp.mean(jax.nn.logsumexp(routing.logits_NE, axis=-1) ** 2)
+
+
+def balancers_of(cfg: ModelConfig) -> dict[str, Balancer]:
+    return {name: resolve(BALANCERS, name, "balancer")() for name in cfg.balancer_names}
+
+
+def sequence_balance_loss(scores_BTE: Float[Array, "B T E"], chosen_BTE: Float[Array, "B T E"],
                           top_k: int) -> Float[Array, ""]:
-    """Complementary sequence-wise balance loss, eq. 17-20, without alpha (the loss applies it).
-
+    """Eq. 17-20 without alpha:
     f_i = E/(K T) * #{t : expert i chosen for token t}   (eq. 18; `chosen` is the router's actual
           selection, i.e. eq. 18's Topk with the bias and group limit applied; f is a constant)
-    s'  = s / sum_j s_j                                    (eq. 19)
-    P_i = mean_t s'_{i,t}                                  (eq. 20)
-    L   = sum_i f_i P_i, averaged over the B sequences     (eq. 17)
+    s'  = s / sum_j s_j (eq. 19);  P_i = mean_t s'_{i,t} (eq. 20);  L = sum_i f_i P_i (eq. 17),
+    averaged over the B sequences.
     """
     B, T, E = scores_BTE.shape
-    chosen_BTE = jnp.any(jax.nn.one_hot(expert_idx_BTK, E, dtype=bool), axis=2)
-    f_BE = jax.lax.stop_gradient(chosen_BTE.sum(1).astype(jnp.float32) * E / (top_k * T))
-    normalised_BTE = scores_BTE / scores_BTE.sum(-1, keepdims=True)
-    P_BE = normalised_BTE.mean(1)
+    f_BE = jax.lax.stop_gradient(chosen_BTE.astype(jnp.float32).sum(1) * E / (top_k * T))
+    P_BE = (scores_BTE / scores_BTE.sum(-1, keepdims=True)).mean(1)
     return jnp.mean(jnp.sum(f_BE * P_BE, axis=-1))
 
 
+def router_entropy(scores_NE: Array) -> Float[Array, ""]:
+    """Mean entropy (nats) of each token's normalised routing distribution."""
+    p = scores_NE / scores_NE.sum(-1, keepdims=True)
+    return -jnp.mean(jnp.sum(p * jnp.log(jnp.maximum(p, 1e-20)), axis=-1))
+
+
+def resolve(registry: dict, name: str, kind: str):
+    """A registered name, or "package.module:name" whose import registers it."""
+    if name not in registry and ":" in name:
+        import importlib
+        module, _, short = name.partition(":")
+        importlib.import_module(module)
+        if short in registry:
+            registry[name] = registry[short]
+    if name not in registry:
+        raise KeyError(f"unknown {kind} {name!r}; registered: {', '.join(sorted(k for k in registry if ':' not in k))}")
+    return registry[name]
+
+
 class Router(nnx.Module):
-    """Centroids e_i and the routing bias b; returns routing decisions and per-layer statistics."""
+    """Centroids e_i and the routing bias b; runs the configured router and balancer losses."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        # Gating stays in fp32 (report §3.3.1: "the gating module" is kept in higher precision).
+        # Gating stays in fp32 (report §3.3.1 keeps "the gating module" in higher precision).
         self.centroids_DE = param(rngs, (cfg.d_model, cfg.n_routed_experts), ("embed", "router"),
                                   cfg.init_std, dtype_of(cfg.param_dtype))
         self.bias_E = RoutingBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), logical_axes=("router",))
 
-    def __call__(self, x_BTD: Float[Array, "B T D"]) -> tuple[Routing, dict[str, Array]]:
+    def __call__(self, x_BTD: Float[Array, "B T D"], token_ids_BT: Array | None = None
+                 ) -> tuple[Routing, dict[str, Array]]:
         B, T, D = x_BTD.shape
-        logits_NE = jnp.dot(x_BTD.reshape(B * T, D).astype(jnp.float32),
-                            self.centroids_DE[...].astype(jnp.float32))
-        routing = route(logits_NE, self.bias_E[...], self.cfg)
-        E, K = self.cfg.n_routed_experts, self.cfg.top_k
-        stats = {
-            "expert_load": expert_load(routing.expert_idx_NK, E),
-            "balance_loss": sequence_balance_loss(routing.scores_NE.reshape(B, T, E),
-                                                  routing.expert_idx_NK.reshape(B, T, K), K),
-        }
+        cfg = self.cfg
+        logits_NE = jnp.dot(x_BTD.reshape(B * T, D).astype(jnp.float32), self.centroids_DE[...].astype(jnp.float32))
+        token_ids_N = (token_ids_BT if token_ids_BT is not None else jnp.zeros((B, T), jnp.int32)).reshape(-1)
+        routing = resolve(ROUTERS, cfg.router, "router")()(logits_NE, self.bias_E[...], token_ids_N, cfg)
+        load_E = expert_load(routing, cfg.n_routed_experts)
+        stats = {"expert_load": load_E, "router_entropy": router_entropy(routing.scores_NE),
+                 "dropped_fraction": 1.0 - jnp.mean(chosen_mask(routing, B * T, cfg.n_routed_experts).max(-1))}
+        for name, balancer in balancers_of(cfg).items():
+            loss = balancer.loss(routing, B, T, cfg)
+            if loss is not None:
+                stats[f"aux_{name}"] = loss
         return routing, stats
+

@@ -124,7 +124,7 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
                 _check_finite(metrics, step, checkpointer, run_dir)
                 load = metrics.pop("expert_load", None)
                 record = {"step": step, **{k: float(v) for k, v in metrics.items()},
-                          "tokens_per_s": tokens_per_step / elapsed, "dropped_fraction": 0.0}
+                          "tokens_per_s": tokens_per_step / elapsed}
                 if step % tc.eval_every == 0 or step == tc.steps:
                     record.update(_evaluate(eval_step, state, val_set))
                 if step % tc.log_every == 0 or "val_loss" in record:

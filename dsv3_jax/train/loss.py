@@ -1,4 +1,5 @@
-"""Losses: next-token CE, the MTP loss (eq. 24-25), the sequence-wise balance loss (eq. 17).
+"""Losses: next-token CE, the MTP loss (eq. 24-25), and the routing balancers' auxiliary losses
+(e.g. the sequence-wise balance loss, eq. 17, scaled by alpha).
 
 Legend: B batch, T tokens, V vocab, P MTP depth.
 A batch holds `tokens_BS` with S = T + 1: the model reads tokens[:, :T]; the main head at
@@ -46,17 +47,27 @@ class LossParts(NamedTuple):
     total: Float[Array, ""]
     lm: Float[Array, ""]
     mtp: Float[Array, ""]  # mean over depths, before lambda
-    balance: Float[Array, ""]  # summed over MoE layers, before alpha
+    balance: Float[Array, ""]  # sum over balancers of coefficient x (sum over MoE layers of its loss)
+
+
+def aux_loss(stats: dict[str, Array], aux_weights: dict[str, float]) -> Float[Array, ""]:
+    """sum_b weight_b * sum over layers (main and MTP stacks) of stats["aux_<b>"]."""
+    total = jnp.zeros((), jnp.float32)
+    for key, value in stats.items():
+        name = key.removeprefix("mtp_").removeprefix("aux_")
+        if key.removeprefix("mtp_").startswith("aux_") and aux_weights.get(name, 0.0):
+            total = total + aux_weights[name] * value.sum()
+    return total
 
 
 def total_loss(logits_BTV: Array, mtp_logits_PBTV: Array | None, stats: dict[str, Array],
-               tokens_BS: Int[Array, "B S"], mtp_lambda: float, balance_alpha: float) -> LossParts:
-    """L = L_main + lambda/P sum_k L^k_MTP (eq. 25) + alpha * sum_layers L_Bal (eq. 17)."""
+               tokens_BS: Int[Array, "B S"], mtp_lambda: float, aux_weights: dict[str, float]) -> LossParts:
+    """L = L_main + lambda/P sum_k L^k_MTP (eq. 25) + sum_b w_b L_b (e.g. alpha * sum_layers L_Bal, eq. 17)."""
     lm = cross_entropy(logits_BTV, tokens_BS[:, 1:])
     mtp = jnp.zeros((), jnp.float32)
     if mtp_logits_PBTV is not None:
         labels_PBT, mask_PBT = mtp_targets(tokens_BS, mtp_logits_PBTV.shape[0])
         per_depth = jax.vmap(cross_entropy)(mtp_logits_PBTV, labels_PBT, mask_PBT)
         mtp = per_depth.mean()
-    balance = sum((v.sum() for k, v in stats.items() if k.endswith("balance_loss")), jnp.zeros((), jnp.float32))
-    return LossParts(lm + mtp_lambda * mtp + balance_alpha * balance, lm, mtp, balance)
+    balance = aux_loss(stats, aux_weights)
+    return LossParts(lm + mtp_lambda * mtp + balance, lm, mtp, balance)

@@ -1,9 +1,11 @@
-"""One pure training step: forward, loss, grads, AdamW update, then the aux-loss-free bias update.
+"""One pure training step: forward, loss, grads, AdamW update, then the routing-bias update.
 
-Bias rule (report §2.1.2): after the optimizer step, for every MoE layer
+Bias rule of DeepSeek-V3 (report §2.1.2, balancer "aux_free"): after the optimizer step, for
+every MoE layer
     b_i <- b_i - gamma * sign(load_i - mean_j load_j)
 with loads counted over the whole batch of the step (under data/expert sharding the loads are
 global values: the forward's load sums are over the full batch, which XLA reduces across shards).
+Other balancers (model/routing.py) plug in their own update and/or auxiliary loss.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dsv3_jax.config import Config
+from dsv3_jax.config import Config, TrainConfig
+from dsv3_jax.model.routing import balancers_of
 from dsv3_jax.train.loss import total_loss
 from dsv3_jax.train.optim import lr_schedule
 from dsv3_jax.train.state import TrainState
@@ -22,9 +25,10 @@ from dsv3_jax.train.state import TrainState
 _LOAD_FOR_STACK = {"moe_layers": "expert_load", "mtp": "mtp_expert_load"}
 
 
-def sign_bias_update(bias_LE: jax.Array, load_LE: jax.Array, gamma: float) -> jax.Array:
-    """b -= gamma * sign(load - mean load), per layer (row)."""
-    return bias_LE - gamma * jnp.sign(load_LE - load_LE.mean(axis=-1, keepdims=True))
+def aux_weights(config: Config) -> dict[str, float]:
+    """Each configured balancer's loss coefficient (TrainConfig field named by the balancer)."""
+    return {name: getattr(config.train, b.coefficient) if b.coefficient else 0.0
+            for name, b in balancers_of(config.model).items()}
 
 
 def max_violation(load_LE: jax.Array) -> jax.Array:
@@ -32,10 +36,18 @@ def max_violation(load_LE: jax.Array) -> jax.Array:
     return load_LE.max(-1) / jnp.maximum(load_LE.mean(-1), 1e-9) - 1.0
 
 
-def update_routing_bias(routing_bias: nnx.State, stats: dict[str, jax.Array], gamma: float) -> nnx.State:
+def update_routing_bias(routing_bias: nnx.State, stats: dict[str, jax.Array], config: Config) -> nnx.State:
+    """Apply every configured bias balancer to each stack's bias, from that stack's loads."""
     def update(path, variable):
         load = stats.get(_LOAD_FOR_STACK.get(str(path[0].key), ""))
-        return variable if load is None else variable.replace(sign_bias_update(variable.get_value(), load, gamma))
+        if load is None:
+            return variable
+        bias = variable.get_value()
+        for balancer in balancers_of(config.model).values():
+            rate = getattr(config.train, balancer.coefficient) if balancer.coefficient else 0.0
+            new = balancer.bias_update(bias, load, rate)
+            bias = bias if new is None else new
+        return variable.replace(bias)
 
     return jax.tree.map_with_path(update, routing_bias, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -43,10 +55,11 @@ def update_routing_bias(routing_bias: nnx.State, stats: dict[str, jax.Array], ga
 def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation):
     tc = config.train
     schedule = lr_schedule(tc)
+    weights = aux_weights(config)
 
     def loss_fn(params, routing_bias, tokens_BS):
         out = nnx.merge(graphdef, params, routing_bias)(tokens_BS[:, :-1])
-        parts = total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens_BS, tc.mtp_lambda, tc.balance_alpha)
+        parts = total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens_BS, tc.mtp_lambda, weights)
         return parts.total, (parts, out.stats)
 
     def train_step(state: TrainState, tokens_BS: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -54,7 +67,7 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
             state.params, state.routing_bias, tokens_BS)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        routing_bias = update_routing_bias(state.routing_bias, stats, tc.bias_gamma)
+        routing_bias = update_routing_bias(state.routing_bias, stats, config)
         metrics = {"loss": parts.total, "lm_loss": parts.lm, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step)}
         if "expert_load" in stats or "mtp_expert_load" in stats:
@@ -62,6 +75,8 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
         if "expert_load" in stats:
             metrics["max_vio"] = max_violation(stats["expert_load"]).mean()
             metrics["expert_load"] = stats["expert_load"]
+            metrics["router_entropy"] = stats["router_entropy"].mean()
+            metrics["dropped_fraction"] = stats["dropped_fraction"].mean()
         if config.model.mtp_depth:
             metrics["mtp_loss"] = parts.mtp
         new_state = state.replace(params=params, routing_bias=routing_bias, opt_state=opt_state, step=state.step + 1)
@@ -73,7 +88,7 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
 def make_eval_step(config: Config, graphdef: nnx.GraphDef):
     def eval_step(state: TrainState, tokens_BS: jax.Array) -> dict[str, jax.Array]:
         out = nnx.merge(graphdef, state.params, state.routing_bias)(tokens_BS[:, :-1], with_mtp=False)
-        parts = total_loss(out.logits_BTV, None, out.stats, tokens_BS, 0.0, 0.0)
+        parts = total_loss(out.logits_BTV, None, out.stats, tokens_BS, 0.0, {})
         metrics = {"lm_loss": parts.lm}
         if "expert_load" in out.stats:
             metrics["expert_load"] = out.stats["expert_load"]
