@@ -89,7 +89,7 @@ def _path_name(path: tuple) -> str:
     return ".".join(parts)
 
 
-def load_trained(run_dir: Path):
+def load_trained(run_dir: Path, with_tokenizer: bool = True):
     """(config, model with the latest checkpoint's weights, tokenizer) of a run directory."""
     from flax import nnx
 
@@ -101,10 +101,39 @@ def load_trained(run_dir: Path):
     if not (run_dir / "config.json").exists():
         raise UsageError(f"{str(run_dir)!r} is not a dsv3 run directory (no config.json)")
     config = config_from_json((run_dir / "config.json").read_text())
-    tokenizer = load_tokenizer(config.data.tokenizer or run_dir / "tokenizer.json")
+    tokenizer = load_tokenizer(config.data.tokenizer or run_dir / "tokenizer.json") if with_tokenizer else None
     graphdef, _, state = create_train_state(config, config.train.seed)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     checkpointer = Checkpointer(run_dir / "checkpoints", read_only=True)
     state, _, _ = checkpointer.restore(abstract)
     checkpointer.close()
     return config, nnx.merge(graphdef, state.params, state.routing_bias), tokenizer
+
+
+def save_as_run(model, model_config, run_dir: Path, tokenizer_file: Path | None = None) -> None:
+    """A new run directory (config.json + checkpoint 0) holding `model`'s weights and a fresh
+    optimizer state: `dsv3 generate` and `dsv3 train --resume` (fine-tuning) work on it."""
+    import dataclasses
+    import shutil
+
+    from flax import nnx
+
+    from dsv3_jax.config import Config, DataConfig, TrainConfig
+    from dsv3_jax.model.routing import RoutingBias
+    from dsv3_jax.train.state import create_train_state
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(f"destination {str(run_dir)!r} exists and is not empty; choose a new path")
+    train = TrainConfig(seq_len=min(TrainConfig().seq_len, model_config.max_seq_len))
+    config = Config(model=model_config, train=train, data=DataConfig(tokenizer=""))
+    _, optimizer, fresh = create_train_state(config, 0)
+    _, params, bias = nnx.split(model, nnx.Param, RoutingBias)
+    state = dataclasses.replace(fresh, params=params, routing_bias=bias, opt_state=optimizer.init(params))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_file is not None and Path(tokenizer_file).is_file():
+        shutil.copy(tokenizer_file, run_dir / "tokenizer.json")
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    checkpointer.save(0, state, {"next_index": 0})
+    checkpointer.close()
+    (run_dir / "config.json").write_text(config.to_json())

@@ -97,13 +97,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UsageError(f"--top-p={args.top_p} must be in (0, 1]")
     if args.speculative and args.temperature > 0:
         raise UsageError("--speculative mtp is greedy: use it with --temperature 0")
-    config, model, tokenizer = load_trained(Path(args.run_dir))
+    if bool(args.run_dir) == bool(args.hf):
+        raise UsageError("give exactly one of --run-dir DIR or --hf DIR")
+    if args.hf:
+        from dsv3_jax.data.tokenizer import load_tokenizer
+        from dsv3_jax.interop import hf
+
+        _, model = hf.load(Path(args.hf))
+        tokenizer = load_tokenizer(Path(args.hf) / "tokenizer.json")
+    else:
+        _, model, tokenizer = load_trained(Path(args.run_dir))
+    max_seq_len = model.cfg.max_seq_len
     prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
     if not prompt_ids:
         raise UsageError("--prompt is empty")
-    if len(prompt_ids) + args.max_new_tokens > config.model.max_seq_len:
+    if len(prompt_ids) + args.max_new_tokens > max_seq_len:
         raise UsageError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens={args.max_new_tokens} exceeds "
-                         f"model.max_seq_len={config.model.max_seq_len}")
+                         f"model.max_seq_len={max_seq_len}")
     eos = tokenizer.token_to_id(EOS)
     start = time.perf_counter()
     extra = ""
@@ -145,6 +155,25 @@ def jax_device() -> str:
            f"{__import__('os').cpu_count()} cores, jax {jax.__version__}"
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from dsv3_jax.checkpoint import load_trained, save_as_run
+    from dsv3_jax.interop import hf
+
+    src, dst = Path(args.src), Path(args.dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise UsageError(f"destination {str(dst)!r} exists and is not empty; choose a new path")
+    if args.direction == "hf-to-orbax":
+        model_config, model = hf.load(src)
+        save_as_run(model, model_config, dst, src / "tokenizer.json")
+    else:
+        config, model, _ = load_trained(src, with_tokenizer=False)
+        hf.save(model, config.model, dst, fp8=args.fp8)
+        if (src / "tokenizer.json").is_file():
+            import shutil
+            shutil.copy(src / "tokenizer.json", dst / "tokenizer.json")
+    print(f"wrote {dst}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from dsv3_jax.report import write_report
 
@@ -178,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="sample text from a trained run")
-    gen.add_argument("--run-dir", required=True)
+    gen.add_argument("--run-dir", help="a dsv3 run directory")
+    gen.add_argument("--hf", help="an HF / DeepSeek checkpoint directory (with tokenizer.json)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -196,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decode-steps", type=int, default=8)
     bench.add_argument("--out", help="also write the table to this markdown file")
     bench.set_defaults(func=cmd_bench)
+
+    convert = sub.add_parser("convert", help="HF / DeepSeek safetensors <-> dsv3 run directory (orbax)")
+    convert.add_argument("direction", choices=["hf-to-orbax", "orbax-to-hf"])
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.add_argument("--fp8", action="store_true", help="orbax-to-hf: write e4m3 weights + weight_scale_inv")
+    convert.set_defaults(func=cmd_convert)
 
     report = sub.add_parser("report", help="PNG plots from a run's metrics")
     report.add_argument("--run-dir", required=True)

@@ -52,6 +52,15 @@ def write_report(run_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         written.append(_save(fig, run_dir / "max_vio.png"))
 
+    if "router_entropy" in metrics[0]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, [m["router_entropy"] for m in metrics], lw=1, label="router entropy (nats, mean over layers)")
+        ax.plot(steps, [m.get("dropped_fraction", 0.0) for m in metrics], lw=1, label="tokens without an expert")
+        ax.set(xlabel="step", title="Router statistics")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, run_dir / "router_stats.png"))
+
     router = _read_jsonl(run_dir / "router.jsonl")
     if router:
         load_SLE = np.array([r["expert_load"] for r in router], np.float64)

@@ -32,9 +32,31 @@ def _decode(graphdef, state, caches, tokens_BT, positions_BT, mode):
     return nnx.merge(graphdef, state).decode(tokens_BT, positions_BT, caches, mode)
 
 
+# The same step with the caches donated: generation loops update them in place.
+_decode_inplace = jax.jit(_decode.__wrapped__, static_argnames=("graphdef", "mode"), donate_argnames=("caches",))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode"))
 def _draft(graphdef, state, mtp_cache, h_BTD, next_tokens_BT, positions_BT, mode):
     return nnx.merge(graphdef, state).draft(h_BTD, next_tokens_BT, positions_BT, mtp_cache, mode)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("caches", "mtp_cache"))
+def _verify_and_draft(graphdef, state, caches, mtp_cache, last_token, draft, n, mode):
+    """One speculative iteration on device: verify [t_n, draft] at [n, n+1], then draft again.
+
+    Returns the new tokens (2 if the draft was accepted: the draft and the bonus token after it;
+    else 1: the model's own token, padded with 0), the acceptance flag, and the next draft.
+    """
+    model = nnx.merge(graphdef, state)
+    positions_BT = jnp.stack([n, n + 1])[None].astype(jnp.int32)
+    logits_BTV, h_BTD, caches = model.decode(jnp.stack([last_token, draft])[None], positions_BT, caches, mode)
+    verified, bonus = jnp.argmax(logits_BTV[0], axis=-1)
+    accepted = verified == draft
+    new_tokens = jnp.where(accepted, jnp.stack([draft, bonus]), jnp.stack([verified, jnp.zeros_like(bonus)]))
+    mtp_logits_BTV, mtp_cache = model.draft(h_BTD, new_tokens[None], positions_BT, mtp_cache, mode)
+    next_draft = jnp.argmax(mtp_logits_BTV[0, accepted.astype(jnp.int32)])
+    return caches, mtp_cache, new_tokens, accepted, next_draft
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_p"))
@@ -82,8 +104,8 @@ def generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, t
             done[b] |= next_B[b] == eos_id
         if done.all() or i == max_new_tokens - 1:
             break
-        logits, _, caches = _decode(graphdef, state, caches, next_B[:, None].astype(np.int32),
-                                    (lengths + i)[:, None].astype(np.int32), mode)
+        logits, _, caches = _decode_inplace(graphdef, state, caches, next_B[:, None].astype(np.int32),
+                                            (lengths + i)[:, None].astype(np.int32), mode)
         last_logits = logits[:, 0]
     return out
 
@@ -132,20 +154,15 @@ def generate_speculative(model: nnx.Module, prompt: list[int], max_new_tokens: i
     mtp_logits, mtp_cache = _draft(graphdef, state, mtp_cache, h, ahead, positions, mode)
     draft = int(jnp.argmax(mtp_logits[0, P - 1]))
     n = P
+    draft = jnp.int32(draft)
     while len(out) < max_new_tokens and out[-1] != eos_id:
-        positions = np.array([[n, n + 1]], np.int32)
-        logits, h, caches = _decode(graphdef, state, caches, np.array([[out[-1], draft]], np.int32), positions, mode)
+        caches, mtp_cache, new_tokens, accepted, draft = _verify_and_draft(
+            graphdef, state, caches, mtp_cache, jnp.int32(out[-1]), draft, jnp.int32(n), mode)
+        new_tokens, accepted = jax.device_get((new_tokens, accepted))
         stats.main_forward_passes += 1
         stats.drafted += 1
-        verified = int(jnp.argmax(logits[0, 0]))
-        if verified == draft:
-            stats.accepted += 1
-            new = [draft, int(jnp.argmax(logits[0, 1]))]
-        else:
-            new = [verified]
-        next_tokens = np.array([[new[0], new[-1] if len(new) == 2 else 0]], np.int32)
-        mtp_logits, mtp_cache = _draft(graphdef, state, mtp_cache, h, next_tokens, positions, mode)
-        draft = int(jnp.argmax(mtp_logits[0, len(new) - 1]))
+        stats.accepted += int(accepted)
+        new = [int(t) for t in new_tokens[:1 + int(accepted)]]
         out.extend(new)
         n += len(new)
     out = out[:max_new_tokens]
