@@ -66,6 +66,8 @@ def _load_config(args: argparse.Namespace):
         overrides.append(f"data.source={args.data}")
     if getattr(args, "seed", None) is not None:
         overrides.append(f"train.seed={args.seed}")
+    if getattr(args, "fp8", False):
+        overrides.append("model.fp8=true")
     return apply_overrides(config, overrides)
 
 
@@ -204,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     train.add_argument("--seed", type=int)
     train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.add_argument("--fp8", action="store_true", help="block-scaled FP8 GEMMs (model.fp8=true; report §3.3)")
     train.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="sample text from a trained run")

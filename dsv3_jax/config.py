@@ -65,6 +65,9 @@ class ModelConfig:
     init_std: float = 0.02
     norm_eps: float = 1e-6
     remat: bool = False  # rematerialise each scanned layer in the backward pass
+    # FP8 (report §3.3): block-scaled e4m3 GEMMs for MLA projections, FFNs and experts.
+    fp8: bool = False
+    fp8_backend: Literal["xla", "pallas"] = "xla"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_dim",
@@ -80,6 +83,8 @@ class ModelConfig:
                  f"model.first_k_dense={self.first_k_dense} must be <= model.n_layers={self.n_layers}")
         _require(self.score_func in ("sigmoid", "softmax"),
                  f"model.score_func={self.score_func!r} must be one of: sigmoid, softmax")
+        _require(self.fp8_backend in ("xla", "pallas"),
+                 f"model.fp8_backend={self.fp8_backend!r} must be one of: xla, pallas")
         for name in ("dtype", "param_dtype"):
             _require(getattr(self, name) in ("float32", "bfloat16"),
                      f"model.{name}={getattr(self, name)!r} must be one of: float32, bfloat16")

@@ -7,6 +7,8 @@ the compute dtype at use. `parallel/mesh.py` maps logical names to mesh axes.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -49,17 +51,30 @@ class Embed(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """y = x @ W with W of shape `in_shape + out_shape` (multi-dim in/out, e.g. heads)."""
+    """y = x @ W with W of shape `in_shape + out_shape` (multi-dim in/out, e.g. heads).
+
+    With `cfg.fp8` (and `fp8=True`, the default) the product runs as a block-scaled FP8 GEMM in
+    forward and backward (dsv3_jax/quant/fp8.py); the output head passes `fp8=False` (§3.3.1).
+    """
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], axes: tuple[str, ...],
-                 cfg: ModelConfig, rngs: nnx.Rngs, std: float | None = None):
+                 cfg: ModelConfig, rngs: nnx.Rngs, std: float | None = None, fp8: bool = True):
         self.n_in = len(in_shape)
         self.kernel = param(rngs, tuple(in_shape) + tuple(out_shape), axes,
                             cfg.init_std if std is None else std, dtype_of(cfg.param_dtype))
         self.dtype = dtype_of(cfg.dtype)
+        self.fp8_backend = cfg.fp8_backend if (cfg.fp8 and fp8) else None
 
     def __call__(self, x: Array) -> Array:
         w = self.kernel[...].astype(self.dtype)
+        if self.fp8_backend is not None:
+            from dsv3_jax.quant.fp8 import fp8_matmul
+
+            in_shape, out_shape = w.shape[:self.n_in], w.shape[self.n_in:]
+            batch_shape = x.shape[:x.ndim - self.n_in]
+            y = fp8_matmul(x.astype(self.dtype).reshape(-1, math.prod(in_shape)),
+                           w.reshape(math.prod(in_shape), -1), self.fp8_backend)
+            return y.reshape(batch_shape + out_shape)
         contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
         return jax.lax.dot_general(x.astype(self.dtype), w, (contract, ((), ())),
                                    preferred_element_type=jnp.float32).astype(self.dtype)

@@ -38,7 +38,7 @@ class DeepSeekV3(nnx.Module):
         self.moe_layers = (stack_modules(lambda r: Block(cfg, moe=True, rngs=r), cfg.n_moe_layers, rngs)
                            if cfg.n_moe_layers else None)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, "norm", cfg.param_dtype)
-        self.head = Linear((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg, rngs)
+        self.head = Linear((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg, rngs, fp8=False)
         self.mtp = stack_modules(lambda r: MTPModule(cfg, r), cfg.mtp_depth, rngs) if cfg.mtp_depth else None
 
     def logits(self, h_BTD: Array) -> Float[Array, "B T V"]:

@@ -1,0 +1,102 @@
+"""Block-scaled FP8 GEMM with fp32 promotion every 128 of K (report §3.3.2, "increasing
+accumulation precision"): out = sum_k (a_k @ b_k) * s_a[:, k] * s_b[k, n], where a_k, b_k are
+the e4m3 operands' k-th 128-wide slices, each partial product is formed with fp32 accumulation,
+and the scales are applied to that 128-deep partial before it joins the fp32 accumulator.
+
+`block_scaled_matmul` is the Pallas kernel: one program per (block_m x 128) output tile,
+looping over K in steps of 128. `block_scaled_matmul_ref` is the pure-jnp reference (what the
+`xla` backend runs). `limited_accumulation_matmul` emulates a tensor core whose accumulator keeps
+only ~14 mantissa bits, with and without promotion, to show why promotion matters.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import BLOCK
+
+
+def block_scaled_matmul_ref(a_MK: jax.Array, scale_a_MKb: jax.Array, b_KN: jax.Array, scale_b_KbNb: jax.Array,
+                            out_dtype=jnp.float32) -> jax.Array:
+    M, K = a_MK.shape
+    N = b_KN.shape[1]
+    a = a_MK.reshape(M, K // BLOCK, BLOCK)
+    b = b_KN.reshape(K // BLOCK, BLOCK, N)
+    partial_kMN = jnp.einsum("mkc,kcn->kmn", a, b, preferred_element_type=jnp.float32)  # per-K-block fp32
+    scale_kMN = scale_a_MKb.T[:, :, None] * jnp.repeat(scale_b_KbNb, BLOCK, axis=1)[:, None, :]
+    return jnp.sum(partial_kMN * scale_kMN, axis=0).astype(out_dtype)
+
+
+def _gemm_kernel(a_ref, sa_ref, b_ref, sb_ref, o_ref, *, n_kblocks):
+    def body(k, acc):
+        a = a_ref[:, pl.ds(k * BLOCK, BLOCK)]
+        b = b_ref[pl.ds(k * BLOCK, BLOCK), :]
+        partial = jnp.dot(a, b, preferred_element_type=jnp.float32)  # fp8 x fp8 -> fp32 (wgmma on Hopper)
+        sa = sa_ref[:, pl.ds(k, 1)]  # [bm, 1]
+        sb = sb_ref[pl.ds(k, 1), :]  # [1, 1]: this output tile's 128 columns share one weight block
+        return acc + partial * sa * sb  # promotion: scaled partial joins the fp32 accumulator
+
+    acc = jax.lax.fori_loop(0, n_kblocks, body, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "block_m"))
+def block_scaled_matmul(a_MK, scale_a_MKb, b_KN, scale_b_KbNb, out_dtype=jnp.float32, interpret: bool = True,
+                        block_m: int = 128):
+    M, K = a_MK.shape
+    N = b_KN.shape[1]
+    if K % BLOCK or N % BLOCK:
+        raise ValueError(f"block_scaled_matmul needs K={K} and N={N} to be multiples of {BLOCK}")
+    block_m = min(block_m, M)
+    return pl.pallas_call(
+        functools.partial(_gemm_kernel, n_kblocks=K // BLOCK),
+        out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
+        grid=(pl.cdiv(M, block_m), N // BLOCK),
+        in_specs=[pl.BlockSpec((block_m, K), lambda i, j: (i, 0)),
+                  pl.BlockSpec((block_m, K // BLOCK), lambda i, j: (i, 0)),
+                  pl.BlockSpec((K, BLOCK), lambda i, j: (0, j)),
+                  pl.BlockSpec((K // BLOCK, 1), lambda i, j: (0, j))],
+        out_specs=pl.BlockSpec((block_m, BLOCK), lambda i, j: (i, j)),
+        interpret=interpret,
+    )(a_MK, scale_a_MKb, b_KN, scale_b_KbNb)
+
+
+def _round_mantissa(x: jax.Array, bits: int) -> jax.Array:
+    """Round fp32 to `bits` explicit mantissa bits (round to nearest): a narrower accumulator."""
+    drop = 23 - bits
+    u = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    u = (u + jnp.uint32(1 << (drop - 1))) & jnp.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)
+    return jax.lax.bitcast_convert_type(u, jnp.float32)
+
+
+def limited_accumulation_matmul(a_MK, scale_a_MKb, b_KN, scale_b_KbNb, promote: bool, mantissa_bits: int = 13,
+                                instruction_k: int = 32) -> jax.Array:
+    """Emulate an accumulator with ~14 bits of precision (report §3.3.2 on H800 tensor cores):
+    every `instruction_k` of K the running sum is rounded to `mantissa_bits`. With `promote`, the
+    running sum restarts every 128 of K and is added to an fp32 accumulator (the report's fix);
+    without, one low-precision sum runs across all of K."""
+    M, K = a_MK.shape
+    a = a_MK.astype(jnp.float32) * jnp.repeat(scale_a_MKb, BLOCK, axis=1)
+    b = b_KN.astype(jnp.float32) * jnp.repeat(jnp.repeat(scale_b_KbNb, BLOCK, axis=0), BLOCK, axis=1)
+    chunks = K // instruction_k
+    a_c = a.reshape(M, chunks, instruction_k).transpose(1, 0, 2)
+    b_c = b.reshape(chunks, instruction_k, -1)
+    per_block = BLOCK // instruction_k
+
+    def step(carry, inputs):
+        low, high = carry
+        i, a_i, b_i = inputs
+        low = _round_mantissa(low + a_i @ b_i, mantissa_bits)
+        if promote:
+            flush = (i + 1) % per_block == 0
+            high = jnp.where(flush, high + low, high)
+            low = jnp.where(flush, 0.0, low)
+        return (low, high), None
+
+    zeros = jnp.zeros((M, b_KN.shape[1]), jnp.float32)
+    (low, high), _ = jax.lax.scan(step, (zeros, zeros), (jnp.arange(chunks), a_c, b_c))
+    return high + low
