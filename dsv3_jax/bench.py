@@ -55,7 +55,46 @@ def bench_decode(config: Config, batch: int, context: int, decode_steps: int = 8
 
 def markdown_table(rows: list[dict]) -> str:
     keys = list(rows[0])
-    fmt = lambda v: f"{v:,.1f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+    fmt = lambda v: (f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}") if isinstance(v, float) else (
+        f"{v:,}" if isinstance(v, int) else str(v))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def bench_fp8(m: int, k: int, ns: list[int], backends: list[str], repeats: int = 3) -> list[dict]:
+    """TFLOP/s of bf16 `jnp.dot` vs the block-scaled FP8 GEMM (quantized operands given, as in
+    training where quantization is fused upstream) and its grouped form, at the given shapes."""
+    from pallas_kernels.fp8_gemm import block_scaled_matmul, block_scaled_matmul_ref
+    from pallas_kernels.fp8_quant import quantize_blocks_ref, quantize_rows_ref
+    from dsv3_jax.quant.fp8 import fp8_ragged_matmul
+
+    rows = []
+    on_cpu = jax.default_backend() == "cpu"
+    for n in ns:
+        a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+        flops = 2 * m * k * n
+        a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+        bf16 = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        base = _timed(lambda: bf16(a16, b16), repeats)
+        rows.append({"op": "bf16 jnp.dot", "M": m, "K": k, "N": n, "ms": 1e3 * base, "TFLOP/s": flops / base / 1e12,
+                     "speed-up vs bf16": 1.0})
+        qa, sa = quantize_rows_ref(a)
+        qb, sb = quantize_blocks_ref(b)
+        for backend in backends:
+            if backend == "pallas":
+                fn = jax.jit(lambda *xs: block_scaled_matmul(*xs, interpret=on_cpu))
+            else:
+                fn = jax.jit(block_scaled_matmul_ref)
+            t = _timed(lambda: fn(qa, sa, qb, sb), repeats)
+            rows.append({"op": f"fp8 block-scaled ({backend})", "M": m, "K": k, "N": n, "ms": 1e3 * t,
+                         "TFLOP/s": flops / t / 1e12, "speed-up vs bf16": base / t})
+        experts = 8
+        sizes = jnp.full((experts,), m // experts, jnp.int32)
+        w = jax.random.normal(jax.random.key(2), (experts, k, n), jnp.float32)
+        grouped = jax.jit(fp8_ragged_matmul)
+        t = _timed(lambda: grouped(a, w, sizes), repeats)
+        rows.append({"op": f"fp8 grouped, {experts} experts (xla)", "M": m, "K": k, "N": n, "ms": 1e3 * t,
+                     "TFLOP/s": flops / t / 1e12, "speed-up vs bf16": base / t})
+    return rows

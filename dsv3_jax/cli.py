@@ -133,6 +133,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from dsv3_jax.bench import bench_decode, markdown_table
 
+    if args.what == "fp8":
+        from dsv3_jax.bench import bench_fp8
+
+        backends = args.backends.split(",") if args.backends else (["xla"] if jax_device().startswith("cpu") else
+                                                                   ["xla", "pallas"])
+        ns = [int(n) for n in args.n.split(",")]
+        rows = bench_fp8(args.m, args.k, ns, backends)
+        title = f"dsv3 bench fp8 --m {args.m} --k {args.k} --n {args.n} ({jax_device()})"
+        _print_table(title, rows, args.out)
+        return
     config = _load_config(args)
     if args.what == "decode":
         if args.batch < 1 or args.context < 1:
@@ -140,11 +150,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
         rows = bench_decode(config, args.batch, args.context, args.decode_steps)
         title = (f"dsv3 bench decode --preset {args.preset} --batch {args.batch} --context {args.context} "
                  f"({jax_device()})")
+    _print_table(title, rows, args.out)
+
+
+def _print_table(title: str, rows: list[dict], out: str | None) -> None:
+    from dsv3_jax.bench import markdown_table
+
     table = markdown_table(rows)
     print(f"{title}\n\n{table}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(f"# {title}\n\n{table}\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(f"# {title}\n\n{table}\n")
 
 
 def jax_device() -> str:
@@ -221,12 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="throughput tables")
-    bench.add_argument("what", choices=["decode"])
+    bench.add_argument("what", choices=["decode", "fp8"])
     bench.add_argument("--preset", default="small")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE")
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--context", type=int, default=2048)
     bench.add_argument("--decode-steps", type=int, default=8)
+    bench.add_argument("--m", type=int, default=4096, help="fp8: rows (tokens)")
+    bench.add_argument("--k", type=int, default=7168, help="fp8: reduction dim (V3 hidden size)")
+    bench.add_argument("--n", default="2048,4096,18432", help="fp8: comma-separated output dims")
+    bench.add_argument("--backends", help="fp8: xla,pallas (default: xla on CPU, both on GPU)")
     bench.add_argument("--out", help="also write the table to this markdown file")
     bench.set_defaults(func=cmd_bench)
 

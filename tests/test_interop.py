@@ -81,6 +81,29 @@ def test_fp8_checkpoint_loads_within_fp8_error(tiny_with_mtp, tmp_path):
     assert 0 < diff < 1e-3, diff
 
 
+def test_kept_fp8_reproduces_the_stored_e4m3_weights(tiny_with_mtp, tmp_path):
+    """Loading with fp8=True: the FP8 path re-quantizes the dequantized masters into exactly the
+    checkpoint's e4m3 values and scales, so the model computes with the stored FP8 weights."""
+    from pallas_kernels.fp8_quant import quantize_blocks_ref
+
+    cfg, model = tiny_with_mtp
+    hf.save(model, cfg, tmp_path / "fp8", fp8=True)
+    config, kept = hf.load(tmp_path / "fp8", config=cfg, fp8=True)
+    assert config.fp8 and kept.moe_layers.attn.w_o.fp8_backend == "xla"
+    shard = hf._Shard(next((tmp_path / "fp8").glob("*.safetensors")))
+    stored = shard.get("model.layers.1.mlp.experts.3.down_proj.weight").astype(np.float32)  # [D, F]
+    master_FD = np.asarray(kept.moe_layers.ffn.w_down_EFD[...][0, 3])
+    padded = np.zeros((128, 128), np.float32)
+    padded[:master_FD.shape[0], :master_FD.shape[1]] = master_FD
+    q, scale = quantize_blocks_ref(jnp.asarray(padded))
+    np.testing.assert_array_equal(np.asarray(q.astype(jnp.float32))[:master_FD.shape[0], :master_FD.shape[1]],
+                                  stored.T)
+    np.testing.assert_array_equal(scale[0, 0], shard.get("model.layers.1.mlp.experts.3.down_proj.weight_scale_inv")[0, 0])
+    ids = np.arange(40).reshape(2, 20) % cfg.vocab_size
+    x, y = _logits(model, ids).astype(np.float64), _logits(kept, ids).astype(np.float64)
+    assert 1 - 2 * np.sum(x * y) / (np.sum(x * x) + np.sum(y * y)) < 1e-2
+
+
 def test_block_quantization_matches_the_format():
     w = np.random.default_rng(0).normal(size=(200, 300)).astype(np.float32)
     q, scale_inv = hf.quantize_fp8(w)

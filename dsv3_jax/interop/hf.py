@@ -269,11 +269,17 @@ def quantize_fp8(weight: np.ndarray, block: int = FP8_BLOCK) -> tuple[np.ndarray
     return q.astype(ml_dtypes.float8_e4m3fn), scale_inv.astype(np.float32)
 
 
-def load(path: str | Path, dtype=np.float32, config: ModelConfig | None = None) -> tuple[ModelConfig, nnx.Module]:
+def load(path: str | Path, dtype=np.float32, config: ModelConfig | None = None,
+         fp8: bool = False) -> tuple[ModelConfig, nnx.Module]:
     """(ModelConfig, DeepSeekV3 model) from an HF / DeepSeek checkpoint directory.
 
-    FP8 weights (e4m3 + weight_scale_inv) are dequantized to `dtype`. A checkpoint with missing,
-    unexpected or misshapen tensors is refused with their names.
+    FP8 weights (e4m3 + weight_scale_inv) are dequantized into the master weights. With
+    `fp8=True` the model also runs its GEMMs in block-scaled FP8 (`model.fp8`): re-quantizing a
+    dequantized 128x128 block whose largest |e4m3| value is 448 (as DeepSeek's quantizer makes
+    it) gives back exactly the stored e4m3 values and scale, so the FP8 path computes with the
+    checkpoint's own FP8 weights (not exactly for kv_b_proj, whose blocks straddle the split
+    into W_UK / W_UV). A checkpoint with missing, unexpected or misshapen tensors is refused
+    with their names.
     """
     import dataclasses
 
@@ -285,6 +291,7 @@ def load(path: str | Path, dtype=np.float32, config: ModelConfig | None = None) 
     if config is None:
         config = config_from_hf(json.loads((path / "config.json").read_text()))
     config = dataclasses.replace(config, param_dtype="float32", dtype="float32") if dtype == np.float32 else config
+    config = dataclasses.replace(config, fp8=fp8)
     files = _shard_index(path)
     # MTP modules are loaded when present: transformers, for one, saves none even when
     # num_nextn_predict_layers is set.

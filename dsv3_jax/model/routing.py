@@ -66,14 +66,18 @@ class RouterFn(Protocol):
     def __call__(self, logits_NE: Array, bias_E: Array, token_ids_N: Array, cfg: ModelConfig) -> Routing: ...
 
 
+def _registrar(registry: dict):
+    """A class decorator factory: `@register(name)` puts the class in `registry` under `name`."""
+    def register(name: str):
+        def wrap(cls):
+            registry[name] = cls
+            return cls
+        return wrap
+    return register
+
+
 ROUTERS: dict[str, Callable[[], RouterFn]] = {}
-
-
-def register_router(name: str):
-    def wrap(cls):
-        ROUTERS[name] = cls
-        return cls
-    return wrap
+register_router = _registrar(ROUTERS)
 
 
 def affinities(logits_NE: Float[Array, "N E"], score_func: str) -> Float[Array, "N E"]:
@@ -191,13 +195,7 @@ class Balancer(Protocol):
 
 
 BALANCERS: dict[str, Callable[[], Balancer]] = {}
-
-
-def register_balancer(name: str):
-    def wrap(cls):
-        BALANCERS[name] = cls
-        return cls
-    return wrap
+register_balancer = _registrar(BALANCERS)
 
 
 class _NoLoss:
