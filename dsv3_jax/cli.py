@@ -131,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from dsv3_jax.bench import bench_decode, markdown_table
+    from dsv3_jax.bench import bench_decode
 
     if args.what == "fp8":
         from dsv3_jax.bench import bench_fp8

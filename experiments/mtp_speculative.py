@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from dsv3_jax.checkpoint import load_trained
 from dsv3_jax.config import get_preset
@@ -43,7 +42,7 @@ def main() -> None:
     # Warm up both paths (compilation) on the first prompt.
     generate(model, [prompts[0]], args.new_tokens)
     generate_speculative(model, prompts[0], args.new_tokens)
-    rows, greedy_s, spec_s, drafted, accepted, passes, tokens = [], 0.0, 0.0, 0, 0, 0, 0
+    greedy_s, spec_s, drafted, accepted, passes, tokens = 0.0, 0.0, 0, 0, 0, 0
     for prompt in prompts:
         t0 = time.perf_counter()
         greedy = generate(model, [prompt], args.new_tokens)[0]

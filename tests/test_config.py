@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from dsv3_jax.config import PRESETS, Config, ConfigError, ModelConfig, apply_overrides, config_from_json, get_preset
+from dsv3_jax.config import PRESETS, ConfigError, ModelConfig, apply_overrides, config_from_json, get_preset
 
 
 def test_presets_are_valid_and_named():

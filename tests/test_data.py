@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from dsv3_jax.config import DataConfig, TrainConfig, apply_overrides, get_preset
-from dsv3_jax.data.corpus import load_documents, stdlib_files, synthetic_documents
+from dsv3_jax.config import apply_overrides, get_preset
+from dsv3_jax.data.corpus import load_documents, stdlib_files
 from dsv3_jax.data.fim import encode_document, fim_split, reassemble
 from dsv3_jax.data.packing import pack
 from dsv3_jax.data.pipeline import build_data, train_iterator

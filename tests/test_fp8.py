@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from dsv3_jax.quant.fp8 import fp8_gemm, fp8_grouped, fp8_matmul
 from pallas_kernels.fp8_gemm import block_scaled_matmul, block_scaled_matmul_ref, limited_accumulation_matmul

@@ -2,7 +2,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from dsv3_jax.config import get_preset
 from dsv3_jax.info import model_info

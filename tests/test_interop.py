@@ -1,6 +1,5 @@
 """HF / DeepSeek safetensors interop against transformers goldens (tests/fixtures/make_hf_goldens.py)."""
 
-import dataclasses
 import json
 import os
 import shutil

@@ -1,5 +1,3 @@
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dsv3_jax.config import Config, TrainConfig
+from dsv3_jax.config import Config
 from dsv3_jax.model.routing import balancers_of
 from dsv3_jax.train.loss import total_loss
 from dsv3_jax.train.optim import lr_schedule
