@@ -87,3 +87,15 @@ def test_overfits_one_batch(tiny_cfg):
         losses.append(float(loss))
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.3 * losses[0], losses[::10]
+
+
+def test_bfloat16_compute_tracks_float32(tiny_cfg):
+    import dataclasses
+
+    tokens = jax.random.randint(jax.random.key(7), (2, 16), 0, tiny_cfg.vocab_size)
+    f32 = DeepSeekV3(tiny_cfg, nnx.Rngs(0))(tokens).logits_BTV
+    bf16_cfg = dataclasses.replace(tiny_cfg, dtype="bfloat16")
+    bf16 = DeepSeekV3(bf16_cfg, nnx.Rngs(0))(tokens).logits_BTV
+    assert bf16.dtype == jnp.float32  # logits are promoted for the softmax
+    x, y = np.asarray(f32, np.float64), np.asarray(bf16, np.float64)
+    assert 1 - 2 * np.sum(x * y) / (np.sum(x * x) + np.sum(y * y)) < 1e-2

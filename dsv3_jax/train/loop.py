@@ -98,7 +98,7 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
         iterator.set_state(data_state)
         _truncate_jsonl(metrics_path, start)
         _truncate_jsonl(router_path, start)
-    elif not resume:
+    else:  # a new run, or a resumed one killed before its first checkpoint: start clean
         for path in (metrics_path, router_path):
             path.unlink(missing_ok=True)
     _write_atomic(run_dir / "config.json", config.to_json())
