@@ -112,13 +112,26 @@ def test_odd_shapes_are_padded_and_kernels_refuse_them_clearly():
                             jnp.ones((1, 1)))
 
 
-def test_grouped_fp8_matches_ragged_dot_with_gradients():
+def test_grouped_kernel_equals_reference():
+    from pallas_kernels.fp8_grouped_gemm import grouped_block_scaled_matmul, grouped_block_scaled_matmul_ref
+
+    x = jax.random.normal(jax.random.key(17), (300, 256))
+    w = jax.random.normal(jax.random.key(18), (4, 256, 128))
+    sizes = jnp.array([100, 0, 130, 70])  # groups of any size: padded to 128 rows inside
+    qa, sa = quantize_rows_ref(x)
+    qw, sw = jax.vmap(quantize_blocks_ref)(w)
+    np.testing.assert_allclose(grouped_block_scaled_matmul(qa, sa, qw, sw, sizes),
+                               grouped_block_scaled_matmul_ref(qa, sa, qw, sw, sizes), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_grouped_fp8_matches_ragged_dot_with_gradients(backend):
     x = jax.random.normal(jax.random.key(13), (200, 160))
     w = jax.random.normal(jax.random.key(14), (4, 160, 96)) * 0.1
     sizes = jnp.array([60, 0, 90, 50])
     r = jax.random.normal(jax.random.key(15), (200, 96))
-    assert rel_diff(fp8_grouped(x, w, sizes), jax.lax.ragged_dot(x, w, sizes)) < 1e-3
-    got = jax.grad(lambda x, w: jnp.sum(fp8_grouped(x, w, sizes) * r), argnums=(0, 1))(x, w)
+    assert rel_diff(fp8_grouped(x, w, sizes, backend), jax.lax.ragged_dot(x, w, sizes)) < 1e-3
+    got = jax.grad(lambda x, w: jnp.sum(fp8_grouped(x, w, sizes, backend) * r), argnums=(0, 1))(x, w)
     want = jax.grad(lambda x, w: jnp.sum(jax.lax.ragged_dot(x, w, sizes) * r), argnums=(0, 1))(x, w)
     assert rel_diff(got[0], want[0]) < 1e-3 and rel_diff(got[1], want[1]) < 1e-3
     np.testing.assert_array_equal(got[1][1], 0.0)  # the empty group gets no gradient

@@ -22,13 +22,15 @@ from dsv3_jax.model.routing import Router, Routing
 
 
 def grouped_swiglu(x_MD: Float[Array, "M D"], group_sizes_E: Int[Array, "E"], w_gate_EDF: Array,
-                   w_up_EDF: Array, w_down_EFD: Array, fp8: bool = False) -> Float[Array, "M D"]:
+                   w_up_EDF: Array, w_down_EFD: Array, fp8_backend: str | None = None) -> Float[Array, "M D"]:
     """SwiGLU over rows already sorted by expert; rows [sum(gs[:e]), sum(gs[:e+1])) use expert e.
 
-    `fp8`: the three grouped GEMMs run block-scaled in e4m3 (report §3.3), gradients included.
+    `fp8_backend`: the three grouped GEMMs run block-scaled in e4m3 (report §3.3), gradients included.
     """
-    if fp8:
-        from dsv3_jax.quant.fp8 import fp8_grouped as grouped
+    if fp8_backend is not None:
+        from dsv3_jax.quant.fp8 import fp8_grouped
+
+        grouped = lambda x, w, gs: fp8_grouped(x, w, gs, fp8_backend)
     else:
         grouped = lambda x, w, gs: jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.float32)
     gate_MF = grouped(x_MD, w_gate_EDF, group_sizes_E).astype(jnp.float32)
@@ -38,14 +40,14 @@ def grouped_swiglu(x_MD: Float[Array, "M D"], group_sizes_E: Int[Array, "E"], w_
 
 
 def routed_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_EDF: Array, w_up_EDF: Array,
-                   w_down_EFD: Array, fp8: bool = False) -> Float[Array, "N D"]:
+                   w_down_EFD: Array, fp8_backend: str | None = None) -> Float[Array, "N D"]:
     """Dropless: sort the M assignments by expert -> grouped matmul -> gate -> scatter-add to tokens."""
     E = w_gate_EDF.shape[0]
     order_M = jnp.argsort(routing.expert_M, stable=True)
     token_M = routing.token_M[order_M]
     x_MD = jnp.take(x_ND, token_M, axis=0)
     group_sizes_E = jnp.bincount(routing.expert_M, length=E).astype(jnp.int32)
-    y_MD = grouped_swiglu(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, fp8).astype(jnp.float32)
+    y_MD = grouped_swiglu(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, fp8_backend).astype(jnp.float32)
     y_MD = y_MD * routing.gate_M[order_M, None].astype(jnp.float32)
     return jnp.zeros(x_ND.shape, jnp.float32).at[token_M].add(y_MD).astype(x_ND.dtype)
 
@@ -61,7 +63,7 @@ class MoE(nnx.Module):
         self.w_up_EDF = param(rngs, (E, D, F), ("expert", "embed", "moe_ffn"), cfg.init_std, pdt)
         self.w_down_EFD = param(rngs, (E, F, D), ("expert", "moe_ffn", "embed"), cfg.init_std, pdt)
         self.dtype = dtype_of(cfg.dtype)
-        self.fp8 = cfg.fp8  # routed experts: the xla grouped path for either backend (no Pallas grouped GEMM yet)
+        self.fp8_backend = cfg.fp8_backend if cfg.fp8 else None
 
     def __call__(self, x_BTD: Float[Array, "B T D"], token_ids_BT: Array | None = None
                  ) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
@@ -69,7 +71,7 @@ class MoE(nnx.Module):
         routing, stats = self.router(x_BTD, token_ids_BT)
         cast = lambda w: w[...].astype(self.dtype)
         y_ND = routed_experts(x_BTD.reshape(B * T, D).astype(self.dtype), routing,
-                              cast(self.w_gate_EDF), cast(self.w_up_EDF), cast(self.w_down_EFD), self.fp8)
+                              cast(self.w_gate_EDF), cast(self.w_up_EDF), cast(self.w_down_EFD), self.fp8_backend)
         y_BTD = y_ND.reshape(B, T, D)
         if self.shared is not None:
             y_BTD = y_BTD + self.shared(x_BTD)

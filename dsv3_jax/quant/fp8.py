@@ -82,19 +82,29 @@ def _bwd(backend, residuals, dy_MN):
 fp8_matmul.defvjp(_fwd, _bwd)
 
 
-def fp8_ragged_matmul(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-    """Grouped FP8 GEMM for routed experts (xla backend): rows sorted by expert, group sizes given.
+def fp8_ragged_matmul(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array, backend: str = "xla"
+                      ) -> jax.Array:
+    """Grouped FP8 GEMM for routed experts: rows sorted by expert, group sizes given.
 
-    x is quantized in 1x128 tiles, each expert's weight in 128x128 blocks. Per 128-wide K block,
-    one `ragged_dot` of the e4m3 values (exact products, fp32 accumulation) times the activation
-    scales (per row) and the weight block's scales (folded into that block's dequantized e4m3
-    values) gives the same promoted sum as the dense kernel, block by block.
+    x is quantized in 1x128 tiles, each expert's weight in 128x128 blocks. "pallas": the grouped
+    kernel (pallas_kernels/fp8_grouped_gemm.py). "xla": per 128-wide K block, one `ragged_dot` of
+    the e4m3 values (exact products, fp32 accumulation) times the activation scales (per row) and
+    the weight block's scales (folded into that block's dequantized e4m3 values): the same
+    promoted sum as the kernel, block by block.
     """
     M, K = x_MK.shape
     E, _, N = w_EKN.shape
     x = _pad_to(x_MK.astype(jnp.float32), 1)
     w = _pad_to(_pad_to(w_EKN.astype(jnp.float32), 1), 2)
     Kp, Np = x.shape[1], w.shape[2]
+    if backend == "pallas":
+        from pallas_kernels.fp8_grouped_gemm import grouped_block_scaled_matmul
+
+        quantize_rows_fn, quantize_blocks_fn, _ = _ops("pallas")
+        qx, sx = quantize_rows_fn(x)
+        qw, sw = jax.vmap(quantize_blocks_fn)(w)
+        out = grouped_block_scaled_matmul(qx, sx, qw, sw, group_sizes_E, interpret=jax.default_backend() == "cpu")
+        return out[:, :N]
     qx, sx_MKb = quantize_rows_ref(x)
     qw, sw_EKbNb = jax.vmap(quantize_blocks_ref)(w)
     wq_scaled = (qw.astype(jnp.float32).reshape(E, Kp // BLOCK, BLOCK, Np // BLOCK, BLOCK)
@@ -112,19 +122,20 @@ def fp8_ragged_matmul(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Arra
     return acc[:, :N]
 
 
-@jax.custom_vjp
-def fp8_grouped(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-    return fp8_ragged_matmul(x_MK, w_EKN, group_sizes_E).astype(x_MK.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def fp8_grouped(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array, backend: str = "xla") -> jax.Array:
+    """ragged_dot(x, w, group_sizes) with Fprop, Dgrad and Wgrad as block-scaled FP8 GEMMs."""
+    return fp8_ragged_matmul(x_MK, w_EKN, group_sizes_E, backend).astype(x_MK.dtype)
 
 
-def _grouped_fwd(x_MK, w_EKN, group_sizes_E):
-    return fp8_grouped(x_MK, w_EKN, group_sizes_E), (x_MK, w_EKN, group_sizes_E)
+def _grouped_fwd(x_MK, w_EKN, group_sizes_E, backend):
+    return fp8_grouped(x_MK, w_EKN, group_sizes_E, backend), (x_MK, w_EKN, group_sizes_E)
 
 
-def _grouped_bwd(residuals, dy_MN):
+def _grouped_bwd(backend, residuals, dy_MN):
     x_MK, w_EKN, group_sizes_E = residuals
     dy = dy_MN.astype(jnp.float32)
-    dx = fp8_ragged_matmul(dy, jnp.swapaxes(w_EKN, 1, 2), group_sizes_E)  # Dgrad per expert
+    dx = fp8_ragged_matmul(dy, jnp.swapaxes(w_EKN, 1, 2), group_sizes_E, backend)  # Dgrad per expert
     # Wgrad per expert: x_e^T @ dy_e. Rows of other experts are masked to zero per group.
     E = w_EKN.shape[0]
     ends = jnp.cumsum(group_sizes_E)
@@ -133,7 +144,7 @@ def _grouped_bwd(residuals, dy_MN):
 
     def wgrad(e):
         mask = ((rows >= starts[e]) & (rows < ends[e]))[:, None]
-        return fp8_gemm(jnp.where(mask, x_MK, 0).T.astype(jnp.float32), jnp.where(mask, dy, 0), "blocks", "xla")
+        return fp8_gemm(jnp.where(mask, x_MK, 0).T.astype(jnp.float32), jnp.where(mask, dy, 0), "blocks", backend)
 
     dw = jax.lax.map(wgrad, jnp.arange(E))
     return dx.astype(x_MK.dtype), dw.astype(w_EKN.dtype), None
