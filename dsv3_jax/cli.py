@@ -68,6 +68,13 @@ def _load_config(args: argparse.Namespace):
         overrides.append(f"train.seed={args.seed}")
     if getattr(args, "fp8", False):
         overrides.append("model.fp8=true")
+    if getattr(args, "mesh", None):
+        from dsv3_jax.parallel.mesh import mesh_overrides
+
+        try:
+            overrides.extend(mesh_overrides(args.mesh))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     return apply_overrides(config, overrides)
 
 
@@ -223,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.add_argument("--fp8", action="store_true", help="block-scaled FP8 GEMMs (model.fp8=true; report §3.3)")
+    train.add_argument("--mesh", help="e.g. data=2,tensor=2,expert=2 (axes: data, fsdp, tensor, expert, pipeline)")
+    train.add_argument("--host-devices", type=int, help="split the CPU into N devices (to try meshes on one machine)")
     train.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="sample text from a trained run")
@@ -265,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if getattr(args, "host_devices", None):
+        if args.host_devices < 1:
+            _fail(f"--host-devices={args.host_devices} must be >= 1")
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", args.host_devices)  # before any device is touched
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's info/warning chatter is not for users

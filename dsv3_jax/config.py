@@ -213,16 +213,42 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes (DESIGN §4); their product must not exceed the devices available."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    pipeline: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("data", "fsdp", "tensor", "expert", "pipeline"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"mesh.{name}={value!r} must be an integer >= 1")
+        _require(self.pipeline == 1, f"mesh.pipeline={self.pipeline}: pipeline parallelism is not built yet; "
+                                     "use data, fsdp, tensor and expert")
+
+    @property
+    def n_devices(self) -> int:
+        return self.data * self.fsdp * self.tensor * self.expert * self.pipeline
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a run needs; written as config.json beside the run's checkpoints."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self) -> None:
         _require(self.train.seq_len <= self.model.max_seq_len,
                  f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}")
+        batch_shards = self.mesh.data * self.mesh.fsdp
+        _require(self.train.batch_size % batch_shards == 0,
+                 f"train.batch_size={self.train.batch_size} must be divisible by mesh.data x mesh.fsdp = {batch_shards}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -103,8 +103,7 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
             path.unlink(missing_ok=True)
     _write_atomic(run_dir / "config.json", config.to_json())
 
-    train_step = jax.jit(make_train_step(config, graphdef, optimizer), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(config, graphdef))
+    train_step, eval_step, state, place_batch = _compile(config, graphdef, optimizer, state)
     val_set = val_batches(data.val_windows, tc.batch_size, tc.eval_batches)
 
     stop_signal: list[int] = []
@@ -116,7 +115,7 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
     try:
         with open(metrics_path, "a") as metrics_file, open(router_path, "a") as router_file:
             for step in range(start + 1, tc.steps + 1):
-                batch = next(iterator)
+                batch = place_batch(next(iterator))
                 t0 = time.perf_counter()
                 state, metrics = train_step(state, batch)
                 metrics = _host(metrics)
@@ -149,6 +148,24 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
         from dsv3_jax.report import write_report
         write_report(run_dir)
     return status
+
+
+def _compile(config: Config, graphdef, optimizer, state):
+    """Jitted train / eval steps; under a mesh (config.mesh > 1 device) the state and batches are
+    sharded by the logical-axis table and XLA partitions the step (parallel/mesh.py)."""
+    train_step = make_train_step(config, graphdef, optimizer)
+    eval_step = make_eval_step(config, graphdef)
+    if config.mesh.n_devices == 1:
+        return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), state, lambda batch: batch
+    from dsv3_jax.parallel.mesh import batch_sharding, make_mesh, tree_shardings
+
+    mesh = make_mesh(config.mesh)
+    state_shardings, batch_sharded = tree_shardings(state, mesh), batch_sharding(mesh)
+    state = jax.device_put(state, state_shardings)
+    train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharded), out_shardings=(state_shardings, None),
+                    donate_argnums=0)
+    evaluate = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharded))
+    return train, evaluate, state, lambda batch: jax.device_put(batch, batch_sharded)
 
 
 def _evaluate(eval_step, state, val_set: list[np.ndarray]) -> dict[str, float]:

@@ -1,0 +1,78 @@
+"""Sharded == unsharded: the logical-axis table under GSPMD on 8 host devices (conftest sets them)."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax.config import Config, ConfigError, MeshConfig, TrainConfig
+from dsv3_jax.parallel.mesh import batch_sharding, logical_spec, make_mesh, tree_shardings
+from dsv3_jax.train.state import create_train_state
+from dsv3_jax.train.step import make_train_step
+from tests.conftest import tiny_model_config
+
+pytestmark = pytest.mark.multidevice
+
+
+@pytest.fixture(scope="module")
+def reference():
+    config = Config(model=tiny_model_config(n_routed_experts=8), train=TrainConfig(batch_size=4, seq_len=16,
+                                                                                  warmup_steps=1))
+    graphdef, optimizer, state = create_train_state(config, 0)
+    step = make_train_step(config, graphdef, optimizer)
+    tokens = jax.random.randint(jax.random.key(0), (4, 17), 0, config.model.vocab_size)
+    new_state, metrics = jax.jit(step)(state, tokens)
+    return step, state, tokens, new_state, metrics
+
+
+@pytest.mark.parametrize("sizes", [dict(data=2, tensor=2, expert=2), dict(fsdp=4, tensor=2)])
+def test_sharded_train_step_equals_unsharded(reference, sizes):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (host) devices")
+    step, state, tokens, want_state, want = reference
+    mesh = make_mesh(MeshConfig(**sizes))
+    shardings = tree_shardings(state, mesh)
+    got_state, got = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None))(
+        jax.device_put(state, shardings), tokens)
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    np.testing.assert_allclose(got["expert_load"], want["expert_load"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 got_state.params, want_state.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 got_state.routing_bias, want_state.routing_bias)
+    w = got_state.params["moe_layers"]["ffn"]["w_gate_EDF"].get_value()
+    assert len(w.sharding.device_set) == mesh.size and not w.sharding.is_fully_replicated
+
+
+def test_logical_table_maps_axes_and_skips_indivisible_dims():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (host) devices")
+    mesh = make_mesh(MeshConfig(data=2, tensor=2, expert=2))
+    assert tuple(logical_spec(("layers", "expert", "embed", "moe_ffn"), (3, 8, 32, 16), mesh)) == \
+        (None, "expert", None, "tensor")
+    assert tuple(logical_spec(("heads", "v_head"), (3, 8), mesh)) == (None, None)  # 3 heads: not divisible by 2
+
+
+def test_mesh_config_errors():
+    with pytest.raises(ConfigError, match="train.batch_size=6 must be divisible by mesh.data x mesh.fsdp = 4"):
+        Config(train=TrainConfig(batch_size=6), mesh=MeshConfig(data=2, fsdp=2))
+    with pytest.raises(ConfigError, match="pipeline parallelism is not built yet"):
+        MeshConfig(pipeline=2)
+
+
+def test_cli_trains_on_a_host_device_mesh(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": ""}
+    args = [sys.executable, "-m", "dsv3_jax.cli", "train", "--steps", "3", "--data", "synthetic", "--quiet",
+            "--set", "model.vocab_size=384", "--set", "model.n_layers=2", "--set", "train.batch_size=4",
+            "--set", "train.seq_len=32", "--run-dir"]
+    out = subprocess.run(args + [str(tmp_path / "r"), "--host-devices", "4", "--mesh", "data=2,expert=2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "r" / "metrics.jsonl").read_text().count("\n") == 3
+    bad = subprocess.run(args + [str(tmp_path / "b"), "--mesh", "data=2,expert=2"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and "needs 4 devices but 1 are available (on CPU: --host-devices 4)" in bad.stderr
