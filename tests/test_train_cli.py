@@ -131,16 +131,22 @@ def test_corrupt_checkpoint_is_refused_and_left_untouched(straight_run, tmp_path
 
 
 def test_foreign_checkpoint_is_refused_and_left_untouched(straight_run, tmp_path):
-    other = tmp_path / "other"
-    out = dsv3("train", "--steps", "5", "--run-dir", str(other), *SMALL, "--set", "model.d_model=48")
-    assert out.returncode == 0, out.stderr
+    from dsv3_jax.checkpoint import Checkpointer
+    from dsv3_jax.config import apply_overrides, config_from_json
+    from dsv3_jax.train.state import create_train_state
+
     run = tmp_path / "mixed"
     shutil.copytree(straight_run, run)
     shutil.rmtree(run / "checkpoints")
-    shutil.copytree(other / "checkpoints", run / "checkpoints")
+    # A checkpoint written by a wider model (d_model 48) where this run expects d_model 32.
+    other = apply_overrides(config_from_json((straight_run / "config.json").read_text()), ["model.d_model=48"])
+    checkpointer = Checkpointer(run / "checkpoints")
+    checkpointer.save(5, create_train_state(other, 0)[2], {"next_index": 5})
+    checkpointer.close()
     before = tree_digest(run)
     out = dsv3("train", "--steps", "45", "--run-dir", str(run), "--resume", *SMALL)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert "was written by a different model: misshapen" in out.stderr
     assert tree_digest(run) == before
     not_a_run = tmp_path / "not_a_run"
     (not_a_run / "checkpoints").mkdir(parents=True)
