@@ -29,37 +29,32 @@ def write_report(run_dir: Path) -> list[Path]:
     written = []
     steps = np.array([m["step"] for m in metrics])
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "total loss"), ("lm_loss", "LM loss"), ("mtp_loss", "MTP loss (depth mean)")):
-        if key in metrics[0]:
-            ax.plot(steps, [m[key] for m in metrics], label=label, lw=1)
-    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation LM loss")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title="Training loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    written.append(_save(fig, run_dir / "loss.png"))
-
-    if "max_vio" in metrics[0]:
+    # (file, title, y label, [(metrics key, label)], [(eval key, label)])
+    line_plots = [
+        ("loss.png", "Training loss", "loss (nats/token)",
+         [("loss", "total loss"), ("lm_loss", "LM loss"), ("mtp_loss", "MTP loss (depth mean)")],
+         [("val_loss", "validation LM loss")]),
+        ("max_vio.png", "Expert load imbalance", "max load / mean load - 1",
+         [("max_vio", "MaxVio (batch, mean over layers)")], [("val_max_vio", "MaxVio (validation set)")]),
+        ("router_stats.png", "Router statistics", "",
+         [("router_entropy", "router entropy (nats, mean over layers)"),
+          ("dropped_fraction", "tokens without an expert")], []),
+    ]
+    for file, title, ylabel, series, eval_series in line_plots:
+        if series[0][0] not in metrics[0]:
+            continue
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(steps, [m["max_vio"] for m in metrics], lw=1, label="MaxVio (batch, mean over layers)")
-        val = [(m["step"], m["val_max_vio"]) for m in metrics if "val_max_vio" in m]
-        if val:
-            ax.plot(*zip(*val), "o-", label="MaxVio (validation set)")
-        ax.set(xlabel="step", ylabel="max load / mean load - 1", title="Expert load imbalance")
+        for key, label in series:
+            if key in metrics[0]:
+                ax.plot(steps, [m[key] for m in metrics], lw=1, label=label)
+        for key, label in eval_series:
+            points = [(m["step"], m[key]) for m in metrics if key in m]
+            if points:
+                ax.plot(*zip(*points), "o-", label=label)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
         ax.legend()
         ax.grid(alpha=0.3)
-        written.append(_save(fig, run_dir / "max_vio.png"))
-
-    if "router_entropy" in metrics[0]:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(steps, [m["router_entropy"] for m in metrics], lw=1, label="router entropy (nats, mean over layers)")
-        ax.plot(steps, [m.get("dropped_fraction", 0.0) for m in metrics], lw=1, label="tokens without an expert")
-        ax.set(xlabel="step", title="Router statistics")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        written.append(_save(fig, run_dir / "router_stats.png"))
+        written.append(_save(fig, run_dir / file))
 
     router = _read_jsonl(run_dir / "router.jsonl")
     if router:
