@@ -56,7 +56,7 @@ def bench_decode(config: Config, batch: int, context: int, decode_steps: int = 8
 def markdown_table(rows: list[dict]) -> str:
     keys = list(rows[0])
     fmt = lambda v: (f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}") if isinstance(v, float) else (
-        f"{v:,}" if isinstance(v, int) else str(v))
+        f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
@@ -98,3 +98,39 @@ def bench_fp8(m: int, k: int, ns: list[int], backends: list[str], repeats: int =
         rows.append({"op": f"fp8 grouped, {experts} experts (xla)", "M": m, "K": k, "N": n, "ms": 1e3 * t,
                      "TFLOP/s": flops / t / 1e12, "speed-up vs bf16": base / t})
     return rows
+
+
+# Dense bf16 peak TFLOP/s by device kind, for MFU (vendor figures, no sparsity).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v4": 275.0}
+
+
+def peak_tflops(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k.lower() in kind.lower()), None)
+
+
+def bench_train(config: Config, steps: int = 5) -> list[dict]:
+    """Train-step throughput on random tokens: tokens/s, model FLOP/s (6 x activated matmul
+    weights per token + attention, forward and backward) and MFU against the device's bf16 peak."""
+    from dsv3_jax.info import model_info
+    from dsv3_jax.train.state import create_train_state
+    from dsv3_jax.train.step import make_train_step
+
+    tc = config.train
+    graphdef, optimizer, state = create_train_state(config, 0)
+    step = jax.jit(make_train_step(config, graphdef, optimizer))
+    tokens = jax.random.randint(jax.random.key(0), (tc.batch_size, tc.seq_len + 1), 0, config.model.vocab_size)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], tokens)
+        return metrics["loss"]
+
+    seconds = _timed(run, steps)
+    tokens_per_step = tc.batch_size * tc.seq_len
+    flops_per_token = 3 * model_info(config.model, seq_len=tc.seq_len)["flops_per_token"]
+    achieved = flops_per_token * tokens_per_step / seconds
+    peak = peak_tflops(jax.devices()[0])
+    return [{"batch": tc.batch_size, "seq_len": tc.seq_len, "fp8": config.model.fp8, "dtype": config.model.dtype,
+             "step_ms": 1e3 * seconds, "tokens_per_s": tokens_per_step / seconds, "model_TFLOP/s": achieved / 1e12,
+             "MFU": (achieved / 1e12 / peak) if peak else "n/a (unknown peak)"}]

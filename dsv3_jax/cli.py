@@ -151,6 +151,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         _print_table(title, rows, args.out)
         return
     config = _load_config(args)
+    if args.what == "train":
+        from dsv3_jax.bench import bench_train
+
+        rows = bench_train(config, args.steps or 5)
+        title = f"dsv3 bench train --preset {args.preset} ({jax_device()})"
+        _print_table(title, rows, args.out)
+        return
     if args.what == "decode":
         if args.batch < 1 or args.context < 1:
             raise UsageError("--batch and --context must be >= 1")
@@ -246,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="throughput tables")
-    bench.add_argument("what", choices=["decode", "fp8"])
+    bench.add_argument("what", choices=["train", "decode", "fp8"])
+    bench.add_argument("--steps", type=int, help="train: timed steps (default 5)")
     bench.add_argument("--preset", default="small")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE")
     bench.add_argument("--batch", type=int, default=1)
