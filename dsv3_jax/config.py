@@ -23,6 +23,13 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _require_each(obj, section: str, names: tuple[str, ...], ok, allowed: str) -> None:
+    """`ok(value)` for each named field, else one line: section.name=value must be <allowed>."""
+    for name in names:
+        value = getattr(obj, name)
+        _require(ok(value), f"{section}.{name}={value!r} must be {allowed}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """DeepSeek-V3 architecture hyper-parameters (field names follow the report / HF config)."""
@@ -70,13 +77,12 @@ class ModelConfig:
     fp8_backend: Literal["xla", "pallas"] = "xla"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_dim",
-                     "v_head_dim", "max_seq_len", "original_max_position"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, f"model.{name}={value!r} must be a positive integer")
-        for name in ("q_lora_rank", "first_k_dense", "n_shared_experts", "mtp_depth", "n_routed_experts"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 0, f"model.{name}={value!r} must be an integer >= 0")
+        _require_each(self, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_dim",
+                                      "v_head_dim", "max_seq_len", "original_max_position"),
+                      lambda v: isinstance(v, int) and v > 0, "a positive integer")
+        _require_each(self, "model", ("q_lora_rank", "first_k_dense", "n_shared_experts", "mtp_depth",
+                                      "n_routed_experts"),
+                      lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
         _require(self.qk_rope_dim > 0 and self.qk_rope_dim % 2 == 0,
                  f"model.qk_rope_dim={self.qk_rope_dim} must be a positive even integer (RoPE rotates pairs)")
         _require(self.first_k_dense <= self.n_layers,
@@ -196,20 +202,18 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
-                     "checkpoint_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, f"train.{name}={value!r} must be a positive integer")
+        _require_each(self, "train", ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
+                                      "checkpoint_every", "keep_checkpoints"),
+                      lambda v: isinstance(v, int) and v > 0, "a positive integer")
         _require(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
         _require(self.lr > 0 and math.isfinite(self.lr), f"train.lr={self.lr} must be a positive number")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _require(0.0 <= self.decay_start_fraction <= 1.0,
                  f"train.decay_start_fraction={self.decay_start_fraction} must be in [0, 1]")
         _require(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, f"train.b1={self.b1}, train.b2={self.b2} must be in [0, 1)")
-        for name in ("weight_decay", "grad_clip", "mtp_lambda", "balance_alpha", "bias_gamma", "aux_loss_alpha",
-                     "z_loss_coef"):
-            value = getattr(self, name)
-            _require(value >= 0 and math.isfinite(value), f"train.{name}={value} must be a finite number >= 0")
+        _require_each(self, "train", ("weight_decay", "grad_clip", "mtp_lambda", "balance_alpha", "bias_gamma",
+                                      "aux_loss_alpha", "z_loss_coef"),
+                      lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,9 +227,8 @@ class MeshConfig:
     pipeline: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("data", "fsdp", "tensor", "expert", "pipeline"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, f"mesh.{name}={value!r} must be an integer >= 1")
+        _require_each(self, "mesh", ("data", "fsdp", "tensor", "expert", "pipeline"),
+                      lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
         _require(self.pipeline == 1, f"mesh.pipeline={self.pipeline}: pipeline parallelism is not built yet; "
                                      "use data, fsdp, tensor and expert")
 

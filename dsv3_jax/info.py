@@ -7,7 +7,7 @@ Conventions (stated because papers differ):
   (a table lookup, not a matmul).
 - `mtp_params` are the MTP modules' own weights; their embedding and head are the main model's.
 - `kv_cache_bytes_per_token`: bf16 latent cache, (C + R) values per token per layer, measured
-  from the shapes MLA returns for caching.
+  from the decoder's cache arrays (abstract, `infer/cache.py`).
 - `flops_per_token`: forward FLOPs of the main model for one token averaged over a causal
   sequence of `seq_len` tokens: 2 x activated matmul weights (no input embedding) plus
   attention scores and values, 2 x L x H x (d_qk + d_v) x seq_len / 2.
@@ -20,9 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.mla import MLA
+from dsv3_jax.infer.cache import bytes_per_token, init_caches
 from dsv3_jax.model.model import DeepSeekV3
-from dsv3_jax.model.rope import rope_tables
 
 _ROUTED = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 
@@ -35,14 +34,8 @@ def param_sizes(cfg: ModelConfig) -> dict[tuple, int]:
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:
-    def one_token_cache():
-        mla = MLA(cfg, nnx.Rngs(0))
-        cos, sin = rope_tables(cfg, jnp.zeros((1, 1), jnp.int32))
-        return mla.latent_kv(jnp.zeros((1, 1, cfg.d_model), dtype), cos, sin)
-
-    ckv, k_rope = jax.eval_shape(one_token_cache)
-    per_layer = ckv.size + k_rope.size
-    return cfg.n_layers * per_layer * jnp.dtype(dtype).itemsize
+    """The decoder's own latent cache, allocated abstractly for one slot."""
+    return bytes_per_token(jax.eval_shape(lambda: init_caches(cfg, 1, 1, "absorbed", dtype)), 1, 1)
 
 
 def model_info(cfg: ModelConfig, seq_len: int = 4096) -> dict[str, int]:

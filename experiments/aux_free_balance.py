@@ -10,21 +10,10 @@ Shows:     report §2.1.2: with gamma > 0 the sign update b -= gamma * sign(load
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from dsv3_jax.config import apply_overrides, get_preset
-from dsv3_jax.train.loop import train
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from variants import RESULTS, finish, moving_average, train_variants
 
 
 def main() -> None:
@@ -33,17 +22,8 @@ def main() -> None:
     parser.add_argument("--gammas", default="0,0.001,0.01")
     args = parser.parse_args()
     gammas = [float(g) for g in args.gammas.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="aux_free_"))
-    runs = {}
-    tokenizer = ""
-    for gamma in gammas:
-        overrides = [f"train.steps={args.steps}", f"train.bias_gamma={gamma}"]
-        if tokenizer:
-            overrides.append(f"data.tokenizer={tokenizer}")
-        run_dir = work / f"gamma_{gamma}"
-        train(apply_overrides(get_preset("tiny"), overrides), run_dir, progress=False)
-        tokenizer = tokenizer or str(run_dir / "tokenizer.json")
-        runs[gamma] = read_metrics(run_dir)
+    by_name = train_variants("tiny", {str(g): [f"train.bias_gamma={g}"] for g in gammas}, args.steps)
+    runs = {g: by_name[str(g)] for g in gammas}
 
     import matplotlib
 
@@ -55,8 +35,8 @@ def main() -> None:
     for gamma, metrics in runs.items():
         steps = np.array([m["step"] for m in metrics])
         vio = np.array([m["max_vio"] for m in metrics])
-        smooth = np.convolve(vio, np.ones(10) / 10, mode="valid")
-        ax_vio.plot(steps[9:], smooth, label=f"gamma={gamma}")
+        smooth_steps, smooth = moving_average(steps, vio)
+        ax_vio.plot(smooth_steps, smooth, label=f"gamma={gamma}")
         val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
         ax_loss.plot(*zip(*val), "o-", label=f"gamma={gamma}")
         last = [m for m in metrics if "val_max_vio" in m][-1]
@@ -64,11 +44,7 @@ def main() -> None:
         rows.append((gamma, peak, float(vio[-50:].mean()), last["val_max_vio"], last["val_loss"]))
     ax_vio.set(xlabel="step", ylabel="MaxVio (batch, mean over MoE layers; 10-step mean)", title="Expert load imbalance")
     ax_loss.set(xlabel="step", ylabel="validation LM loss", title="Validation loss")
-    for ax in (ax_vio, ax_loss):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    RESULTS.mkdir(exist_ok=True)
-    fig.savefig(RESULTS / "aux_free_balance.png", dpi=110, bbox_inches="tight")
+    finish(fig, (ax_vio, ax_loss), "aux_free_balance.png")
 
     lines = ["# Aux-loss-free balancing: MaxVio with and without the bias update", "",
              f"`tiny` preset, default stdlib corpus, {args.steps} steps, batch 16 x 128 tokens, 2-core CPU.",
@@ -79,7 +55,6 @@ def main() -> None:
     lines += ["", "![MaxVio and validation loss](aux_free_balance.png)", ""]
     (RESULTS / "aux_free_balance.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

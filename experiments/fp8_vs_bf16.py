@@ -13,17 +13,10 @@ Shows:     the same model, data and seed trained with every MLA projection, FFN 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from dsv3_jax.config import apply_overrides, get_preset
-from dsv3_jax.train.loop import train
-
-RESULTS = Path(__file__).parent / "results"
+from variants import RESULTS, finish, moving_average, train_variants
 
 
 def main() -> None:
@@ -32,16 +25,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="fp8_vs_bf16_"))
-    curves, tokenizer = {}, ""
-    for name, fp8 in (("high precision", False), ("FP8", True)):
-        overrides = [f"train.steps={args.steps}", f"model.fp8={str(fp8).lower()}", *args.set]
-        if tokenizer:
-            overrides.append(f"data.tokenizer={tokenizer}")
-        run_dir = work / name.replace(" ", "_")
-        train(apply_overrides(get_preset(args.preset), overrides), run_dir, progress=False)
-        tokenizer = tokenizer or str(run_dir / "tokenizer.json")
-        curves[name] = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curves = train_variants(args.preset, {"high precision": ["model.fp8=false", *args.set],
+                                          "FP8": ["model.fp8=true", *args.set]}, args.steps)
 
     import matplotlib
 
@@ -50,14 +35,11 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, metrics in curves.items():
-        ax.plot([m["step"] for m in metrics], np.convolve([m["lm_loss"] for m in metrics], np.ones(10) / 10, "same"),
+        ax.plot(*moving_average([m["step"] for m in metrics], [m["lm_loss"] for m in metrics]),
                 label=f"{name} (train, 10-step mean)")
         ax.plot(*zip(*[(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]), "o--", label=f"{name} (val)")
     ax.set(xlabel="step", ylabel="LM loss", title=f"FP8 vs high precision, `{args.preset}` preset")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    RESULTS.mkdir(exist_ok=True)
-    fig.savefig(RESULTS / f"fp8_vs_bf16_{args.preset}.png", dpi=110, bbox_inches="tight")
+    finish(fig, (ax,), f"fp8_vs_bf16_{args.preset}.png")
     hp, f8 = curves["high precision"], curves["FP8"]
     last = lambda ms, key, n=20: float(np.mean([m[key] for m in ms[-n:]]))
     train_gap = (last(f8, "lm_loss") - last(hp, "lm_loss")) / last(hp, "lm_loss")
@@ -75,7 +57,6 @@ def main() -> None:
               f"![curves](fp8_vs_bf16_{args.preset}.png)", ""]
     (RESULTS / f"fp8_vs_bf16_{args.preset}.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,10 @@ Shows:     in the spirit of Wang et al. 2024 ("Auxiliary-loss-free load balancin
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from dsv3_jax.config import apply_overrides, get_preset
-from dsv3_jax.train.loop import train
-
-RESULTS = Path(__file__).parent / "results"
+from variants import RESULTS, finish, moving_average, train_variants
 
 VARIANTS = {  # name -> overrides
     "(a) no balancing": ["model.balancer=none"],
@@ -39,15 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="routing_ablation_"))
-    tokenizer, results = "", {}
-    for i, (name, overrides) in enumerate(VARIANTS.items()):
-        overrides = overrides + [f"train.steps={args.steps}"] + ([f"data.tokenizer={tokenizer}"] if tokenizer else [])
-        run_dir = work / f"run{i}"
-        train(apply_overrides(get_preset("tiny"), overrides), run_dir, progress=False)
-        tokenizer = tokenizer or str(run_dir / "tokenizer.json")
-        results[name] = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        print(name, {k: results[name][-1][k] for k in ("val_loss", "val_max_vio")}, flush=True)
+    results = train_variants("tiny", VARIANTS, args.steps)
 
     import matplotlib
 
@@ -58,8 +43,7 @@ def main() -> None:
     rows = []
     for name, metrics in results.items():
         steps = np.array([m["step"] for m in metrics])
-        vio = np.convolve([m["max_vio"] for m in metrics], np.ones(10) / 10, mode="valid")
-        ax_vio.plot(steps[9:], vio, label=name)
+        ax_vio.plot(*moving_average(steps, [m["max_vio"] for m in metrics]), label=name)
         val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
         ax_loss.plot(*zip(*val), "o-", ms=3, label=name)
         last = metrics[-1]
@@ -67,11 +51,7 @@ def main() -> None:
                      float(np.mean([m["router_entropy"] for m in metrics[-50:]]))))
     ax_vio.set(xlabel="step", ylabel="MaxVio_batch (10-step mean)", title="Load imbalance", yscale="log")
     ax_loss.set(xlabel="step", ylabel="validation LM loss", title="Validation loss")
-    for ax in (ax_vio, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    RESULTS.mkdir(exist_ok=True)
-    fig.savefig(RESULTS / "routing_ablation.png", dpi=110, bbox_inches="tight")
+    finish(fig, (ax_vio, ax_loss), "routing_ablation.png")
     lines = ["# Routing ablation: balancing strategies on the `tiny` preset", "",
              f"Default stdlib corpus, {args.steps} steps of 16 x 128 tokens, DeepSeek-V3 router (sigmoid, group-limited "
              "top-2 of 8 experts), same seed and data order for every variant, 2-core CPU.",
@@ -82,7 +62,6 @@ def main() -> None:
     lines += ["", "![routing ablation](routing_ablation.png)", ""]
     (RESULTS / "routing_ablation.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

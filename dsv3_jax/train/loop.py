@@ -24,7 +24,7 @@ from dsv3_jax.errors import UsageError
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_eval_step, make_train_step, max_violation
 
-# Fields of metrics.jsonl that may change between a run and its resume.
+# TrainConfig fields that `--resume` may change; everything else comes from the saved config.json.
 _RESUMABLE_TRAIN_FIELDS = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
 
 

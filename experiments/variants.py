@@ -1,0 +1,51 @@
+"""Shared by the experiment scripts: train named config variants of a preset on the same data.
+
+Every variant starts from the same seed and data order, and all reuse the tokenizer the first
+one trains, so the runs differ only in their overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from dsv3_jax.config import apply_overrides, get_preset
+from dsv3_jax.train.loop import train
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def train_variants(preset: str, variants: dict[str, list[str]], steps: int) -> dict[str, list[dict]]:
+    """{variant name: its metrics.jsonl records} after training each variant for `steps` steps."""
+    work = Path(tempfile.mkdtemp(prefix="dsv3_variants_"))
+    tokenizer, results = "", {}
+    try:
+        for i, (name, overrides) in enumerate(variants.items()):
+            overrides = [*overrides, f"train.steps={steps}"] + ([f"data.tokenizer={tokenizer}"] if tokenizer else [])
+            run_dir = work / f"run{i}"
+            train(apply_overrides(get_preset(preset), overrides), run_dir, progress=False)
+            tokenizer = tokenizer or str(run_dir / "tokenizer.json")
+            results[name] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            print(name, {k: results[name][-1].get(k) for k in ("val_loss", "val_max_vio")}, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def moving_average(steps, values, window: int = 10):
+    """(steps, values) smoothed over `window` steps (fewer when the run is shorter)."""
+    import numpy as np
+
+    window = max(1, min(window, len(values)))
+    return np.asarray(steps)[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def finish(fig, axes, png_name: str) -> None:
+    """Legends, grids, and the PNG into experiments/results/."""
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    RESULTS.mkdir(exist_ok=True)
+    fig.savefig(RESULTS / png_name, dpi=110, bbox_inches="tight")
