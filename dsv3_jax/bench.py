@@ -64,10 +64,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 def bench_fp8(m: int, k: int, ns: list[int], backends: list[str], repeats: int = 3) -> list[dict]:
     """TFLOP/s of bf16 `jnp.dot` vs the block-scaled FP8 GEMM (quantized operands given, as in
-    training where quantization is fused upstream) and its grouped form, at the given shapes."""
-    from pallas_kernels.fp8_gemm import block_scaled_matmul, block_scaled_matmul_ref
+    training where quantization is fused upstream) and its grouped form (quantization included:
+    what a routed expert GEMM costs in training), at the given shapes."""
+    from pallas_kernels.fp8_gemm import block_scaled_matmul, dequantized_matmul
     from pallas_kernels.fp8_quant import quantize_blocks_ref, quantize_rows_ref
-    from dsv3_jax.quant.fp8 import fp8_ragged_matmul
+    from dsv3_jax.quant.fp8 import fp8_grouped
 
     rows = []
     on_cpu = jax.default_backend() == "cpu"
@@ -86,17 +87,18 @@ def bench_fp8(m: int, k: int, ns: list[int], backends: list[str], repeats: int =
             if backend == "pallas":
                 fn = jax.jit(lambda *xs: block_scaled_matmul(*xs, interpret=on_cpu))
             else:
-                fn = jax.jit(block_scaled_matmul_ref)
+                fn = jax.jit(dequantized_matmul)
             t = _timed(lambda: fn(qa, sa, qb, sb), repeats)
             rows.append({"op": f"fp8 block-scaled ({backend})", "M": m, "K": k, "N": n, "ms": 1e3 * t,
                          "TFLOP/s": flops / t / 1e12, "speed-up vs bf16": base / t})
         experts = 8
         sizes = jnp.full((experts,), m // experts, jnp.int32)
         w = jax.random.normal(jax.random.key(2), (experts, k, n), jnp.float32)
-        grouped = jax.jit(fp8_ragged_matmul)
-        t = _timed(lambda: grouped(a, w, sizes), repeats)
-        rows.append({"op": f"fp8 grouped, {experts} experts (xla)", "M": m, "K": k, "N": n, "ms": 1e3 * t,
-                     "TFLOP/s": flops / t / 1e12, "speed-up vs bf16": base / t})
+        for backend in backends:
+            grouped = jax.jit(lambda x, w, sizes: fp8_grouped(x, w, sizes, backend))
+            t = _timed(lambda: grouped(a, w, sizes), repeats)
+            rows.append({"op": f"fp8 grouped, {experts} experts ({backend})", "M": m, "K": k, "N": n, "ms": 1e3 * t,
+                         "TFLOP/s": flops / t / 1e12, "speed-up vs bf16": base / t})
     return rows
 
 

@@ -75,6 +75,9 @@ class ModelConfig:
     # FP8 (report §3.3): block-scaled e4m3 GEMMs for MLA projections, FFNs and experts.
     fp8: bool = False
     fp8_backend: Literal["xla", "pallas"] = "xla"
+    # Routed experts' grouped GEMM (model/grouped_gemm.py): "auto" = "blocked" on CPU (XLA:CPU
+    # lowers ragged_dot densely over all experts), "ragged_dot" elsewhere.
+    grouped_gemm: Literal["auto", "ragged_dot", "blocked"] = "auto"
 
     def __post_init__(self) -> None:
         _require_each(self, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_dim",
@@ -91,6 +94,8 @@ class ModelConfig:
                  f"model.score_func={self.score_func!r} must be one of: sigmoid, softmax")
         _require(self.fp8_backend in ("xla", "pallas"),
                  f"model.fp8_backend={self.fp8_backend!r} must be one of: xla, pallas")
+        _require(self.grouped_gemm in ("auto", "ragged_dot", "blocked"),
+                 f"model.grouped_gemm={self.grouped_gemm!r} must be one of: auto, ragged_dot, blocked")
         for name in ("dtype", "param_dtype"):
             _require(getattr(self, name) in ("float32", "bfloat16"),
                      f"model.{name}={getattr(self, name)!r} must be one of: float32, bfloat16")

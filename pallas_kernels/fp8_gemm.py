@@ -5,7 +5,7 @@ and the scales are applied to that 128-deep partial before it joins the fp32 acc
 
 `block_scaled_matmul` is the Pallas kernel: one program per (block_m x 128) output tile,
 looping over K in steps of 128. `block_scaled_matmul_ref` is the pure-jnp reference (what the
-`xla` backend runs). `limited_accumulation_matmul` emulates a tensor core whose accumulator keeps
+`xla` backend runs as `dequantized_matmul`, the same sum in one fp32 GEMM). `limited_accumulation_matmul` emulates a tensor core whose accumulator keeps
 only ~14 mantissa bits, with and without promotion, to show why promotion matters.
 """
 
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import BLOCK
+from pallas_kernels.fp8_quant import dequantize_blocks, dequantize_rows
 
 
 def block_scaled_matmul_ref(a_MK: jax.Array, scale_a_MKb: jax.Array, b_KN: jax.Array, scale_b_KbNb: jax.Array,
@@ -29,6 +30,17 @@ def block_scaled_matmul_ref(a_MK: jax.Array, scale_a_MKb: jax.Array, b_KN: jax.A
     partial_kMN = jnp.einsum("mkc,kcn->kmn", a, b, preferred_element_type=jnp.float32)  # per-K-block fp32
     scale_kMN = scale_a_MKb.T[:, :, None] * jnp.repeat(scale_b_KbNb, BLOCK, axis=1)[:, None, :]
     return jnp.sum(partial_kMN * scale_kMN, axis=0).astype(out_dtype)
+
+
+def dequantized_matmul(a_MK: jax.Array, scale_a_MKb: jax.Array, b_KN: jax.Array, scale_b_KbNb: jax.Array,
+                       out_dtype=jnp.float32) -> jax.Array:
+    """The same sum as one fp32 GEMM over the dequantized operands (what the `xla` backend trains
+    with): e4m3 values times their scales are exact to fp32 rounding, and accumulating all of K in
+    fp32 is what per-128 promotion buys on a tensor core. Equals `block_scaled_matmul_ref` within
+    fp32 rounding (tested) and runs ~7x faster on XLA:CPU, which has no (K/128, M, N) partials to sum."""
+    a = dequantize_rows(a_MK, scale_a_MKb)
+    b = dequantize_blocks(b_KN, scale_b_KbNb)
+    return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 def _gemm_kernel(a_ref, sa_ref, b_ref, sb_ref, o_ref, *, n_kblocks):

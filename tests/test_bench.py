@@ -21,7 +21,7 @@ def test_bench_decode_rows_and_cache_sizes():
 def test_bench_fp8_and_train_tables():
     rows = bench_fp8(128, 128, [128], ["xla", "pallas"], repeats=1)
     assert [r["op"] for r in rows] == ["bf16 jnp.dot", "fp8 block-scaled (xla)", "fp8 block-scaled (pallas)",
-                                       "fp8 grouped, 8 experts (xla)"]
+                                       "fp8 grouped, 8 experts (xla)", "fp8 grouped, 8 experts (pallas)"]
     cfg = dataclasses.replace(tiny_model_config(), n_layers=2, mtp_depth=0)
     (row,) = bench_train(Config(model=cfg, train=TrainConfig(batch_size=2, seq_len=16)), steps=1)
     assert row["tokens_per_s"] > 0 and row["model_TFLOP/s"] > 0 and row["MFU"].startswith("n/a")  # CPU: no peak

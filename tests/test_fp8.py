@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dsv3_jax.quant.fp8 import fp8_gemm, fp8_grouped, fp8_matmul
-from pallas_kernels.fp8_gemm import block_scaled_matmul, block_scaled_matmul_ref, limited_accumulation_matmul
+from pallas_kernels.fp8_gemm import (block_scaled_matmul, block_scaled_matmul_ref, dequantized_matmul,
+                                     limited_accumulation_matmul)
 from pallas_kernels.fp8_quant import (dequantize_blocks, dequantize_rows, quantize_blocks, quantize_blocks_ref,
                                       quantize_rows, quantize_rows_ref)
 
@@ -54,9 +55,10 @@ def test_gemm_kernel_equals_reference():
     qb, sb = quantize_blocks_ref(b)
     np.testing.assert_allclose(block_scaled_matmul(qa, sa, qb, sb), block_scaled_matmul_ref(qa, sa, qb, sb),
                                rtol=1e-5, atol=1e-4)
-    # ... and the reference is the dequantized product.
-    np.testing.assert_allclose(block_scaled_matmul_ref(qa, sa, qb, sb),
-                               dequantize_rows(qa, sa) @ dequantize_blocks(qb, sb), rtol=1e-4, atol=1e-3)
+    # ... and the xla backend's one-GEMM form (dequantized operands, fp32 over all of K) is the same sum.
+    got = dequantized_matmul(qa, sa, qb, sb)
+    np.testing.assert_allclose(got, block_scaled_matmul_ref(qa, sa, qb, sb), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got, dequantize_rows(qa, sa) @ dequantize_blocks(qb, sb), rtol=1e-5, atol=1e-4)
 
 
 def test_block_scaling_handles_outliers_where_a_per_tensor_scale_fails():
@@ -115,13 +117,21 @@ def test_odd_shapes_are_padded_and_kernels_refuse_them_clearly():
 def test_grouped_kernel_equals_reference():
     from pallas_kernels.fp8_grouped_gemm import grouped_block_scaled_matmul, grouped_block_scaled_matmul_ref
 
+    from dsv3_jax.model.grouped_gemm import block_layout, to_blocks
+
     x = jax.random.normal(jax.random.key(17), (300, 256))
     w = jax.random.normal(jax.random.key(18), (4, 256, 128))
-    sizes = jnp.array([100, 0, 130, 70])  # groups of any size: padded to 128 rows inside
-    qa, sa = quantize_rows_ref(x)
+    layout = block_layout(jnp.array([100, 0, 130, 70]), 300)  # groups of any size, padded to 128-row blocks
+    qa, sa = quantize_rows_ref(to_blocks(x, layout).reshape(-1, 256))
     qw, sw = jax.vmap(quantize_blocks_ref)(w)
-    np.testing.assert_allclose(grouped_block_scaled_matmul(qa, sa, qw, sw, sizes),
-                               grouped_block_scaled_matmul_ref(qa, sa, qw, sw, sizes), rtol=1e-5, atol=1e-4)
+    got = grouped_block_scaled_matmul(qa, sa, qw, sw, layout.expert_B)
+    np.testing.assert_allclose(got, grouped_block_scaled_matmul_ref(qa, sa, qw, sw, layout.expert_B), rtol=1e-5,
+                               atol=1e-4)
+    # Block b used expert_B[b]'s weights: its rows equal the dense reference with that weight.
+    b = 2  # the second block of expert 2 (expert 0 fills block 0, expert 1 has none)
+    dense = block_scaled_matmul_ref(qa[b * 128:(b + 1) * 128], sa[b * 128:(b + 1) * 128], qw[2], sw[2])
+    assert int(layout.expert_B[b]) == 2
+    np.testing.assert_allclose(got[b * 128:(b + 1) * 128], dense, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["xla", "pallas"])

@@ -5,7 +5,7 @@ M = N*K routed (token, slot) assignments.
 
 Local expert computation is dropless and never builds an [N, E, D] tensor: the M routed
 (token, expert, gate) assignments are sorted by expert, each expert's contiguous rows go through
-a grouped matmul (`jax.lax.ragged_dot`), are weighted by their gates and scatter-added back to
+a grouped matmul (`model/grouped_gemm.py`: `jax.lax.ragged_dot`, or 128-row blocks on CPU), are weighted by their gates and scatter-added back to
 their tokens (which also serves routers where a token can have any number of experts).
 """
 
@@ -17,37 +17,34 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.grouped_gemm import grouped_matmul
 from dsv3_jax.model.layers import MLP, dtype_of, param
 from dsv3_jax.model.routing import Router, Routing
 
 
 def grouped_swiglu(x_MD: Float[Array, "M D"], group_sizes_E: Int[Array, "E"], w_gate_EDF: Array,
-                   w_up_EDF: Array, w_down_EFD: Array, fp8_backend: str | None = None) -> Float[Array, "M D"]:
+                   w_up_EDF: Array, w_down_EFD: Array, impl: str = "auto", fp8_backend: str | None = None
+                   ) -> Float[Array, "M D"]:
     """SwiGLU over rows already sorted by expert; rows [sum(gs[:e]), sum(gs[:e+1])) use expert e.
 
     `fp8_backend`: the three grouped GEMMs run block-scaled in e4m3 (report §3.3), gradients included.
     """
-    if fp8_backend is not None:
-        from dsv3_jax.quant.fp8 import fp8_grouped
-
-        grouped = lambda x, w, gs: fp8_grouped(x, w, gs, fp8_backend)
-    else:
-        grouped = lambda x, w, gs: jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.float32)
-    gate_MF = grouped(x_MD, w_gate_EDF, group_sizes_E).astype(jnp.float32)
-    up_MF = grouped(x_MD, w_up_EDF, group_sizes_E).astype(jnp.float32)
+    gemm = "dot" if fp8_backend is None else f"fp8:{fp8_backend}"
+    grouped = lambda x, w: grouped_matmul(x, w, group_sizes_E, impl, gemm)
+    gate_MF, up_MF = grouped(x_MD, w_gate_EDF), grouped(x_MD, w_up_EDF)
     h_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_MD.dtype)
-    return grouped(h_MF, w_down_EFD, group_sizes_E).astype(x_MD.dtype)
+    return grouped(h_MF, w_down_EFD).astype(x_MD.dtype)
 
 
 def routed_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_EDF: Array, w_up_EDF: Array,
-                   w_down_EFD: Array, fp8_backend: str | None = None) -> Float[Array, "N D"]:
+                   w_down_EFD: Array, impl: str = "auto", fp8_backend: str | None = None) -> Float[Array, "N D"]:
     """Dropless: sort the M assignments by expert -> grouped matmul -> gate -> scatter-add to tokens."""
     E = w_gate_EDF.shape[0]
     order_M = jnp.argsort(routing.expert_M, stable=True)
     token_M = routing.token_M[order_M]
     x_MD = jnp.take(x_ND, token_M, axis=0)
     group_sizes_E = jnp.bincount(routing.expert_M, length=E).astype(jnp.int32)
-    y_MD = grouped_swiglu(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, fp8_backend).astype(jnp.float32)
+    y_MD = grouped_swiglu(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, impl, fp8_backend).astype(jnp.float32)
     y_MD = y_MD * routing.gate_M[order_M, None].astype(jnp.float32)
     return jnp.zeros(x_ND.shape, jnp.float32).at[token_M].add(y_MD).astype(x_ND.dtype)
 
@@ -64,6 +61,7 @@ class MoE(nnx.Module):
         self.w_down_EFD = param(rngs, (E, F, D), ("expert", "moe_ffn", "embed"), cfg.init_std, pdt)
         self.dtype = dtype_of(cfg.dtype)
         self.fp8_backend = cfg.fp8_backend if cfg.fp8 else None
+        self.grouped_gemm = cfg.grouped_gemm
 
     def __call__(self, x_BTD: Float[Array, "B T D"], token_ids_BT: Array | None = None
                  ) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
@@ -71,7 +69,8 @@ class MoE(nnx.Module):
         routing, stats = self.router(x_BTD, token_ids_BT)
         cast = lambda w: w[...].astype(self.dtype)
         y_ND = routed_experts(x_BTD.reshape(B * T, D).astype(self.dtype), routing,
-                              cast(self.w_gate_EDF), cast(self.w_up_EDF), cast(self.w_down_EFD), self.fp8_backend)
+                              cast(self.w_gate_EDF), cast(self.w_up_EDF), cast(self.w_down_EFD), self.grouped_gemm,
+                              self.fp8_backend)
         y_BTD = y_ND.reshape(B, T, D)
         if self.shared is not None:
             y_BTD = y_BTD + self.shared(x_BTD)

@@ -7,8 +7,9 @@
 Each GEMM accumulates every 128-deep partial in fp32 and applies its scales there. Inputs,
 master weights and gradients stay fp32/bf16; only GEMM operands are e4m3.
 
-Backends: "xla" runs the pure-jnp reference (what CPU training uses: XLA compiles it well);
-"pallas" runs the Pallas kernels (interpret mode on CPU, Triton on GPU).
+Backends: "xla" quantizes with the pure-jnp references and runs one fp32 GEMM over the dequantized
+e4m3 operands (`dequantized_matmul`: the promoted sum within fp32 rounding; what CPU training
+uses); "pallas" runs the Pallas kernels (interpret mode on CPU, Triton on GPU).
 Dimensions that are not multiples of 128 are zero-padded up to the next multiple (zeros add
 nothing to a dot product and get their own, unused, scales); the `tiny` preset therefore runs
 FP8 GEMMs on padded 128-wide operands.
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import BLOCK
-from pallas_kernels.fp8_gemm import block_scaled_matmul, block_scaled_matmul_ref
+from pallas_kernels.fp8_gemm import block_scaled_matmul, dequantized_matmul
 from pallas_kernels.fp8_quant import quantize_blocks, quantize_blocks_ref, quantize_rows, quantize_rows_ref
 
 BACKENDS = ("xla", "pallas")
@@ -43,7 +44,7 @@ def _ops(backend: str):
         return (functools.partial(quantize_rows, interpret=on_cpu), functools.partial(quantize_blocks, interpret=on_cpu),
                 functools.partial(block_scaled_matmul, interpret=on_cpu))
     if backend == "xla":
-        return quantize_rows_ref, quantize_blocks_ref, block_scaled_matmul_ref
+        return quantize_rows_ref, quantize_blocks_ref, dequantized_matmul
     raise ValueError(f"fp8 backend {backend!r} must be one of {BACKENDS}")
 
 
@@ -82,72 +83,26 @@ def _bwd(backend, residuals, dy_MN):
 fp8_matmul.defvjp(_fwd, _bwd)
 
 
-def fp8_ragged_matmul(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array, backend: str = "xla"
-                      ) -> jax.Array:
-    """Grouped FP8 GEMM for routed experts: rows sorted by expert, group sizes given.
-
-    x is quantized in 1x128 tiles, each expert's weight in 128x128 blocks. "pallas": the grouped
-    kernel (pallas_kernels/fp8_grouped_gemm.py). "xla": per 128-wide K block, one `ragged_dot` of
-    the e4m3 values (exact products, fp32 accumulation) times the activation scales (per row) and
-    the weight block's scales (folded into that block's dequantized e4m3 values): the same
-    promoted sum as the kernel, block by block.
-    """
-    M, K = x_MK.shape
-    E, _, N = w_EKN.shape
-    x = _pad_to(x_MK.astype(jnp.float32), 1)
-    w = _pad_to(_pad_to(w_EKN.astype(jnp.float32), 1), 2)
-    Kp, Np = x.shape[1], w.shape[2]
-    if backend == "pallas":
-        from pallas_kernels.fp8_grouped_gemm import grouped_block_scaled_matmul
-
-        quantize_rows_fn, quantize_blocks_fn, _ = _ops("pallas")
-        qx, sx = quantize_rows_fn(x)
-        qw, sw = jax.vmap(quantize_blocks_fn)(w)
-        out = grouped_block_scaled_matmul(qx, sx, qw, sw, group_sizes_E, interpret=jax.default_backend() == "cpu")
-        return out[:, :N]
-    qx, sx_MKb = quantize_rows_ref(x)
-    qw, sw_EKbNb = jax.vmap(quantize_blocks_ref)(w)
-    wq_scaled = (qw.astype(jnp.float32).reshape(E, Kp // BLOCK, BLOCK, Np // BLOCK, BLOCK)
-                 * sw_EKbNb[:, :, None, :, None]).reshape(E, Kp // BLOCK, BLOCK, Np)
-    qx_blocks = qx.astype(jnp.float32).reshape(M, Kp // BLOCK, BLOCK)
-
-    def one_block(acc, k):
-        partial = jax.lax.ragged_dot(qx_blocks[:, k], wq_scaled[:, k], group_sizes_E,
-                                     preferred_element_type=jnp.float32)
-        return acc + partial * sx_MKb[:, k:k + 1], None
-
-    acc = jnp.zeros((M, Np), jnp.float32)
-    for k in range(Kp // BLOCK):  # static, short (K/128)
-        acc, _ = one_block(acc, k)
-    return acc[:, :N]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def fp8_grouped(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array, backend: str = "xla") -> jax.Array:
-    """ragged_dot(x, w, group_sizes) with Fprop, Dgrad and Wgrad as block-scaled FP8 GEMMs."""
-    return fp8_ragged_matmul(x_MK, w_EKN, group_sizes_E, backend).astype(x_MK.dtype)
+    """ragged_dot(x, w, group_sizes) with Fprop, Dgrad and Wgrad as block-scaled FP8 GEMMs.
+
+    Rows go through the padded block layout (`dsv3_jax/model/grouped_gemm.py`): every 128-row
+    block belongs to one expert, so activation tiles (1x128 along K for Fprop / Dgrad, along
+    tokens for Wgrad) never mix experts, and no GEMM touches another expert's rows.
+    """
+    from dsv3_jax.model.grouped_gemm import grouped_matmul
+
+    return grouped_matmul(x_MK, w_EKN, group_sizes_E, gemm=f"fp8:{backend}").astype(x_MK.dtype)
 
 
-def _grouped_fwd(x_MK, w_EKN, group_sizes_E, backend):
-    return fp8_grouped(x_MK, w_EKN, group_sizes_E, backend), (x_MK, w_EKN, group_sizes_E)
+def fp8_grouped_pallas(x_BRK: jax.Array, w_EKN: jax.Array, expert_B: jax.Array) -> jax.Array:
+    """All 128-row blocks through the grouped Pallas kernel in one launch: [B, 128, K] -> fp32 [B, 128, N]."""
+    from pallas_kernels.fp8_grouped_gemm import grouped_block_scaled_matmul
 
-
-def _grouped_bwd(backend, residuals, dy_MN):
-    x_MK, w_EKN, group_sizes_E = residuals
-    dy = dy_MN.astype(jnp.float32)
-    dx = fp8_ragged_matmul(dy, jnp.swapaxes(w_EKN, 1, 2), group_sizes_E, backend)  # Dgrad per expert
-    # Wgrad per expert: x_e^T @ dy_e. Rows of other experts are masked to zero per group.
-    E = w_EKN.shape[0]
-    ends = jnp.cumsum(group_sizes_E)
-    starts = ends - group_sizes_E
-    rows = jnp.arange(x_MK.shape[0])
-
-    def wgrad(e):
-        mask = ((rows >= starts[e]) & (rows < ends[e]))[:, None]
-        return fp8_gemm(jnp.where(mask, x_MK, 0).T.astype(jnp.float32), jnp.where(mask, dy, 0), "blocks", backend)
-
-    dw = jax.lax.map(wgrad, jnp.arange(E))
-    return dx.astype(x_MK.dtype), dw.astype(w_EKN.dtype), None
-
-
-fp8_grouped.defvjp(_grouped_fwd, _grouped_bwd)
+    B, R, _ = x_BRK.shape
+    N = w_EKN.shape[2]
+    quantize_rows_fn, quantize_blocks_fn, _ = _ops("pallas")
+    qx, sx = quantize_rows_fn(_pad_to(x_BRK.reshape(B * R, -1).astype(jnp.float32), 1))
+    qw, sw = jax.vmap(quantize_blocks_fn)(_pad_to(_pad_to(w_EKN.astype(jnp.float32), 1), 2))
+    out = grouped_block_scaled_matmul(qx, sx, qw, sw, expert_B, interpret=jax.default_backend() == "cpu")
+    return out[:, :N].reshape(B, R, N)
