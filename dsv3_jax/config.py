@@ -78,6 +78,10 @@ class ModelConfig:
     # Routed experts' grouped GEMM (model/grouped_gemm.py): "auto" = "blocked" on CPU (XLA:CPU
     # lowers ragged_dot densely over all experts), "ragged_dot" elsewhere.
     grouped_gemm: Literal["auto", "ragged_dot", "blocked"] = "auto"
+    # Routed experts under a mesh with expert > 1 (parallel/expert.py): "gspmd" leaves the dispatch
+    # to XLA's partitioner; "a2a" (all-to-all) and "ring" (all-gather + reduce-scatter) dispatch
+    # explicitly under shard_map (report §3.2.2), dropless. Token-choice routers only.
+    expert_dispatch: Literal["gspmd", "a2a", "ring"] = "gspmd"
 
     def __post_init__(self) -> None:
         _require_each(self, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_dim",
@@ -96,6 +100,11 @@ class ModelConfig:
                  f"model.fp8_backend={self.fp8_backend!r} must be one of: xla, pallas")
         _require(self.grouped_gemm in ("auto", "ragged_dot", "blocked"),
                  f"model.grouped_gemm={self.grouped_gemm!r} must be one of: auto, ragged_dot, blocked")
+        _require(self.expert_dispatch in ("gspmd", "a2a", "ring"),
+                 f"model.expert_dispatch={self.expert_dispatch!r} must be one of: gspmd, a2a, ring")
+        _require(self.expert_dispatch == "gspmd" or self.router != "expert_choice",
+                 f"model.expert_dispatch={self.expert_dispatch} needs a token-choice router (each token picks its "
+                 "experts); model.router=expert_choice lets experts pick tokens: use model.expert_dispatch=gspmd")
         for name in ("dtype", "param_dtype"):
             _require(getattr(self, name) in ("float32", "bfloat16"),
                      f"model.{name}={getattr(self, name)!r} must be one of: float32, bfloat16")
@@ -254,9 +263,10 @@ class Config:
     def __post_init__(self) -> None:
         _require(self.train.seq_len <= self.model.max_seq_len,
                  f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}")
-        batch_shards = self.mesh.data * self.mesh.fsdp
+        batch_shards = self.mesh.data * self.mesh.fsdp * self.mesh.expert  # expert ranks hold their own tokens
         _require(self.train.batch_size % batch_shards == 0,
-                 f"train.batch_size={self.train.batch_size} must be divisible by mesh.data x mesh.fsdp = {batch_shards}")
+                 f"train.batch_size={self.train.batch_size} must be divisible by "
+                 f"mesh.data x mesh.fsdp x mesh.expert = {batch_shards}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

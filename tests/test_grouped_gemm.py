@@ -61,3 +61,17 @@ def test_blocked_grouped_matmul_keeps_bf16_operands_and_jits():
 def test_unknown_impl_is_refused():
     with pytest.raises(ValueError, match="must be one of"):
         grouped_matmul(jnp.zeros((2, 2)), jnp.zeros((1, 2, 2)), jnp.array([2]), "dense")
+
+
+@pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
+def test_rows_past_the_groups_give_zeros_like_ragged_dot(impl):
+    """Expert-parallel receive buffers end in padding rows that belong to no expert."""
+    sizes = jnp.array([3, 0, 130], jnp.int32)
+    x = jax.random.normal(jax.random.key(5), (200, 24))
+    w = jax.random.normal(jax.random.key(6), (3, 24, 16))
+    y = grouped_matmul(x, w, sizes, impl)
+    np.testing.assert_allclose(y[:133], _numpy_grouped(np.asarray(x[:133]), np.asarray(w), [3, 0, 130]),
+                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(y[133:], 0.0)
+    dx = jax.grad(lambda x: jnp.sum(grouped_matmul(x, w, sizes, impl) ** 2))(x)
+    np.testing.assert_array_equal(dx[133:], 0.0)

@@ -58,7 +58,7 @@ def test_logical_table_maps_axes_and_skips_indivisible_dims():
 
 
 def test_mesh_config_errors():
-    with pytest.raises(ConfigError, match="train.batch_size=6 must be divisible by mesh.data x mesh.fsdp = 4"):
+    with pytest.raises(ConfigError, match="train.batch_size=6 must be divisible by mesh.data x mesh.fsdp x mesh.expert = 4"):
         Config(train=TrainConfig(batch_size=6), mesh=MeshConfig(data=2, fsdp=2))
     with pytest.raises(ConfigError, match="pipeline parallelism is not built yet"):
         MeshConfig(pipeline=2)
@@ -69,7 +69,8 @@ def test_cli_trains_on_a_host_device_mesh(tmp_path):
     args = [sys.executable, "-m", "dsv3_jax.cli", "train", "--steps", "3", "--data", "synthetic", "--quiet",
             "--set", "model.vocab_size=384", "--set", "model.n_layers=2", "--set", "train.batch_size=4",
             "--set", "train.seq_len=32", "--run-dir"]
-    out = subprocess.run(args + [str(tmp_path / "r"), "--host-devices", "4", "--mesh", "data=2,expert=2"],
+    out = subprocess.run(args + [str(tmp_path / "r"), "--host-devices", "4", "--mesh", "data=2,expert=2",
+                                 "--set", "model.expert_dispatch=a2a"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "r" / "metrics.jsonl").read_text().count("\n") == 3

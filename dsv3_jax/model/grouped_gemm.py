@@ -36,18 +36,22 @@ class BlockLayout(NamedTuple):
 
 
 def block_layout(group_sizes_E: Int[Array, "E"], n_rows: int) -> BlockLayout:
-    """Pad each expert's rows to a multiple of ROWS. The block count is a static bound:
-    sum_e ceil(g_e / 128) <= (M + E * 127) / 128."""
+    """Pad each expert's rows to a multiple of ROWS. Rows past sum(group_sizes) (as `ragged_dot`
+    allows: they give zeros) land in blocks after the used ones. The block count is a static
+    bound: sum_e ceil(g_e / 128) blocks hold at most M + E * 127 rows."""
     E = group_sizes_E.shape[0]
     blocks_E = (group_sizes_E + ROWS - 1) // ROWS
     block_end_E = jnp.cumsum(blocks_E)
-    row_end_E = jnp.cumsum(group_sizes_E)
+    used_blocks = block_end_E[-1]
+    # One more "group" for the rows past the end, starting right after the used blocks.
+    row_end_G = jnp.cumsum(jnp.append(group_sizes_E, n_rows))
+    slot_start_G = jnp.append(block_end_E - blocks_E, used_blocks) * ROWS
     rows_M = jnp.arange(n_rows)
-    expert_M = jnp.minimum(jnp.searchsorted(row_end_E, rows_M, side="right"), E - 1)
-    destination_M = (block_end_E - blocks_E)[expert_M] * ROWS + rows_M - (row_end_E - group_sizes_E)[expert_M]
-    n_blocks = (n_rows + E * (ROWS - 1)) // ROWS
+    group_M = jnp.searchsorted(row_end_G, rows_M, side="right")
+    destination_M = slot_start_G[group_M] + rows_M - (row_end_G - jnp.append(group_sizes_E, n_rows))[group_M]
+    n_blocks = -(-(n_rows + E * (ROWS - 1)) // ROWS)
     expert_B = jnp.minimum(jnp.searchsorted(block_end_E, jnp.arange(n_blocks), side="right"), E - 1)
-    return BlockLayout(destination_M, expert_B.astype(jnp.int32), block_end_E[-1])
+    return BlockLayout(destination_M, expert_B.astype(jnp.int32), used_blocks)
 
 
 def to_blocks(x_MK: Array, layout: BlockLayout) -> Array:

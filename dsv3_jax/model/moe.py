@@ -20,6 +20,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.grouped_gemm import grouped_matmul
 from dsv3_jax.model.layers import MLP, dtype_of, param
 from dsv3_jax.model.routing import Router, Routing
+from dsv3_jax.parallel.expert import expert_parallel_mesh, expert_parallel_routed_experts
 
 
 def grouped_swiglu(x_MD: Float[Array, "M D"], group_sizes_E: Int[Array, "E"], w_gate_EDF: Array,
@@ -62,15 +63,22 @@ class MoE(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
         self.fp8_backend = cfg.fp8_backend if cfg.fp8 else None
         self.grouped_gemm = cfg.grouped_gemm
+        self.expert_dispatch = cfg.expert_dispatch
 
     def __call__(self, x_BTD: Float[Array, "B T D"], token_ids_BT: Array | None = None
                  ) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
         B, T, D = x_BTD.shape
         routing, stats = self.router(x_BTD, token_ids_BT)
         cast = lambda w: w[...].astype(self.dtype)
-        y_ND = routed_experts(x_BTD.reshape(B * T, D).astype(self.dtype), routing,
-                              cast(self.w_gate_EDF), cast(self.w_up_EDF), cast(self.w_down_EFD), self.grouped_gemm,
-                              self.fp8_backend)
+        x_ND = x_BTD.reshape(B * T, D).astype(self.dtype)
+        weights = cast(self.w_gate_EDF), cast(self.w_up_EDF), cast(self.w_down_EFD)
+        mesh = expert_parallel_mesh() if self.expert_dispatch != "gspmd" else None
+        if mesh is not None:  # token-choice: assignment n * K + k belongs to token n
+            gate_NK, expert_NK = routing.gate_M.reshape(B * T, -1), routing.expert_M.reshape(B * T, -1)
+            y_ND = expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, *weights, mesh, self.expert_dispatch,
+                                                  self.grouped_gemm, self.fp8_backend)
+        else:
+            y_ND = routed_experts(x_ND, routing, *weights, self.grouped_gemm, self.fp8_backend)
         y_BTD = y_ND.reshape(B, T, D)
         if self.shared is not None:
             y_BTD = y_BTD + self.shared(x_BTD)

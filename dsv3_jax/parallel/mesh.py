@@ -3,9 +3,10 @@
 Every weight is declared with logical axis names (`logical_axes` Variable metadata, e.g.
 `("layers", "expert", "embed", "moe_ffn")`); `LOGICAL_RULES` maps each to a mesh axis (or None =
 replicated). Mesh axes: data, fsdp, tensor, expert, pipeline. With these shardings on the
-inputs of a jitted step, XLA's SPMD partitioner (GSPMD) shards the computation: data/fsdp split
-the batch, fsdp also shards weights' embed dim (gathered per layer), tensor splits heads and FFN
-hidden dims, expert splits routed experts. "layers" stays unsharded until a pipeline executor
+inputs of a jitted step, XLA's SPMD partitioner (GSPMD) shards the computation: data/fsdp/expert
+split the batch, fsdp also shards weights' embed dim (gathered per layer), tensor splits heads and
+FFN hidden dims, expert splits routed experts (dispatch by GSPMD, or by explicit all-to-alls:
+parallel/expert.py). "layers" stays unsharded until a pipeline executor
 owns it (DESIGN §4).
 """
 
@@ -21,7 +22,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "pipeline")
 
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),  # expert-parallel ranks are data-parallel ranks (report §3.2)
     "embed": "fsdp",
     "vocab": "tensor",
     "heads": "tensor",
@@ -94,4 +95,5 @@ def tree_shardings(tree, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, logical_spec(("batch", None), (mesh.shape["data"] * mesh.shape["fsdp"], 1), mesh))
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    return NamedSharding(mesh, logical_spec(("batch", None), (shards, 1), mesh))

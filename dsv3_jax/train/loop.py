@@ -165,7 +165,14 @@ def _compile(config: Config, graphdef, optimizer, state):
     train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharded), out_shardings=(state_shardings, None),
                     donate_argnums=0)
     evaluate = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharded))
-    return train, evaluate, state, lambda batch: jax.device_put(batch, batch_sharded)
+
+    def in_mesh(step):  # the mesh in context lets layers that shard_map (expert all-to-all) find it
+        def call(*args):
+            with jax.set_mesh(mesh):
+                return step(*args)
+        return call
+
+    return in_mesh(train), in_mesh(evaluate), state, lambda batch: jax.device_put(batch, batch_sharded)
 
 
 def _evaluate(eval_step, state, val_set: list[np.ndarray]) -> dict[str, float]:
