@@ -243,8 +243,9 @@ class MeshConfig:
     def __post_init__(self) -> None:
         _require_each(self, "mesh", ("data", "fsdp", "tensor", "expert", "pipeline"),
                       lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
-        _require(self.pipeline == 1, f"mesh.pipeline={self.pipeline}: pipeline parallelism is not built yet; "
-                                     "use data, fsdp, tensor and expert")
+        _require(self.pipeline == 1, f"mesh.pipeline={self.pipeline}: the train loop does not run pipelined yet "
+                                     "(schedules and executor: dsv3_jax/parallel/pipeline/); use data, fsdp, tensor "
+                                     "and expert")
 
     @property
     def n_devices(self) -> int:
