@@ -1,4 +1,4 @@
-"""Pipeline bubbles and activation memory of GPipe, 1F1B, DualPipe and DualPipeV (report Table 2, Figure 5).
+"""Pipeline bubbles and activation memory of GPipe, 1F1B, ZB1P, DualPipe and DualPipeV (report Table 2, Figure 5).
 
 Command:   uv run python experiments/pipeline_bubbles.py [--ranks 8 --microbatches 20]
 Runtime:   a second (pure Python: the schedules are data, simulated chunk by chunk).
@@ -25,6 +25,7 @@ def formula(name: str, P: int, c: Costs) -> str:
     fb = c.F + c.B if c.FB is None else c.FB
     return {"gpipe": f"(P-1)(F+B) = {(P - 1) * (c.F + c.B):g}",
             "1f1b": f"(P-1)(F+B) = {(P - 1) * (c.F + c.B):g}",
+            "zb1p": f"(P-1)(F+B-2W) = {(P - 1) * (c.F + c.B - 2 * c.W):g}",
             "dualpipe": f"(P/2-1)(F&B+B-3W) = {(P / 2 - 1) * (fb + c.B - 3 * c.W):g}",
             "dualpipev": f"DualPipe of 2P ranks, half chunks: (P-1)(F&B+B-3W) = {(P - 1) * (fb + c.B - 3 * c.W):g}"}[name]
 

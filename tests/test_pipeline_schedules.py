@@ -33,6 +33,8 @@ def test_bubbles_match_table_2(P, n, costs):
     # 1F1B (and GPipe): (PP - 1)(F + B), B the full backward.
     assert _bubble("1f1b", P, n, costs) == (P - 1) * (costs.F + costs.B)
     assert _bubble("gpipe", P, n, costs) == (P - 1) * (costs.F + costs.B)
+    # ZB1P: (PP - 1)(F + B - 2W).
+    assert _bubble("zb1p", P, n, costs) == pytest.approx((P - 1) * (costs.F + costs.B - 2 * costs.W))
     # DualPipe: (PP/2 - 1)(F&B + B - 3W).
     f_and_b = costs.F + costs.B if costs.FB is None else costs.FB
     assert _bubble("dualpipe", P, n, costs) == pytest.approx((P / 2 - 1) * (f_and_b + costs.B - 3 * costs.W))
@@ -50,6 +52,7 @@ def test_dualpipe_bubble_and_memory_do_not_grow_with_micro_batches():
 def test_peak_activations_match_table_2(P, n):
     assert max(peak_activations(make_schedule("1f1b", P, n))) == P
     assert max(peak_activations(make_schedule("gpipe", P, n))) == n
+    assert max(peak_activations(make_schedule("zb1p", P, n))) == P
     assert max(peak_activations(make_schedule("dualpipe", P, n))) == P + 1  # PP + 1
     assert max(peak_activations(make_schedule("dualpipev", P, n))) == 2 * P + 1  # half-size chunks
 

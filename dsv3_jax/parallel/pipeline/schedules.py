@@ -8,6 +8,9 @@ F&B pairs). Schedules:
 
 - GPipe: all forwards, then all backwards.
 - 1F1B: P - 1 - r warm-up forwards on rank r, then one forward / one backward, then the rest.
+- ZB1P (zero bubble, Qi et al. 2023, "ZB-H1"): 1F1B with each backward split into input and
+  weight parts; rank r holds back its first r weight parts and runs them in the cool-down, where
+  1F1B idles.
 - DualPipe: P ranks (even), rank r holds stage r of the downward pipeline and stage P - 1 - r of
   the upward one (two parameter copies); half the micro-batches enter at each end. Eight phases
   per rank with h = min(r, P - 1 - r) (the published reference schedule, deepseek-ai/DualPipe):
@@ -27,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-SCHEDULES = ("gpipe", "1f1b", "dualpipe", "dualpipev")
+SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
 
 
 class Op(NamedTuple):
@@ -70,6 +73,23 @@ def one_f_one_b(n_ranks: int, n_mb: int) -> Schedule:
         ops += [Op("B", m, r) for m in range(n_mb - warmup, n_mb)]
         ranks.append(tuple(ops))
     return Schedule("1f1b", n_ranks, n_mb, n_ranks, tuple(ranks))
+
+
+def zero_bubble_1p(n_ranks: int, n_mb: int) -> Schedule:
+    ranks = []
+    for r in range(n_ranks):
+        warmup = min(n_ranks - 1 - r, n_mb)
+        ops, deferred = [Op("F", m, r) for m in range(warmup)], []
+        for m in range(n_mb):  # one input-backward each; a forward first while any are left
+            if warmup + m < n_mb:
+                ops.append(Op("F", warmup + m, r))
+            ops.append(Op("I", m, r))
+            deferred.append(m)
+            if len(deferred) > r or warmup + m >= n_mb:  # the steady state keeps r weight parts back
+                ops.append(Op("W", deferred.pop(0), r))
+        ops += [Op("W", m, r) for m in deferred]
+        ranks.append(tuple(ops))
+    return Schedule("zb1p", n_ranks, n_mb, n_ranks, tuple(ranks))
 
 
 def _dual_phases(h: int, half: int, per_phase: int) -> list[tuple[str, int]]:
@@ -132,6 +152,8 @@ def make_schedule(name: str, n_ranks: int, n_microbatches: int) -> Schedule:
         return gpipe(n_ranks, n_microbatches)
     if name == "1f1b":
         return one_f_one_b(n_ranks, n_microbatches)
+    if name == "zb1p":
+        return zero_bubble_1p(n_ranks, n_microbatches)
     return _dual(name, n_ranks, n_microbatches)
 
 
