@@ -14,22 +14,30 @@ pytestmark = pytest.mark.multidevice
 P_RANKS, N_MB = 4, 8
 
 
-def stage_fn(p, x_BD):  # a residual MLP block: output shaped like its input
+def block(p, x_BD):  # a residual MLP block: output shaped like its input
     return x_BD + jnp.tanh(x_BD @ p["w_in"]) @ p["w_out"]
 
 
-def loss_fn(y_BD, target_BD):
-    return jnp.mean((y_BD - target_BD) ** 2)
+def stage_fn(p, x_BD):  # with a stage loss (like MoE balance losses) and a statistic
+    y_BD = block(p, x_BD)
+    return y_BD, 0.01 * jnp.mean(y_BD ** 2), {"count": jnp.ones(()), "mean_abs": jnp.mean(jnp.abs(y_BD))}
 
 
-def reference(params_S, x_MBD, target_MBD):
-    def total(params, x_MBD):
+def loss_fn(head, y_BD, target_BD):
+    loss = jnp.mean((y_BD @ head["w"] - target_BD) ** 2)
+    return loss, {"loss": loss}
+
+
+def reference(params_S, head, x_MBD, target_MBD):
+    def total(params, head, x_MBD):
         def one(x_BD, target_BD):
+            stage_losses = 0.0
             for s in range(params["w_in"].shape[0]):
-                x_BD = stage_fn(jax.tree.map(lambda a: a[s], params), x_BD)
-            return loss_fn(x_BD, target_BD)
+                x_BD, stage_loss, _ = stage_fn(jax.tree.map(lambda a: a[s], params), x_BD)
+                stage_losses += stage_loss
+            return loss_fn(head, x_BD, target_BD)[0] + stage_losses
         return jnp.sum(jax.vmap(one)(x_MBD, target_MBD))
-    return jax.value_and_grad(total, argnums=(0, 1))(params_S, x_MBD)
+    return jax.value_and_grad(total, argnums=(0, 1, 2))(params_S, head, x_MBD)
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
@@ -41,14 +49,26 @@ def test_pipelined_gradients_equal_unpipelined(name):
     keys = jax.random.split(jax.random.key(0), 4)
     params = {"w_in": jax.random.normal(keys[0], (S, D, 16)) * 0.3, "w_out": jax.random.normal(keys[1], (S, 16, D)) * 0.3}
     x = jax.random.normal(keys[2], (N_MB, 2, D))
-    target = jax.random.normal(keys[3], (N_MB, 2, D))
+    target = jax.random.normal(keys[3], (N_MB, 2, 4))
+    head = {"w": jax.random.normal(jax.random.key(9), (D, 4))}
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, "pipeline": P_RANKS})
-    run = jax.jit(lambda p, x, t: pipeline_value_and_grad(stage_fn, loss_fn, schedule, mesh, p, x, t))
-    loss, grads, dx = run(params, x, target)
-    want_loss, (want_grads, want_dx) = reference(params, x, target)
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, want_grads)
-    np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-6)
+    run = jax.jit(lambda p, h, x, t: pipeline_value_and_grad(stage_fn, loss_fn, schedule, mesh, p, h, x, t))
+    got = run(params, head, x, target)
+    want_loss, (want_grads, want_head, want_dx) = reference(params, head, x, target)
+    np.testing.assert_allclose(got.loss, want_loss, rtol=1e-5)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    jax.tree.map(close, got.stage_grads, want_grads)
+    jax.tree.map(close, got.head_grads, want_head)
+    close(got.dx_MA, want_dx)
+    # Stats: every stage saw every micro-batch once; the head's summed losses are the reference's.
+    np.testing.assert_array_equal(got.stage_stats["count"], np.full(S, N_MB))
+    head_losses = 0.0
+    for m in range(N_MB):
+        h = x[m]
+        for s in range(S):
+            h = block(jax.tree.map(lambda a: a[s], params), h)
+        head_losses += loss_fn(head, h, target[m])[0]
+    np.testing.assert_allclose(got.head_stats["loss"], head_losses, rtol=1e-5)
 
 
 def test_tick_table_follows_the_schedule_order_and_dependencies():

@@ -7,18 +7,19 @@ each neighbour at the end of the tick (DualPipeV's turn at the bottom of the V s
 rank). Backward for inputs and for weights are separate `jax.vjp` pieces that recompute the
 stage forward from its stored input, so W can run ticks after I (zero-bubble style).
 
-Stages are homogeneous: `stage_fn(stage_params, x) -> y` with y shaped like x (a slice of decoder
-blocks); `loss_fn(y, target) -> scalar` closes the last stage. `pipeline_value_and_grad` returns
-the summed loss over micro-batches, its gradient for every stage's parameters (DualPipe's two
-copies of a stage summed, as its copies must stay equal) and for the first stage's inputs (to
-continue into the embedding). Activations are stored for every micro-batch here (a buffer of
+Stages are homogeneous: `stage_fn(stage_params, x) -> (y, stage_loss, stats)` with y shaped like x
+(a slice of decoder blocks; stage_loss e.g. its balance losses); `loss_fn(head_params, y, target)
+-> (loss, stats)` closes the last stage. `pipeline_value_and_grad` returns the summed loss over
+micro-batches, its gradient for every stage's parameters (DualPipe's two copies of a stage
+summed, as its copies must stay equal), for the head's parameters and for the first stage's
+inputs (to continue into the embedding), and the summed stats. Activations are stored for every micro-batch here (a buffer of
 n_microbatches per local stage), not only the schedule's peak: the executor shows the schedules
 compute exactly the unpipelined gradients; the memory of Table 2 is read from the schedules.
 """
 
 from __future__ import annotations
 
-import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -94,10 +95,24 @@ def tick_table(schedule: Schedule) -> np.ndarray:
     return np.stack(rows)
 
 
-def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_S, x_MA, target_M):
-    """(sum_m loss_fn(stages(x_m), target_m), d/d params_S, d/d x_MA), run pipelined over `mesh`'s
-    `pipeline` axis. params_S: a pytree whose leaves stack the S stages on axis 0; x_MA: the
-    micro-batches' first-stage inputs [n_microbatches, ...]; target_M: their targets."""
+class PipelineResult(NamedTuple):
+    loss: jax.Array  # sum over micro-batches of every stage's loss and the head's loss
+    stage_grads: Any  # like params_S (DualPipe's two copies of a stage summed)
+    head_grads: Any  # like head_params
+    dx_MA: jax.Array  # d loss / d first-stage inputs
+    stage_stats: Any  # stage_fn's stats summed over micro-batches, stacked over stages
+    head_stats: Any  # loss_fn's stats summed over micro-batches
+
+
+def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_S, head_params, x_MA, target_M
+                            ) -> PipelineResult:
+    """The summed loss over micro-batches and its gradients, run pipelined over `mesh`'s `pipeline` axis.
+
+    stage_fn(stage_params, x) -> (y, stage_loss, stats): y shaped like x; stage_loss a scalar added
+    to the objective (e.g. balance losses); stats summed, no gradient. loss_fn(head_params, y, target)
+    -> (loss, stats) closes the last stage. params_S: leaves stack the S stages on axis 0;
+    head_params: replicated; x_MA: the micro-batches' first-stage inputs; target_M: their targets.
+    """
     n_ranks = mesh.shape["pipeline"]
     if n_ranks != schedule.n_ranks:
         raise ValueError(f"schedule for {schedule.n_ranks} ranks on mesh.pipeline={n_ranks}")
@@ -105,15 +120,25 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
     stage_of_slot = np.array([[stage for _, stage in slots] for slots in local_stages(schedule)])  # [P, L]
     params_PL = jax.tree.map(lambda p: p[stage_of_slot], params_S)
     L, n_mb = stage_of_slot.shape[1], x_MA.shape[0]
+    one_stage = jax.tree.map(lambda p: p[0], params_S)
+    _, _, stats_shape = jax.eval_shape(stage_fn, one_stage, x_MA[0])
+    _, head_stats_shape = jax.eval_shape(loss_fn, head_params, x_MA[0], target_M[0])
+    zeros = lambda tree, lead=(): jax.tree.map(lambda a: jnp.zeros(lead + a.shape, a.dtype), tree)
 
-    def rank_program(params_1L, x_MA, target_M):
+    def stage_io(p, x):  # ((y, stage_loss), stats): vjp takes cotangent (dy, 1) for the pair
+        y, stage_loss, stats = stage_fn(p, x)
+        return (y, stage_loss.astype(jnp.float32)), stats
+
+    def rank_program(params_1L, head_params, x_MA, target_M):
         params = jax.tree.map(lambda p: p[0], params_1L)
         rank = jax.lax.axis_index("pipeline")
         act = jnp.zeros((L, n_mb) + x_MA.shape[1:], x_MA.dtype)
         state0 = dict(stash=act, fwd_box=act, bwd_box=act, grads=jax.tree.map(jnp.zeros_like, params),
-                      dx=jnp.zeros_like(x_MA), loss=jnp.zeros((), jnp.float32))
+                      head_grads=jax.tree.map(jnp.zeros_like, head_params), dx=jnp.zeros_like(x_MA),
+                      loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, (L,)), head_stats=zeros(head_stats_shape))
         at = lambda slot: jax.tree.map(lambda p: p[slot], params)
         no_msg = jnp.zeros(x_MA.shape[1:], x_MA.dtype)
+        add = lambda tree, more: jax.tree.map(jnp.add, tree, more)
 
         def idle(state, row):
             return state, no_msg
@@ -121,26 +146,38 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         def forward(state, row):
             _, slot, mb, first, last = row[:5]
             x = jnp.where(first == 1, x_MA[mb], state["fwd_box"][slot, mb])
-            y = stage_fn(at(slot), x)
+            (y, stage_loss), stats = stage_io(at(slot), x)
+
+            def close(y):  # the last stage: the head's loss, its gradients and the y cotangent
+                head = jax.value_and_grad(lambda hp, y: loss_fn(hp, y, target_M[mb]), argnums=(0, 1), has_aux=True)
+                (loss, head_stats), (d_head, dy) = head(head_params, y)
+                return loss.astype(jnp.float32), head_stats, d_head, dy
+
+            nothing = lambda y: (jnp.zeros((), jnp.float32), zeros(head_stats_shape),
+                                 jax.tree.map(jnp.zeros_like, head_params), jnp.zeros_like(y))
             is_last = last == 1
-            loss, dy = jax.lax.cond(is_last, lambda y: jax.value_and_grad(loss_fn)(y, target_M[mb]),
-                                    lambda y: (jnp.zeros((), jnp.float32), jnp.zeros_like(y)), y)
+            loss, head_stats, d_head, dy = jax.lax.cond(is_last, close, nothing, y)
             state = dict(state, stash=state["stash"].at[slot, mb].set(x),
                          bwd_box=state["bwd_box"].at[slot, mb].set(jnp.where(is_last, dy, state["bwd_box"][slot, mb])),
-                         loss=state["loss"] + jnp.where(is_last, loss, 0.0))
+                         loss=state["loss"] + stage_loss + loss, head_grads=add(state["head_grads"], d_head),
+                         head_stats=add(state["head_stats"], head_stats),
+                         stats=jax.tree.map(lambda acc, v: acc.at[slot].add(v), state["stats"], stats))
             return state, y
+
+        def cotangent(state, slot, mb):
+            return state["bwd_box"][slot, mb], jnp.ones((), jnp.float32)
 
         def input_grad(state, row):
             slot, mb, first = row[1], row[2], row[3]
-            _, vjp = jax.vjp(lambda x: stage_fn(at(slot), x), state["stash"][slot, mb])
-            (dx,) = vjp(state["bwd_box"][slot, mb])
+            _, vjp, _ = jax.vjp(lambda x: stage_io(at(slot), x), state["stash"][slot, mb], has_aux=True)
+            (dx,) = vjp(cotangent(state, slot, mb))
             dx_out = state["dx"].at[mb].set(jnp.where(first == 1, dx, state["dx"][mb]))
             return dict(state, dx=dx_out), dx
 
         def weight_grad(state, row):
             slot, mb = row[1], row[2]
-            _, vjp = jax.vjp(lambda p: stage_fn(p, state["stash"][slot, mb]), at(slot))
-            (dp,) = vjp(state["bwd_box"][slot, mb])
+            _, vjp, _ = jax.vjp(lambda p: stage_io(p, state["stash"][slot, mb]), at(slot), has_aux=True)
+            (dp,) = vjp(cotangent(state, slot, mb))
             grads = jax.tree.map(lambda g, d: g.at[slot].add(d), state["grads"], dp)
             return dict(state, grads=grads), no_msg
 
@@ -166,12 +203,15 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
             return state
 
         state = jax.lax.fori_loop(0, table.shape[0], tick, state0)
-        add_rank_axis = lambda a: a[None]
-        return (add_rank_axis(state["loss"]), jax.tree.map(add_rank_axis, state["grads"]), add_rank_axis(state["dx"]))
+        per_rank = lambda tree: jax.tree.map(lambda a: a[None], tree)
+        total = lambda tree: jax.tree.map(lambda a: jax.lax.psum(a, "pipeline"), tree)
+        return (total(state["loss"]), per_rank(state["grads"]), total(state["head_grads"]), total(state["dx"]),
+                per_rank(state["stats"]), total(state["head_stats"]))
 
-    run = jax.shard_map(rank_program, mesh=mesh, in_specs=(P("pipeline"), P(), P()),
-                        out_specs=(P("pipeline"), P("pipeline"), P("pipeline")), check_vma=False)
-    loss_P, grads_PL, dx_PMA = run(params_PL, x_MA, target_M)
+    run = jax.shard_map(rank_program, mesh=mesh, in_specs=(P("pipeline"), P(), P(), P()),
+                        out_specs=(P(), P("pipeline"), P(), P(), P("pipeline"), P()), check_vma=False)
+    loss, grads_PL, head_grads, dx_MA, stats_PL, head_stats = run(params_PL, head_params, x_MA, target_M)
     S = jax.tree.leaves(params_S)[0].shape[0]
-    grads_S = jax.tree.map(lambda g: jnp.zeros((S,) + g.shape[2:], g.dtype).at[stage_of_slot].add(g), grads_PL)
-    return loss_P.sum(), grads_S, dx_PMA.sum(0)
+    by_stage = lambda tree: jax.tree.map(
+        lambda g: jnp.zeros((S,) + g.shape[2:], g.dtype).at[stage_of_slot].add(g), tree)
+    return PipelineResult(loss, by_stage(grads_PL), head_grads, dx_MA, by_stage(stats_PL), head_stats)
