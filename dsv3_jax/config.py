@@ -214,10 +214,13 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    # Pipeline parallelism (mesh.pipeline > 1, report §3.2.1): schedule and micro-batches per step.
+    pipeline_schedule: str = "1f1b"
+    microbatches: int = 8
 
     def __post_init__(self) -> None:
         _require_each(self, "train", ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
-                                      "checkpoint_every", "keep_checkpoints"),
+                                      "checkpoint_every", "keep_checkpoints", "microbatches"),
                       lambda v: isinstance(v, int) and v > 0, "a positive integer")
         _require(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
         _require(self.lr > 0 and math.isfinite(self.lr), f"train.lr={self.lr} must be a positive number")
@@ -243,9 +246,7 @@ class MeshConfig:
     def __post_init__(self) -> None:
         _require_each(self, "mesh", ("data", "fsdp", "tensor", "expert", "pipeline"),
                       lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
-        _require(self.pipeline == 1, f"mesh.pipeline={self.pipeline}: the train loop does not run pipelined yet "
-                                     "(schedules and executor: dsv3_jax/parallel/pipeline/); use data, fsdp, tensor "
-                                     "and expert")
+
 
     @property
     def n_devices(self) -> int:
@@ -264,10 +265,30 @@ class Config:
     def __post_init__(self) -> None:
         _require(self.train.seq_len <= self.model.max_seq_len,
                  f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}")
+        if self.mesh.pipeline > 1:
+            self._check_pipeline()
         batch_shards = self.mesh.data * self.mesh.fsdp * self.mesh.expert  # expert ranks hold their own tokens
         _require(self.train.batch_size % batch_shards == 0,
                  f"train.batch_size={self.train.batch_size} must be divisible by "
                  f"mesh.data x mesh.fsdp x mesh.expert = {batch_shards}")
+
+    def _check_pipeline(self) -> None:
+        from dsv3_jax.parallel.pipeline.schedules import SCHEDULES
+
+        m = self.mesh
+        _require(self.train.pipeline_schedule in SCHEDULES, f"train.pipeline_schedule="
+                 f"{self.train.pipeline_schedule!r} must be one of: {', '.join(SCHEDULES)}")
+        _require(m.data == m.fsdp == m.tensor == m.expert == 1,
+                 f"mesh.pipeline={m.pipeline} runs alone for now: set mesh.data, fsdp, tensor and expert to 1")
+        _require(self.model.router != "hash" and self.model.expert_dispatch == "gspmd",
+                 "mesh.pipeline > 1 needs a router that does not read token ids (not hash) and "
+                 "model.expert_dispatch=gspmd")
+        from dsv3_jax.train.pipelined import check_pipeline_config
+
+        try:
+            check_pipeline_config(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -152,14 +152,17 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
 
 def _compile(config: Config, graphdef, optimizer, state):
     """Jitted train / eval steps; under a mesh (config.mesh > 1 device) the state and batches are
-    sharded by the logical-axis table and XLA partitions the step (parallel/mesh.py)."""
-    train_step = make_train_step(config, graphdef, optimizer)
+    sharded by the logical-axis table and XLA partitions the step (parallel/mesh.py); with
+    mesh.pipeline > 1 the MoE stack runs through the pipeline schedule."""
     eval_step = make_eval_step(config, graphdef)
     if config.mesh.n_devices == 1:
-        return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), state, lambda batch: batch
+        return (jax.jit(make_train_step(config, graphdef, optimizer), donate_argnums=0), jax.jit(eval_step), state,
+                lambda batch: batch)
     from dsv3_jax.parallel.mesh import batch_sharding, make_mesh, tree_shardings
 
     mesh = make_mesh(config.mesh)
+    # mesh.pipeline > 1: the MoE stack runs through train.pipeline_schedule (train/pipelined.py).
+    train_step = make_train_step(config, graphdef, optimizer, pipeline_mesh=mesh if config.mesh.pipeline > 1 else None)
     state_shardings, batch_sharded = tree_shardings(state, mesh), batch_sharding(mesh)
     state = jax.device_put(state, state_shardings)
     train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharded), out_shardings=(state_shardings, None),

@@ -52,7 +52,10 @@ def update_routing_bias(routing_bias: nnx.State, stats: dict[str, jax.Array], co
     return jax.tree.map_with_path(update, routing_bias, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation):
+def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    pipeline_mesh=None):
+    """The pure train step. With `pipeline_mesh` (mesh.pipeline > 1) the loss and gradients come from
+    the pipeline schedule (train/pipelined.py); everything after them is the same code."""
     tc = config.train
     schedule = lr_schedule(tc)
     weights = aux_weights(config)
@@ -62,9 +65,14 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
         parts = total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens_BS, tc.mtp_lambda, weights)
         return parts.total, (parts, out.stats)
 
+    loss_and_grads = jax.value_and_grad(loss_fn, has_aux=True)
+    if pipeline_mesh is not None:
+        from dsv3_jax.train.pipelined import make_pipelined_loss_and_grads
+
+        loss_and_grads = make_pipelined_loss_and_grads(config, graphdef, pipeline_mesh, weights)
+
     def train_step(state: TrainState, tokens_BS: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-        (_, (parts, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.routing_bias, tokens_BS)
+        (_, (parts, stats)), grads = loss_and_grads(state.params, state.routing_bias, tokens_BS)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         routing_bias = update_routing_bias(state.routing_bias, stats, config)
