@@ -35,7 +35,9 @@ def _pipelined(config, schedule):
                                train=dataclasses.replace(config.train, pipeline_schedule=schedule))
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb1p", "dualpipe", "dualpipev"])
+# Two schedules that cover split backward (I/W), two directions and two parameter copies; every
+# schedule's executor gradients are checked on generic stages in test_pipeline_executor.py.
+@pytest.mark.parametrize("schedule", ["zb1p", "dualpipe"])
 def test_pipelined_gradients_equal_unpipelined(reference, schedule):
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 (host) devices")
@@ -60,7 +62,7 @@ def test_pipelined_train_step_equals_unpipelined(reference):
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 (host) devices")
     config, graphdef, optimizer, state, tokens, want_state, want = reference
-    config = _pipelined(config, "dualpipe")
+    config = _pipelined(config, "dualpipev")  # 4 stages on 2 ranks in a V
     got_state, got = jax.jit(make_train_step(config, graphdef, optimizer, pipeline_mesh=make_mesh(config.mesh)))(
         state, tokens)
     for key in ("loss", "lm_loss", "mtp_loss", "balance_loss", "max_vio", "router_entropy", "grad_norm"):
