@@ -8,7 +8,8 @@ Two implementations (`impl`):
   to one expert; a `lax.scan` runs one (128 x K) @ (K x N) GEMM per block against its expert's
   weight and skips the padding-only blocks at the end. XLA:CPU lowers ragged_dot densely (every
   row against every expert, E times the FLOPs: 11x slower than "blocked" at the `small` preset's
-  expert shapes, 3.6x at `tiny`'s), so "auto" is "blocked" on CPU and "ragged_dot" elsewhere.
+  expert shapes, 3.6x at `tiny`'s; experiments/results/grouped_gemm_cpu.md), so "auto" is
+  "blocked" on CPU and "ragged_dot" elsewhere.
 
 The block layout is also what the FP8 recipe needs for experts (report §3.3): Wgrad quantizes
 x^T in 1x128 tiles along tokens, and with 128-row blocks no tile straddles two experts. `gemm`

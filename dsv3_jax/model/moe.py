@@ -5,8 +5,10 @@ M = N*K routed (token, slot) assignments.
 
 Local expert computation is dropless and never builds an [N, E, D] tensor: the M routed
 (token, expert, gate) assignments are sorted by expert, each expert's contiguous rows go through
-a grouped matmul (`model/grouped_gemm.py`: `jax.lax.ragged_dot`, or 128-row blocks on CPU), are weighted by their gates and scatter-added back to
-their tokens (which also serves routers where a token can have any number of experts).
+a grouped matmul (`model/grouped_gemm.py`: `jax.lax.ragged_dot`, or 128-row blocks on CPU), are
+weighted by their gates and scatter-added back to their tokens (which also serves routers where a
+token can have any number of experts). Under a mesh with `model.expert_dispatch` a2a / ring, the
+routed experts run expert-parallel (`parallel/expert.py`).
 """
 
 from __future__ import annotations

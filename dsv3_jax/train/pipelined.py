@@ -114,7 +114,8 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
         stats = {k: mean_or_sum(k, v) for k, v in {**per_layer, **result.head_stats}.items()
                  if k not in ("lm", "mtp", "balance")}
         head = result.head_stats
-        balance = aux_loss({k: v for k, v in stats.items() if not k.startswith("mtp_")}, aux_weights) + head["balance"] / n_mb
+        main_stack = {k: v for k, v in stats.items() if not k.startswith("mtp_")}
+        balance = aux_loss(main_stack, aux_weights) + head["balance"] / n_mb
         parts = LossParts(result.loss, head["lm"] / n_mb, head["mtp"] / n_mb, balance)
         return (result.loss, (parts, stats)), grads
 

@@ -12,9 +12,10 @@ Stages are homogeneous: `stage_fn(stage_params, x) -> (y, stage_loss, stats)` wi
 -> (loss, stats)` closes the last stage. `pipeline_value_and_grad` returns the summed loss over
 micro-batches, its gradient for every stage's parameters (DualPipe's two copies of a stage
 summed, as its copies must stay equal), for the head's parameters and for the first stage's
-inputs (to continue into the embedding), and the summed stats. Activations are stored for every micro-batch here (a buffer of
-n_microbatches per local stage), not only the schedule's peak: the executor shows the schedules
-compute exactly the unpipelined gradients; the memory of Table 2 is read from the schedules.
+inputs (to continue into the embedding), and the summed stats. Activations are stored for every
+micro-batch here (a buffer of n_microbatches per local stage), not only the schedule's peak: the
+executor shows the schedules compute exactly the unpipelined gradients; the memory of Table 2 is
+read from the schedules.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         act = jnp.zeros((L, n_mb) + x_MA.shape[1:], x_MA.dtype)
         state0 = dict(stash=act, fwd_box=act, bwd_box=act, grads=jax.tree.map(jnp.zeros_like, params),
                       head_grads=jax.tree.map(jnp.zeros_like, head_params), dx=jnp.zeros_like(x_MA),
-                      loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, (L,)), head_stats=zeros(head_stats_shape))
+                      loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, (L,)),
+                      head_stats=zeros(head_stats_shape))
         at = lambda slot: jax.tree.map(lambda p: p[slot], params)
         no_msg = jnp.zeros(x_MA.shape[1:], x_MA.dtype)
         add = lambda tree, more: jax.tree.map(jnp.add, tree, more)

@@ -205,7 +205,8 @@ def simulate(schedule: Schedule, costs: Costs = Costs()) -> Timeline:
     for r, ops in enumerate(schedule.ranks):
         for op in ops:
             if schedule.rank_of(op) != r:
-                raise ValueError(f"{schedule.name}: rank {r} runs {op}, whose stage lives on rank {schedule.rank_of(op)}")
+                raise ValueError(f"{schedule.name}: rank {r} runs {op}, "
+                                 f"whose stage lives on rank {schedule.rank_of(op)}")
             key = (op.kind, op.mb, op.stage, op.direction)
             if key in seen:
                 raise ValueError(f"{schedule.name}: {op} appears twice")
