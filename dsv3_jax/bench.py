@@ -68,7 +68,7 @@ def bench_fp8(m: int, k: int, ns: list[int], backends: list[str], repeats: int =
     what a routed expert GEMM costs in training), at the given shapes."""
     from pallas_kernels.fp8_gemm import block_scaled_matmul, dequantized_matmul
     from pallas_kernels.fp8_quant import quantize_blocks_ref, quantize_rows_ref
-    from dsv3_jax.quant.fp8 import fp8_grouped
+    from dsv3_jax.model.grouped_gemm import grouped_matmul
 
     rows = []
     on_cpu = jax.default_backend() == "cpu"
@@ -95,7 +95,7 @@ def bench_fp8(m: int, k: int, ns: list[int], backends: list[str], repeats: int =
         sizes = jnp.full((experts,), m // experts, jnp.int32)
         w = jax.random.normal(jax.random.key(2), (experts, k, n), jnp.float32)
         for backend in backends:
-            grouped = jax.jit(lambda x, w, sizes: fp8_grouped(x, w, sizes, backend))
+            grouped = jax.jit(lambda x, w, sizes: grouped_matmul(x, w, sizes, fp8_backend=backend))
             t = _timed(lambda: grouped(a, w, sizes), repeats)
             rows.append({"op": f"fp8 grouped, {experts} experts ({backend})", "M": m, "K": k, "N": n, "ms": 1e3 * t,
                          "TFLOP/s": flops / t / 1e12, "speed-up vs bf16": base / t})

@@ -51,6 +51,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def _load_config(args: argparse.Namespace):
     from dsv3_jax.config import config_from_json
+    from dsv3_jax.validate import validate
 
     if getattr(args, "config", None):
         path = Path(args.config)
@@ -75,7 +76,7 @@ def _load_config(args: argparse.Namespace):
             overrides.extend(mesh_overrides(args.mesh))
         except ValueError as e:
             raise UsageError(str(e)) from None
-    return apply_overrides(config, overrides)
+    return validate(apply_overrides(config, overrides))
 
 
 def cmd_train(args: argparse.Namespace) -> None:

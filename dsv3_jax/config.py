@@ -2,11 +2,14 @@
 
 Every value is checked in `__post_init__`; a bad value raises `ConfigError` whose message
 names the field, the value, and what is allowed (the CLI prints it as one line, exit 2).
+This module imports nothing from the package: checks that need another module's knowledge
+(registered routers, pipeline stages, how the mesh shards the batch) live in `validate.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -28,6 +31,28 @@ def _require_each(obj, section: str, names: tuple[str, ...], ok, allowed: str) -
     for name in names:
         value = getattr(obj, name)
         _require(ok(value), f"{section}.{name}={value!r} must be {allowed}")
+
+
+@functools.cache
+def _choice_fields(cls: type) -> dict[str, tuple[str, ...]]:
+    return {name: typing.get_args(annotation) for name, annotation in typing.get_type_hints(cls).items()
+            if typing.get_origin(annotation) is Literal}
+
+
+def _require_choices(obj, section: str) -> None:
+    """Every `Literal`-typed field holds one of its declared options (the one list of them)."""
+    for name, allowed in _choice_fields(type(obj)).items():
+        value = getattr(obj, name)
+        _require(value in allowed, f"{section}.{name}={value!r} must be one of: {', '.join(allowed)}")
+
+
+# The options of each choice field, declared once; the modules that implement them read these.
+DType = Literal["float32", "bfloat16"]
+ScoreFunc = Literal["sigmoid", "softmax"]
+Fp8Backend = Literal["xla", "pallas"]  # quant/fp8.py
+GroupedGemmImpl = Literal["auto", "ragged_dot", "blocked"]  # model/grouped_gemm.py
+ExpertDispatch = Literal["gspmd", "a2a", "ring"]  # parallel/expert.py
+PipelineSchedule = Literal["gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"]  # parallel/pipeline/schedules.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +77,7 @@ class ModelConfig:
     n_group: int = 4
     topk_group: int = 2
     routed_scaling_factor: float = 2.5
-    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    score_func: ScoreFunc = "sigmoid"
     norm_topk_prob: bool = True
     # Routing lab (model/routing.py): a registered router, and "+"-joined balancers.
     router: str = "deepseek_v3"
@@ -67,21 +92,21 @@ class ModelConfig:
     yarn_mscale_all_dim: float = 1.0
     max_seq_len: int = 256
     mtp_depth: int = 1  # D sequential MTP modules (eq. 21-25); 0 disables MTP
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
-    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
+    dtype: DType = "float32"  # compute dtype
+    param_dtype: DType = "float32"  # master weights
     init_std: float = 0.02
     norm_eps: float = 1e-6
     remat: bool = False  # rematerialise each scanned layer in the backward pass
     # FP8 (report §3.3): block-scaled e4m3 GEMMs for MLA projections, FFNs and experts.
     fp8: bool = False
-    fp8_backend: Literal["xla", "pallas"] = "xla"
+    fp8_backend: Fp8Backend = "xla"
     # Routed experts' grouped GEMM (model/grouped_gemm.py): "auto" = "blocked" on CPU (XLA:CPU
     # lowers ragged_dot densely over all experts), "ragged_dot" elsewhere.
-    grouped_gemm: Literal["auto", "ragged_dot", "blocked"] = "auto"
+    grouped_gemm: GroupedGemmImpl = "auto"
     # Routed experts under a mesh with expert > 1 (parallel/expert.py): "gspmd" leaves the dispatch
     # to XLA's partitioner; "a2a" (all-to-all) and "ring" (all-gather + reduce-scatter) dispatch
     # explicitly under shard_map (report §3.2.2), dropless. Token-choice routers only.
-    expert_dispatch: Literal["gspmd", "a2a", "ring"] = "gspmd"
+    expert_dispatch: ExpertDispatch = "gspmd"
 
     def __post_init__(self) -> None:
         _require_each(self, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_dim",
@@ -94,23 +119,12 @@ class ModelConfig:
                  f"model.qk_rope_dim={self.qk_rope_dim} must be a positive even integer (RoPE rotates pairs)")
         _require(self.first_k_dense <= self.n_layers,
                  f"model.first_k_dense={self.first_k_dense} must be <= model.n_layers={self.n_layers}")
-        _require(self.score_func in ("sigmoid", "softmax"),
-                 f"model.score_func={self.score_func!r} must be one of: sigmoid, softmax")
-        _require(self.fp8_backend in ("xla", "pallas"),
-                 f"model.fp8_backend={self.fp8_backend!r} must be one of: xla, pallas")
-        _require(self.grouped_gemm in ("auto", "ragged_dot", "blocked"),
-                 f"model.grouped_gemm={self.grouped_gemm!r} must be one of: auto, ragged_dot, blocked")
-        _require(self.expert_dispatch in ("gspmd", "a2a", "ring"),
-                 f"model.expert_dispatch={self.expert_dispatch!r} must be one of: gspmd, a2a, ring")
+        _require_choices(self, "model")
         _require(self.expert_dispatch == "gspmd" or self.router != "expert_choice",
                  f"model.expert_dispatch={self.expert_dispatch} needs a token-choice router (each token picks its "
                  "experts); model.router=expert_choice lets experts pick tokens: use model.expert_dispatch=gspmd")
-        for name in ("dtype", "param_dtype"):
-            _require(getattr(self, name) in ("float32", "bfloat16"),
-                     f"model.{name}={getattr(self, name)!r} must be one of: float32, bfloat16")
         if self.n_moe_layers > 0 or self.mtp_depth > 0:
             self._check_moe()
-            self._check_routing_lab()
         if self.first_k_dense > 0:
             _require(self.ffn_dim > 0, f"model.ffn_dim={self.ffn_dim} must be > 0 when first_k_dense > 0")
         _require(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be > 0")
@@ -138,17 +152,6 @@ class ModelConfig:
                                   "sum each group's top-2, so groups need >= 2 experts")
         _require(self.routed_scaling_factor > 0,
                  f"model.routed_scaling_factor={self.routed_scaling_factor} must be > 0")
-
-    def _check_routing_lab(self) -> None:
-        from dsv3_jax.model import routing  # the registries live with the implementations
-
-        for registry, names, kind in ((routing.ROUTERS, [self.router], "router"),
-                                      (routing.BALANCERS, self.balancer_names, "balancer")):
-            for name in names:
-                try:
-                    routing.resolve(registry, name, kind)
-                except (KeyError, ImportError) as e:
-                    raise ConfigError(f"model.{kind}={name!r}: {str(e).strip(chr(39)).strip(chr(34))}") from None
 
     @property
     def balancer_names(self) -> list[str]:
@@ -215,7 +218,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     # Pipeline parallelism (mesh.pipeline > 1, report §3.2.1): schedule and micro-batches per step.
-    pipeline_schedule: str = "1f1b"
+    pipeline_schedule: PipelineSchedule = "1f1b"
     microbatches: int = 8
 
     def __post_init__(self) -> None:
@@ -231,11 +234,13 @@ class TrainConfig:
         _require_each(self, "train", ("weight_decay", "grad_clip", "mtp_lambda", "balance_alpha", "bias_gamma",
                                       "aux_loss_alpha", "z_loss_coef"),
                       lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
+        _require_choices(self, "train")
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes (DESIGN §4); their product must not exceed the devices available."""
+    """Device mesh sizes (parallel/sharding.py maps model axes onto them); their product must not
+    exceed the devices available."""
 
     data: int = 1
     fsdp: int = 1
@@ -246,7 +251,6 @@ class MeshConfig:
     def __post_init__(self) -> None:
         _require_each(self, "mesh", ("data", "fsdp", "tensor", "expert", "pipeline"),
                       lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
-
 
     @property
     def n_devices(self) -> int:
@@ -265,30 +269,6 @@ class Config:
     def __post_init__(self) -> None:
         _require(self.train.seq_len <= self.model.max_seq_len,
                  f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}")
-        if self.mesh.pipeline > 1:
-            self._check_pipeline()
-        batch_shards = self.mesh.data * self.mesh.fsdp * self.mesh.expert  # expert ranks hold their own tokens
-        _require(self.train.batch_size % batch_shards == 0,
-                 f"train.batch_size={self.train.batch_size} must be divisible by "
-                 f"mesh.data x mesh.fsdp x mesh.expert = {batch_shards}")
-
-    def _check_pipeline(self) -> None:
-        from dsv3_jax.parallel.pipeline.schedules import SCHEDULES
-
-        m = self.mesh
-        _require(self.train.pipeline_schedule in SCHEDULES, f"train.pipeline_schedule="
-                 f"{self.train.pipeline_schedule!r} must be one of: {', '.join(SCHEDULES)}")
-        _require(m.data == m.fsdp == m.tensor == m.expert == 1,
-                 f"mesh.pipeline={m.pipeline} runs alone for now: set mesh.data, fsdp, tensor and expert to 1")
-        _require(self.model.router != "hash" and self.model.expert_dispatch == "gspmd",
-                 "mesh.pipeline > 1 needs a router that does not read token ids (not hash) and "
-                 "model.expert_dispatch=gspmd")
-        from dsv3_jax.train.pipelined import check_pipeline_config
-
-        try:
-            check_pipeline_config(self)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 
 from dsv3_jax.config import Config, ConfigError, MeshConfig, TrainConfig
-from dsv3_jax.model.moe import MoE, routed_experts
+from dsv3_jax.model.moe import MoE, grouped_swiglu, routed_experts
 from dsv3_jax.parallel.expert import expert_parallel_routed_experts
-from dsv3_jax.parallel.mesh import batch_sharding, make_mesh, tree_shardings
+from dsv3_jax.parallel.mesh import make_mesh
+from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_train_step
 from tests.conftest import tiny_model_config
@@ -44,12 +45,13 @@ def test_expert_parallel_dispatch_equals_local_experts_with_gradients(dispatch, 
         return jnp.sum(routed_experts(x, routing, *w) * r_ND)
 
     def loss_ep(x, *w):
-        return jnp.sum(expert_parallel_routed_experts(x, expert_NK, gate_NK, *w, mesh, dispatch) * r_ND)
+        return jnp.sum(expert_parallel_routed_experts(x, expert_NK, gate_NK, *w, mesh, dispatch, grouped_swiglu) * r_ND)
 
     want_y = routed_experts(x_ND, routing, *weights)
     want_g = jax.grad(loss_local, argnums=(0, 1, 2, 3))(x_ND, *weights)
     with jax.set_mesh(mesh):
-        ep = jax.jit(lambda x, *w: expert_parallel_routed_experts(x, expert_NK, gate_NK, *w, mesh, dispatch))
+        ep = jax.jit(lambda x, *w: expert_parallel_routed_experts(x, expert_NK, gate_NK, *w, mesh, dispatch,
+                                                                  grouped_swiglu))
         got_y = ep(x_ND, *weights)
         got_g = jax.jit(jax.grad(loss_ep, argnums=(0, 1, 2, 3)))(x_ND, *weights)
         hlo = ep.lower(x_ND, *weights).compile().as_text()
@@ -70,8 +72,8 @@ def test_train_step_with_all_to_all_dispatch_equals_unsharded():
     ep_config = dataclasses.replace(config, model=dataclasses.replace(model, expert_dispatch="a2a"))
     graphdef, optimizer, state = create_train_state(ep_config, 0)
     mesh = make_mesh(MeshConfig(data=2, expert=2, tensor=2))
-    shardings = tree_shardings(state, mesh)
-    step = jax.jit(make_train_step(ep_config, graphdef, optimizer), in_shardings=(shardings, batch_sharding(mesh)),
+    shardings = RULES.tree(state, mesh)
+    step = jax.jit(make_train_step(ep_config, graphdef, optimizer), in_shardings=(shardings, RULES.batch(mesh)),
                    out_shardings=(shardings, None))
     with jax.set_mesh(mesh):
         assert "stablehlo.all_to_all" in step.lower(state, tokens).as_text()

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax.quant.fp8 import fp8_gemm, fp8_grouped, fp8_matmul
+from dsv3_jax.model.grouped_gemm import grouped_matmul
+from dsv3_jax.quant.fp8 import fp8_gemm, fp8_matmul
 from pallas_kernels.fp8_gemm import (block_scaled_matmul, block_scaled_matmul_ref, dequantized_matmul,
                                      limited_accumulation_matmul)
 from pallas_kernels.fp8_quant import (dequantize_blocks, dequantize_rows, quantize_blocks, quantize_blocks_ref,
@@ -65,7 +66,7 @@ def test_block_scaling_handles_outliers_where_a_per_tensor_scale_fails():
     a = with_outliers(jax.random.key(4), (256, 1024), rows=(5, 77), cols=(33, 600), scale=1e4)
     b = with_outliers(jax.random.key(5), (1024, 256), rows=(900,), scale=1e4)
     exact = a @ b
-    block = rel_diff(fp8_gemm(a, b, "blocks", "pallas"), exact)
+    block = rel_diff(fp8_gemm(a, b, "pallas"), exact)
     assert block < 1e-3, block
     # One scale for the whole tensor: the outliers set it, the bulk underflows into e4m3's subnormals.
     per_tensor = lambda x: (x / (jnp.abs(x).max() / 448)).astype(jnp.float8_e4m3fn).astype(jnp.float32) * (
@@ -75,7 +76,7 @@ def test_block_scaling_handles_outliers_where_a_per_tensor_scale_fails():
     assert tensor > 1e-3 > block, (tensor, block)
     # Away from the outliers' rows and columns the per-tensor result is far worse still.
     bulk = (slice(100, 250), slice(0, 30))
-    assert rel_diff(tensor_out[bulk], exact[bulk]) > 10 * rel_diff(fp8_gemm(a, b, "blocks", "xla")[bulk], exact[bulk])
+    assert rel_diff(tensor_out[bulk], exact[bulk]) > 10 * rel_diff(fp8_gemm(a, b, "xla")[bulk], exact[bulk])
 
 
 def test_promotion_every_128_matters_at_k_4096():
@@ -140,8 +141,8 @@ def test_grouped_fp8_matches_ragged_dot_with_gradients(backend):
     w = jax.random.normal(jax.random.key(14), (4, 160, 96)) * 0.1
     sizes = jnp.array([60, 0, 90, 50])
     r = jax.random.normal(jax.random.key(15), (200, 96))
-    assert rel_diff(fp8_grouped(x, w, sizes, backend), jax.lax.ragged_dot(x, w, sizes)) < 1e-3
-    got = jax.grad(lambda x, w: jnp.sum(fp8_grouped(x, w, sizes, backend) * r), argnums=(0, 1))(x, w)
+    assert rel_diff(grouped_matmul(x, w, sizes, fp8_backend=backend), jax.lax.ragged_dot(x, w, sizes)) < 1e-3
+    got = jax.grad(lambda x, w: jnp.sum(grouped_matmul(x, w, sizes, fp8_backend=backend) * r), argnums=(0, 1))(x, w)
     want = jax.grad(lambda x, w: jnp.sum(jax.lax.ragged_dot(x, w, sizes) * r), argnums=(0, 1))(x, w)
     assert rel_diff(got[0], want[0]) < 1e-3 and rel_diff(got[1], want[1]) < 1e-3
     np.testing.assert_array_equal(got[1][1], 0.0)  # the empty group gets no gradient

@@ -2,7 +2,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax.config import TrainConfig
+from dsv3_jax.model.model import ModelStats
+from dsv3_jax.model.routing import Balancing, RouterStats
 from dsv3_jax.train.loss import cross_entropy, mtp_targets, total_loss
+from tests.conftest import tiny_model_config
 
 
 def test_mtp_depth_k_targets_are_tokens_t_plus_k_plus_1():
@@ -31,10 +35,12 @@ def test_total_loss_combines_parts_as_eq_25_and_17():
     tokens = jax.random.randint(jax.random.key(2), (2, 7), 0, 13)
     logits = jax.random.normal(jax.random.key(3), (2, 6, 13))
     mtp_logits = jax.random.normal(jax.random.key(4), (2, 2, 6, 13))
-    stats = {"aux_sequence_loss": jnp.array([1.0, 2.0]), "mtp_aux_sequence_loss": jnp.array([0.5]),
-             "aux_z_loss": jnp.array([4.0, 4.0]), "expert_load": jnp.ones((2, 4))}
-    parts = total_loss(logits, mtp_logits, stats, tokens, mtp_lambda=0.3,
-                       aux_weights={"sequence_loss": 0.01, "z_loss": 0.5})
+    moe = RouterStats(jnp.ones((2, 4)), jnp.zeros(2), jnp.zeros(2),
+                      {"sequence_loss": jnp.array([1.0, 2.0]), "z_loss": jnp.array([4.0, 4.0])})
+    mtp = RouterStats(jnp.ones((1, 4)), jnp.zeros(1), jnp.zeros(1), {"sequence_loss": jnp.array([0.5])})
+    balancing = Balancing.from_config(tiny_model_config(balancer="sequence_loss+z_loss"),
+                                      TrainConfig(balance_alpha=0.01, z_loss_coef=0.5))
+    parts = total_loss(logits, mtp_logits, ModelStats(moe, mtp), tokens, mtp_lambda=0.3, balancing=balancing)
     labels, mask = mtp_targets(tokens, 2)
     l1 = cross_entropy(mtp_logits[0], labels[0], mask[0])
     l2 = cross_entropy(mtp_logits[1], labels[1], mask[1])

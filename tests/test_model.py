@@ -5,8 +5,9 @@ import optax
 import pytest
 from flax import nnx
 
+from dsv3_jax.config import TrainConfig
 from dsv3_jax.model.model import DeepSeekV3
-from dsv3_jax.model.routing import RoutingBias
+from dsv3_jax.model.routing import Balancing, RoutingBias
 from dsv3_jax.train.loss import total_loss
 from tests.conftest import tiny_model_config
 
@@ -25,9 +26,9 @@ def test_shapes_and_stats(model_and_fn):
     assert out.logits_BTV.shape == (2, 12, cfg.vocab_size) and out.logits_BTV.dtype == jnp.float32
     assert out.mtp_logits_PBTV.shape == (cfg.mtp_depth, 2, 12, cfg.vocab_size)
     n_moe = cfg.n_layers - cfg.first_k_dense
-    assert out.stats["expert_load"].shape == (n_moe, cfg.n_routed_experts)
-    np.testing.assert_array_equal(out.stats["expert_load"].sum(-1), 2 * 12 * cfg.top_k)
-    assert out.stats["mtp_expert_load"].shape == (cfg.mtp_depth, cfg.n_routed_experts)
+    assert out.stats.moe_layers.expert_load.shape == (n_moe, cfg.n_routed_experts)
+    np.testing.assert_array_equal(out.stats.moe_layers.expert_load.sum(-1), 2 * 12 * cfg.top_k)
+    assert out.stats.mtp.expert_load.shape == (cfg.mtp_depth, cfg.n_routed_experts)
 
 
 def test_weights_carry_logical_axes_and_bias_is_not_a_param(model_and_fn):
@@ -58,10 +59,10 @@ def test_causality_main_and_mtp_heads(model_and_fn):
 def test_dense_only_and_no_mtp_configs_run():
     cfg = tiny_model_config(first_k_dense=2, n_layers=2, mtp_depth=0)
     out = DeepSeekV3(cfg, nnx.Rngs(0))(jnp.zeros((1, 4), jnp.int32))
-    assert out.mtp_logits_PBTV is None and out.stats == {}
+    assert out.mtp_logits_PBTV is None and out.stats == (None, None)
     cfg = tiny_model_config(first_k_dense=0, n_layers=2, q_lora_rank=0, score_func="softmax", n_group=1, topk_group=1)
     out = DeepSeekV3(cfg, nnx.Rngs(0))(jnp.zeros((1, 4), jnp.int32))
-    assert out.stats["expert_load"].shape == (2, cfg.n_routed_experts)
+    assert out.stats.moe_layers.expert_load.shape == (2, cfg.n_routed_experts)
 
 
 def test_overfits_one_batch(tiny_cfg):
@@ -70,10 +71,11 @@ def test_overfits_one_batch(tiny_cfg):
     tokens = jax.random.randint(jax.random.key(5), (4, 17), 0, tiny_cfg.vocab_size)
     opt = optax.adam(3e-3)
     opt_state = opt.init(params)
+    balancing = Balancing.from_config(tiny_cfg, TrainConfig(balance_alpha=1e-4))
 
     def loss_fn(p):
         out = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
-        return total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens, 0.3, {"sequence_loss": 1e-4}).total
+        return total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens, 0.3, balancing).total
 
     @jax.jit
     def step(p, o):

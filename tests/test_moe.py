@@ -42,7 +42,7 @@ def test_moe_equals_naive_per_token_loop():
     y_BTD, stats = moe(x_BTD)
     expected = _naive_moe(moe, cfg, x_BTD.reshape(-1, cfg.d_model))
     np.testing.assert_allclose(np.asarray(y_BTD).reshape(-1, cfg.d_model), expected, rtol=2e-4, atol=2e-5)
-    assert float(stats["expert_load"].sum()) == 2 * 7 * 3
+    assert float(stats.expert_load.sum()) == 2 * 7 * 3
 
 
 def test_moe_is_dropless_under_total_imbalance():
@@ -51,7 +51,7 @@ def test_moe_is_dropless_under_total_imbalance():
     moe.router.bias_E[...] = jnp.array([5.0, 5.0, 0, 0, 0, 0, 0, 0])  # every token -> experts 0 and 1
     x_BTD = jax.random.normal(jax.random.key(2), (2, 5, cfg.d_model))
     y, stats = moe(x_BTD)
-    np.testing.assert_array_equal(stats["expert_load"], [10, 10, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(stats.expert_load, [10, 10, 0, 0, 0, 0, 0, 0])
     np.testing.assert_allclose(np.asarray(y).reshape(10, -1), _naive_moe(moe, cfg, x_BTD.reshape(10, -1)),
                                rtol=2e-4, atol=2e-5)
 

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from dsv3_jax.config import Config, ConfigError, MeshConfig, TrainConfig
-from dsv3_jax.parallel.mesh import batch_sharding, logical_spec, make_mesh, tree_shardings
+from dsv3_jax.parallel.mesh import make_mesh
+from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_train_step
+from dsv3_jax.validate import validate
 from tests.conftest import tiny_model_config
 
 pytestmark = pytest.mark.multidevice
@@ -35,8 +37,8 @@ def test_sharded_train_step_equals_unsharded(reference, sizes):
         pytest.skip("needs 8 (host) devices")
     step, state, tokens, want_state, want = reference
     mesh = make_mesh(MeshConfig(**sizes))
-    shardings = tree_shardings(state, mesh)
-    got_state, got = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None))(
+    shardings = RULES.tree(state, mesh)
+    got_state, got = jax.jit(step, in_shardings=(shardings, RULES.batch(mesh)), out_shardings=(shardings, None))(
         jax.device_put(state, shardings), tokens)
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
     np.testing.assert_allclose(got["expert_load"], want["expert_load"])
@@ -52,14 +54,14 @@ def test_logical_table_maps_axes_and_skips_indivisible_dims():
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (host) devices")
     mesh = make_mesh(MeshConfig(data=2, tensor=2, expert=2))
-    assert tuple(logical_spec(("layers", "expert", "embed", "moe_ffn"), (3, 8, 32, 16), mesh)) == \
+    assert tuple(RULES.spec(("layers", "expert", "embed", "moe_ffn"), (3, 8, 32, 16), mesh)) == \
         (None, "expert", None, "tensor")
-    assert tuple(logical_spec(("heads", "v_head"), (3, 8), mesh)) == (None, None)  # 3 heads: not divisible by 2
+    assert tuple(RULES.spec(("heads", "v_head"), (3, 8), mesh)) == (None, None)  # 3 heads: not divisible by 2
 
 
 def test_mesh_config_errors():
     with pytest.raises(ConfigError, match="train.batch_size=6 must be divisible by mesh.data x mesh.fsdp x mesh.expert = 4"):
-        Config(train=TrainConfig(batch_size=6), mesh=MeshConfig(data=2, fsdp=2))
+        validate(Config(train=TrainConfig(batch_size=6), mesh=MeshConfig(data=2, fsdp=2)))
     with pytest.raises(ConfigError, match="mesh.pipeline=0 must be an integer >= 1"):
         MeshConfig(pipeline=0)
 

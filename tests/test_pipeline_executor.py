@@ -56,7 +56,9 @@ def test_pipelined_gradients_equal_unpipelined(name):
     got = run(params, head, x, target)
     want_loss, (want_grads, want_head, want_dx) = reference(params, head, x, target)
     np.testing.assert_allclose(got.loss, want_loss, rtol=1e-5)
-    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # atol relative to the array's largest entry (~8 fp32 ulps there): sums of entries ~40 cannot
+    # agree to 1e-6 absolute across summation orders (the pipeline adds micro-batches per rank).
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(b).max())))
     jax.tree.map(close, got.stage_grads, want_grads)
     jax.tree.map(close, got.head_grads, want_head)
     close(got.dx_MA, want_dx)

@@ -6,15 +6,16 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-
 from flax import nnx
 
 from dsv3_jax.config import Config, ConfigError, MeshConfig, TrainConfig
+from dsv3_jax.model.routing import Balancing
 from dsv3_jax.parallel.mesh import make_mesh
-from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.loss import total_loss
 from dsv3_jax.train.pipelined import make_pipelined_loss_and_grads
-from dsv3_jax.train.step import aux_weights, make_train_step
+from dsv3_jax.train.state import create_train_state
+from dsv3_jax.train.step import make_train_step
+from dsv3_jax.validate import validate
 from tests.conftest import tiny_model_config
 
 pytestmark = pytest.mark.multidevice
@@ -42,16 +43,16 @@ def test_pipelined_gradients_equal_unpipelined(reference, schedule):
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 (host) devices")
     config, graphdef, _, state, tokens, _, _ = reference
-    weights = aux_weights(config)
+    balancing = Balancing.from_config(config.model, config.train)
 
     def unpipelined(params):
         out = nnx.merge(graphdef, params, state.routing_bias)(tokens[:, :-1])
         return total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens, config.train.mtp_lambda,
-                          weights).total
+                          balancing).total
 
     want_loss, want_grads = jax.jit(jax.value_and_grad(unpipelined))(state.params)
     config = _pipelined(config, schedule)
-    fn = make_pipelined_loss_and_grads(config, graphdef, make_mesh(config.mesh), weights)
+    fn = make_pipelined_loss_and_grads(config, graphdef, make_mesh(config.mesh), balancing)
     (loss, (parts, stats)), grads = jax.jit(fn)(state.params, state.routing_bias, tokens)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     scale = max(float(abs(g).max()) for g in jax.tree.leaves(want_grads))
@@ -79,10 +80,11 @@ def test_pipelined_train_step_equals_unpipelined(reference):
 def test_pipeline_config_errors():
     model = tiny_model_config(n_layers=4, first_k_dense=1)  # 3 MoE layers
     with pytest.raises(ConfigError, match="3 MoE layers must split into 2 equal pipeline stages"):
-        Config(model=model, train=TrainConfig(batch_size=8, seq_len=16, microbatches=4), mesh=MeshConfig(pipeline=2))
+        validate(Config(model=model, train=TrainConfig(batch_size=8, seq_len=16, microbatches=4),
+                        mesh=MeshConfig(pipeline=2)))
     with pytest.raises(ConfigError, match="train.batch_size=6 must be divisible by train.microbatches=4"):
-        Config(model=tiny_model_config(n_layers=5), train=TrainConfig(batch_size=6, seq_len=16, microbatches=4),
-               mesh=MeshConfig(pipeline=2))
+        validate(Config(model=tiny_model_config(n_layers=5), train=TrainConfig(batch_size=6, seq_len=16, microbatches=4),
+                        mesh=MeshConfig(pipeline=2)))
     with pytest.raises(ConfigError, match="runs alone for now"):
-        Config(model=tiny_model_config(n_layers=5), train=TrainConfig(batch_size=8, seq_len=16, microbatches=4),
-               mesh=MeshConfig(pipeline=2, data=2))
+        validate(Config(model=tiny_model_config(n_layers=5), train=TrainConfig(batch_size=8, seq_len=16, microbatches=4),
+                        mesh=MeshConfig(pipeline=2, data=2)))

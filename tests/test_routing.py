@@ -1,15 +1,14 @@
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dsv3_jax.model.routing import expert_load, route, sequence_balance_loss, token_choice
+from tests.conftest import tiny_model_config
 
 
 def _mask(idx_BTK, E):
     return jnp.any(jax.nn.one_hot(idx_BTK, E), axis=-2).astype(jnp.float32)
-from tests.conftest import tiny_model_config
 
 
 def _cfg(**kw):

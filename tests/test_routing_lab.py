@@ -12,7 +12,7 @@ import pytest
 
 from dsv3_jax.config import Config, ConfigError, TrainConfig
 from dsv3_jax.model.routing import (BALANCERS, ROUTERS, GlobalAuxLoss, ProportionalBiasBalancer, RouterZLoss,
-                                    SignBiasBalancer, chosen_mask, expert_load)
+                                    SignBiasBalancer, check_routing, chosen_mask, expert_load)
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_train_step
 from tests.conftest import tiny_model_config
@@ -107,9 +107,9 @@ def test_expert_choice_can_leave_tokens_without_an_expert():
 
 def test_unknown_router_or_balancer_is_a_config_error():
     with pytest.raises(ConfigError, match="model.router='nope': unknown router 'nope'; registered: .*deepseek_v3"):
-        tiny_model_config(router="nope")
+        check_routing(tiny_model_config(router="nope"))
     with pytest.raises(ConfigError, match="model.balancer='bogus'"):
-        tiny_model_config(balancer="aux_free+bogus")
+        check_routing(tiny_model_config(balancer="aux_free+bogus"))
 
 
 ALL_BALANCERS = "+".join(b for b in sorted(BALANCERS) if ":" not in b and b not in ("none", "aux_free"))
@@ -134,7 +134,8 @@ def test_every_router_and_balancer_trains_through_the_same_step(router, balancer
                        for b in balancer.split("+"))
     # Expert choice loads every expert exactly to capacity, so a load-driven bias never moves.
     assert moved == (updates_bias and router != "expert_choice")
-    has_loss = any(BALANCERS[b]().coefficient not in ("", "bias_gamma") for b in balancer.split("+"))
+    probe, probe_cfg = _run("deepseek_v3", n_group=1, topk_group=1)
+    has_loss = any(BALANCERS[b]().loss(probe, 1, N, probe_cfg) is not None for b in balancer.split("+"))
     assert (float(metrics["balance_loss"]) > 0) == has_loss
 
 

@@ -6,12 +6,12 @@ import pytest
 from flax import nnx
 
 from dsv3_jax.config import Config, TrainConfig
-from dsv3_jax.train.state import create_train_state
 from dsv3_jax.model.routing import SignBiasBalancer
+from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_train_step, max_violation
+from tests.conftest import tiny_model_config
 
 sign_bias_update = SignBiasBalancer().bias_update
-from tests.conftest import tiny_model_config
 
 
 def test_sign_rule_moves_overloaded_down_and_underloaded_up_by_gamma():

@@ -41,7 +41,3 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         # A foreign tokenizer (e.g. DeepSeek's) has its own specials; add ours at the end.
         tokenizer.add_special_tokens(missing)
     return tokenizer
-
-
-def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    return {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}

@@ -17,6 +17,8 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import MLP, RMSNorm
 from dsv3_jax.model.mla import MLA
 from dsv3_jax.model.moe import MoE
+from dsv3_jax.model.routing import RouterStats
+from dsv3_jax.parallel.sharding import HIDDEN_BTD, constrain
 
 
 class Block(nnx.Module):
@@ -28,9 +30,12 @@ class Block(nnx.Module):
         self.is_moe = moe
 
     def __call__(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array, token_ids_BT: Array | None = None
-                 ) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
+                 ) -> tuple[Float[Array, "B T D"], RouterStats | None]:
+        """The block and its router statistics (None for a dense block); the output is constrained to
+        the activation layout of parallel/sharding.py (a no-op without a mesh)."""
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
-        return self._ffn(x_BTD, token_ids_BT)
+        x_BTD, stats = self._ffn(x_BTD, token_ids_BT)
+        return constrain(x_BTD, HIDDEN_BTD), stats
 
     def cached(self, x_BTD: Array, cos: Array, sin: Array, cache: tuple[Array, Array], positions_BT: Array,
                mode: str, token_ids_BT: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
@@ -39,11 +44,11 @@ class Block(nnx.Module):
         x_BTD, _ = self._ffn(x_BTD + y_BTD, token_ids_BT)
         return x_BTD, cache
 
-    def _ffn(self, x_BTD: Array, token_ids_BT: Array | None) -> tuple[Array, dict[str, Array]]:
+    def _ffn(self, x_BTD: Array, token_ids_BT: Array | None) -> tuple[Array, RouterStats | None]:
         if self.is_moe:
             y_BTD, stats = self.ffn(self.ffn_norm(x_BTD), token_ids_BT)
         else:
-            y_BTD, stats = self.ffn(self.ffn_norm(x_BTD)), {}
+            y_BTD, stats = self.ffn(self.ffn_norm(x_BTD)), None
         return x_BTD + y_BTD, stats
 
 
@@ -82,8 +87,9 @@ def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, remat: bool = 
 
 
 def run_blocks(stack: nnx.Module, x_BTD: Array, cos: Array, sin: Array, remat: bool,
-               token_ids_BT: Array | None = None) -> tuple[Array, dict[str, Array]]:
-    """Apply a stack of Blocks in order; returns the output and per-layer stats stacked on axis 0."""
+               token_ids_BT: Array | None = None) -> tuple[Array, RouterStats | None]:
+    """Apply a stack of Blocks in order (the whole stack, or a pipeline stage's slice of it); returns
+    the output and the per-layer router stats stacked on axis 0 (None for dense blocks)."""
     return scan_stack(stack, lambda block, x, _: block(x, cos, sin, token_ids_BT), x_BTD, remat=remat)
 
 
@@ -93,5 +99,3 @@ def run_blocks_cached(stack: nnx.Module, x_BTD: Array, cos: Array, sin: Array, c
     """Apply a stack of Blocks with per-layer caches stacked on axis 0; returns the new caches."""
     return scan_stack(stack, lambda block, x, layer_cache: block.cached(x, cos, sin, layer_cache, positions_BT, mode,
                                                                         token_ids_BT), x_BTD, cache)
-
-

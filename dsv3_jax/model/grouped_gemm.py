@@ -12,22 +12,26 @@ Two implementations (`impl`):
   "blocked" on CPU and "ragged_dot" elsewhere.
 
 The block layout is also what the FP8 recipe needs for experts (report §3.3): Wgrad quantizes
-x^T in 1x128 tiles along tokens, and with 128-row blocks no tile straddles two experts. `gemm`
-picks the per-block GEMM: "dot" (operands as given, fp32 accumulation) or "fp8:<backend>"
-(block-scaled e4m3 Fprop, Dgrad and Wgrad, `dsv3_jax/quant/fp8.py`).
+x^T in 1x128 tiles along tokens, and with 128-row blocks no tile straddles two experts.
+`fp8_backend` picks the per-block GEMM: None (operands as given, fp32 accumulation) or a
+block-scaled e4m3 GEMM for Fprop, Dgrad and Wgrad on that backend (`dsv3_jax/quant/fp8.py`).
 """
 
 from __future__ import annotations
 
 import functools
+import typing
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from dsv3_jax.config import Fp8Backend, GroupedGemmImpl
+from dsv3_jax.quant.fp8 import fp8_gemm, fp8_grouped_pallas
+
 ROWS = 128  # rows per block: the FP8 tile length along tokens (report §3.3)
-IMPLS = ("auto", "ragged_dot", "blocked")
+IMPLS: tuple[str, ...] = typing.get_args(GroupedGemmImpl)
 
 
 class BlockLayout(NamedTuple):
@@ -65,14 +69,11 @@ def from_blocks(y_BRN: Array, layout: BlockLayout) -> Array:
     return y_BRN.reshape(-1, y_BRN.shape[-1])[layout.destination_M]
 
 
-def _block_gemm(gemm: str):
+def _block_gemm(fp8_backend: Fp8Backend | None):
     """(a [R, K], b [K, N]) -> fp32 [R, N]."""
-    if gemm == "dot":
+    if fp8_backend is None:
         return lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
-    from dsv3_jax.quant.fp8 import fp8_gemm
-
-    backend = gemm.removeprefix("fp8:")
-    return lambda a, b: fp8_gemm(a, b, "blocks", backend)
+    return lambda a, b: fp8_gemm(a, b, fp8_backend)
 
 
 def _each_block(fn, layout: BlockLayout, out_shape: tuple[int, ...], *blocks: Array) -> Array:
@@ -86,32 +87,32 @@ def _each_block(fn, layout: BlockLayout, out_shape: tuple[int, ...], *blocks: Ar
     return jax.lax.scan(body, None, (jnp.arange(layout.expert_B.shape[0]), layout.expert_B, *blocks))[1]
 
 
-def _per_expert(x_BRK: Array, w_EKN: Array, layout: BlockLayout, gemm: str) -> Float[Array, "B R N"]:
-    """y_b = x_b @ w[expert_b]; with "fp8:pallas", one grouped kernel launch for all blocks."""
-    if gemm == "fp8:pallas":
-        from dsv3_jax.quant.fp8 import fp8_grouped_pallas
-
+def _per_expert(x_BRK: Array, w_EKN: Array, layout: BlockLayout, fp8_backend: Fp8Backend | None
+                ) -> Float[Array, "B R N"]:
+    """y_b = x_b @ w[expert_b]; FP8 on "pallas": one grouped kernel launch for all blocks."""
+    if fp8_backend == "pallas":
         return fp8_grouped_pallas(x_BRK, w_EKN, layout.expert_B)
-    block_gemm = _block_gemm(gemm)
+    block_gemm = _block_gemm(fp8_backend)
     return _each_block(lambda e, x_RK: block_gemm(x_RK, w_EKN[e]), layout, (ROWS, w_EKN.shape[2]), x_BRK)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def blocked_matmul(x_BRK: Array, w_EKN: Array, layout: BlockLayout, gemm: str = "dot") -> Float[Array, "B R N"]:
+def blocked_matmul(x_BRK: Array, w_EKN: Array, layout: BlockLayout, fp8_backend: Fp8Backend | None = None
+                   ) -> Float[Array, "B R N"]:
     """Per-block GEMM on the padded layout; Dgrad and Wgrad use the same per-block GEMM."""
-    return _per_expert(x_BRK, w_EKN, layout, gemm)
+    return _per_expert(x_BRK, w_EKN, layout, fp8_backend)
 
 
-def _blocked_fwd(x_BRK, w_EKN, layout, gemm):
-    return blocked_matmul(x_BRK, w_EKN, layout, gemm), (x_BRK, w_EKN, layout)
+def _blocked_fwd(x_BRK, w_EKN, layout, fp8_backend):
+    return blocked_matmul(x_BRK, w_EKN, layout, fp8_backend), (x_BRK, w_EKN, layout)
 
 
-def _blocked_bwd(gemm, residuals, dy_BRN):
+def _blocked_bwd(fp8_backend, residuals, dy_BRN):
     x_BRK, w_EKN, layout = residuals
-    if gemm == "dot":  # plain GEMMs take their operands in the forward's dtype
+    if fp8_backend is None:  # plain GEMMs take their operands in the forward's dtype
         dy_BRN = dy_BRN.astype(x_BRK.dtype)
-    dx_BRK = _per_expert(dy_BRN, jnp.swapaxes(w_EKN, 1, 2), layout, gemm)  # Dgrad
-    block_gemm = _block_gemm(gemm)
+    dx_BRK = _per_expert(dy_BRN, jnp.swapaxes(w_EKN, 1, 2), layout, fp8_backend)  # Dgrad
+    block_gemm = _block_gemm(fp8_backend)
 
     def wgrad(dw_EKN, xs):  # Wgrad: x_b^T @ dy_b, added to the block's expert (in place)
         b, e, x_RK, dy_RN = xs
@@ -127,7 +128,7 @@ def _blocked_bwd(gemm, residuals, dy_BRN):
 blocked_matmul.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: GroupedGemmImpl) -> str:
     if impl not in IMPLS:
         raise ValueError(f"grouped GEMM impl {impl!r} must be one of {IMPLS}")
     if impl == "auto":
@@ -135,10 +136,13 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-def grouped_matmul(x_MK: Array, w_EKN: Array, group_sizes_E: Int[Array, "E"], impl: str = "auto",
-                   gemm: str = "dot") -> Float[Array, "M N"]:
-    """Rows [sum(g[:e]), sum(g[:e+1])) of x times w[e], fp32 out. FP8 GEMMs always use the block layout."""
-    if gemm == "dot" and resolve_impl(impl) == "ragged_dot":
+def grouped_matmul(x_MK: Array, w_EKN: Array, group_sizes_E: Int[Array, "E"], impl: GroupedGemmImpl = "auto",
+                   fp8_backend: Fp8Backend | None = None) -> Float[Array, "M N"]:
+    """Rows [sum(g[:e]), sum(g[:e+1])) of x times w[e], fp32 out.
+
+    With `fp8_backend`, Fprop / Dgrad / Wgrad are block-scaled e4m3 GEMMs (report §3.3); FP8
+    always uses the block layout, whose 128-row blocks keep Wgrad's token tiles within one expert."""
+    if fp8_backend is None and resolve_impl(impl) == "ragged_dot":
         return jax.lax.ragged_dot(x_MK, w_EKN, group_sizes_E, preferred_element_type=jnp.float32)
     layout = block_layout(group_sizes_E, x_MK.shape[0])
-    return from_blocks(blocked_matmul(to_blocks(x_MK, layout), w_EKN, layout, gemm), layout)
+    return from_blocks(blocked_matmul(to_blocks(x_MK, layout), w_EKN, layout, fp8_backend), layout)

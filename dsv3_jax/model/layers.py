@@ -15,6 +15,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.quant.fp8 import fp8_matmul
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -68,8 +69,6 @@ class Linear(nnx.Module):
     def __call__(self, x: Array) -> Array:
         w = self.kernel[...].astype(self.dtype)
         if self.fp8_backend is not None:
-            from dsv3_jax.quant.fp8 import fp8_matmul
-
             in_shape, out_shape = w.shape[:self.n_in], w.shape[self.n_in:]
             batch_shape = x.shape[:x.ndim - self.n_in]
             y = fp8_matmul(x.astype(self.dtype).reshape(-1, math.prod(in_shape)),

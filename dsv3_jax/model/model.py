@@ -3,8 +3,8 @@
 Legend: B batch, T tokens, D model dim, V vocab, L layers, E routed experts, P MTP depth.
 
 The forward pass is a pure function of (weights, routing bias, tokens). Router statistics come
-out as values: per-layer expert loads (for the aux-loss-free bias update and MaxVio) and
-per-layer sequence-wise balance losses (eq. 17-20).
+out as values (`ModelStats`, one `RouterStats` per routed stack): per-layer expert loads (for the
+aux-loss-free bias update and MaxVio) and per-layer balancer losses (e.g. eq. 17-20).
 """
 
 from __future__ import annotations
@@ -21,15 +21,26 @@ from dsv3_jax.model.block import Block, run_blocks, run_blocks_cached, scan_stac
 from dsv3_jax.model.layers import Embed, Linear, RMSNorm
 from dsv3_jax.model.mtp import MTPModule, tokens_ahead
 from dsv3_jax.model.rope import rope_tables
+from dsv3_jax.model.routing import RouterStats
+from dsv3_jax.parallel.sharding import HIDDEN_BTD, LOGITS_BTV, constrain
+
+
+class ModelStats(NamedTuple):
+    """Router statistics of each routed stack, stacked over its layers (None where it has none)."""
+    moe_layers: RouterStats | None  # the main model's MoE layers [L_moe, ...]
+    mtp: RouterStats | None  # the MTP modules' MoE blocks [P, ...]
 
 
 class ModelOutput(NamedTuple):
     logits_BTV: Float[Array, "B T V"]  # fp32
     mtp_logits_PBTV: Float[Array, "P B T V"] | None  # depth k predicts t_{i+k+1}; fp32
-    stats: dict[str, Array]  # expert_load [L_moe, E], aux_<balancer> [L_moe], ..., mtp_* [P, ...]
+    stats: ModelStats
 
 
 class DeepSeekV3(nnx.Module):
+    """The forward pass is three pieces, so that a pipeline can run the middle one in stages
+    (train/pipelined.py) with the same code: `embed_and_dense`, `moe_stack`, `head_and_mtp`."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = Embed(cfg, rngs)
@@ -47,32 +58,47 @@ class DeepSeekV3(nnx.Module):
 
     def __call__(self, tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"] | None = None,
                  with_mtp: bool = True) -> ModelOutput:
-        cfg = self.cfg
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-        cos, sin = rope_tables(cfg, positions_BT)
-        h_BTD = self.embed(tokens_BT)
-        stats: dict[str, Array] = {}
+        cos, sin = rope_tables(self.cfg, positions_BT)
+        h_BTD = self.embed_and_dense(tokens_BT, cos, sin)
+        h_BTD, moe_stats = self.moe_stack(h_BTD, cos, sin, tokens_BT)
+        logits_BTV, mtp_logits_PBTV, mtp_stats = self.head_and_mtp(h_BTD, tokens_BT, cos, sin, with_mtp)
+        return ModelOutput(logits_BTV, mtp_logits_PBTV, ModelStats(moe_stats, mtp_stats))
+
+    # The pieces -------------------------------------------------------------------------------
+    def embed_and_dense(self, tokens_BT: Int[Array, "B T"], cos: Array, sin: Array) -> Float[Array, "B T D"]:
+        """Token embedding, then the first_k_dense dense layers."""
+        h_BTD = constrain(self.embed(tokens_BT), HIDDEN_BTD)
         if self.dense_layers is not None:
-            h_BTD, _ = run_blocks(self.dense_layers, h_BTD, cos, sin, cfg.remat)
-        if self.moe_layers is not None:
-            h_BTD, stats = run_blocks(self.moe_layers, h_BTD, cos, sin, cfg.remat, tokens_BT)
-        logits_BTV = self.logits(self.final_norm(h_BTD))
+            h_BTD, _ = run_blocks(self.dense_layers, h_BTD, cos, sin, self.cfg.remat)
+        return h_BTD
 
-        mtp_logits = None
-        if self.mtp is not None and with_mtp:
-            ahead_PBT = tokens_ahead(tokens_BT, cfg.mtp_depth)
+    def moe_stack(self, h_BTD: Array, cos: Array, sin: Array, token_ids_BT: Array | None = None
+                  ) -> tuple[Float[Array, "B T D"], RouterStats | None]:
+        """The MoE layers (a pipeline runs `run_blocks` on its stages' slices of this stack instead)."""
+        if self.moe_layers is None:
+            return h_BTD, None
+        return run_blocks(self.moe_layers, h_BTD, cos, sin, self.cfg.remat, token_ids_BT)
 
-            def depth_step(module: MTPModule, h_prev, ahead_BT):
-                h_next, h_normed, layer_stats = module(h_prev, self.embed(ahead_BT), cos, sin, ahead_BT)
-                return h_next, (h_normed, layer_stats)
+    def head_and_mtp(self, h_BTD: Array, tokens_BT: Int[Array, "B T"], cos: Array, sin: Array,
+                     with_mtp: bool = True) -> tuple[Array, Array | None, RouterStats | None]:
+        """Final norm and output head on the last hidden state, and the MTP modules (eq. 21-25) fed
+        from it: (logits, MTP logits [P, B, T, V] or None, the MTP blocks' router stats or None)."""
+        cfg = self.cfg
+        logits_BTV = constrain(self.logits(self.final_norm(h_BTD)), LOGITS_BTV)
+        if self.mtp is None or not with_mtp:
+            return logits_BTV, None, None
+        ahead_PBT = tokens_ahead(tokens_BT, cfg.mtp_depth)
 
-            # The main model's final hidden state (before its final norm) is h^0 (eq. 21).
-            _, (h_normed_PBTD, mtp_stats) = scan_stack(self.mtp, depth_step, h_BTD, ahead_PBT, cfg.remat)
-            mtp_logits = self.logits(h_normed_PBTD)
-            stats = {**stats, **{f"mtp_{k}": v for k, v in mtp_stats.items()}}
-        return ModelOutput(logits_BTV, mtp_logits, stats)
+        def depth_step(module: MTPModule, h_prev, ahead_BT):
+            h_next, h_normed, layer_stats = module(h_prev, self.embed(ahead_BT), cos, sin, ahead_BT)
+            return h_next, (h_normed, layer_stats)
+
+        # The main model's final hidden state (before its final norm) is h^0 (eq. 21).
+        _, (h_normed_PBTD, mtp_stats) = scan_stack(self.mtp, depth_step, h_BTD, ahead_PBT, cfg.remat)
+        return logits_BTV, self.logits(h_normed_PBTD), mtp_stats
 
     # Cached decoding ------------------------------------------------------------------------
     def decode(self, tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"], caches: dict,

@@ -13,34 +13,36 @@ routed experts run expert-parallel (`parallel/expert.py`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import Fp8Backend, GroupedGemmImpl, ModelConfig
 from dsv3_jax.model.grouped_gemm import grouped_matmul
 from dsv3_jax.model.layers import MLP, dtype_of, param
-from dsv3_jax.model.routing import Router, Routing
+from dsv3_jax.model.routing import Router, RouterStats, Routing
 from dsv3_jax.parallel.expert import expert_parallel_mesh, expert_parallel_routed_experts
 
 
 def grouped_swiglu(x_MD: Float[Array, "M D"], group_sizes_E: Int[Array, "E"], w_gate_EDF: Array,
-                   w_up_EDF: Array, w_down_EFD: Array, impl: str = "auto", fp8_backend: str | None = None
-                   ) -> Float[Array, "M D"]:
+                   w_up_EDF: Array, w_down_EFD: Array, impl: GroupedGemmImpl = "auto",
+                   fp8_backend: Fp8Backend | None = None) -> Float[Array, "M D"]:
     """SwiGLU over rows already sorted by expert; rows [sum(gs[:e]), sum(gs[:e+1])) use expert e.
 
     `fp8_backend`: the three grouped GEMMs run block-scaled in e4m3 (report §3.3), gradients included.
     """
-    gemm = "dot" if fp8_backend is None else f"fp8:{fp8_backend}"
-    grouped = lambda x, w: grouped_matmul(x, w, group_sizes_E, impl, gemm)
+    grouped = lambda x, w: grouped_matmul(x, w, group_sizes_E, impl, fp8_backend)
     gate_MF, up_MF = grouped(x_MD, w_gate_EDF), grouped(x_MD, w_up_EDF)
     h_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_MD.dtype)
     return grouped(h_MF, w_down_EFD).astype(x_MD.dtype)
 
 
 def routed_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_EDF: Array, w_up_EDF: Array,
-                   w_down_EFD: Array, impl: str = "auto", fp8_backend: str | None = None) -> Float[Array, "N D"]:
+                   w_down_EFD: Array, impl: GroupedGemmImpl = "auto", fp8_backend: Fp8Backend | None = None
+                   ) -> Float[Array, "N D"]:
     """Dropless: sort the M assignments by expert -> grouped matmul -> gate -> scatter-add to tokens."""
     E = w_gate_EDF.shape[0]
     order_M = jnp.argsort(routing.expert_M, stable=True)
@@ -68,7 +70,7 @@ class MoE(nnx.Module):
         self.expert_dispatch = cfg.expert_dispatch
 
     def __call__(self, x_BTD: Float[Array, "B T D"], token_ids_BT: Array | None = None
-                 ) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
+                 ) -> tuple[Float[Array, "B T D"], RouterStats]:
         B, T, D = x_BTD.shape
         routing, stats = self.router(x_BTD, token_ids_BT)
         cast = lambda w: w[...].astype(self.dtype)
@@ -77,8 +79,9 @@ class MoE(nnx.Module):
         mesh = expert_parallel_mesh() if self.expert_dispatch != "gspmd" else None
         if mesh is not None:  # token-choice: assignment n * K + k belongs to token n
             gate_NK, expert_NK = routing.gate_M.reshape(B * T, -1), routing.expert_M.reshape(B * T, -1)
+            experts_fn = functools.partial(grouped_swiglu, impl=self.grouped_gemm, fp8_backend=self.fp8_backend)
             y_ND = expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, *weights, mesh, self.expert_dispatch,
-                                                  self.grouped_gemm, self.fp8_backend)
+                                                  experts_fn)
         else:
             y_ND = routed_experts(x_ND, routing, *weights, self.grouped_gemm, self.fp8_backend)
         y_BTD = y_ND.reshape(B, T, D)

@@ -7,7 +7,11 @@ A **Router** maps router logits [N, E] (+ the selection bias, token ids) to a `R
 list of M assignments (token, expert, gate), which covers token choice (M = N*K) and expert
 choice (M = E*capacity) alike, plus the affinities the balancers need.
 A **Balancer** turns a layer's routing into an auxiliary loss (in the forward pass) and/or a
-routing-bias update (after the optimizer step, from the whole batch's expert loads).
+routing-bias update (after the optimizer step, from the whole batch's expert loads); its
+`coefficient` (the loss weight or the bias step) comes from the TrainConfig. A run builds its
+`Balancing` once: the configured balancers with their coefficients.
+Each MoE layer reports a `RouterStats` (loads, entropy, dropped fraction, unweighted balancer
+losses); stacked over layers, they are what the train step, metrics and bias update read.
 
 Adding a variant: write one class and register it (see README, "Routing lab"):
 
@@ -20,6 +24,9 @@ Then `dsv3 train --set model.router=my_router` uses it; the rest of the system i
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
 from typing import Callable, NamedTuple, Protocol
 
 import jax
@@ -27,7 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import ConfigError, ModelConfig, TrainConfig
 from dsv3_jax.model.layers import dtype_of, param
 
 
@@ -42,6 +49,19 @@ class Routing(NamedTuple):
     gate_M: Float[Array, "M"]  # the weight of that expert's output (0 for a dropped assignment)
     scores_NE: Float[Array, "N E"]  # router probabilities / affinities s (fp32), for the balancers
     logits_NE: Float[Array, "N E"]  # raw router logits (fp32), for the z-loss
+
+
+class RouterStats(NamedTuple):
+    """One MoE layer's routing statistics (each field gains a leading layer axis in a stack)."""
+    expert_load: Float[Array, "E"]  # assignments each expert received (dropped ones excluded)
+    router_entropy: Float[Array, ""]  # mean entropy of the tokens' routing distributions (nats)
+    dropped_fraction: Float[Array, ""]  # fraction of tokens left without any expert
+    aux_losses: dict[str, Float[Array, ""]]  # balancer name -> its loss, before its coefficient
+
+    def summed_to_mean(self, n: int) -> RouterStats:
+        """Stats summed over n equal micro-batches -> the whole batch's: loads add up, means divide."""
+        return self._replace(router_entropy=self.router_entropy / n, dropped_fraction=self.dropped_fraction / n,
+                             aux_losses={k: v / n for k, v in self.aux_losses.items()})
 
 
 def token_choice(expert_idx_NK: Array, gates_NK: Array, scores_NE: Array, logits_NE: Array) -> Routing:
@@ -98,17 +118,21 @@ def group_mask(biased_NE: Array, n_group: int, topk_group: int, score_func: str)
     return jnp.repeat(kept_NG, E // n_group, axis=1)
 
 
-def route(logits_NE: Float[Array, "N E"], bias_E: Float[Array, "E"], cfg: ModelConfig
+def route(logits_NE: Float[Array, "N E"], bias_E: Float[Array, "E"], cfg: ModelConfig,
+          score_func: str | None = None, norm_topk_prob: bool | None = None
           ) -> tuple[Int[Array, "N K"], Float[Array, "N K"], Float[Array, "N E"]]:
-    """DeepSeek token-choice routing: (expert_idx, gates, scores); `bias_E` selects but never weights."""
-    scores_NE = affinities(logits_NE, cfg.score_func)
+    """DeepSeek token-choice routing: (expert_idx, gates, scores); `bias_E` selects but never weights.
+    `score_func` / `norm_topk_prob` override the config's (the V2 router fixes them)."""
+    score_func = cfg.score_func if score_func is None else score_func
+    norm_topk_prob = cfg.norm_topk_prob if norm_topk_prob is None else norm_topk_prob
+    scores_NE = affinities(logits_NE, score_func)
     biased_NE = scores_NE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
     if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
-        keep_NE = group_mask(biased_NE, cfg.n_group, cfg.topk_group, cfg.score_func)
+        keep_NE = group_mask(biased_NE, cfg.n_group, cfg.topk_group, score_func)
         biased_NE = jnp.where(keep_NE, biased_NE, -jnp.inf)
     _, expert_idx_NK = jax.lax.top_k(biased_NE, cfg.top_k)
     gates_NK = jnp.take_along_axis(scores_NE, expert_idx_NK, axis=-1)
-    if cfg.norm_topk_prob:
+    if norm_topk_prob:
         gates_NK = gates_NK / (gates_NK.sum(-1, keepdims=True) + 1e-20)
     return expert_idx_NK, gates_NK * cfg.routed_scaling_factor, scores_NE
 
@@ -132,9 +156,7 @@ class DeepSeekV2Router:
     routed_scaling_factor. The selection bias, if a bias balancer moves it, only selects."""
 
     def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
-        import dataclasses
-        v2 = dataclasses.replace(cfg, score_func="softmax", norm_topk_prob=False)
-        expert_idx_NK, gates_NK, scores_NE = route(logits_NE, bias_E, v2)
+        expert_idx_NK, gates_NK, scores_NE = route(logits_NE, bias_E, cfg, score_func="softmax", norm_topk_prob=False)
         return token_choice(expert_idx_NK, gates_NK, scores_NE, logits_NE.astype(jnp.float32))
 
 
@@ -187,7 +209,7 @@ class HashRouter:
 # Balancers -------------------------------------------------------------------------------------
 
 class Balancer(Protocol):
-    coefficient: str  # the TrainConfig field that scales this balancer (its loss, or its bias step)
+    def coefficient(self, train: TrainConfig) -> float: ...  # its loss weight, or its bias step
 
     def loss(self, routing: Routing, batch: int, seq: int, cfg: ModelConfig) -> Float[Array, ""] | None: ...
 
@@ -211,14 +233,18 @@ class _NoBias:
 @register_balancer("none")
 class NoBalancing(_NoLoss, _NoBias):
     """No balancing at all: routing is free to collapse."""
-    coefficient = ""
+
+    def coefficient(self, train):
+        return 0.0
 
 
 @register_balancer("aux_free")
 class SignBiasBalancer(_NoLoss):
     """DeepSeek-V3 aux-loss-free balancing (report §2.1.2; Wang et al. 2024):
     after each step, b_i -= gamma * sign(load_i - mean load), per layer."""
-    coefficient = "bias_gamma"
+
+    def coefficient(self, train):
+        return train.bias_gamma
 
     def bias_update(self, bias_LE, load_LE, rate):
         return bias_LE - rate * jnp.sign(load_LE - load_LE.mean(axis=-1, keepdims=True))
@@ -228,7 +254,9 @@ class SignBiasBalancer(_NoLoss):
 class ProportionalBiasBalancer(_NoLoss):
     """A proportional variant: b_i -= gamma * (load_i - mean) / mean, so the step shrinks as the
     load evens out (no sign dithering around balance)."""
-    coefficient = "bias_gamma"
+
+    def coefficient(self, train):
+        return train.bias_gamma
 
     def bias_update(self, bias_LE, load_LE, rate):
         mean = load_LE.mean(axis=-1, keepdims=True)
@@ -238,7 +266,9 @@ class ProportionalBiasBalancer(_NoLoss):
 @register_balancer("sequence_loss")
 class SequenceBalanceLoss(_NoBias):
     """Complementary sequence-wise balance loss (report eq. 17-20), scaled by alpha."""
-    coefficient = "balance_alpha"
+
+    def coefficient(self, train):
+        return train.balance_alpha
 
     def loss(self, routing, batch, seq, cfg):
         E = cfg.n_routed_experts
@@ -251,7 +281,9 @@ class GlobalAuxLoss(_NoBias):
     """Switch / GShard auxiliary loss over the whole batch: E * sum_i f_i P_i, where f_i is the
     fraction of assignments routed to expert i and P_i the mean router probability (1 when
     perfectly balanced)."""
-    coefficient = "aux_loss_alpha"
+
+    def coefficient(self, train):
+        return train.aux_loss_alpha
 
     def loss(self, routing, batch, seq, cfg):
         E = cfg.n_routed_experts
@@ -264,14 +296,62 @@ class GlobalAuxLoss(_NoBias):
 class RouterZLoss(_NoBias):
     """Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean_n (logsumexp_i logits_{n,i})^2,
     keeps router logits small and training stable."""
-    coefficient = "z_loss_coef"
+
+    def coefficient(self, train):
+        return train.z_loss_coef
 
     def loss(self, routing, batch, seq, cfg):
         return jnp.mean(jax.nn.logsumexp(routing.logits_NE, axis=-1) ** 2)
 
 
-def balancers_of(cfg: ModelConfig) -> dict[str, Balancer]:
-    return {name: resolve(BALANCERS, name, "balancer")() for name in cfg.balancer_names}
+@functools.cache
+def router_for(name: str) -> RouterFn:
+    """The registered router `name`, built once."""
+    return resolve(ROUTERS, name, "router")()
+
+
+@functools.cache
+def balancer_for(name: str) -> Balancer:
+    """The registered balancer `name`, built once."""
+    return resolve(BALANCERS, name, "balancer")()
+
+
+def check_routing(cfg: ModelConfig) -> None:
+    """ConfigError unless model.router and every model.balancer name is registered (or importable)."""
+    for names, kind, build in (([cfg.router], "router", router_for), (cfg.balancer_names, "balancer", balancer_for)):
+        for name in names:
+            try:
+                build(name)
+            except (KeyError, ImportError) as e:
+                raise ConfigError(f"model.{kind}={name!r}: {str(e).strip(chr(39)).strip(chr(34))}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Balancing:
+    """A run's balancers with their coefficients, built once: the loss they add and the bias update."""
+    balancers: tuple[tuple[str, Balancer, float], ...]  # (name, balancer, coefficient)
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, train: TrainConfig) -> Balancing:
+        return cls(tuple((name, balancer_for(name), balancer_for(name).coefficient(train))
+                         for name in model.balancer_names))
+
+    def loss(self, stats: RouterStats | None) -> Float[Array, ""]:
+        """sum_b coefficient_b * sum over the stack's layers of balancer b's loss (e.g. alpha * eq. 17)."""
+        total = jnp.zeros((), jnp.float32)
+        if stats is None:
+            return total
+        for name, _, weight in self.balancers:
+            if weight and name in stats.aux_losses:
+                total = total + weight * stats.aux_losses[name].sum()
+        return total
+
+    def update_bias(self, bias_LE: Array, load_LE: Array) -> Array:
+        """Every bias balancer's step in turn, from this step's whole-batch loads (eq. 16's bias)."""
+        for _, balancer, rate in self.balancers:
+            new = balancer.bias_update(bias_LE, load_LE, rate)
+            bias_LE = bias_LE if new is None else new
+        return bias_LE
 
 
 def sequence_balance_loss(scores_BTE: Float[Array, "B T E"], chosen_BTE: Float[Array, "B T E"],
@@ -297,7 +377,6 @@ def router_entropy(scores_NE: Array) -> Float[Array, ""]:
 def resolve(registry: dict, name: str, kind: str):
     """A registered name, or "package.module:name" whose import registers it."""
     if name not in registry and ":" in name:
-        import importlib
         module, _, short = name.partition(":")
         importlib.import_module(module)
         if short in registry:
@@ -311,6 +390,7 @@ class Router(nnx.Module):
     """Centroids e_i and the routing bias b; runs the configured router and balancer losses."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        check_routing(cfg)
         self.cfg = cfg
         # Gating stays in fp32 (report §3.3.1 keeps "the gating module" in higher precision).
         self.centroids_DE = param(rngs, (cfg.d_model, cfg.n_routed_experts), ("embed", "router"),
@@ -318,18 +398,16 @@ class Router(nnx.Module):
         self.bias_E = RoutingBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), logical_axes=("router",))
 
     def __call__(self, x_BTD: Float[Array, "B T D"], token_ids_BT: Array | None = None
-                 ) -> tuple[Routing, dict[str, Array]]:
+                 ) -> tuple[Routing, RouterStats]:
         B, T, D = x_BTD.shape
         cfg = self.cfg
         logits_NE = jnp.dot(x_BTD.reshape(B * T, D).astype(jnp.float32), self.centroids_DE[...].astype(jnp.float32))
         token_ids_N = (token_ids_BT if token_ids_BT is not None else jnp.zeros((B, T), jnp.int32)).reshape(-1)
-        routing = resolve(ROUTERS, cfg.router, "router")()(logits_NE, self.bias_E[...], token_ids_N, cfg)
-        load_E = expert_load(routing, cfg.n_routed_experts)
-        stats = {"expert_load": load_E, "router_entropy": router_entropy(routing.scores_NE),
-                 "dropped_fraction": 1.0 - jnp.mean(chosen_mask(routing, B * T, cfg.n_routed_experts).max(-1))}
-        for name, balancer in balancers_of(cfg).items():
-            loss = balancer.loss(routing, B, T, cfg)
-            if loss is not None:
-                stats[f"aux_{name}"] = loss
+        routing = router_for(cfg.router)(logits_NE, self.bias_E[...], token_ids_N, cfg)
+        losses = {name: balancer_for(name).loss(routing, B, T, cfg) for name in cfg.balancer_names}
+        stats = RouterStats(
+            expert_load=expert_load(routing, cfg.n_routed_experts),
+            router_entropy=router_entropy(routing.scores_NE),
+            dropped_fraction=1.0 - jnp.mean(chosen_mask(routing, B * T, cfg.n_routed_experts).max(-1)),
+            aux_losses={name: loss for name, loss in losses.items() if loss is not None})
         return routing, stats
-

@@ -16,18 +16,23 @@ token n. Two dispatch schemes, both dropless and exact (tested against the singl
 - "ring": `all_gather` the tokens of the expert group, run every assignment that goes to a local
   expert, `psum_scatter` the partial outputs back to their ranks. Simple; moves ep x n x D
   tokens and n x D partial sums per rank.
+
+This module moves rows; what runs on them is the caller's `experts_fn` (the model's grouped
+SwiGLU), so parallel/ never imports the model. Every spec comes from `parallel/sharding.py`.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
-TOKEN_AXES = ("data", "fsdp", "expert")
-DISPATCHES = ("a2a", "ring")
+from dsv3_jax.parallel.sharding import RULES
+
+# (rows sorted by expert [R, D], group sizes [E_local], w_gate, w_up, w_down) -> [R, D]
+ExpertsFn = Callable[..., jax.Array]
 
 
 def expert_parallel_mesh():
@@ -38,16 +43,14 @@ def expert_parallel_mesh():
     return mesh
 
 
-def _local_experts(x_RD, local_expert_R, w_gate, w_up, w_down, impl, fp8_backend, tensor_sharded: bool):
+def _local_experts(x_RD, local_expert_R, w_gate, w_up, w_down, experts_fn: ExpertsFn, ffn_axes):
     """Rows through this rank's experts by local expert id; id local_E (no local expert) gives zeros."""
-    from dsv3_jax.model.moe import grouped_swiglu
-
     local_E = w_gate.shape[0]
     order_R = jnp.argsort(local_expert_R, stable=True)  # rows of no local expert sort last
     group_sizes = jnp.bincount(local_expert_R, length=local_E + 1)[:local_E].astype(jnp.int32)
-    y_sorted = grouped_swiglu(x_RD[order_R], group_sizes, w_gate, w_up, w_down, impl, fp8_backend)
+    y_sorted = experts_fn(x_RD[order_R], group_sizes, w_gate, w_up, w_down)
     y_RD = jnp.zeros_like(y_sorted).at[order_R].set(y_sorted, unique_indices=True)
-    return jax.lax.psum(y_RD, "tensor") if tensor_sharded else y_RD  # down projection's partial sums over F
+    return jax.lax.psum(y_RD, ffn_axes) if ffn_axes else y_RD  # down projection's partial sums over F
 
 
 def _a2a(x_nD, expert_nK, gate_nK, *weights, ep, experts):
@@ -81,21 +84,24 @@ def _ring(x_nD, expert_nK, gate_nK, *weights, ep, experts):
     return jax.lax.psum_scatter(y_ND, "expert", scatter_dimension=0, tiled=True).astype(x_nD.dtype)
 
 
+_DISPATCH = {"a2a": _a2a, "ring": _ring}
+
+
 def expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF, w_down_EFD, mesh,
-                                   dispatch: str = "a2a", impl: str = "auto", fp8_backend: str | None = None):
-    """sum_k gate[n, k] * SwiGLU_{expert[n, k]}(x[n]) with the experts spread over `mesh`'s expert axis."""
-    if dispatch not in DISPATCHES:
-        raise ValueError(f"expert dispatch {dispatch!r} must be one of {DISPATCHES}")
-    E, _, F = w_gate_EDF.shape
-    ep, tp = mesh.shape["expert"], mesh.shape.get("tensor", 1)
+                                   dispatch: str, experts_fn: ExpertsFn):
+    """sum_k gate[n, k] * experts_fn_{expert[n, k]}(x[n]) with the experts spread over `mesh`'s expert axis."""
+    if dispatch not in _DISPATCH:
+        raise ValueError(f"expert dispatch {dispatch!r} must be one of: {', '.join(_DISPATCH)}")
+    E = w_gate_EDF.shape[0]
+    ep = mesh.shape["expert"]
     if E % ep:
         raise ValueError(f"{E} routed experts cannot be split over mesh.expert={ep}")
-    ffn = "tensor" if tp > 1 and F % tp == 0 else None
-    tokens = tuple(a for a in TOKEN_AXES if a in mesh.axis_names)
-    experts = functools.partial(_local_experts, impl=impl, fp8_backend=fp8_backend, tensor_sharded=ffn is not None)
-    local = functools.partial({"a2a": _a2a, "ring": _ring}[dispatch], ep=ep, experts=experts)
+    spec = lambda axes, a: RULES.spec(axes, a.shape, mesh, compute=True)
+    tokens = RULES.spec(("batch",), mesh=mesh)
+    gate_up, down = spec(("expert", "embed", "moe_ffn"), w_gate_EDF), spec(("expert", "moe_ffn", "embed"), w_down_EFD)
+    experts = functools.partial(_local_experts, experts_fn=experts_fn, ffn_axes=down[1])
+    local = functools.partial(_DISPATCH[dispatch], ep=ep, experts=experts)
     # check_vma=False: the FP8 path may run Pallas kernels, which do not carry varying-axis types.
-    shard = jax.shard_map(local, mesh=mesh, in_specs=(P(tokens), P(tokens), P(tokens), P("expert", None, ffn),
-                                                      P("expert", None, ffn), P("expert", ffn, None)),
-                          out_specs=P(tokens), check_vma=False)
+    shard = jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, gate_up, gate_up, down),
+                          out_specs=tokens, check_vma=False)
     return shard(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF, w_down_EFD)

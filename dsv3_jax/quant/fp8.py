@@ -18,15 +18,18 @@ FP8 GEMMs on padded 128-wide operands.
 from __future__ import annotations
 
 import functools
+import typing
 
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.config import Fp8Backend
 from pallas_kernels import BLOCK
 from pallas_kernels.fp8_gemm import block_scaled_matmul, dequantized_matmul
+from pallas_kernels.fp8_grouped_gemm import grouped_block_scaled_matmul
 from pallas_kernels.fp8_quant import quantize_blocks, quantize_blocks_ref, quantize_rows, quantize_rows_ref
 
-BACKENDS = ("xla", "pallas")
+BACKENDS: tuple[str, ...] = typing.get_args(Fp8Backend)
 
 
 def _pad_to(x: jax.Array, axis: int) -> jax.Array:
@@ -48,8 +51,8 @@ def _ops(backend: str):
     raise ValueError(f"fp8 backend {backend!r} must be one of {BACKENDS}")
 
 
-def fp8_gemm(a_MK: jax.Array, b_KN: jax.Array, rhs: str, backend: str) -> jax.Array:
-    """a @ b with a quantized in 1x128 tiles and b in 128x128 blocks (`rhs="blocks"`), fp32 out.
+def fp8_gemm(a_MK: jax.Array, b_KN: jax.Array, backend: Fp8Backend) -> jax.Array:
+    """a @ b with a quantized in 1x128 tiles and b in 128x128 blocks, fp32 out.
 
     Shapes need not be multiples of 128: K and N are zero-padded, the result sliced back.
     """
@@ -63,9 +66,9 @@ def fp8_gemm(a_MK: jax.Array, b_KN: jax.Array, rhs: str, backend: str) -> jax.Ar
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def fp8_matmul(x_MK: jax.Array, w_KN: jax.Array, backend: str = "xla") -> jax.Array:
+def fp8_matmul(x_MK: jax.Array, w_KN: jax.Array, backend: Fp8Backend = "xla") -> jax.Array:
     """y = x @ w, all three GEMMs (forward and both gradients) in block-scaled FP8."""
-    return fp8_gemm(x_MK, w_KN, "blocks", backend).astype(x_MK.dtype)
+    return fp8_gemm(x_MK, w_KN, backend).astype(x_MK.dtype)
 
 
 def _fwd(x_MK, w_KN, backend):
@@ -75,30 +78,19 @@ def _fwd(x_MK, w_KN, backend):
 def _bwd(backend, residuals, dy_MN):
     x_MK, w_KN = residuals
     dy = dy_MN.astype(jnp.float32)
-    dx_MK = fp8_gemm(dy, w_KN.T.astype(jnp.float32), "blocks", backend)  # Dgrad
-    dw_KN = fp8_gemm(x_MK.T.astype(jnp.float32), dy, "blocks", backend)  # Wgrad: x^T tiles run along tokens
+    dx_MK = fp8_gemm(dy, w_KN.T.astype(jnp.float32), backend)  # Dgrad
+    dw_KN = fp8_gemm(x_MK.T.astype(jnp.float32), dy, backend)  # Wgrad: x^T tiles run along tokens
     return dx_MK.astype(x_MK.dtype), dw_KN.astype(w_KN.dtype)
 
 
 fp8_matmul.defvjp(_fwd, _bwd)
 
 
-def fp8_grouped(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array, backend: str = "xla") -> jax.Array:
-    """ragged_dot(x, w, group_sizes) with Fprop, Dgrad and Wgrad as block-scaled FP8 GEMMs.
-
-    Rows go through the padded block layout (`dsv3_jax/model/grouped_gemm.py`): every 128-row
-    block belongs to one expert, so activation tiles (1x128 along K for Fprop / Dgrad, along
-    tokens for Wgrad) never mix experts, and no GEMM touches another expert's rows.
-    """
-    from dsv3_jax.model.grouped_gemm import grouped_matmul
-
-    return grouped_matmul(x_MK, w_EKN, group_sizes_E, gemm=f"fp8:{backend}").astype(x_MK.dtype)
-
-
 def fp8_grouped_pallas(x_BRK: jax.Array, w_EKN: jax.Array, expert_B: jax.Array) -> jax.Array:
-    """All 128-row blocks through the grouped Pallas kernel in one launch: [B, 128, K] -> fp32 [B, 128, N]."""
-    from pallas_kernels.fp8_grouped_gemm import grouped_block_scaled_matmul
+    """All 128-row blocks through the grouped Pallas kernel in one launch: [B, 128, K] -> fp32 [B, 128, N].
 
+    Routed experts reach this through `model/grouped_gemm.py`'s block layout (every 128-row block
+    belongs to one expert, so activation tiles never mix experts)."""
     B, R, _ = x_BRK.shape
     N = w_EKN.shape[2]
     quantize_rows_fn, quantize_blocks_fn, _ = _ops("pallas")

@@ -1,6 +1,6 @@
 """The training loop: data, jitted steps, metrics, validation, checkpoints, signals, progress.
 
-Run directory (DESIGN.md §6): config.json, tokenizer.json, metrics.jsonl (one line per step),
+Run directory: config.json, tokenizer.json, metrics.jsonl (one line per step),
 router.jsonl (per-layer expert loads per step), checkpoints/ (orbax), plots (*.png).
 """
 
@@ -21,8 +21,11 @@ from dsv3_jax.checkpoint import Checkpointer
 from dsv3_jax.config import Config, config_from_json
 from dsv3_jax.data.pipeline import build_data, train_iterator, val_batches
 from dsv3_jax.errors import UsageError
+from dsv3_jax.parallel.mesh import make_mesh
+from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_eval_step, make_train_step, max_violation
+from dsv3_jax.validate import validate
 
 # TrainConfig fields that `--resume` may change; everything else comes from the saved config.json.
 _RESUMABLE_TRAIN_FIELDS = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
@@ -74,7 +77,7 @@ def _host(metrics: dict) -> dict:
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> int:
     """Train (or continue) a run. Returns the process exit status (0, or 128+signal when stopped)."""
     run_dir = Path(run_dir)
-    config = resolve_run_config(config, run_dir, resume)
+    config = validate(resolve_run_config(config, run_dir, resume))
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = config.train
     data = build_data(config, run_dir)
@@ -152,18 +155,16 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
 
 def _compile(config: Config, graphdef, optimizer, state):
     """Jitted train / eval steps; under a mesh (config.mesh > 1 device) the state and batches are
-    sharded by the logical-axis table and XLA partitions the step (parallel/mesh.py); with
+    sharded by the logical-axis table and XLA partitions the step (parallel/sharding.py); with
     mesh.pipeline > 1 the MoE stack runs through the pipeline schedule."""
     eval_step = make_eval_step(config, graphdef)
     if config.mesh.n_devices == 1:
         return (jax.jit(make_train_step(config, graphdef, optimizer), donate_argnums=0), jax.jit(eval_step), state,
                 lambda batch: batch)
-    from dsv3_jax.parallel.mesh import batch_sharding, make_mesh, tree_shardings
-
     mesh = make_mesh(config.mesh)
     # mesh.pipeline > 1: the MoE stack runs through train.pipeline_schedule (train/pipelined.py).
     train_step = make_train_step(config, graphdef, optimizer, pipeline_mesh=mesh if config.mesh.pipeline > 1 else None)
-    state_shardings, batch_sharded = tree_shardings(state, mesh), batch_sharding(mesh)
+    state_shardings, batch_sharded = RULES.tree(state, mesh), RULES.batch(mesh)
     state = jax.device_put(state, state_shardings)
     train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharded), out_shardings=(state_shardings, None),
                     donate_argnums=0)

@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from dsv3_jax.model.model import ModelStats
+from dsv3_jax.model.routing import Balancing
+
 
 def cross_entropy(logits_BTV: Float[Array, "B T V"], labels_BT: Int[Array, "B T"],
                   mask_BT: Array | None = None) -> Float[Array, ""]:
@@ -50,24 +53,15 @@ class LossParts(NamedTuple):
     balance: Float[Array, ""]  # sum over balancers of coefficient x (sum over MoE layers of its loss)
 
 
-def aux_loss(stats: dict[str, Array], aux_weights: dict[str, float]) -> Float[Array, ""]:
-    """sum_b weight_b * sum over layers (main and MTP stacks) of stats["aux_<b>"]."""
-    total = jnp.zeros((), jnp.float32)
-    for key, value in stats.items():
-        name = key.removeprefix("mtp_").removeprefix("aux_")
-        if key.removeprefix("mtp_").startswith("aux_") and aux_weights.get(name, 0.0):
-            total = total + aux_weights[name] * value.sum()
-    return total
-
-
-def total_loss(logits_BTV: Array, mtp_logits_PBTV: Array | None, stats: dict[str, Array],
-               tokens_BS: Int[Array, "B S"], mtp_lambda: float, aux_weights: dict[str, float]) -> LossParts:
-    """L = L_main + lambda/P sum_k L^k_MTP (eq. 25) + sum_b w_b L_b (e.g. alpha * sum_layers L_Bal, eq. 17)."""
+def total_loss(logits_BTV: Array, mtp_logits_PBTV: Array | None, stats: ModelStats, tokens_BS: Int[Array, "B S"],
+               mtp_lambda: float, balancing: Balancing) -> LossParts:
+    """L = L_main + lambda/P sum_k L^k_MTP (eq. 25) + sum_b w_b L_b (e.g. alpha * sum_layers L_Bal, eq. 17),
+    the balancers' losses summed over the MoE layers of the main model and of the MTP modules."""
     lm = cross_entropy(logits_BTV, tokens_BS[:, 1:])
     mtp = jnp.zeros((), jnp.float32)
     if mtp_logits_PBTV is not None:
         labels_PBT, mask_PBT = mtp_targets(tokens_BS, mtp_logits_PBTV.shape[0])
         per_depth = jax.vmap(cross_entropy)(mtp_logits_PBTV, labels_PBT, mask_PBT)
         mtp = per_depth.mean()
-    balance = aux_loss(stats, aux_weights)
+    balance = balancing.loss(stats.moe_layers) + balancing.loss(stats.mtp)
     return LossParts(lm + mtp_lambda * mtp + balance, lm, mtp, balance)

@@ -15,108 +15,106 @@ a batch-global `aux_loss` is computed per micro-batch (as in any pipelined train
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv3_jax.config import Config
-from dsv3_jax.model.block import run_blocks, scan_stack
-from dsv3_jax.model.mtp import tokens_ahead
+from dsv3_jax.config import Config, ConfigError
+from dsv3_jax.model.block import run_blocks
+from dsv3_jax.model.model import ModelStats
 from dsv3_jax.model.rope import rope_tables
+from dsv3_jax.model.routing import Balancing, RouterStats
 from dsv3_jax.parallel.pipeline.executor import pipeline_value_and_grad
 from dsv3_jax.parallel.pipeline.schedules import make_schedule
-from dsv3_jax.train.loss import LossParts, aux_loss, total_loss
-
-HEAD_MODULES = ("embed", "final_norm", "head", "mtp")  # what the last stage needs
+from dsv3_jax.train.loss import LossParts, total_loss
 
 
 def check_pipeline_config(config: Config) -> int:
-    """Number of stages; raises ValueError naming what does not fit."""
+    """Number of stages; ConfigError naming what does not fit."""
     P, cfg, n_mb = config.mesh.pipeline, config.model, config.train.microbatches
+    m = config.mesh
+    if not m.data == m.fsdp == m.tensor == m.expert == 1:
+        raise ConfigError(f"mesh.pipeline={P} runs alone for now: set mesh.data, fsdp, tensor and expert to 1")
+    if cfg.router == "hash" or cfg.expert_dispatch != "gspmd":
+        raise ConfigError("mesh.pipeline > 1 needs a router that does not read token ids (not hash) and "
+                          "model.expert_dispatch=gspmd")
     n_stages = 2 * P if config.train.pipeline_schedule == "dualpipev" else P
     if cfg.n_moe_layers % n_stages:
-        raise ValueError(f"model.n_layers - model.first_k_dense = {cfg.n_moe_layers} MoE layers must split into "
-                         f"{n_stages} equal pipeline stages ({config.train.pipeline_schedule}, mesh.pipeline={P})")
+        raise ConfigError(f"model.n_layers - model.first_k_dense = {cfg.n_moe_layers} MoE layers must split into "
+                          f"{n_stages} equal pipeline stages ({config.train.pipeline_schedule}, mesh.pipeline={P})")
     if config.train.batch_size % n_mb:
-        raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by "
-                         f"train.microbatches={n_mb}")
-    make_schedule(config.train.pipeline_schedule, P, n_mb)  # its own checks (e.g. DualPipe's micro-batches)
+        raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by "
+                          f"train.microbatches={n_mb}")
+    try:
+        make_schedule(config.train.pipeline_schedule, P, n_mb)  # its own checks (e.g. DualPipe's micro-batches)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return n_stages
 
 
-def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, aux_weights: dict[str, float]):
-    """(params, routing_bias, tokens_BS) -> ((total, (LossParts, stats)), grads), pipelined over `mesh`."""
+class HeadStats(NamedTuple):
+    """What the last stage reports per micro-batch (summed over micro-batches by the executor)."""
+    parts: LossParts  # each already divided by the number of micro-batches
+    mtp: RouterStats | None
+
+
+def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, balancing: Balancing):
+    """(params, routing_bias, tokens_BS) -> ((total, (LossParts, ModelStats)), grads), pipelined over `mesh`."""
     cfg, tc = config.model, config.train
     n_stages, n_mb = check_pipeline_config(config), tc.microbatches
     schedule = make_schedule(tc.pipeline_schedule, config.mesh.pipeline, n_mb)
 
     def loss_and_grads(params, routing_bias, tokens_BS):
-        model = nnx.merge(graphdef, params, routing_bias)
         B, S = tokens_BS.shape
         tokens_BT = tokens_BS[:, :-1]
         T, b = S - 1, B // n_mb
         cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (b, T)))
         cos_full, sin_full = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (B, T)))
 
-        def before_pipeline(params):  # embedding + dense layers, on every pipeline rank
-            m = nnx.merge(graphdef, params, routing_bias)
-            h_BTD = m.embed(tokens_BT)
-            if m.dense_layers is not None:
-                h_BTD, _ = run_blocks(m.dense_layers, h_BTD, cos_full, sin_full, cfg.remat)
-            return h_BTD
+        # The model's own pieces: `embed_and_dense` on every rank, the MoE stack in stages, and
+        # `head_and_mtp` on the last stage, each from a model merged without the stages' weights.
+        stack_graphdef, stack_params, stack_bias = nnx.split(nnx.merge(graphdef, params, routing_bias).moe_layers,
+                                                             nnx.Param, ...)
+        rest = nnx.State({k: v for k, v in params.raw_mapping.items() if k != "moe_layers"})
+        abstract_stack = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params["moe_layers"])
+        model_without_stack = lambda rest: nnx.merge(graphdef, nnx.State({**rest, "moe_layers": abstract_stack}),
+                                                     routing_bias)
 
-        h_BTD, back_to_embedding = jax.vjp(before_pipeline, params)
+        h_BTD, back_to_embedding = jax.vjp(
+            lambda rest: model_without_stack(rest).embed_and_dense(tokens_BT, cos_full, sin_full), rest)
 
         # The MoE stack as S stages of L/S layers: leaves [L, ...] -> [S, L/S, ...].
-        stack_graphdef, stack_params, stack_bias = nnx.split(model.moe_layers, nnx.Param, ...)
         to_stages = lambda tree: jax.tree.map(lambda a: a.reshape((n_stages, -1) + a.shape[1:]), tree)
+        from_stages = lambda tree: jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), tree)
 
         def stage_fn(stage, x_bTD):
             y_bTD, stats = run_blocks(nnx.merge(stack_graphdef, *stage), x_bTD, cos, sin, cfg.remat)
-            return y_bTD, aux_loss(stats, aux_weights) / n_mb, stats
+            return y_bTD, balancing.loss(stats) / n_mb, stats
 
-        head_defs, head_states = {}, {}
-        for name in HEAD_MODULES:
-            if getattr(model, name) is not None:
-                head_defs[name], head_states[name] = nnx.split(getattr(model, name))
-
-        def loss_fn(head_states, y_bTD, tokens_bS):
-            m = {name: nnx.merge(head_defs[name], state) for name, state in head_states.items()}
-            logits_bTV = m["head"](m["final_norm"](y_bTD)).astype(jnp.float32)
-            mtp_logits, stats = None, {}
-            if "mtp" in m:
-                def depth_step(module, h_prev, ahead_bT):
-                    h_next, h_normed, layer_stats = module(h_prev, m["embed"](ahead_bT), cos, sin, ahead_bT)
-                    return h_next, (h_normed, layer_stats)
-
-                ahead_PbT = tokens_ahead(tokens_bS[:, :-1], cfg.mtp_depth)
-                _, (h_normed_PbTD, mtp_stats) = scan_stack(m["mtp"], depth_step, y_bTD, ahead_PbT, cfg.remat)
-                mtp_logits = m["head"](h_normed_PbTD).astype(jnp.float32)
-                stats = {f"mtp_{k}": v for k, v in mtp_stats.items()}
-            parts = total_loss(logits_bTV, mtp_logits, stats, tokens_bS, tc.mtp_lambda, aux_weights)
-            return parts.total / n_mb, {**stats, "lm": parts.lm, "mtp": parts.mtp, "balance": parts.balance}
+        def loss_fn(rest, y_bTD, tokens_bS):
+            model = model_without_stack(rest)
+            logits, mtp_logits, mtp_stats = model.head_and_mtp(y_bTD, tokens_bS[:, :-1], cos, sin)
+            parts = total_loss(logits, mtp_logits, ModelStats(None, mtp_stats), tokens_bS, tc.mtp_lambda, balancing)
+            return parts.total / n_mb, HeadStats(jax.tree.map(lambda x: x / n_mb, parts), mtp_stats)
 
         split_mb = lambda a: a.reshape((n_mb, b) + a.shape[1:])
         result = pipeline_value_and_grad(stage_fn, loss_fn, schedule, mesh, to_stages((stack_params, stack_bias)),
-                                          head_states, split_mb(h_BTD), split_mb(tokens_BS))
+                                         rest, split_mb(h_BTD), split_mb(tokens_BS))
 
-        # Gradients: embedding + dense (through the pipeline's input gradient), the MoE stack, the head side.
+        # Gradients: the stack from its stages; everything else from the head side plus, through the
+        # pipeline's input gradient, the embedding and dense layers.
         (grads,) = back_to_embedding(result.dx_MA.reshape(h_BTD.shape))
-        from_stages = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), result.stage_grads[0])
-        grads["moe_layers"] = from_stages
-        for name, state in result.head_grads.items():
-            head_params = nnx.split(nnx.merge(head_defs[name], state), nnx.Param, ...)[1]
-            grads[name] = jax.tree.map(jnp.add, grads[name], head_params)
+        grads = jax.tree.map(jnp.add, grads, result.head_grads)
+        grads = nnx.State({**grads.raw_mapping, "moe_layers": from_stages(result.stage_grads[0])})
+        grads = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(grads))  # params' node types
 
-        # Statistics with the unpipelined step's meaning: loads summed, means averaged.
-        per_layer = {k: v.reshape((-1,) + v.shape[2:]) for k, v in result.stage_stats.items()}
-        mean_or_sum = lambda k, v: v if k.endswith("expert_load") else v / n_mb
-        stats = {k: mean_or_sum(k, v) for k, v in {**per_layer, **result.head_stats}.items()
-                 if k not in ("lm", "mtp", "balance")}
+        # Statistics with the unpipelined step's meaning: loads summed over micro-batches, means averaged.
+        moe_stats = from_stages(result.stage_stats).summed_to_mean(n_mb)
         head = result.head_stats
-        main_stack = {k: v for k, v in stats.items() if not k.startswith("mtp_")}
-        balance = aux_loss(main_stack, aux_weights) + head["balance"] / n_mb
-        parts = LossParts(result.loss, head["lm"] / n_mb, head["mtp"] / n_mb, balance)
-        return (result.loss, (parts, stats)), grads
+        mtp_stats = None if head.mtp is None else head.mtp.summed_to_mean(n_mb)
+        parts = head.parts._replace(total=result.loss, balance=balancing.loss(moe_stats) + head.parts.balance)
+        return (result.loss, (parts, ModelStats(moe_stats, mtp_stats))), grads
 
     return loss_and_grads

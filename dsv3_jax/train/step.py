@@ -16,19 +16,12 @@ import optax
 from flax import nnx
 
 from dsv3_jax.config import Config
-from dsv3_jax.model.routing import balancers_of
+from dsv3_jax.model.model import ModelStats
+from dsv3_jax.model.routing import Balancing
 from dsv3_jax.train.loss import total_loss
 from dsv3_jax.train.optim import lr_schedule
+from dsv3_jax.train.pipelined import make_pipelined_loss_and_grads
 from dsv3_jax.train.state import TrainState
-
-# Which router statistics feed which bias stack: stats key -> top-level module name.
-_LOAD_FOR_STACK = {"moe_layers": "expert_load", "mtp": "mtp_expert_load"}
-
-
-def aux_weights(config: Config) -> dict[str, float]:
-    """Each configured balancer's loss coefficient (TrainConfig field named by the balancer)."""
-    return {name: getattr(config.train, b.coefficient) if b.coefficient else 0.0
-            for name, b in balancers_of(config.model).items()}
 
 
 def max_violation(load_LE: jax.Array) -> jax.Array:
@@ -36,18 +29,14 @@ def max_violation(load_LE: jax.Array) -> jax.Array:
     return load_LE.max(-1) / jnp.maximum(load_LE.mean(-1), 1e-9) - 1.0
 
 
-def update_routing_bias(routing_bias: nnx.State, stats: dict[str, jax.Array], config: Config) -> nnx.State:
-    """Apply every configured bias balancer to each stack's bias, from that stack's loads."""
+def update_routing_bias(routing_bias: nnx.State, stats: ModelStats, balancing: Balancing) -> nnx.State:
+    """Each routed stack's bias (the model's `moe_layers`, `mtp`) moved by the bias balancers from
+    that stack's loads; `ModelStats` names its fields after those stacks."""
     def update(path, variable):
-        load = stats.get(_LOAD_FOR_STACK.get(str(path[0].key), ""))
-        if load is None:
+        stack_stats = getattr(stats, str(path[0].key))
+        if stack_stats is None:
             return variable
-        bias = variable.get_value()
-        for balancer in balancers_of(config.model).values():
-            rate = getattr(config.train, balancer.coefficient) if balancer.coefficient else 0.0
-            new = balancer.bias_update(bias, load, rate)
-            bias = bias if new is None else new
-        return variable.replace(bias)
+        return variable.replace(balancing.update_bias(variable.get_value(), stack_stats.expert_load))
 
     return jax.tree.map_with_path(update, routing_bias, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -58,33 +47,32 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
     the pipeline schedule (train/pipelined.py); everything after them is the same code."""
     tc = config.train
     schedule = lr_schedule(tc)
-    weights = aux_weights(config)
+    balancing = Balancing.from_config(config.model, tc)
 
     def loss_fn(params, routing_bias, tokens_BS):
         out = nnx.merge(graphdef, params, routing_bias)(tokens_BS[:, :-1])
-        parts = total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens_BS, tc.mtp_lambda, weights)
+        parts = total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens_BS, tc.mtp_lambda, balancing)
         return parts.total, (parts, out.stats)
 
-    loss_and_grads = jax.value_and_grad(loss_fn, has_aux=True)
-    if pipeline_mesh is not None:
-        from dsv3_jax.train.pipelined import make_pipelined_loss_and_grads
-
-        loss_and_grads = make_pipelined_loss_and_grads(config, graphdef, pipeline_mesh, weights)
+    if pipeline_mesh is None:
+        loss_and_grads = jax.value_and_grad(loss_fn, has_aux=True)
+    else:
+        loss_and_grads = make_pipelined_loss_and_grads(config, graphdef, pipeline_mesh, balancing)
 
     def train_step(state: TrainState, tokens_BS: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         (_, (parts, stats)), grads = loss_and_grads(state.params, state.routing_bias, tokens_BS)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        routing_bias = update_routing_bias(state.routing_bias, stats, config)
+        routing_bias = update_routing_bias(state.routing_bias, stats, balancing)
         metrics = {"loss": parts.total, "lm_loss": parts.lm, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step)}
-        if "expert_load" in stats or "mtp_expert_load" in stats:
+        if stats.moe_layers is not None or stats.mtp is not None:
             metrics["balance_loss"] = parts.balance
-        if "expert_load" in stats:
-            metrics["max_vio"] = max_violation(stats["expert_load"]).mean()
-            metrics["expert_load"] = stats["expert_load"]
-            metrics["router_entropy"] = stats["router_entropy"].mean()
-            metrics["dropped_fraction"] = stats["dropped_fraction"].mean()
+        if stats.moe_layers is not None:
+            metrics["max_vio"] = max_violation(stats.moe_layers.expert_load).mean()
+            metrics["expert_load"] = stats.moe_layers.expert_load
+            metrics["router_entropy"] = stats.moe_layers.router_entropy.mean()
+            metrics["dropped_fraction"] = stats.moe_layers.dropped_fraction.mean()
         if config.model.mtp_depth:
             metrics["mtp_loss"] = parts.mtp
         new_state = state.replace(params=params, routing_bias=routing_bias, opt_state=opt_state, step=state.step + 1)
@@ -94,12 +82,14 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
 
 
 def make_eval_step(config: Config, graphdef: nnx.GraphDef):
+    no_balancing = Balancing(())
+
     def eval_step(state: TrainState, tokens_BS: jax.Array) -> dict[str, jax.Array]:
         out = nnx.merge(graphdef, state.params, state.routing_bias)(tokens_BS[:, :-1], with_mtp=False)
-        parts = total_loss(out.logits_BTV, None, out.stats, tokens_BS, 0.0, {})
+        parts = total_loss(out.logits_BTV, None, out.stats, tokens_BS, 0.0, no_balancing)
         metrics = {"lm_loss": parts.lm}
-        if "expert_load" in out.stats:
-            metrics["expert_load"] = out.stats["expert_load"]
+        if out.stats.moe_layers is not None:
+            metrics["expert_load"] = out.stats.moe_layers.expert_load
         return metrics
 
     return eval_step

@@ -25,9 +25,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
-
 from dsv3_jax.parallel.pipeline.schedules import Op, Schedule
+from dsv3_jax.parallel.sharding import RULES
 
 KINDS = {"F": 1, "B": 2, "I": 3, "W": 4}  # 0: idle
 NONE, RIGHT, LEFT, SELF = 0, 1, 2, 3
@@ -210,8 +209,9 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         return (total(state["loss"]), per_rank(state["grads"]), total(state["head_grads"]), total(state["dx"]),
                 per_rank(state["stats"]), total(state["head_stats"]))
 
-    run = jax.shard_map(rank_program, mesh=mesh, in_specs=(P("pipeline"), P(), P(), P()),
-                        out_specs=(P(), P("pipeline"), P(), P(), P("pipeline"), P()), check_vma=False)
+    by_rank, replicated = RULES.spec(("stage",), mesh=mesh), RULES.spec((), mesh=mesh)
+    run = jax.shard_map(rank_program, mesh=mesh, in_specs=(by_rank, replicated, replicated, replicated),
+                        out_specs=(replicated, by_rank, replicated, replicated, by_rank, replicated), check_vma=False)
     loss, grads_PL, head_grads, dx_MA, stats_PL, head_stats = run(params_PL, head_params, x_MA, target_M)
     S = jax.tree.leaves(params_S)[0].shape[0]
     by_stage = lambda tree: jax.tree.map(

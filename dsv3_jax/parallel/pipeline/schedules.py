@@ -28,9 +28,12 @@ holding its stage, dependencies met, no deadlock); `bubble` and `peak_activation
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import NamedTuple
 
-SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
+from dsv3_jax.config import PipelineSchedule
+
+SCHEDULES: tuple[str, ...] = typing.get_args(PipelineSchedule)
 
 
 class Op(NamedTuple):
@@ -148,12 +151,9 @@ def _dual(name: str, n_ranks: int, n_mb: int) -> Schedule:
 def make_schedule(name: str, n_ranks: int, n_microbatches: int) -> Schedule:
     if name not in SCHEDULES:
         raise ValueError(f"pipeline schedule {name!r} must be one of: {', '.join(SCHEDULES)}")
-    if name == "gpipe":
-        return gpipe(n_ranks, n_microbatches)
-    if name == "1f1b":
-        return one_f_one_b(n_ranks, n_microbatches)
-    if name == "zb1p":
-        return zero_bubble_1p(n_ranks, n_microbatches)
+    builders = {"gpipe": gpipe, "1f1b": one_f_one_b, "zb1p": zero_bubble_1p}
+    if name in builders:
+        return builders[name](n_ranks, n_microbatches)
     return _dual(name, n_ranks, n_microbatches)
 
 

@@ -1,0 +1,116 @@
+"""THE sharding source: one table from logical axis names to mesh axes, and everything derived from it.
+
+Weights are declared with logical axis names (`logical_axes` Variable metadata, e.g.
+`("layers", "expert", "embed", "moe_ffn")`), activations are constrained with logical names at
+block boundaries (`constrain`), and every `shard_map` in this package takes its in/out specs from
+`RULES.spec(...)`. Changing a layout means editing `LOGICAL_RULES` (or handing another
+`ShardingRules` to the code that places a run); no `PartitionSpec` is built anywhere else.
+
+Mesh axes (`parallel/mesh.py`): data, fsdp, tensor, expert, pipeline.
+- The batch is split over data x fsdp x expert: expert-parallel ranks are data-parallel ranks for
+  everything but the routed experts (report §3.2).
+- fsdp also shards the weights' embed dim at rest; compute gathers it (`compute=True` specs).
+- tensor splits attention heads, FFN hidden dims and the vocabulary.
+- expert splits the routed experts; pipeline splits pipeline stages ("stage").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    # Weights.
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "ffn": ("tensor",),
+    "moe_ffn": ("tensor",),
+    "expert": ("expert",),
+    "stage": ("pipeline",),
+    "layers": (),
+    "q_lora": (), "kv_lora": (), "qk_head": (), "v_head": (), "router": (), "norm": (), "mtp_concat": (),
+    # Activations (and tokens: a flattened batch x sequence is "batch" too).
+    "batch": ("data", "fsdp", "expert"),
+    "seq": (),
+    "act_embed": (),
+    "act_vocab": ("tensor",),
+}
+
+# Activations at a block boundary, and the logits.
+HIDDEN_BTD = ("batch", "seq", "act_embed")
+LOGITS_BTV = ("batch", "seq", "act_vocab")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    table: Mapping[str, tuple[str, ...]]
+    # Mesh axes that shard weights at rest only: gathered before compute (FSDP), so specs for
+    # compute (shard_map bodies) leave them out.
+    storage_only: tuple[str, ...] = ("fsdp",)
+
+    def mesh_axes(self, logical: str) -> tuple[str, ...]:
+        return self.table[logical]
+
+    def spec(self, axes: tuple[str | None, ...], shape: tuple[int, ...] | None = None, mesh=None,
+             *, compute: bool = False) -> PartitionSpec:
+        """PartitionSpec for logical `axes`. Mesh axes of size 1 (or absent, or manual in the current
+        context) are left out; with `shape`, a dim its mesh axes do not divide stays replicated.
+        `compute`: the layout a computation sees (storage-only axes gathered)."""
+        mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+        manual = set(getattr(mesh, "manual_axes", ()) or ())
+        spec, used = [], set()
+        for i, name in enumerate(axes):
+            candidates = self.table[name] if name else ()
+            chosen = tuple(a for a in candidates if a in mesh.shape and mesh.shape[a] > 1 and a not in used
+                           and a not in manual and not (compute and a in self.storage_only))
+            size = math.prod(mesh.shape[a] for a in chosen)
+            if chosen and (shape is None or shape[i] % size == 0):
+                spec.append(chosen[0] if len(chosen) == 1 else chosen)
+                used.update(chosen)
+            else:
+                spec.append(None)
+        return PartitionSpec(*spec)
+
+    def sharding(self, axes: tuple[str | None, ...], mesh: Mesh, shape: tuple[int, ...] | None = None
+                 ) -> NamedSharding:
+        return NamedSharding(mesh, self.spec(axes, shape, mesh))
+
+    def tree(self, tree, mesh: Mesh):
+        """NamedShardings for every leaf: Variables by their logical axes, everything else replicated."""
+        def sharding(leaf):
+            if isinstance(leaf, nnx.Variable):
+                axes = leaf.get_metadata().get("logical_axes")
+                spec = self.spec(tuple(axes), leaf.get_value().shape, mesh) if axes else PartitionSpec()
+                return leaf.replace(NamedSharding(mesh, spec))
+            return NamedSharding(mesh, PartitionSpec())
+
+        return jax.tree.map(sharding, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    def batch(self, mesh: Mesh) -> NamedSharding:
+        """Token batches [B, S]: rows over the batch axes."""
+        return self.sharding(("batch", None), mesh)
+
+    def shards(self, logical: str, sizes: Mapping[str, int]) -> int:
+        """How many ways `logical` is split on a mesh of these axis sizes."""
+        return math.prod(sizes[a] for a in self.table[logical])
+
+    def constrain(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+        """`with_sharding_constraint` by logical axes under the mesh in context; a no-op without one
+        (single device), inside a shard_map that owns the axes, or when nothing would be sharded."""
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return x
+        spec = self.spec(axes, x.shape, mesh)
+        if all(s is None for s in spec):
+            return x
+        return jax.lax.with_sharding_constraint(x, spec)
+
+
+RULES = ShardingRules(LOGICAL_RULES)
+constrain = RULES.constrain
