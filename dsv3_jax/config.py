@@ -51,7 +51,7 @@ DType = Literal["float32", "bfloat16"]
 ScoreFunc = Literal["sigmoid", "softmax"]
 Fp8Backend = Literal["xla", "pallas"]  # quant/fp8.py
 GroupedGemmImpl = Literal["auto", "ragged_dot", "blocked"]  # model/grouped_gemm.py
-ExpertDispatch = Literal["gspmd", "a2a", "ring"]  # parallel/expert.py
+ExpertDispatch = Literal["a2a", "ragged", "ring", "gspmd"]  # parallel/expert.py
 PipelineSchedule = Literal["gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"]  # parallel/pipeline/schedules.py
 
 
@@ -103,10 +103,13 @@ class ModelConfig:
     # Routed experts' grouped GEMM (model/grouped_gemm.py): "auto" = "blocked" on CPU (XLA:CPU
     # lowers ragged_dot densely over all experts), "ragged_dot" elsewhere.
     grouped_gemm: GroupedGemmImpl = "auto"
-    # Routed experts under a mesh with expert > 1 (parallel/expert.py): "gspmd" leaves the dispatch
-    # to XLA's partitioner; "a2a" (all-to-all) and "ring" (all-gather + reduce-scatter) dispatch
-    # explicitly under shard_map (report §3.2.2), dropless. Token-choice routers only.
-    expert_dispatch: ExpertDispatch = "gspmd"
+    # Routed experts under a mesh with expert > 1 (parallel/expert.py, report §3.2.2): each rank
+    # computes only its experts. "a2a": portable all-to-all, each token sent once per rank, buffers
+    # of expert_capacity_factor x the balanced share (drops counted); "ragged": the same with
+    # ragged_all_to_all (GPU/TPU); "ring": all-gather + reduce-scatter, dropless; "gspmd": leave it
+    # to XLA's partitioner (which gathers the expert weights). Explicit ones need token choice.
+    expert_dispatch: ExpertDispatch = "a2a"
+    expert_capacity_factor: float = 1.5
 
     def __post_init__(self) -> None:
         _require_each(self, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_dim",
@@ -120,9 +123,8 @@ class ModelConfig:
         _require(self.first_k_dense <= self.n_layers,
                  f"model.first_k_dense={self.first_k_dense} must be <= model.n_layers={self.n_layers}")
         _require_choices(self, "model")
-        _require(self.expert_dispatch == "gspmd" or self.router != "expert_choice",
-                 f"model.expert_dispatch={self.expert_dispatch} needs a token-choice router (each token picks its "
-                 "experts); model.router=expert_choice lets experts pick tokens: use model.expert_dispatch=gspmd")
+        _require(self.expert_capacity_factor > 0 and math.isfinite(self.expert_capacity_factor),
+                 f"model.expert_capacity_factor={self.expert_capacity_factor} must be a positive number")
         if self.n_moe_layers > 0 or self.mtp_depth > 0:
             self._check_moe()
         if self.first_k_dense > 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dsv3_jax.config import Config, ConfigError
 from dsv3_jax.model.routing import check_routing
+from dsv3_jax.parallel.expert import check_dispatch
 from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.train.pipelined import check_pipeline_config
 
@@ -23,6 +24,24 @@ def validate(config: Config) -> Config:
     if config.train.batch_size % batch_shards:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by "
                           f"{' x '.join(f'mesh.{a}' for a in sizes)} = {batch_shards}")
+    if config.mesh.expert > 1 and config.model.n_routed_experts:
+        _check_expert_parallel(config)
     if config.mesh.pipeline > 1:
         check_pipeline_config(config)
     return config
+
+
+def _check_expert_parallel(config: Config) -> None:
+    cfg, ep = config.model, config.mesh.expert
+    if cfg.expert_dispatch == "gspmd":
+        return
+    if cfg.router == "expert_choice":
+        raise ConfigError(f"model.expert_dispatch={cfg.expert_dispatch} needs a token-choice router (each token "
+                          "picks its experts); model.router=expert_choice lets experts pick tokens: use "
+                          "model.expert_dispatch=gspmd")
+    if cfg.n_routed_experts % ep:
+        raise ConfigError(f"model.n_routed_experts={cfg.n_routed_experts} must be divisible by mesh.expert={ep}")
+    try:
+        check_dispatch(cfg.expert_dispatch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

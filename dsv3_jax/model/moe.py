@@ -7,8 +7,8 @@ Local expert computation is dropless and never builds an [N, E, D] tensor: the M
 (token, expert, gate) assignments are sorted by expert, each expert's contiguous rows go through
 a grouped matmul (`model/grouped_gemm.py`: `jax.lax.ragged_dot`, or 128-row blocks on CPU), are
 weighted by their gates and scatter-added back to their tokens (which also serves routers where a
-token can have any number of experts). Under a mesh with `model.expert_dispatch` a2a / ring, the
-routed experts run expert-parallel (`parallel/expert.py`).
+token can have any number of experts). Under a mesh with an expert axis, the routed experts run
+expert-parallel (`parallel/expert.py`): each rank only its own experts on only their rows.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ class MoE(nnx.Module):
         self.fp8_backend = cfg.fp8_backend if cfg.fp8 else None
         self.grouped_gemm = cfg.grouped_gemm
         self.expert_dispatch = cfg.expert_dispatch
+        self.capacity_factor = cfg.expert_capacity_factor
+        # Group-limited routing bounds a token's ranks (deepseek_v3 / v2 routers); others pick freely.
+        self.groups = (cfg.n_group, cfg.topk_group) if cfg.router in ("deepseek_v3", "deepseek_v2") else (1, 1)
 
     def __call__(self, x_BTD: Float[Array, "B T D"], token_ids_BT: Array | None = None
                  ) -> tuple[Float[Array, "B T D"], RouterStats]:
@@ -80,8 +83,10 @@ class MoE(nnx.Module):
         if mesh is not None:  # token-choice: assignment n * K + k belongs to token n
             gate_NK, expert_NK = routing.gate_M.reshape(B * T, -1), routing.expert_M.reshape(B * T, -1)
             experts_fn = functools.partial(grouped_swiglu, impl=self.grouped_gemm, fp8_backend=self.fp8_backend)
-            y_ND = expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, *weights, mesh, self.expert_dispatch,
-                                                  experts_fn)
+            y_ND, dropped = expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, *weights, mesh,
+                                                           self.expert_dispatch, experts_fn, self.capacity_factor,
+                                                           self.groups)
+            stats = stats._replace(capacity_dropped=dropped / expert_NK.size)
         else:
             y_ND = routed_experts(x_ND, routing, *weights, self.grouped_gemm, self.fp8_backend)
         y_BTD = y_ND.reshape(B, T, D)

@@ -55,12 +55,14 @@ class RouterStats(NamedTuple):
     """One MoE layer's routing statistics (each field gains a leading layer axis in a stack)."""
     expert_load: Float[Array, "E"]  # assignments each expert received (dropped ones excluded)
     router_entropy: Float[Array, ""]  # mean entropy of the tokens' routing distributions (nats)
-    dropped_fraction: Float[Array, ""]  # fraction of tokens left without any expert
+    dropped_fraction: Float[Array, ""]  # fraction of tokens the router left without any expert
+    capacity_dropped: Float[Array, ""]  # fraction of assignments an expert-parallel transport dropped
     aux_losses: dict[str, Float[Array, ""]]  # balancer name -> its loss, before its coefficient
 
     def summed_to_mean(self, n: int) -> RouterStats:
         """Stats summed over n equal micro-batches -> the whole batch's: loads add up, means divide."""
         return self._replace(router_entropy=self.router_entropy / n, dropped_fraction=self.dropped_fraction / n,
+                             capacity_dropped=self.capacity_dropped / n,
                              aux_losses={k: v / n for k, v in self.aux_losses.items()})
 
 
@@ -409,5 +411,6 @@ class Router(nnx.Module):
             expert_load=expert_load(routing, cfg.n_routed_experts),
             router_entropy=router_entropy(routing.scores_NE),
             dropped_fraction=1.0 - jnp.mean(chosen_mask(routing, B * T, cfg.n_routed_experts).max(-1)),
+            capacity_dropped=jnp.zeros((), jnp.float32),
             aux_losses={name: loss for name, loss in losses.items() if loss is not None})
         return routing, stats

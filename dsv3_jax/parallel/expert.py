@@ -1,21 +1,33 @@
 """Expert-parallel dispatch and combine under `jax.shard_map` (report §3.2.2).
 
-Tokens are sharded over the token axes (data, fsdp, expert: expert-parallel ranks are
+Legend: n tokens on this rank, K top-k, D model dim, P expert-parallel ranks (ep), C rows per
+(source, destination) pair, J expert slots per row (min(K, experts per rank)).
+
+Tokens are sharded over the batch axes (data, fsdp, expert: expert-parallel ranks are
 data-parallel ranks, each with its own tokens); routed experts over `expert`, their FFN dim over
 `tensor`. The routing (router, biases, balance statistics) is computed outside, on all tokens,
 so expert loads are global-batch loads; it must be token-choice: assignment n * K + k belongs to
-token n. Two dispatch schemes, both dropless and exact (tested against the single-device MoE):
+token n. Each rank runs only its own experts on only the rows routed to them; expert weights are
+never gathered.
 
-- "a2a": sort each rank's assignments by destination rank, `all_to_all` the rows to the ranks
-  owning their experts, run the local experts, `all_to_all` the results back, gate and add.
-  Shapes are static, so each (source, destination) slot is sized for all m = n_tokens x K local
-  assignments: no token is ever dropped however skewed the routing, at the price of ep x m rows
-  of buffer per rank (the grouped GEMM skips the empty rows, so no FLOPs are wasted).
-  `jax.lax.ragged_all_to_all` would send only the real rows, but XLA:CPU does not implement it
-  (UNIMPLEMENTED in jax 0.10), so it is left for a GPU/TPU session.
-- "ring": `all_gather` the tokens of the expert group, run every assignment that goes to a local
-  expert, `psum_scatter` the partial outputs back to their ranks. Simple; moves ep x n x D
-  tokens and n x D partial sums per rank.
+Dispatch, as DeepSeek describes it: per-destination row counts are exchanged first; a token is
+sent ONCE to each rank that holds at least one of its experts (with the ids and gates of those
+experts), not once per (token, expert); the destination runs its experts on the rows, weights
+each expert's output by its gate and sums them, so a row comes back once: the combine mirrors the
+dispatch. With groups aligned to ranks, group-limited routing (`topk_group`) bounds the ranks a
+token reaches (the report's node-limited routing). Gates travel with the rows and are applied at
+the destination: applying them at the source would send back one row per (token, expert), K times
+the combine traffic, for the same sum.
+
+Transports (`model.expert_dispatch`):
+- "a2a" (portable, default): `all_to_all` of fixed [P, C, D] buffers, C = min(n, ceil(capacity_factor
+  x n x min(K, P) / P)) rows per pair: the buffer is ~capacity_factor x n x min(K, P) rows at any P,
+  so memory per rank does not grow with the expert-parallel degree. Rows past C are dropped,
+  counted (`RouterStats.capacity_dropped`) and never silent; with P <= K, C = n and nothing drops.
+- "ragged": the same rows and buffers with `jax.lax.ragged_all_to_all`, which moves only the real
+  rows. XLA:CPU does not implement it: GPU/TPU only.
+- "ring": `all_gather` the expert group's tokens, run every assignment to a local expert,
+  `psum_scatter` the partial sums back. Dropless and simple; moves P x n x D per rank.
 
 This module moves rows; what runs on them is the caller's `experts_fn` (the model's grouped
 SwiGLU), so parallel/ never imports the model. Every spec comes from `parallel/sharding.py`.
@@ -24,7 +36,8 @@ SwiGLU), so parallel/ never imports the model. Every spec comes from `parallel/s
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +56,29 @@ def expert_parallel_mesh():
     return mesh
 
 
+def check_dispatch(dispatch: str, backend: str | None = None) -> None:
+    """ValueError when `dispatch` cannot run on this backend (ragged_all_to_all is GPU/TPU only)."""
+    backend = backend or jax.default_backend()
+    if dispatch == "ragged" and backend == "cpu":
+        raise ValueError("model.expert_dispatch=ragged needs a GPU or TPU (XLA:CPU has no ragged_all_to_all); "
+                         "use model.expert_dispatch=a2a, the portable all-to-all")
+
+
+def ranks_per_token(top_k: int, ep: int, n_group: int = 1, topk_group: int = 1) -> int:
+    """The most ranks one token's experts can sit on: K, P, and with groups aligned to ranks the
+    ranks its `topk_group` groups span (group-limited routing bounds the fan-out, report §3.2.2)."""
+    bound = min(top_k, ep)
+    if n_group > 1 and (n_group % ep == 0 or ep % n_group == 0):
+        bound = min(bound, topk_group * max(1, ep // n_group))
+    return bound
+
+
+def pair_capacity(n_tokens: int, fan_out: int, ep: int, capacity_factor: float) -> int:
+    """Rows one rank may send to another: capacity_factor x the rows a balanced router sends,
+    n x fan_out / P (fan_out = `ranks_per_token`), and never more than the n a pair can need."""
+    return max(1, min(n_tokens, math.ceil(capacity_factor * n_tokens * fan_out / ep)))
+
+
 def _local_experts(x_RD, local_expert_R, w_gate, w_up, w_down, experts_fn: ExpertsFn, ffn_axes):
     """Rows through this rank's experts by local expert id; id local_E (no local expert) gives zeros."""
     local_E = w_gate.shape[0]
@@ -53,45 +89,109 @@ def _local_experts(x_RD, local_expert_R, w_gate, w_up, w_down, experts_fn: Exper
     return jax.lax.psum(y_RD, ffn_axes) if ffn_axes else y_RD  # down projection's partial sums over F
 
 
-def _a2a(x_nD, expert_nK, gate_nK, *weights, ep, experts):
+class Dispatch(NamedTuple):
+    """Where this rank's tokens go: buffers of [P destinations, C rows] (J expert slots per row)."""
+    token_PC: jax.Array  # the local token in each row; n (one past the end) for an empty row
+    expert_PCJ: jax.Array  # the destination's local expert id for each slot; local_E when empty
+    gate_PCJ: jax.Array  # the gate of each slot (0 when empty)
+    count_P: jax.Array  # real rows per destination
+    dropped: jax.Array  # assignments that did not fit the capacity
+
+
+def plan_dispatch(expert_nK, gate_nK, ep: int, local_E: int, capacity: int) -> Dispatch:
+    """One row per (token, destination rank) holding any of its experts, in token order; rows past
+    `capacity` for a destination are dropped with all their assignments."""
     n, K = expert_nK.shape
-    m, local_E = n * K, weights[0].shape[0]
-    expert_m = expert_nK.reshape(m)
-    order_m = jnp.argsort(expert_m, stable=True)  # by expert, hence by destination rank
-    token_m, dest_m = order_m // K, expert_m[order_m] // local_E
-    count_P = jnp.bincount(dest_m, length=ep)
-    slot_m = jnp.arange(m) - (jnp.cumsum(count_P) - count_P)[dest_m]
-    # Dispatch into [destination rank, slot] buffers; empty slots carry local expert id local_E.
-    send_PmD = jnp.zeros((ep, m, x_nD.shape[1]), x_nD.dtype).at[dest_m, slot_m].set(x_nD[token_m])
-    send_expert_Pm = jnp.full((ep, m), local_E, jnp.int32).at[dest_m, slot_m].set(expert_m[order_m] % local_E)
-    a2a = functools.partial(jax.lax.all_to_all, axis_name="expert", split_axis=0, concat_axis=0, tiled=True)
-    y_RD = experts(a2a(send_PmD).reshape(ep * m, -1), a2a(send_expert_Pm).reshape(ep * m), *weights)
-    # Combine: back to the source ranks, gate, add into the tokens.
-    y_mD = a2a(y_RD.reshape(ep, m, -1))[dest_m, slot_m].astype(jnp.float32)
-    y_mD = y_mD * gate_nK.reshape(m)[order_m, None]
-    return jnp.zeros(x_nD.shape, jnp.float32).at[token_m].add(y_mD).astype(x_nD.dtype)
+    J = min(K, local_E)
+    dest_nK = expert_nK // local_E
+    hit_nP = jnp.any(dest_nK[:, :, None] == jnp.arange(ep), axis=1)
+    row_nP = jnp.cumsum(hit_nP, axis=0) - 1  # the token's row in its buffer to each rank
+    kept_nP = hit_nP & (row_nP < capacity)
+    row_nK = jnp.take_along_axis(row_nP, dest_nK, axis=1)
+    kept_nK = jnp.take_along_axis(kept_nP, dest_nK, axis=1)
+    # Slot of assignment k within its row: how many earlier k' of the token go to the same rank.
+    same_nKK = dest_nK[:, :, None] == dest_nK[:, None, :]
+    slot_nK = jnp.sum(jnp.tril(same_nKK, -1), axis=2)
+    drop_row = lambda row, kept: jnp.where(kept, row, capacity)  # out of range: scatter drops it
+    token_PC = jnp.full((ep, capacity), n, jnp.int32).at[
+        jnp.broadcast_to(jnp.arange(ep), (n, ep)), drop_row(row_nP, kept_nP)].set(
+        jnp.broadcast_to(jnp.arange(n)[:, None], (n, ep)), mode="drop")
+    where = (dest_nK, drop_row(row_nK, kept_nK), slot_nK)
+    expert_PCJ = jnp.full((ep, capacity, J), local_E, jnp.int32).at[where].set(expert_nK % local_E, mode="drop")
+    gate_PCJ = jnp.zeros((ep, capacity, J), gate_nK.dtype).at[where].set(gate_nK, mode="drop")
+    count_P = jnp.minimum(hit_nP.sum(0), capacity).astype(jnp.int32)
+    return Dispatch(token_PC, expert_PCJ, gate_PCJ, count_P, jnp.sum(~kept_nK).astype(jnp.float32))
 
 
-def _ring(x_nD, expert_nK, gate_nK, *weights, ep, experts):
+def _rows_through_experts(x_RD, expert_RJ, gate_RJ, weights, experts):
+    """Each row through its (up to J) local experts, gated and summed: one output row per input row."""
+    R, J = expert_RJ.shape
+    row_M = jnp.arange(R * J) // J
+    y_MD = experts(x_RD[row_M], expert_RJ.reshape(-1), *weights).astype(jnp.float32)
+    y_MD = y_MD * gate_RJ.reshape(-1, 1).astype(jnp.float32)
+    return jnp.zeros((R, x_RD.shape[1]), jnp.float32).at[row_M].add(y_MD)
+
+
+def _a2a(x_nD, expert_nK, gate_nK, *weights, ep, experts, capacity, axis, ragged):
+    n, D = x_nD.shape
+    local_E = weights[0].shape[0]
+    plan = plan_dispatch(expert_nK, gate_nK, ep, local_E, capacity)
+    exchange = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0, tiled=True)
+    recv_count_P = exchange(plan.count_P)  # counts first: how many real rows each source sends here
+    x_padded = jnp.concatenate([x_nD, jnp.zeros((1, D), x_nD.dtype)])
+    send_PCD = x_padded[plan.token_PC]
+    if ragged:
+        recv_PCD = _ragged_exchange(send_PCD, plan.count_P, recv_count_P, axis)
+    else:
+        recv_PCD = exchange(send_PCD)
+    real_PC = jnp.arange(capacity) < recv_count_P[:, None]
+    expert_PCJ = jnp.where(real_PC[..., None], exchange(plan.expert_PCJ), local_E)
+    y_RD = _rows_through_experts(recv_PCD.reshape(ep * capacity, D), expert_PCJ.reshape(ep * capacity, -1),
+                                 exchange(plan.gate_PCJ).reshape(ep * capacity, -1), weights, experts)
+    y_PCD = y_RD.reshape(ep, capacity, D).astype(x_nD.dtype)
+    back_PCD = _ragged_exchange(y_PCD, recv_count_P, plan.count_P, axis) if ragged else exchange(y_PCD)
+    y_nD = jnp.zeros((n + 1, D), jnp.float32).at[plan.token_PC].add(back_PCD.astype(jnp.float32))[:n]
+    return y_nD.astype(x_nD.dtype), plan.dropped
+
+
+def _ragged_exchange(send_PCD, send_count_P, recv_count_P, axis):
+    """[P, C, D] buffers exchanged with `ragged_all_to_all`: only the first count rows of each
+    destination's block travel; source s's rows land in block s of the receiver."""
+    ep, capacity, D = send_PCD.shape
+    me = jax.lax.axis_index(axis)
+    offsets_P = jnp.arange(ep, dtype=jnp.int32) * capacity
+    return jax.lax.ragged_all_to_all(
+        send_PCD.reshape(ep * capacity, D), jnp.zeros((ep * capacity, D), send_PCD.dtype),
+        input_offsets=offsets_P, send_sizes=send_count_P.astype(jnp.int32),
+        output_offsets=jnp.full((ep,), me * capacity, jnp.int32), recv_sizes=recv_count_P.astype(jnp.int32),
+        axis_name=axis).reshape(ep, capacity, D)
+
+
+def _ring(x_nD, expert_nK, gate_nK, *weights, ep, experts, axis, **_):
     K, local_E = expert_nK.shape[1], weights[0].shape[0]
-    gather = functools.partial(jax.lax.all_gather, axis_name="expert", tiled=True)
+    gather = functools.partial(jax.lax.all_gather, axis_name=axis, tiled=True)
     x_ND, expert_NK, gate_NK = gather(x_nD), gather(expert_nK), gather(gate_nK)
-    mine_NK = expert_NK // local_E == jax.lax.axis_index("expert")
+    mine_NK = expert_NK // local_E == jax.lax.axis_index(axis)
     local_expert_M = jnp.where(mine_NK, expert_NK % local_E, local_E).reshape(-1)
     token_M = jnp.arange(local_expert_M.shape[0]) // K
     y_MD = experts(x_ND[token_M], local_expert_M, *weights).astype(jnp.float32) * gate_NK.reshape(-1, 1)
     y_ND = jnp.zeros(x_ND.shape, jnp.float32).at[token_M].add(y_MD)
-    return jax.lax.psum_scatter(y_ND, "expert", scatter_dimension=0, tiled=True).astype(x_nD.dtype)
+    y_nD = jax.lax.psum_scatter(y_ND, axis, scatter_dimension=0, tiled=True).astype(x_nD.dtype)
+    return y_nD, jnp.zeros((), jnp.float32)
 
 
-_DISPATCH = {"a2a": _a2a, "ring": _ring}
+_TRANSPORTS = {"a2a": functools.partial(_a2a, ragged=False), "ragged": functools.partial(_a2a, ragged=True),
+               "ring": _ring}
 
 
 def expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF, w_down_EFD, mesh,
-                                   dispatch: str, experts_fn: ExpertsFn):
-    """sum_k gate[n, k] * experts_fn_{expert[n, k]}(x[n]) with the experts spread over `mesh`'s expert axis."""
-    if dispatch not in _DISPATCH:
-        raise ValueError(f"expert dispatch {dispatch!r} must be one of: {', '.join(_DISPATCH)}")
+                                   dispatch: str, experts_fn: ExpertsFn, capacity_factor: float = 1.5,
+                                   groups: tuple[int, int] = (1, 1)) -> tuple[jax.Array, jax.Array]:
+    """(sum_k gate[n, k] * experts_fn_{expert[n, k]}(x[n]), assignments dropped for capacity), with
+    the experts spread over `mesh`'s expert axis. `groups`: (n_group, topk_group) of the router."""
+    if dispatch not in _TRANSPORTS:
+        raise ValueError(f"expert dispatch {dispatch!r} must be one of: {', '.join(_TRANSPORTS)}")
+    check_dispatch(dispatch)
     E = w_gate_EDF.shape[0]
     ep = mesh.shape["expert"]
     if E % ep:
@@ -99,9 +199,18 @@ def expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_ED
     spec = lambda axes, a: RULES.spec(axes, a.shape, mesh, compute=True)
     tokens = RULES.spec(("batch",), mesh=mesh)
     gate_up, down = spec(("expert", "embed", "moe_ffn"), w_gate_EDF), spec(("expert", "moe_ffn", "embed"), w_down_EFD)
+    n_local = x_ND.shape[0] // RULES.shards("batch", mesh.shape)
     experts = functools.partial(_local_experts, experts_fn=experts_fn, ffn_axes=down[1])
-    local = functools.partial(_DISPATCH[dispatch], ep=ep, experts=experts)
+    local = functools.partial(_TRANSPORTS[dispatch], ep=ep, experts=experts, axis=gate_up[0],
+                              capacity=pair_capacity(n_local, ranks_per_token(expert_NK.shape[1], ep, *groups), ep,
+                                                     capacity_factor))
+    token_axes = tokens[0] if len(tokens) else ()
+
+    def run(*args):
+        y, dropped = local(*args)
+        return y, jax.lax.psum(dropped, token_axes) if token_axes else dropped
+
     # check_vma=False: the FP8 path may run Pallas kernels, which do not carry varying-axis types.
-    shard = jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, gate_up, gate_up, down),
-                          out_specs=tokens, check_vma=False)
+    shard = jax.shard_map(run, mesh=mesh, in_specs=(tokens, tokens, tokens, gate_up, gate_up, down),
+                          out_specs=(tokens, RULES.spec((), mesh=mesh)), check_vma=False)
     return shard(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF, w_down_EFD)

@@ -37,9 +37,8 @@ def check_pipeline_config(config: Config) -> int:
     m = config.mesh
     if not m.data == m.fsdp == m.tensor == m.expert == 1:
         raise ConfigError(f"mesh.pipeline={P} runs alone for now: set mesh.data, fsdp, tensor and expert to 1")
-    if cfg.router == "hash" or cfg.expert_dispatch != "gspmd":
-        raise ConfigError("mesh.pipeline > 1 needs a router that does not read token ids (not hash) and "
-                          "model.expert_dispatch=gspmd")
+    if cfg.router == "hash":
+        raise ConfigError("mesh.pipeline > 1 needs a router that does not read token ids (not model.router=hash)")
     n_stages = 2 * P if config.train.pipeline_schedule == "dualpipev" else P
     if cfg.n_moe_layers % n_stages:
         raise ConfigError(f"model.n_layers - model.first_k_dense = {cfg.n_moe_layers} MoE layers must split into "

@@ -73,6 +73,7 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
             metrics["expert_load"] = stats.moe_layers.expert_load
             metrics["router_entropy"] = stats.moe_layers.router_entropy.mean()
             metrics["dropped_fraction"] = stats.moe_layers.dropped_fraction.mean()
+            metrics["capacity_dropped"] = stats.moe_layers.capacity_dropped.mean()
         if config.model.mtp_depth:
             metrics["mtp_loss"] = parts.mtp
         new_state = state.replace(params=params, routing_bias=routing_bias, opt_state=opt_state, step=state.step + 1)
