@@ -109,7 +109,7 @@ class ModelConfig:
     # ragged_all_to_all (GPU/TPU); "ring": all-gather + reduce-scatter, dropless; "gspmd": leave it
     # to XLA's partitioner (which gathers the expert weights). Explicit ones need token choice.
     expert_dispatch: ExpertDispatch = "a2a"
-    expert_capacity_factor: float = 1.5
+    expert_capacity_factor: float = 2.0
 
     def __post_init__(self) -> None:
         _require_each(self, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_dim",

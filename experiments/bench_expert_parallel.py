@@ -1,6 +1,7 @@
 """Expert parallelism at fixed tokens per rank, ep = 1, 2, 4, 8 host devices (report §3.2.2).
 
 Command:   uv run python experiments/bench_expert_parallel.py [--tokens-per-rank 512] [--repeats 5]
+               [--router-jsonl runs/tiny-.../router.jsonl]
 Runtime:   about 2 minutes on a 2-core CPU.
 Shows:     per rank, for the explicit all-to-all dispatch (`a2a`, the default) and for leaving the
            dispatch to XLA's partitioner (`gspmd`, the old default): compiled temp bytes
@@ -8,7 +9,10 @@ Shows:     per rank, for the explicit all-to-all dispatch (`a2a`, the default) a
            weight is all-gathered, the rows the rank's grouped GEMM is sized for, and the time of
            one MoE forward + backward (router, dispatch, experts, combine). The MoE is the `tiny`
            preset's (8 experts, top-2 of 4 groups limited to 2, D 128, F 64).
-           Writes experiments/results/bench_expert_parallel.md.
+           Then redundant experts (report §3.4): max / mean rank load before and after
+           `plan_placement`, for the loads of a real run (`--router-jsonl`: each MoE layer's loads
+           over its first 10 steps, before the bias has balanced them, and its last 50) and for Zipf loads at the report's prefill layout (256
+           experts + 32 redundant on 32 ranks). Writes experiments/results/bench_expert_parallel.md.
 """
 
 import os
@@ -17,6 +21,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -31,6 +36,7 @@ from dsv3_jax.config import MeshConfig, get_preset  # noqa: E402
 from dsv3_jax.model.moe import MoE  # noqa: E402
 from dsv3_jax.parallel.expert import pair_capacity, ranks_per_token  # noqa: E402
 from dsv3_jax.parallel.mesh import make_mesh  # noqa: E402
+from dsv3_jax.parallel.placement import identity_placement, imbalance, plan_placement  # noqa: E402
 from dsv3_jax.parallel.sharding import RULES  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -90,10 +96,32 @@ def run(ep: int, dispatch: str, n_per_rank: int, repeats: int) -> dict:
             "GEMM rows/rank": rows, "dropped": float(dropped), "ms": 1e3 * float(np.median(times))}
 
 
+def placement_rows(name: str, load_E, n_ranks: int, n_redundant: int) -> dict:
+    placed = plan_placement(load_E, n_ranks, n_redundant)
+    return {"loads": name, "experts": len(load_E), "ranks": n_ranks, "redundant": n_redundant,
+            "max/mean before": imbalance(identity_placement(len(load_E)), load_E, n_ranks),
+            "max/mean after": imbalance(placed, load_E, n_ranks), "most copies": int(placed.replicas.max())}
+
+
+def redundancy_table(router_jsonl: str | None) -> str:
+    rows = []
+    if router_jsonl:
+        records = [json.loads(line) for line in Path(router_jsonl).read_text().splitlines() if line.strip()]
+        for window, part in (("steps 1-10", records[:10]), ("last 50 steps", records[-50:])):
+            load_LE = np.mean([r["expert_load"] for r in part], axis=0)
+            for layer, load_E in enumerate(load_LE):
+                rows.append(placement_rows(f"run {window}, MoE layer {layer}", load_E, 4, 4))
+    zipf = np.random.default_rng(0).permutation(1.0 / np.arange(1, 257) ** 1.2)
+    rows.append(placement_rows("Zipf s=1.2", zipf, 32, 32))
+    rows.append(placement_rows("Zipf s=1.2", zipf, 64, 64))
+    return markdown_table(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens-per-rank", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--router-jsonl", default=None, help="a run's router.jsonl (per-step expert loads)")
     args = parser.parse_args()
     rows = [run(1, "a2a", args.tokens_per_rank, args.repeats)]
     for dispatch in ("a2a", "gspmd"):
@@ -108,7 +136,11 @@ def main() -> None:
              f"a2a temp memory ep 8 / ep 2: {a2a[8] / a2a[2]:.2f}x. `GEMM rows/rank`: the rows the rank's "
              "grouped GEMM is written for (a2a: P x C x J receive slots; local and gspmd: every assignment of "
              "the global batch, which the partitioner keeps whole on each rank since it gathers the expert "
-             "weights). Host devices share one CPU, so times show overheads, not speed-ups.", ""]
+             "weights). Host devices share one CPU, so times show overheads, not speed-ups.", "",
+             "## Redundant experts", "",
+             "max / mean rank load with each expert on one rank (before) and after `plan_placement` gives "
+             "the hottest experts copies and packs them (each copy takes an equal share of its expert's "
+             f"tokens). Run loads: {args.router_jsonl or 'none given'}.", "", redundancy_table(args.router_jsonl), ""]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_expert_parallel.md").write_text("\n".join(lines))
 

@@ -40,7 +40,7 @@ def _moe_case(bias, top_k=3):
     return cfg, moe, x_ND
 
 
-def _ep_loss_and_grads(moe, x_ND, mesh, dispatch, capacity_factor=1.5):
+def _ep_loss_and_grads(moe, x_ND, mesh, dispatch, capacity_factor=2.0):
     """Loss sum(y * r) through the router and the EP experts; grads for x, expert weights, router."""
     r_ND = jax.random.normal(jax.random.key(2), x_ND.shape)
     experts = (moe.w_gate_EDF[...], moe.w_up_EDF[...], moe.w_down_EFD[...])
@@ -226,3 +226,18 @@ def test_each_rank_sorts_and_multiplies_only_its_share_of_the_rows():
     n_local, K, ep = N // 8, 2, 4
     C = pair_capacity(n_local, ranks_per_token(K, ep), ep, cfg.expert_capacity_factor)
     assert max(inside) == ep * C * min(K, 8 // ep) < N * K  # the receive slots, not the global M = N x K
+
+
+@pytest.mark.gpu
+def test_ragged_transport_equals_the_portable_one_on_accelerators():
+    """ragged_all_to_all moves only the real rows; the result is the portable a2a's. XLA:CPU has no
+    ragged_all_to_all, so this runs only where 4 or more GPU/TPU devices are present."""
+    if jax.default_backend() == "cpu" or len(jax.devices()) < 4:
+        pytest.skip("needs 4 or more GPU/TPU devices")
+    _, moe, x_ND = _moe_case(SKEWED)
+    mesh = make_mesh(MeshConfig(expert=4))
+    (_, (want_y, want_dropped)), want_g = _ep_loss_and_grads(moe, x_ND, mesh, "a2a", 0.5)
+    (_, (got_y, got_dropped)), got_g = _ep_loss_and_grads(moe, x_ND, mesh, "ragged", 0.5)
+    assert float(got_dropped) == float(want_dropped)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got_g, want_g)

@@ -185,7 +185,7 @@ _TRANSPORTS = {"a2a": functools.partial(_a2a, ragged=False), "ragged": functools
 
 
 def expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF, w_down_EFD, mesh,
-                                   dispatch: str, experts_fn: ExpertsFn, capacity_factor: float = 1.5,
+                                   dispatch: str, experts_fn: ExpertsFn, capacity_factor: float = 2.0,
                                    groups: tuple[int, int] = (1, 1)) -> tuple[jax.Array, jax.Array]:
     """(sum_k gate[n, k] * experts_fn_{expert[n, k]}(x[n]), assignments dropped for capacity), with
     the experts spread over `mesh`'s expert axis. `groups`: (n_group, topk_group) of the router."""
