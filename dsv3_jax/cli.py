@@ -128,11 +128,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     extra = ""
     if args.speculative:
-        new_ids, stats = generate_speculative(model, prompt_ids, args.max_new_tokens, eos)
+        new_ids, stats = generate_speculative(model, prompt_ids, args.max_new_tokens, eos, cache_dtype=args.cache_dtype)
         extra = (f", MTP drafts accepted {stats.accepted}/{stats.drafted} ({stats.acceptance_rate:.0%}), "
                  f"{stats.main_forward_passes} main-model passes")
     else:
-        new_ids = generate(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_p, args.seed, eos)[0]
+        new_ids = generate(model, [prompt_ids], args.max_new_tokens, args.temperature, args.top_p, args.seed, eos,
+                           cache_dtype=args.cache_dtype)[0]
     elapsed = time.perf_counter() - start
     print(args.prompt + tokenizer.decode(new_ids, skip_special_tokens=False))
     print(f"[{len(new_ids)} tokens in {elapsed:.2f}s: {len(new_ids) / elapsed:.1f} tokens/s{extra}]", file=sys.stderr)
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--speculative", choices=["mtp"], help="MTP drafts one token ahead; output equals greedy")
+    gen.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=None,
+                     help="latent KV cache dtype (default: the model's compute dtype; bfloat16 halves the cache)")
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="throughput tables")

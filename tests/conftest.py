@@ -1,10 +1,14 @@
 import os
 
-# Several host devices for multi-device tests; must be set before jax initialises.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Several host devices for multi-device tests; must be set before jax initialises. Added to any
+# XLA_FLAGS already set (replacing them would drop the user's flags; keeping them must not drop ours).
+_HOST_DEVICES = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_HOST_DEVICES}".strip()
 
 import dataclasses
 
+import jax
 import pytest
 
 from dsv3_jax.config import ModelConfig, get_preset
@@ -23,3 +27,16 @@ def tiny_model_config(**changes) -> ModelConfig:
 @pytest.fixture(scope="session")
 def tiny_cfg() -> ModelConfig:
     return tiny_model_config()
+
+
+def need_devices(n: int) -> None:
+    """Skip a multi-device test where fewer than n devices exist, except in CI (CI=true), where the
+    8 host devices above must be there: a missing mesh there is a failure, not a silent skip."""
+    have = len(jax.devices())
+    if have >= n:
+        return
+    message = (f"needs {n} devices, found {have} ({jax.default_backend()}); on CPU set "
+               f"XLA_FLAGS={_HOST_DEVICES} before jax starts")
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

@@ -19,17 +19,12 @@ from dsv3_jax.parallel.expert import expert_parallel_routed_experts, pair_capaci
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.train.state import create_train_state
-from dsv3_jax.train.step import make_train_step
+from dsv3_jax.train.step import make_loss_and_grads, make_train_step
 from dsv3_jax.validate import validate
-from tests.conftest import tiny_model_config
+from tests.conftest import need_devices, tiny_model_config
 
 pytestmark = pytest.mark.multidevice
 N = 64  # tokens in the global batch of the MoE-level tests
-
-
-def _needs_8():
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 (host) devices")
 
 
 def _moe_case(bias, top_k=3):
@@ -72,7 +67,7 @@ ALL_ON_RANK_0 = [9.0, 9.0, 9.0, 0, 0, 0, 0, 0]  # every token picks experts 0, 1
     ("a2a", dict(data=2, expert=4), SKEWED), ("a2a", dict(expert=2, tensor=2, fsdp=2), SKEWED),
     ("a2a", dict(data=2, expert=4), ALL_ON_RANK_0), ("ring", dict(data=2, expert=4), SKEWED)])
 def test_expert_parallel_equals_local_experts_with_gradients(dispatch, sizes, bias):
-    _needs_8()
+    need_devices(8)
     _, moe, x_ND = _moe_case(bias)
     (_, (want_y, _)), want_g = _ep_loss_and_grads(moe, x_ND, None, dispatch)
     (_, (got_y, dropped)), got_g = _ep_loss_and_grads(moe, x_ND, make_mesh(MeshConfig(**sizes)), dispatch)
@@ -101,7 +96,7 @@ def test_dispatch_plan_sends_a_token_once_per_rank_and_drops_past_capacity_by_ha
 
 
 def test_capacity_overflow_is_counted_and_kept_assignments_are_exact():
-    _needs_8()
+    need_devices(8)
     cfg, moe, x_ND = _moe_case(ALL_ON_RANK_0)
     mesh = make_mesh(MeshConfig(data=2, expert=4))
     capacity_factor = 0.5  # pair capacity ceil(0.5 * 8 * 3 / 4) = 3 of the 8 tokens per rank
@@ -136,43 +131,29 @@ def _step_inputs(mesh_sizes):
 def _single_device_step():
     config, tokens = _step_inputs({})
     graphdef, optimizer, state = create_train_state(config, 0)
-    loss_and_grads = _grads_fn(config, graphdef)
-    (loss, (_, stats)), grads = jax.jit(loss_and_grads)(state.params, state.routing_bias, tokens)
+    (loss, _), grads = jax.jit(make_loss_and_grads(config, graphdef))(state.params, state.routing_bias, tokens)
     new_state, metrics = jax.jit(make_train_step(config, graphdef, optimizer))(state, tokens)
     return loss, grads, new_state, metrics
 
 
-def _grads_fn(config, graphdef):
-    from dsv3_jax.model.routing import Balancing
-    from dsv3_jax.train.loss import total_loss
-
-    balancing = Balancing.from_config(config.model, config.train)
-
-    def loss_fn(params, bias, tokens):
-        out = nnx.merge(graphdef, params, bias)(tokens[:, :-1])
-        parts = total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens, config.train.mtp_lambda, balancing)
-        return parts.total, (parts, out.stats)
-
-    return jax.value_and_grad(loss_fn, has_aux=True)
-
-
 @pytest.mark.parametrize("sizes", [dict(data=2, expert=4), dict(tensor=2, expert=4), dict(fsdp=2, tensor=2, expert=2)])
 def test_expert_parallel_train_step_equals_single_device(sizes):
-    _needs_8()
+    need_devices(8)
     want_loss, want_grads, want_state, want = _single_device_step()
     config, tokens = _step_inputs(sizes)
     graphdef, optimizer, state = create_train_state(config, 0)
     mesh = make_mesh(config.mesh)
     shardings = RULES.tree(state, mesh)
     state = jax.device_put(state, shardings)
-    grads_fn = jax.jit(_grads_fn(config, graphdef), in_shardings=(shardings.params, shardings.routing_bias,
+    grads_fn = jax.jit(make_loss_and_grads(config, graphdef), in_shardings=(shardings.params, shardings.routing_bias,
                                                                   RULES.batch(mesh)))
     step = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(shardings, RULES.batch(mesh)),
                    out_shardings=(shardings, None))
     with jax.set_mesh(mesh):
         (loss, _), grads = grads_fn(state.params, state.routing_bias, tokens)
-        hlo = step.lower(state, tokens).compile().as_text()
-        got_state, got = step(state, tokens)
+        compiled = step.lower(state, tokens).compile()
+        got_state, got = compiled(state, tokens)
+    hlo = compiled.as_text()
     # Distribution: all-to-alls move the rows; no routed-expert weight [.., E, D, F] is ever gathered.
     assert "all-to-all" in hlo
     E, D, F = 8, config.model.d_model, config.model.moe_ffn_dim
@@ -214,7 +195,7 @@ def _sort_sizes(jaxpr) -> list[int]:
 
 
 def test_each_rank_sorts_and_multiplies_only_its_share_of_the_rows():
-    _needs_8()
+    need_devices(8)
     cfg, moe, x_ND = _moe_case(SKEWED, top_k=2)
     mesh = make_mesh(MeshConfig(data=2, expert=4))
     graphdef, state = nnx.split(moe)

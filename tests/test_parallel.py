@@ -7,15 +7,16 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dsv3_jax.config import Config, ConfigError, MeshConfig, TrainConfig
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.train.state import create_train_state
-from dsv3_jax.train.step import make_train_step
+from dsv3_jax.train.step import make_loss_and_grads, make_train_step
 from dsv3_jax.validate import validate
-from tests.conftest import tiny_model_config
+from tests.conftest import need_devices, tiny_model_config
 
 pytestmark = pytest.mark.multidevice
 
@@ -25,25 +26,33 @@ def reference():
     config = Config(model=tiny_model_config(n_routed_experts=8), train=TrainConfig(batch_size=4, seq_len=16,
                                                                                   warmup_steps=1))
     graphdef, optimizer, state = create_train_state(config, 0)
-    step = make_train_step(config, graphdef, optimizer)
     tokens = jax.random.randint(jax.random.key(0), (4, 17), 0, config.model.vocab_size)
-    new_state, metrics = jax.jit(step)(state, tokens)
-    return step, state, tokens, new_state, metrics
+    (loss, _), grads = jax.jit(make_loss_and_grads(config, graphdef))(state.params, state.routing_bias, tokens)
+    new_state, metrics = jax.jit(make_train_step(config, graphdef, optimizer))(state, tokens)
+    return config, graphdef, optimizer, state, tokens, loss, grads, new_state, metrics
 
 
 @pytest.mark.parametrize("sizes", [dict(data=2, tensor=2, expert=2), dict(fsdp=4, tensor=2)])
 def test_sharded_train_step_equals_unsharded(reference, sizes):
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 (host) devices")
-    step, state, tokens, want_state, want = reference
+    need_devices(8)
+    config, graphdef, optimizer, state, tokens, want_loss, want_grads, want_state, want = reference
     mesh = make_mesh(MeshConfig(**sizes))
     shardings = RULES.tree(state, mesh)
-    got_state, got = jax.jit(step, in_shardings=(shardings, RULES.batch(mesh)), out_shardings=(shardings, None))(
-        jax.device_put(state, shardings), tokens)
-    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    state = jax.device_put(state, shardings)
+    grads_fn = jax.jit(make_loss_and_grads(config, graphdef),
+                       in_shardings=(shardings.params, shardings.routing_bias, RULES.batch(mesh)))
+    step = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(shardings, RULES.batch(mesh)),
+                   out_shardings=(shardings, None))
+    with jax.set_mesh(mesh):
+        (loss, _), grads = grads_fn(state.params, state.routing_bias, tokens)
+        got_state, got = step(state, tokens)
+    # The gradients themselves, before clipping and AdamW (whose first step is ~lr * sign(g)).
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(optax.tree.norm(grads), optax.tree.norm(want_grads), rtol=1e-5)
+    scale = max(float(abs(g).max()) for g in jax.tree.leaves(want_grads))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grads, want_grads)
+    np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-5)
     np.testing.assert_allclose(got["expert_load"], want["expert_load"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 got_state.params, want_state.params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  got_state.routing_bias, want_state.routing_bias)
     w = got_state.params["moe_layers"]["ffn"]["w_gate_EDF"].get_value()
@@ -51,8 +60,7 @@ def test_sharded_train_step_equals_unsharded(reference, sizes):
 
 
 def test_logical_table_maps_axes_and_skips_indivisible_dims():
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 (host) devices")
+    need_devices(8)
     mesh = make_mesh(MeshConfig(data=2, tensor=2, expert=2))
     assert tuple(RULES.spec(("layers", "expert", "embed", "moe_ffn"), (3, 8, 32, 16), mesh)) == \
         (None, "expert", None, "tensor")

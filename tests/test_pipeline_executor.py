@@ -8,6 +8,7 @@ import pytest
 
 from dsv3_jax.parallel.pipeline.executor import pipeline_value_and_grad, tick_table
 from dsv3_jax.parallel.pipeline.schedules import SCHEDULES, make_schedule
+from tests.conftest import need_devices
 from dsv3_jax.parallel.mesh import make_mesh
 
 pytestmark = pytest.mark.multidevice
@@ -42,8 +43,7 @@ def reference(params_S, head, x_MBD, target_MBD):
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_pipelined_gradients_equal_unpipelined(name):
-    if len(jax.devices()) < P_RANKS:
-        pytest.skip("needs 4 (host) devices")
+    need_devices(P_RANKS)
     schedule = make_schedule(name, P_RANKS, N_MB)
     S, D = schedule.n_stages, 8
     keys = jax.random.split(jax.random.key(0), 4)

@@ -12,7 +12,7 @@ from dsv3_jax.model.moe import MoE, grouped_swiglu, routed_experts
 from dsv3_jax.parallel.expert import expert_parallel_routed_experts
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.placement import identity_placement, imbalance, plan_placement, rank_loads, to_slots
-from tests.conftest import tiny_model_config
+from tests.conftest import need_devices, tiny_model_config
 
 
 def test_one_hot_expert_gets_a_copy_on_every_rank_and_loads_even_out_by_hand():
@@ -43,8 +43,7 @@ def test_placement_refuses_what_cannot_be_placed():
 
 @pytest.mark.multidevice
 def test_moe_with_copies_equals_moe_without_them_with_gradients():
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 (host) devices")
+    need_devices(8)
     cfg = tiny_model_config(n_routed_experts=8, top_k=3, n_group=1, topk_group=1)
     moe = MoE(cfg, nnx.Rngs(0))
     moe.router.bias_E[...] = jnp.array([3.0, 2.0, 0, 0, 0, 0, 0, -1.0])  # experts 0 and 1 are hot

@@ -75,9 +75,12 @@ def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
 
 def generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, mode: str = "absorbed",
-             cache_dtype=jnp.bfloat16) -> list[list[int]]:
-    """New tokens per prompt (stopping at EOS, which is included)."""
+             cache_dtype=None) -> list[list[int]]:
+    """New tokens per prompt (stopping at EOS, which is included). The latent cache is held in the
+    model's compute dtype unless `cache_dtype` says otherwise (bf16 halves it, and on long YaRN
+    contexts its rounding can flip expert choices: greedy output then leaves the fp32 forward's)."""
     cfg = model.cfg
+    cache_dtype = cache_dtype or cfg.dtype
     _check_prompts(prompts, cfg.vocab_size)
     B, lengths = len(prompts), np.array([len(p) for p in prompts])
     prefill_len = _round_up(int(lengths.max()), PREFILL_BUCKET)
@@ -122,7 +125,7 @@ class SpeculativeStats:
 
 
 def generate_speculative(model: nnx.Module, prompt: list[int], max_new_tokens: int, eos_id: int | None = None,
-                         mode: str = "absorbed", cache_dtype=jnp.bfloat16) -> tuple[list[int], SpeculativeStats]:
+                         mode: str = "absorbed", cache_dtype=None) -> tuple[list[int], SpeculativeStats]:
     """Greedy decoding with the first MTP module drafting one token ahead (report §2.2, "MTP in
     Inference"); the main model verifies [t_n, draft] in one pass. Output equals plain greedy.
 
@@ -134,6 +137,7 @@ def generate_speculative(model: nnx.Module, prompt: list[int], max_new_tokens: i
     if cfg.mtp_depth < 1:
         raise UsageError("speculative decoding with MTP needs a model with model.mtp_depth >= 1")
     _check_prompts([prompt], cfg.vocab_size)
+    cache_dtype = cache_dtype or cfg.dtype  # as `generate`
     P = len(prompt)
     prefill_len = _round_up(P, PREFILL_BUCKET)
     slots = _round_up(max(prefill_len, P + max_new_tokens + 2))

@@ -41,6 +41,22 @@ def update_routing_bias(routing_bias: nnx.State, stats: ModelStats, balancing: B
     return jax.tree.map_with_path(update, routing_bias, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def make_loss_and_grads(config: Config, graphdef: nnx.GraphDef, pipeline_mesh=None):
+    """(params, routing_bias, tokens_BS) -> ((total loss, (LossParts, ModelStats)), grads): what the
+    train step differentiates, through the pipeline schedule when `pipeline_mesh` is given."""
+    balancing = Balancing.from_config(config.model, config.train)
+    if pipeline_mesh is not None:
+        return make_pipelined_loss_and_grads(config, graphdef, pipeline_mesh, balancing)
+
+    def loss_fn(params, routing_bias, tokens_BS):
+        out = nnx.merge(graphdef, params, routing_bias)(tokens_BS[:, :-1])
+        parts = total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens_BS, config.train.mtp_lambda,
+                           balancing)
+        return parts.total, (parts, out.stats)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+
 def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     pipeline_mesh=None):
     """The pure train step. With `pipeline_mesh` (mesh.pipeline > 1) the loss and gradients come from
@@ -48,16 +64,7 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
     tc = config.train
     schedule = lr_schedule(tc)
     balancing = Balancing.from_config(config.model, tc)
-
-    def loss_fn(params, routing_bias, tokens_BS):
-        out = nnx.merge(graphdef, params, routing_bias)(tokens_BS[:, :-1])
-        parts = total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens_BS, tc.mtp_lambda, balancing)
-        return parts.total, (parts, out.stats)
-
-    if pipeline_mesh is None:
-        loss_and_grads = jax.value_and_grad(loss_fn, has_aux=True)
-    else:
-        loss_and_grads = make_pipelined_loss_and_grads(config, graphdef, pipeline_mesh, balancing)
+    loss_and_grads = make_loss_and_grads(config, graphdef, pipeline_mesh)
 
     def train_step(state: TrainState, tokens_BS: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         (_, (parts, stats)), grads = loss_and_grads(state.params, state.routing_bias, tokens_BS)
