@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, Int
 from dsv3_jax.config import Fp8Backend, GroupedGemmImpl, ModelConfig
 from dsv3_jax.model.grouped_gemm import grouped_matmul
 from dsv3_jax.model.layers import MLP, dtype_of, param
-from dsv3_jax.model.routing import Router, RouterStats, Routing
+from dsv3_jax.model.routing import Router, RouterStats, Routing, router_for
 from dsv3_jax.parallel.expert import expert_parallel_mesh, expert_parallel_routed_experts
 
 
@@ -69,8 +69,9 @@ class MoE(nnx.Module):
         self.grouped_gemm = cfg.grouped_gemm
         self.expert_dispatch = cfg.expert_dispatch
         self.capacity_factor = cfg.expert_capacity_factor
-        # Group-limited routing bounds a token's ranks (deepseek_v3 / v2 routers); others pick freely.
-        self.groups = (cfg.n_group, cfg.topk_group) if cfg.router in ("deepseek_v3", "deepseek_v2") else (1, 1)
+        # A group-limited router bounds the ranks a token reaches; others pick experts freely.
+        group_limited = getattr(router_for(cfg.router), "group_limited", False)
+        self.groups = (cfg.n_group, cfg.topk_group) if group_limited else (1, 1)
 
     def __call__(self, x_BTD: Float[Array, "B T D"], token_ids_BT: Array | None = None
                  ) -> tuple[Float[Array, "B T D"], RouterStats]:

@@ -145,6 +145,7 @@ class DeepSeekV3Router:
     `topk_group` best of `n_group` groups (each scored by its top-2 sum; others masked with
     -inf); gates = selected unbiased s, normalised, times routed_scaling_factor. With
     `model.score_func=softmax` and `norm_topk_prob=false` this is DeepSeek-V2's router."""
+    group_limited = True  # a token's experts lie in topk_group groups (bounds its expert-parallel fan-out)
 
     def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
         expert_idx_NK, gates_NK, scores_NE = route(logits_NE, bias_E, cfg)
@@ -156,6 +157,7 @@ class DeepSeekV2Router:
     """DeepSeek-V2 (arXiv:2405.04434 §2.2): softmax affinities, top-K within the best
     `topk_group` groups by their maximum ("device-limited routing"), unnormalised gates times
     routed_scaling_factor. The selection bias, if a bias balancer moves it, only selects."""
+    group_limited = True
 
     def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
         expert_idx_NK, gates_NK, scores_NE = route(logits_NE, bias_E, cfg, score_func="softmax", norm_topk_prob=False)
