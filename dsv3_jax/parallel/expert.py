@@ -168,14 +168,12 @@ def _ragged_exchange(send_PCD, send_count_P, recv_count_P, axis):
 
 
 def _ring(x_nD, expert_nK, gate_nK, *weights, ep, experts, axis, **_):
-    K, local_E = expert_nK.shape[1], weights[0].shape[0]
+    local_E = weights[0].shape[0]
     gather = functools.partial(jax.lax.all_gather, axis_name=axis, tiled=True)
     x_ND, expert_NK, gate_NK = gather(x_nD), gather(expert_nK), gather(gate_nK)
     mine_NK = expert_NK // local_E == jax.lax.axis_index(axis)
-    local_expert_M = jnp.where(mine_NK, expert_NK % local_E, local_E).reshape(-1)
-    token_M = jnp.arange(local_expert_M.shape[0]) // K
-    y_MD = experts(x_ND[token_M], local_expert_M, *weights).astype(jnp.float32) * gate_NK.reshape(-1, 1)
-    y_ND = jnp.zeros(x_ND.shape, jnp.float32).at[token_M].add(y_MD)
+    local_expert_NK = jnp.where(mine_NK, expert_NK % local_E, local_E)  # local_E: not on this rank
+    y_ND = _rows_through_experts(x_ND, local_expert_NK, gate_NK, weights, experts)
     y_nD = jax.lax.psum_scatter(y_ND, axis, scatter_dimension=0, tiled=True).astype(x_nD.dtype)
     return y_nD, jnp.zeros((), jnp.float32)
 
