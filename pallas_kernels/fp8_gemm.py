@@ -77,20 +77,25 @@ def block_scaled_matmul(a_MK, scale_a_MKb, b_KN, scale_b_KbNb, out_dtype=jnp.flo
     )(a_MK, scale_a_MKb, b_KN, scale_b_KbNb)
 
 
-def _round_mantissa(x: jax.Array, bits: int) -> jax.Array:
-    """Round fp32 to `bits` explicit mantissa bits (round to nearest): a narrower accumulator."""
+def _round_mantissa(x: jax.Array, bits: int, truncate: bool) -> jax.Array:
+    """Keep `bits` explicit mantissa bits of fp32: a narrower accumulator. `truncate` chops the
+    rest (round toward zero: every add loses about half a unit in the last place, in the same
+    direction, so the error grows linearly in K); otherwise round to nearest."""
     drop = 23 - bits
     u = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    u = (u + jnp.uint32(1 << (drop - 1))) & jnp.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)
+    if not truncate:
+        u = u + jnp.uint32(1 << (drop - 1))
+    u = u & jnp.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)
     return jax.lax.bitcast_convert_type(u, jnp.float32)
 
 
 def limited_accumulation_matmul(a_MK, scale_a_MKb, b_KN, scale_b_KbNb, promote: bool, mantissa_bits: int = 13,
-                                instruction_k: int = 32) -> jax.Array:
+                                instruction_k: int = 32, truncate: bool = False) -> jax.Array:
     """Emulate an accumulator with ~14 bits of precision (report §3.3.2 on H800 tensor cores):
     every `instruction_k` of K the running sum is rounded to `mantissa_bits`. With `promote`, the
     running sum restarts every 128 of K and is added to an fp32 accumulator (the report's fix);
-    without, one low-precision sum runs across all of K."""
+    without, one low-precision sum runs across all of K. `truncate` chops instead of rounding
+    (experiments/fp8_accumulation.py compares both with the report's figure)."""
     M, K = a_MK.shape
     a = a_MK.astype(jnp.float32) * jnp.repeat(scale_a_MKb, BLOCK, axis=1)
     b = b_KN.astype(jnp.float32) * jnp.repeat(jnp.repeat(scale_b_KbNb, BLOCK, axis=0), BLOCK, axis=1)
@@ -102,7 +107,7 @@ def limited_accumulation_matmul(a_MK, scale_a_MKb, b_KN, scale_b_KbNb, promote: 
     def step(carry, inputs):
         low, high = carry
         i, a_i, b_i = inputs
-        low = _round_mantissa(low + a_i @ b_i, mantissa_bits)
+        low = _round_mantissa(low + a_i @ b_i, mantissa_bits, truncate)
         if promote:
             flush = (i + 1) % per_block == 0
             high = jnp.where(flush, high + low, high)
