@@ -44,6 +44,14 @@ def test_golden_configs_cover_the_variants():
     assert any(c.yarn_factor > 1 for c in configs.values()) and any(c.score_func == "softmax" for c in configs.values())
 
 
+def test_a_golden_depends_on_masking_dropped_groups_with_minus_inf():
+    """In this golden every biased score s + b is negative, so masking the dropped groups with 0.0
+    (transformers < 5) instead of -inf would route every token to experts of dropped groups."""
+    config, model = hf.load(GOLDENS / "v3_negative_biased_groups")
+    assert config.topk_group < config.n_group and config.score_func == "sigmoid"
+    assert float(jnp.max(model.moe_layers.ffn.router.bias_E[...])) < -1.0  # sigmoid < 1, so s + b < 0
+
+
 @pytest.fixture(scope="module")
 def tiny_with_mtp():
     cfg = tiny_model_config(mtp_depth=1, n_layers=3, first_k_dense=1)
