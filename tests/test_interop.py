@@ -193,3 +193,55 @@ def test_export_loads_in_transformers_with_matching_logits(tiny_with_mtp, tmp_pa
     out = subprocess.run([TORCH_PYTHON, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "hf_logits.npy"), _logits(model, ids), atol=1e-4, rtol=0)
+
+
+def test_mtp_follows_the_published_layout_eq_21_to_25(tmp_path):
+    """MTP modules read from `model.layers.{L}.{embed_tokens, enorm, hnorm, eh_proj, shared_head}`
+    (L = n_layers + k - 1), computed here in numpy from the safetensors alone. The modules'
+    transformer blocks are made the identity (attention and FFN output projections zeroed in the
+    file), so eq. 22 drops out and eq. 21, 23 and 24-25 are checked exactly; the blocks themselves
+    are the main layers' code and names, which the transformers goldens cover."""
+    from safetensors.numpy import load_file
+
+    from dsv3_jax.config import TrainConfig
+    from dsv3_jax.model.rope import rope_tables
+    from dsv3_jax.model.routing import Balancing
+    from dsv3_jax.train.loss import total_loss
+
+    cfg = tiny_model_config(mtp_depth=2, n_layers=3, first_k_dense=1)
+    hf.save(DeepSeekV3(cfg, nnx.Rngs(5)), cfg, tmp_path / "saved")
+    tensors = load_file(tmp_path / "saved" / "model-00001-of-00001.safetensors")
+    mtp_layers = [f"model.layers.{cfg.n_layers + k}" for k in range(cfg.mtp_depth)]
+    for name in list(tensors):
+        if any(name.startswith(layer + ".") for layer in mtp_layers) and name.endswith(("o_proj.weight",
+                                                                                        "down_proj.weight")):
+            tensors[name] = np.zeros_like(tensors[name])
+    save_file(tensors, tmp_path / "saved" / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+    _, model = hf.load(tmp_path / "saved", config=cfg)
+
+    tokens_BS = np.asarray(jax.random.randint(jax.random.key(6), (2, 13), 0, cfg.vocab_size))
+    inputs_BT = jnp.asarray(tokens_BS[:, :-1])
+    out = model(inputs_BT)
+    cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(12), (2, 12)))
+    h_BTD = np.asarray(model.moe_stack(model.embed_and_dense(inputs_BT, cos, sin), cos, sin, inputs_BT)[0],
+                       np.float64)  # h^0: the main model's last hidden state, before its final norm
+
+    rms = lambda x, w: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * w
+    T = inputs_BT.shape[1]
+    losses = []
+    for k, layer in enumerate(mtp_layers, start=1):
+        w = lambda name: tensors[f"{layer}.{name}"].astype(np.float64)
+        ahead_BT = np.pad(tokens_BS[:, k:k + T], ((0, 0), (0, T - tokens_BS[:, k:k + T].shape[1])))  # t_{i+k}
+        emb_BTD = w("embed_tokens.weight")[ahead_BT]
+        concat = np.concatenate([rms(emb_BTD, w("enorm.weight")), rms(h_BTD, w("hnorm.weight"))], -1)
+        h_BTD = concat @ w("eh_proj.weight").T  # eq. 21 (eq. 22's block is the identity here)
+        logits_BTV = rms(h_BTD, w("shared_head.norm.weight")) @ w("shared_head.head.weight").T  # eq. 23
+        valid = T - k  # eq. 24: positions whose target t_{i+k+1} is inside the window
+        np.testing.assert_allclose(out.mtp_logits_PBTV[k - 1, :, :valid], logits_BTV[:, :valid], rtol=1e-4, atol=1e-5)
+        logp = logits_BTV[:, :valid] - np.log(np.exp(logits_BTV[:, :valid]).sum(-1, keepdims=True))
+        target_BT = tokens_BS[:, k + 1:k + 1 + valid]
+        losses.append(-np.take_along_axis(logp, target_BT[..., None], -1).mean())
+    lam = 0.3
+    parts = total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, jnp.asarray(tokens_BS), lam,
+                       Balancing.from_config(cfg, TrainConfig()))
+    np.testing.assert_allclose(lam * float(parts.mtp), lam / cfg.mtp_depth * sum(losses), rtol=1e-5)  # eq. 25
