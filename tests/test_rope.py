@@ -63,3 +63,31 @@ def test_rope_rotates_interleaved_pairs_and_is_relative():
     # Norm preserved, and q.k depends only on the offset.
     np.testing.assert_allclose(np.linalg.norm(rotate(q, 7)), np.linalg.norm(q), rtol=1e-5)
     np.testing.assert_allclose(rotate(q, 9) @ rotate(k, 4), rotate(q, 25) @ rotate(k, 20), rtol=1e-4)
+
+
+def test_yarn_angles_and_logits_at_long_context_match_float64():
+    """V3's YaRN context reaches 163,840 tokens (report §4.3). A plain fp32 pos * inv_freq is off by
+    up to 5e-3 rad there; the rope angles must stay within fp32 rounding of a float64 reference."""
+    cfg = get_preset("deepseek-v3-671b").model
+    positions = np.array([0, 1, 4095, 4096, 32767, 65536, 131071, 163838, 163839])
+    exact = positions[:, None].astype(np.float64) * inv_frequencies(cfg)  # [P, R/2], float64
+    cos, sin = (np.asarray(t, np.float64) for t in rope_tables(cfg, jnp.asarray(positions)))
+    np.testing.assert_allclose(cos, np.cos(exact), atol=2e-6)
+    np.testing.assert_allclose(sin, np.sin(exact), atol=2e-6)
+
+    # Attention logits q_R . k_R between far-apart positions, through apply_rope, against numpy.
+    rng = np.random.default_rng(0)
+    q, k = rng.normal(size=(2, len(positions), cfg.qk_rope_dim))
+
+    def rotate64(x, angles):
+        z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * angles)
+        return np.stack([z.real, z.imag], -1).reshape(x.shape)
+
+    def rotate32(x):
+        cos, sin = rope_tables(cfg, jnp.asarray(positions)[None])
+        return np.asarray(apply_rope(jnp.asarray(x, jnp.float32)[None], cos, sin)[0], np.float64)
+
+    want = rotate64(q, exact) @ rotate64(k, exact).T * softmax_scale(cfg)
+    got = rotate32(q) @ rotate32(k).T * softmax_scale(cfg)
+    scale = np.linalg.norm(q, axis=1)[:, None] * np.linalg.norm(k, axis=1)[None] * softmax_scale(cfg)
+    assert np.abs(got - want).max() / scale.max() < 1e-5

@@ -50,13 +50,46 @@ def softmax_scale(cfg: ModelConfig) -> float:
     return cfg.qk_head_dim ** -0.5 * m * m
 
 
+# An fp32 angle pos * inv_freq is off by up to pos * 2^-24 rad from rounding alone: ~1e-2 rad at
+# V3's 163,840-token context, which rotates q_R and k_R visibly wrong at long range (the reference
+# implementations compute it that way). Instead the frequency in turns, inv_freq / 2pi, is split
+# into a few parts of PART_BITS significant bits each plus a remainder; pos * part is then exact in
+# fp32 for pos < 2^(24 - PART_BITS), each product is reduced mod 1 exactly (x - round(x)), and only
+# the remainder's tiny product rounds. The angle is accurate to ~1e-7 rad at any position below
+# EXACT_POSITIONS (tested against float64 up to 163,840).
+PART_BITS = 5
+N_EXACT_PARTS = 3
+EXACT_POSITIONS = 2 ** (24 - PART_BITS)
+
+
+def _turn_parts(inv_freq: np.ndarray) -> np.ndarray:
+    """[N_EXACT_PARTS + 1, R/2] fp32 parts summing to inv_freq / 2pi (float64 on the host)."""
+    rest = inv_freq / (2 * np.pi)
+    parts = []
+    for _ in range(N_EXACT_PARTS):
+        mantissa, exponent = np.frexp(rest)
+        part = np.ldexp(np.round(mantissa * 2 ** PART_BITS), exponent - PART_BITS)  # PART_BITS significant bits
+        parts.append(part)
+        rest = rest - part
+    return np.stack([*parts, rest]).astype(np.float32)
+
+
+def rope_angles(cfg: ModelConfig, positions: Int[Array, "*P"]) -> Float[Array, "*P R/2"]:
+    """pos * inv_freq reduced to [-pi, pi], in fp32 without the rounding of a plain product."""
+    pos = positions.astype(jnp.float32)[..., None]
+    turns = jnp.zeros(positions.shape + (cfg.qk_rope_dim // 2,), jnp.float32)
+    for part in _turn_parts(inv_frequencies(cfg)):
+        product = pos * jnp.asarray(part)
+        turns = turns + (product - jnp.round(product))  # each term in [-1/2, 1/2], exact
+    return (turns - jnp.round(turns)) * jnp.float32(2 * np.pi)
+
+
 def rope_tables(cfg: ModelConfig, positions: Int[Array, "*P"]) -> tuple[Array, Array]:
     """cos/sin [*P, R/2] for the given positions (fp32).
 
     Under YaRN, HF also scales cos/sin by mscale(mscale)/mscale(mscale_all_dim) (1 for V2/V3).
     """
-    inv_freq = jnp.asarray(inv_frequencies(cfg), jnp.float32)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = rope_angles(cfg, positions)
     attn_factor = yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale) / yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim)
     return jnp.cos(angles) * attn_factor, jnp.sin(angles) * attn_factor
 
