@@ -5,7 +5,8 @@ Conventions (stated because papers differ):
 - `activated_params` counts every weight a token touches, input embedding and output head
   included (the report's 37B); `activated_params_no_embedding` drops the input embedding
   (a table lookup, not a matmul).
-- `mtp_params` are the MTP modules' own weights; their embedding and head are the main model's.
+- `mtp_params` are the MTP modules' own weights (block, eh_proj, norms: 11.61B for V3; DeepSeek's
+  "11.5B" is the block alone); their embedding and head are the main model's.
 - `kv_cache_bytes_per_token`: bf16 latent cache, (C + R) values per token per layer, measured
   from the decoder's cache arrays (abstract, `infer/cache.py`).
 - `flops_per_token`: forward FLOPs of the main model for one token averaged over a causal

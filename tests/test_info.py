@@ -11,8 +11,27 @@ def test_deepseek_v3_numbers_match_the_report():
     info = model_info(get_preset("deepseek-v3-671b").model)
     assert round(info["total_params"] / 1e9, 1) == 671.0
     assert 36.6e9 <= info["activated_params_no_embedding"] <= info["activated_params"] <= 37.6e9
-    assert round(info["mtp_params"] / 1e9, 1) == 11.6
     assert info["kv_cache_bytes_per_token"] == 70_272 == 61 * (512 + 64) * 2
+
+
+def test_deepseek_v3_mtp_size_by_hand():
+    """The MTP module's own weights, counted from the published tensor shapes (d = 7168).
+
+    DeepSeek's README_WEIGHTS quotes "11.5B unique parameters" for the MTP module: that is its
+    transformer block alone (11.507B). The module also owns eh_proj (2d x d = 0.103B) and three
+    norms, 11.610B in all, which is what `mtp_params` counts. With the stored copies of the
+    embedding and head (0.927B each) the checkpoint holds 671.03 + 13.46 = 684.5B ("685B")."""
+    d, q_rank, kv_rank, heads, nope, rope, v, experts, ffn = 7168, 1536, 512, 128, 128, 64, 128, 256, 2048
+    attention = (d * q_rank + q_rank + q_rank * heads * (nope + rope) + d * (kv_rank + rope) + kv_rank
+                 + kv_rank * heads * (nope + v) + heads * v * d)
+    moe = (experts + 1) * 3 * d * ffn + experts * d + experts  # routed + 1 shared expert, router + bias
+    block = attention + moe + 2 * d  # + the two pre-norms
+    assert round(block / 1e9, 1) == 11.5  # the published figure
+    own = block + 2 * d * d + 3 * d  # + eh_proj, enorm, hnorm, shared_head.norm
+    info = model_info(get_preset("deepseek-v3-671b").model)
+    assert info["mtp_params"] == own - experts == 11_610_067_968  # the routing bias is state, not a parameter
+    vocab_copies = 2 * 129_280 * d
+    assert round((info["total_params"] + own + vocab_copies) / 1e9) == 685  # the checkpoint's size
 
 
 def test_deepseek_v2_lite_numbers():
