@@ -2,7 +2,8 @@
 
 Saves are atomic (orbax writes a temporary directory and renames it when complete), so a
 process killed mid-save leaves the previous checkpoint as the latest good one. Restoring a
-directory that is not one of ours, or is damaged, raises `UsageError` and touches nothing.
+directory that is not one of ours raises `UsageError` and touches nothing; `restore_newest_good`
+sets damaged checkpoints aside and falls back to the newest one that restores.
 """
 
 from __future__ import annotations
@@ -10,10 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import shutil
+import time
+
 import jax
 import orbax.checkpoint as ocp
 
 from dsv3_jax.errors import UsageError
+
+
+class DamagedCheckpoint(UsageError):
+    """A checkpoint whose files cannot be read (as opposed to one written by another model)."""
 
 
 class Checkpointer:
@@ -48,10 +56,37 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except Exception as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(f"checkpoint {step} in {str(self.directory)!r} cannot be restored into this model "
-                             f"(damaged, or written by a different config): {first_line[:300]}") from None
+            raise DamagedCheckpoint(f"checkpoint {step} in {str(self.directory)!r} is damaged: {_first_line(e)}") \
+                from None
         return restored.state, restored.data, step
+
+    def restore_newest_good(self, abstract_state: Any, set_aside: Path, say=print) -> tuple[Any, dict, int]:
+        """Restore the newest checkpoint that reads back. Damaged newer ones are moved into
+        `set_aside` (kept for inspection, out of orbax's way) and `say` is told which; a checkpoint
+        from a different model is refused at once, as is a run with no readable checkpoint."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise UsageError(f"no checkpoint found in {str(self.directory)!r}")
+        damaged: list[tuple[int, DamagedCheckpoint]] = []
+        for step in steps:
+            try:
+                restored = self.restore(abstract_state, step)
+            except DamagedCheckpoint as e:
+                damaged.append((step, e))
+                continue
+            break
+        else:
+            raise DamagedCheckpoint(f"no checkpoint in {str(self.directory)!r} restores: "
+                                    + "; ".join(str(e) for _, e in damaged[:2]))
+        if damaged:
+            set_aside.mkdir(parents=True, exist_ok=True)
+            for step, _ in damaged:
+                target = set_aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                shutil.move(str(self.directory / str(step)), str(target))
+            self.manager.reload()
+            say(f"checkpoint(s) {', '.join(str(s) for s, _ in damaged)} could not be read ({damaged[0][1]}); moved to "
+                f"{set_aside}; resuming from checkpoint {restored[2]}")
+        return restored
 
     def _check_compatible(self, abstract_state: Any, step: int) -> None:
         """Compare the stored tree's names and shapes with ours before reading any array, so a
@@ -61,8 +96,8 @@ class Checkpointer:
             stored_shapes = {_path_name(path): tuple(meta.shape)
                              for path, meta in jax.tree_util.tree_leaves_with_path(stored)}
         except Exception as e:
-            raise UsageError(f"checkpoint {step} in {str(self.directory)!r} is damaged or not a dsv3 checkpoint "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+            raise DamagedCheckpoint(f"checkpoint {step} in {str(self.directory)!r} is damaged or not a dsv3 "
+                                    f"checkpoint: {_first_line(e)}") from None
         ours = {_path_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)}
         missing = sorted(set(ours) - set(stored_shapes))
         unexpected = sorted(set(stored_shapes) - set(ours))
@@ -76,6 +111,13 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _first_line(error: Exception) -> str:
+    """The gist of an orbax / TensorStore error: its first line, without the C++ source locations."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line.split(" [source locations=")[0][:240]
 
 
 def _path_name(path: tuple) -> str:

@@ -33,6 +33,8 @@ def _human(n: int) -> str:
 def cmd_info(args: argparse.Namespace) -> None:
     from dsv3_jax.info import model_info
 
+    if args.seq_len < 1:
+        raise UsageError(f"--seq-len={args.seq_len} must be >= 1")
     config = apply_overrides(get_preset(args.preset), args.set or [])
     info = model_info(config.model, seq_len=args.seq_len)
     if args.json:
@@ -53,13 +55,23 @@ def _load_config(args: argparse.Namespace):
     from dsv3_jax.config import config_from_json
     from dsv3_jax.validate import validate
 
-    if getattr(args, "config", None):
+    saved = Path(args.run_dir) / "config.json" if getattr(args, "resume", False) and args.run_dir else None
+    if saved is not None and saved.is_file():
+        # --resume starts from the run's own config; options given with it are checked against it.
+        if args.preset or args.config:
+            raise UsageError("--resume continues the run with its saved config.json; drop --preset / --config "
+                             "(options that may change on resume: --steps and the --set train.* listed in the README)")
+        try:
+            config = config_from_json(saved.read_text())
+        except ConfigError as e:
+            raise UsageError(f"--resume: {str(saved)!r} cannot be read as a dsv3 config: {e}") from None
+    elif getattr(args, "config", None):
         path = Path(args.config)
         if not path.is_file():
             raise UsageError(f"--config file {args.config!r} does not exist")
         config = config_from_json(path.read_text())
     else:
-        config = get_preset(args.preset)
+        config = get_preset(args.preset or "tiny")
     overrides = list(args.set or [])
     if getattr(args, "steps", None) is not None:
         overrides.append(f"train.steps={args.steps}")
@@ -85,7 +97,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     from dsv3_jax.train.loop import train
 
     config = _load_config(args)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume and not args.run_dir:
+        raise UsageError("--resume needs --run-dir DIR (the run to continue)")
+    name = args.preset or (Path(args.config).stem if args.config else "tiny")
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     status = train(config, run_dir, resume=args.resume, progress=not args.quiet)
     if status:
         raise SystemExit(status)
@@ -107,6 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UsageError(f"--top-p={args.top_p} must be in (0, 1]")
     if args.speculative and args.temperature > 0:
         raise UsageError("--speculative mtp is greedy: use it with --temperature 0")
+    if not args.prompt:
+        raise UsageError("--prompt is empty; give the text to continue")
     if bool(args.run_dir) == bool(args.hf):
         raise UsageError("give exactly one of --run-dir DIR or --hf DIR")
     if args.hf:
@@ -194,8 +211,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from dsv3_jax.interop import hf
 
     src, dst = Path(args.src), Path(args.dst)
+    if not src.is_dir():
+        raise UsageError(f"source {str(src)!r} is not a directory (a dsv3 run or an HF checkpoint directory)")
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"destination {str(dst)!r} is a file; give a new directory path")
     if dst.exists() and any(dst.iterdir()):
         raise UsageError(f"destination {str(dst)!r} exists and is not empty; choose a new path")
+    if not dst.absolute().parent.is_dir():
+        raise UsageError(f"the parent of destination {str(dst)!r} does not exist; create it first")
     if args.direction == "hf-to-orbax":
         model_config, model = hf.load(src)
         save_as_run(model, model_config, dst, src / "tokenizer.json")
@@ -218,25 +241,28 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dsv3_jax.config import PRESETS
+
+    presets = ", ".join(PRESETS)
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in JAX/Flax NNX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="parameter counts, activated params, MTP, KV bytes/token, FLOPs/token")
-    info.add_argument("--preset", default="tiny")
+    info.add_argument("--preset", default="tiny", help=f"one of: {presets} (default tiny)")
     info.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. model.n_layers=2")
     info.add_argument("--seq-len", type=int, default=4096, help="context length for the attention FLOPs")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 
     train = sub.add_parser("train", help="train a model; leaves a run directory")
-    train.add_argument("--preset", default="tiny")
+    train.add_argument("--preset", help=f"one of: {presets} (default tiny)")
     train.add_argument("--config", help="a config.json (e.g. a run's) instead of a preset")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.lr=1e-3")
-    train.add_argument("--steps", type=int)
+    train.add_argument("--steps", type=int, help="total training steps (train.steps); on --resume, the new total")
     train.add_argument("--data", help="stdlib (default), synthetic, or a path / glob of text or jsonl files")
     train.add_argument("--run-dir", help="default: runs/<preset>-<time>")
     train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    train.add_argument("--seed", type=int)
+    train.add_argument("--seed", type=int, help="initialisation seed (train.seed)")
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.add_argument("--fp8", action="store_true", help="block-scaled FP8 GEMMs (model.fp8=true; report §3.3)")
     train.add_argument("--mesh", help="e.g. data=2,tensor=2,expert=2 (axes: data, fsdp, tensor, expert, pipeline)")
@@ -246,24 +272,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="sample text from a trained run")
     gen.add_argument("--run-dir", help="a dsv3 run directory")
     gen.add_argument("--hf", help="an HF / DeepSeek checkpoint directory (with tokenizer.json)")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                     "with this much probability (1 = all)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--speculative", choices=["mtp"], help="MTP drafts one token ahead; output equals greedy")
     gen.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=None,
                      help="latent KV cache dtype (default: the model's compute dtype; bfloat16 halves the cache)")
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="throughput tables")
-    bench.add_argument("what", choices=["train", "decode", "fp8"])
+    bench.add_argument("what", choices=["train", "decode", "fp8"], help="train step, cached decode, or FP8 GEMMs")
     bench.add_argument("--steps", type=int, help="train: timed steps (default 5)")
-    bench.add_argument("--preset", default="small")
-    bench.add_argument("--set", action="append", metavar="KEY=VALUE")
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--context", type=int, default=2048)
-    bench.add_argument("--decode-steps", type=int, default=8)
+    bench.add_argument("--preset", default="small", help=f"one of: {presets} (default small)")
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. model.n_layers=2")
+    bench.add_argument("--batch", type=int, default=1, help="decode: sequences decoded together")
+    bench.add_argument("--context", type=int, default=2048, help="decode: tokens already in the cache")
+    bench.add_argument("--decode-steps", type=int, default=8, help="decode: timed steps")
     bench.add_argument("--m", type=int, default=4096, help="fp8: rows (tokens)")
     bench.add_argument("--k", type=int, default=7168, help="fp8: reduction dim (V3 hidden size)")
     bench.add_argument("--n", default="2048,4096,18432", help="fp8: comma-separated output dims")
@@ -272,21 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     convert = sub.add_parser("convert", help="HF / DeepSeek safetensors <-> dsv3 run directory (orbax)")
-    convert.add_argument("direction", choices=["hf-to-orbax", "orbax-to-hf"])
-    convert.add_argument("src")
-    convert.add_argument("dst")
+    convert.add_argument("direction", choices=["hf-to-orbax", "orbax-to-hf"], help="which way to convert")
+    convert.add_argument("src", help="hf-to-orbax: an HF / DeepSeek checkpoint directory; orbax-to-hf: a run directory")
+    convert.add_argument("dst", help="a new (or empty) directory to write")
     convert.add_argument("--fp8", action="store_true", help="orbax-to-hf: write e4m3 weights + weight_scale_inv")
     convert.set_defaults(func=cmd_convert)
 
     report = sub.add_parser("report", help="PNG plots from a run's metrics")
-    report.add_argument("--run-dir", required=True)
+    report.add_argument("--run-dir", required=True, help="a run directory; plots are (re)written into it")
     report.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if getattr(args, "host_devices", None):
+    if getattr(args, "host_devices", None) is not None:
         if args.host_devices < 1:
             _fail(f"--host-devices={args.host_devices} must be >= 1")
         import jax

@@ -396,11 +396,37 @@ def _from_dict(cls: type, data: dict, prefix: str) -> Any:
                           f"valid: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
-        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} in the config file must be an object of fields, not {value!r}")
             kwargs[name] = _from_dict(hints[name], value, f"{prefix}{name}.")
         else:
-            kwargs[name] = value
+            kwargs[name] = _json_value(prefix + name, value, hints[name])
     return cls(**kwargs)
+
+
+def _json_value(key: str, value: Any, annotation: Any) -> Any:
+    """A config file's value checked against the field's declared type (JSON has no int/float split:
+    an integer is accepted for a float field)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        return _json_value(key, value, next(a for a in args if a is not type(None)))
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} in the config file must be one of: {', '.join(map(str, allowed))}")
+        return value
+    expected = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
+                str: (str, "a string")}.get(annotation)
+    if expected is None:
+        return value
+    types_ok, description = expected
+    if not isinstance(value, types_ok) or (annotation is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key}={json.dumps(value)} in the config file must be {description}")
+    return float(value) if annotation is float else value
 
 
 def config_from_json(text: str) -> Config:

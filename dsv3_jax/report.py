@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from dsv3_jax.errors import UsageError
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from dsv3_jax.run_dir import read_jsonl
 
 
 def write_report(run_dir: Path) -> list[Path]:
@@ -23,7 +17,7 @@ def write_report(run_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     if not metrics:
         raise UsageError(f"{str(run_dir)!r} has no metrics.jsonl with any step: is it a dsv3 run directory?")
     written = []
@@ -36,9 +30,6 @@ def write_report(run_dir: Path) -> list[Path]:
          [("val_loss", "validation LM loss")]),
         ("max_vio.png", "Expert load imbalance", "max load / mean load - 1",
          [("max_vio", "MaxVio (batch, mean over layers)")], [("val_max_vio", "MaxVio (validation set)")]),
-        ("router_stats.png", "Router statistics", "",
-         [("router_entropy", "router entropy (nats, mean over layers)"),
-          ("dropped_fraction", "tokens without an expert")], []),
     ]
     for file, title, ylabel, series, eval_series in line_plots:
         if series[0][0] not in metrics[0]:
@@ -56,7 +47,21 @@ def write_report(run_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         written.append(_save(fig, run_dir / file))
 
-    router = _read_jsonl(run_dir / "router.jsonl")
+    if "router_entropy" in metrics[0]:  # two quantities, two labelled axes
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+        top.plot(steps, [m["router_entropy"] for m in metrics], lw=1)
+        top.set(ylabel="entropy (nats)", title="Router statistics (mean over MoE layers)")
+        for key, label in (("dropped_fraction", "tokens routed to no expert"),
+                           ("capacity_dropped", "assignments over expert capacity")):
+            if key in metrics[0]:
+                bottom.plot(steps, [m[key] for m in metrics], lw=1, label=label)
+        bottom.set(xlabel="step", ylabel="fraction")
+        bottom.legend()
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+        written.append(_save(fig, run_dir / "router_stats.png"))
+
+    router = read_jsonl(run_dir / "router.jsonl")
     if router:
         load_SLE = np.array([r["expert_load"] for r in router], np.float64)
         relative_SLE = load_SLE / load_SLE.mean(-1, keepdims=True)

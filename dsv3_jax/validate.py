@@ -24,11 +24,23 @@ def validate(config: Config) -> Config:
     if config.train.batch_size % batch_shards:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by "
                           f"{' x '.join(f'mesh.{a}' for a in sizes)} = {batch_shards}")
+    _check_devices(config)
     if config.mesh.expert > 1 and config.model.n_routed_experts:
         _check_expert_parallel(config)
     if config.mesh.pipeline > 1:
         check_pipeline_config(config)
     return config
+
+
+def _check_devices(config: Config) -> None:
+    import jax
+
+    have = jax.device_count()
+    if config.mesh.n_devices > have:
+        axes = " x ".join(f"{a}={getattr(config.mesh, a)}" for a in ("data", "fsdp", "tensor", "expert", "pipeline")
+                          if getattr(config.mesh, a) > 1)
+        hint = " (on CPU, add --host-devices N to split the CPU into N devices)" if jax.default_backend() == "cpu" else ""
+        raise ConfigError(f"the mesh {axes} needs {config.mesh.n_devices} devices; this machine has {have}{hint}")
 
 
 def _check_expert_parallel(config: Config) -> None:

@@ -181,7 +181,7 @@ def test_non_finite_loss_names_step_parts_and_where_to_look(tmp_path):
                "--set", "train.lr=1e30", "--set", "train.warmup_steps=0", "--set", "train.grad_clip=0")
     assert out.returncode == 2, out.stderr
     last = out.stderr.strip().splitlines()[-1]
-    assert "non-finite loss at step" in last and "lm_loss=" in last and "metrics.jsonl" in last, last
+    assert "non-finite training state at step" in last and "lm_loss=" in last and "metrics.jsonl" in last, last
 
 
 def test_report_and_generate(straight_run, tmp_path):

@@ -29,8 +29,17 @@ def stdlib_files() -> list[Path]:
     return files
 
 
-def _read_text(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+def _read_text(path: Path, strict: bool = True) -> list[str]:
+    """The documents of one file. `strict`: a file that is not UTF-8 text (a binary, another
+    encoding) is refused, naming it, instead of being trained on as replacement characters."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8", errors="strict" if strict else "replace")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"data file {str(path)!r} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                         "give UTF-8 text, .jsonl, or convert it (e.g. iconv -t utf-8)") from None
+    if "\x00" in text:
+        raise UsageError(f"data file {str(path)!r} holds NUL bytes: it is a binary file, not text")
     if path.suffix != ".jsonl":
         return [text]
     docs = []
@@ -83,7 +92,7 @@ def load_documents(source: str, max_bytes: int) -> list[str]:
         return synthetic_documents()
     docs, total = [], 0
     for path in files_for(source):
-        for doc in _read_text(path):
+        for doc in _read_text(path, strict=source != "stdlib"):
             if not doc.strip():
                 continue
             docs.append(doc)

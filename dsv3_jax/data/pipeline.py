@@ -29,7 +29,8 @@ class Data:
 
 
 def get_tokenizer(config: Config, docs: list[str], run_dir: Path | None) -> Tokenizer:
-    """A given tokenizer.json, else the run's cached one, else a new BPE trained on the corpus."""
+    """A given tokenizer.json, else the run's cached one (`run_dir`, when resuming), else a new BPE
+    trained on the corpus. Reads only: the training loop writes the run's copy once every check passed."""
     cached = run_dir / "tokenizer.json" if run_dir is not None else None
     if config.data.tokenizer:
         tokenizer = load_tokenizer(config.data.tokenizer)
@@ -40,9 +41,6 @@ def get_tokenizer(config: Config, docs: list[str], run_dir: Path | None) -> Toke
     if tokenizer.get_vocab_size() > config.model.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size="
                          f"{config.model.vocab_size}; pass --set model.vocab_size={tokenizer.get_vocab_size()}")
-    if cached is not None and not cached.exists():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(cached))
     return tokenizer
 
 

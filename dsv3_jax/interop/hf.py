@@ -222,6 +222,11 @@ class _Shard:
             raise UsageError(f"{str(file)!r} is not a readable safetensors file ({e})") from None
         self.header.pop("__metadata__", None)
         self.data_start = 8 + header_len
+        needed = self.data_start + max((e["data_offsets"][1] for e in self.header.values()), default=0)
+        size = file.stat().st_size
+        if size < needed:
+            raise UsageError(f"{str(file)!r} is truncated: {size:,} bytes, its header describes {needed:,} (an "
+                             "interrupted download or copy?)")
         self.dtypes = {**self._DTYPES, "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
                        "F8_E5M2": ml_dtypes.float8_e5m2}
         self.mmap = np.memmap(file, dtype=np.uint8, mode="r")
@@ -344,6 +349,15 @@ def _mismatch_message(path: Path, missing: list[str], unexpected: list[str], mis
 # Writing --------------------------------------------------------------------------------------
 
 
+def _apply_umask(directory: Path) -> None:
+    """Modes a plain mkdir / open would have given: 0o777 / 0o666 minus the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for file in directory.iterdir():
+        file.chmod(0o666 & ~umask)
+
+
 def save(model: nnx.Module, config: ModelConfig, path: str | Path, shard_bytes: int = 2 * 2 ** 30,
          fp8: bool = False) -> None:
     """Write sharded safetensors + index + config.json (loadable by transformers' DeepseekV3ForCausalLM).
@@ -354,11 +368,15 @@ def save(model: nnx.Module, config: ModelConfig, path: str | Path, shard_bytes: 
     from safetensors.numpy import save_file
 
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"destination {str(path)!r} is a file; give a new directory path")
     if path.exists() and any(path.iterdir()):
         raise UsageError(f"destination {str(path)!r} exists and is not empty; choose a new path")
+    if not path.absolute().parent.is_dir():
+        raise UsageError(f"the parent of destination {str(path)!r} does not exist; create it first")
     _, state = nnx.split(model)
     arrays = {tuple(str(k) for k in p): np.asarray(v.get_value(), np.float32) for p, v in nnx.to_flat_state(state)}
-    tmp = Path(tempfile.mkdtemp(prefix=".dsv3-export-", dir=path.parent if path.parent.exists() else None))
+    tmp = Path(tempfile.mkdtemp(prefix=".dsv3-export-", dir=path.absolute().parent))
     try:
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
@@ -391,6 +409,7 @@ def save(model: nnx.Module, config: ModelConfig, path: str | Path, shard_bytes: 
             hf_config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                                 "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        _apply_umask(tmp)  # mkdtemp made it private; the export is for others to read, like any new file
         if path.exists():
             path.rmdir()
         os.replace(tmp, path)

@@ -1,7 +1,9 @@
 """The training loop: data, jitted steps, metrics, validation, checkpoints, signals, progress.
 
 Run directory: config.json, tokenizer.json, metrics.jsonl (one line per step),
-router.jsonl (per-layer expert loads per step), checkpoints/ (orbax), plots (*.png).
+router.jsonl (per-layer expert loads per step), checkpoints/ (orbax), plots (*.png); see
+run_dir.py for the lock and the logs. Nothing is written to it until every check has passed, and
+a checkpoint is written only for a state whose loss, gradient norm and values are all finite.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -23,40 +24,43 @@ from dsv3_jax.data.pipeline import build_data, train_iterator, val_batches
 from dsv3_jax.errors import UsageError
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.run_dir import RunLock, truncate_jsonl, write_atomic
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_eval_step, make_train_step, max_violation
 from dsv3_jax.validate import validate
 
-# TrainConfig fields that `--resume` may change; everything else comes from the saved config.json.
-_RESUMABLE_TRAIN_FIELDS = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+# TrainConfig fields that `--resume` may change; any other difference from the saved config.json
+# is refused (the README lists these).
+RESUMABLE_TRAIN_FIELDS = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
 
 
 class NonFiniteLoss(UsageError):
     pass
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _differences(saved, given, prefix: str = "") -> list[str]:
+    """'section.field: saved -> given' for every leaf field that differs."""
+    out = []
+    for field in dataclasses.fields(saved):
+        a, b = getattr(saved, field.name), getattr(given, field.name)
+        if dataclasses.is_dataclass(a):
+            out += _differences(a, b, f"{prefix}{field.name}.")
+        elif a != b:
+            out.append(f"{prefix}{field.name}: {a!r} -> {b!r}")
+    return out
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop lines for steps after `last_step` (written after the checkpoint we resume from)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    _write_atomic(path, "".join(line + "\n" for line in kept))
+def has_run(run_dir: Path) -> bool:
+    ckpt_dir = run_dir / "checkpoints"
+    return (run_dir / "config.json").exists() or (ckpt_dir.is_dir() and any(ckpt_dir.iterdir()))
 
 
 def resolve_run_config(config: Config, run_dir: Path, resume: bool) -> Config:
-    """The config of this run: the given one for a new run, the saved one (+ new step count) on resume."""
+    """The config of this run: the given one for a new run; on resume the saved one, with the
+    given values of RESUMABLE_TRAIN_FIELDS, and refused if the given config differs in any other field."""
     saved_path = run_dir / "config.json"
-    ckpt_dir = run_dir / "checkpoints"
-    has_checkpoints = ckpt_dir.exists() and any(ckpt_dir.iterdir())
     if not resume:
-        if has_checkpoints or saved_path.exists():
+        if has_run(run_dir):
             raise UsageError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue it, "
                              "or choose a new --run-dir (nothing was changed)")
         return config
@@ -66,8 +70,15 @@ def resolve_run_config(config: Config, run_dir: Path, resume: bool) -> Config:
         saved = config_from_json(saved_path.read_text())
     except Exception as e:
         raise UsageError(f"--resume: {str(saved_path)!r} cannot be read as a dsv3 config: {e}") from None
-    changes = {name: getattr(config.train, name) for name in _RESUMABLE_TRAIN_FIELDS}
-    return dataclasses.replace(saved, train=dataclasses.replace(saved.train, **changes))
+    changes = {name: getattr(config.train, name) for name in RESUMABLE_TRAIN_FIELDS}
+    resumed = dataclasses.replace(saved, train=dataclasses.replace(saved.train, **changes))
+    conflicts = _differences(resumed, config)
+    if conflicts:
+        raise UsageError(f"--resume continues the run with its saved config; these options differ from it: "
+                         f"{'; '.join(conflicts[:6])}{' ...' if len(conflicts) > 6 else ''} (only train."
+                         f"{', train.'.join(RESUMABLE_TRAIN_FIELDS)} may change on resume; start a new --run-dir "
+                         "for the rest)")
+    return resumed
 
 
 def _host(metrics: dict) -> dict:
@@ -77,41 +88,51 @@ def _host(metrics: dict) -> dict:
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> int:
     """Train (or continue) a run. Returns the process exit status (0, or 128+signal when stopped)."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {str(run_dir)!r} is a file, not a directory")
+    # Every check first, touching nothing: another writer, config, devices, data, tokenizer, model.
+    RunLock.check_free(run_dir)
     config = validate(resolve_run_config(config, run_dir, resume))
-    run_dir.mkdir(parents=True, exist_ok=True)
     tc = config.train
-    data = build_data(config, run_dir)
+    data = build_data(config, run_dir if resume else None)  # a new run never reuses a leftover tokenizer
     graphdef, optimizer, state = create_train_state(config, tc.seed)
     iterator = train_iterator(data.train_windows, tc.batch_size, config.data.shuffle_seed)
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
-    try:
-        return _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, iterator, checkpointer)
-    finally:
-        checkpointer.close()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        resolve_run_config(config, run_dir, resume)  # again, now that no other writer can start
+        if not (run_dir / "tokenizer.json").exists() or not resume:
+            write_atomic(run_dir / "tokenizer.json", data.tokenizer.to_str())
+        checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
+        try:
+            return _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, iterator, checkpointer)
+        finally:
+            checkpointer.close()
 
 
 def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, iterator, checkpointer) -> int:
     tc = config.train
     metrics_path, router_path = run_dir / "metrics.jsonl", run_dir / "router.jsonl"
+    reporter = _Progress(enabled=progress, total=tc.steps, start=0)
     start = 0
     if resume and checkpointer.latest_step() is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        state, data_state, start = checkpointer.restore(abstract)
+        state, data_state, start = checkpointer.restore_newest_good(abstract, run_dir / "damaged_checkpoints",
+                                                                    say=reporter.warn)
         iterator.set_state(data_state)
-        _truncate_jsonl(metrics_path, start)
-        _truncate_jsonl(router_path, start)
+        truncate_jsonl(metrics_path, start)
+        truncate_jsonl(router_path, start)
     else:  # a new run, or a resumed one killed before its first checkpoint: start clean
         for path in (metrics_path, router_path):
             path.unlink(missing_ok=True)
-    _write_atomic(run_dir / "config.json", config.to_json())
 
     train_step, eval_step, state, place_batch = _compile(config, graphdef, optimizer, state)
+    write_atomic(run_dir / "config.json", config.to_json())
     val_set = val_batches(data.val_windows, tc.batch_size, tc.eval_batches)
 
     stop_signal: list[int] = []
     handlers = {sig: signal.signal(sig, lambda s, _f: stop_signal.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
-    reporter = _Progress(enabled=progress, total=tc.steps, start=start)
+    reporter.start(start)
     reporter.message(f"run directory: {run_dir} (steps {start + 1}..{tc.steps})")
     tokens_per_step = tc.batch_size * tc.seq_len
     status = 0
@@ -194,14 +215,18 @@ def _evaluate(eval_step, state, val_set: list[np.ndarray]) -> dict[str, float]:
 
 
 def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer, run_dir: Path) -> None:
-    if math.isfinite(float(metrics["loss"])):
+    """Stop before a non-finite state can be saved (so every checkpoint on disk is finite, and
+    pruning old ones never leaves only bad ones)."""
+    nonfinite = int(metrics.pop("nonfinite_state"))
+    if math.isfinite(float(metrics["loss"])) and math.isfinite(float(metrics["grad_norm"])) and not nonfinite:
         return
     parts = ", ".join(f"{k}={float(metrics[k]):.4g}" for k in ("loss", "lm_loss", "mtp_loss", "balance_loss",
                                                                "grad_norm") if k in metrics)
     last = checkpointer.latest_step()
     where = f"last good checkpoint: step {last}" if last is not None else "no checkpoint was saved yet"
-    raise NonFiniteLoss(f"non-finite loss at step {step} ({parts}); {where} in {run_dir / 'checkpoints'}; "
-                        f"see {run_dir / 'metrics.jsonl'} and try a lower train.lr")
+    raise NonFiniteLoss(f"non-finite training state at step {step} ({parts}, {nonfinite:,} non-finite weights or "
+                        f"optimizer values after the update; not saved); {where} in {run_dir / 'checkpoints'}; see "
+                        f"{run_dir / 'metrics.jsonl'} and try a lower train.lr")
 
 
 class _Progress:
@@ -209,16 +234,24 @@ class _Progress:
 
     def __init__(self, enabled: bool, total: int, start: int):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.console = Console(stderr=True)
         self.enabled = enabled
+        self.total = total
         self.progress = None
-        if enabled and self.console.is_terminal:
+
+    def start(self, completed: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if self.enabled and self.console.is_terminal:
             self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                      TextColumn("{task.fields[info]}"), console=self.console)
-            self.task = self.progress.add_task("train", total=total, completed=start, info="")
+            self.task = self.progress.add_task("train", total=self.total, completed=completed, info="")
             self.progress.start()
+
+    def warn(self, text: str) -> None:
+        """Shown even with --quiet: something the user must know about their run."""
+        self.console.print(f"dsv3: warning: {text}", highlight=False)
 
     def update(self, step: int, record: dict) -> None:
         info = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s"

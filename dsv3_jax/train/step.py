@@ -83,10 +83,19 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
             metrics["capacity_dropped"] = stats.moe_layers.capacity_dropped.mean()
         if config.model.mtp_depth:
             metrics["mtp_loss"] = parts.mtp
+        # A state is saved only when this is 0 (train/loop.py): a finite loss can come with a NaN
+        # gradient, and finite gradients times a huge lr can still overflow the weights.
+        metrics["nonfinite_state"] = count_nonfinite((params, routing_bias, opt_state))
         new_state = state.replace(params=params, routing_bias=routing_bias, opt_state=opt_state, step=state.step + 1)
         return new_state, metrics
 
     return train_step
+
+
+def count_nonfinite(tree) -> jax.Array:
+    """How many values in the floating-point leaves of `tree` are NaN or infinite."""
+    floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return sum((jnp.sum(~jnp.isfinite(x)) for x in floats), jnp.zeros((), jnp.int32))
 
 
 def make_eval_step(config: Config, graphdef: nnx.GraphDef):
