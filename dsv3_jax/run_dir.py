@@ -61,22 +61,23 @@ class RunLock:
 
     @staticmethod
     def check_free(run_dir: Path) -> None:
-        """Refuse at once if a live process holds the run's lock (creates nothing: for the checks
-        that run before anything is written)."""
+        """Refuse at once if a live process holds the run's lock. Writes nothing: for the checks
+        that run before anything may be written."""
         path = Path(run_dir) / ".lock"
         if path.is_file():
-            with RunLock(run_dir):
-                pass
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                _lock_or_refuse(fd, path)
+            finally:
+                os.close(fd)  # closing releases the probe's lock
 
     def __enter__(self) -> RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            _lock_or_refuse(fd, self.path)
+        except UsageError:
             os.close(fd)
-            raise UsageError(f"run directory {str(self.path.parent)!r} is in use by another dsv3 process (PID "
-                             f"{holder}); wait for it to finish or stop it, then --resume") from None
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -86,3 +87,12 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # releases the lock; the file stays (unlinking it would race a new holder)
             self.fd = None
+
+
+def _lock_or_refuse(fd: int, path: Path) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        raise UsageError(f"run directory {str(path.parent)!r} is in use by another dsv3 process (PID {holder}); "
+                         "wait for it to finish or stop it, then --resume") from None

@@ -39,8 +39,8 @@ def _check_devices(config: Config) -> None:
     if config.mesh.n_devices > have:
         axes = " x ".join(f"{a}={getattr(config.mesh, a)}" for a in ("data", "fsdp", "tensor", "expert", "pipeline")
                           if getattr(config.mesh, a) > 1)
-        hint = " (on CPU, add --host-devices N to split the CPU into N devices)" if jax.default_backend() == "cpu" else ""
-        raise ConfigError(f"the mesh {axes} needs {config.mesh.n_devices} devices; this machine has {have}{hint}")
+        hint = f" (on CPU: --host-devices {config.mesh.n_devices})" if jax.default_backend() == "cpu" else ""
+        raise ConfigError(f"mesh {axes} needs {config.mesh.n_devices} devices but {have} are available{hint}")
 
 
 def _check_expert_parallel(config: Config) -> None:

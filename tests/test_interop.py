@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 from dsv3_jax.errors import UsageError
 from dsv3_jax.interop import hf
 from dsv3_jax.model.model import DeepSeekV3
-from tests.conftest import tiny_model_config
+from tests.conftest import cli_env, tiny_model_config
 
 GOLDENS = Path(__file__).parent / "fixtures" / "hf"
 CASES = sorted(p.name for p in GOLDENS.iterdir() if p.is_dir())
@@ -146,7 +146,7 @@ def test_bad_checkpoints_are_refused_with_the_offending_names(tiny_with_mtp, tmp
 
 
 def test_convert_cli_round_trip_and_failure_writes_nothing(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = cli_env()
     run = lambda *a: subprocess.run([sys.executable, "-m", "dsv3_jax.cli", "convert", *a], capture_output=True,
                                     text=True, env=env, timeout=300)
     out = run("hf-to-orbax", str(GOLDENS / "v3_grouped_yarn"), str(tmp_path / "run"))

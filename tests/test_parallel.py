@@ -16,7 +16,7 @@ from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_loss_and_grads, make_train_step
 from dsv3_jax.validate import validate
-from tests.conftest import need_devices, tiny_model_config
+from tests.conftest import cli_env, need_devices, tiny_model_config
 
 pytestmark = pytest.mark.multidevice
 
@@ -75,7 +75,7 @@ def test_mesh_config_errors():
 
 
 def test_cli_trains_on_a_host_device_mesh(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = cli_env()
     args = [sys.executable, "-m", "dsv3_jax.cli", "train", "--steps", "3", "--data", "synthetic", "--quiet",
             "--set", "model.vocab_size=384", "--set", "model.n_layers=2", "--set", "train.batch_size=4",
             "--set", "train.seq_len=32", "--run-dir"]

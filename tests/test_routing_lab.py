@@ -15,7 +15,7 @@ from dsv3_jax.model.routing import (BALANCERS, ROUTERS, GlobalAuxLoss, Proportio
                                     SignBiasBalancer, check_routing, chosen_mask, expert_load)
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_train_step
-from tests.conftest import tiny_model_config
+from tests.conftest import cli_env, tiny_model_config
 
 N, E = 48, 8
 
@@ -156,7 +156,7 @@ def test_a_new_router_from_the_readme_works_with_dsv3_train(tmp_path):
                 gates_NK = jnp.take_along_axis(scores_NE, idx_NK, axis=-1)
                 return token_choice(idx_NK, gates_NK, scores_NE, logits_NE)
     '''))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "XLA_FLAGS": ""}
+    env = cli_env(PYTHONPATH=str(tmp_path))
     out = subprocess.run([sys.executable, "-m", "dsv3_jax.cli", "train", "--steps", "3", "--data", "synthetic",
                           "--quiet", "--run-dir", str(tmp_path / "run"), "--set", "model.router=my_routers:top1_plus_random",
                           "--set", "model.top_k=2", "--set", "model.n_layers=2", "--set", "model.vocab_size=384",

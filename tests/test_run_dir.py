@@ -19,9 +19,9 @@ from dsv3_jax.config import Config, ConfigError, DataConfig, TrainConfig, config
 from dsv3_jax.errors import UsageError
 from dsv3_jax.run_dir import RunLock, read_jsonl, truncate_jsonl
 from dsv3_jax.train.loop import NonFiniteLoss, _check_finite, resolve_run_config, train
-from tests.conftest import tiny_model_config
+from tests.conftest import cli_env, tiny_model_config
 
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+ENV = cli_env()
 GOLDEN = Path(__file__).parent / "fixtures" / "hf" / "v3_plain_q_two_shared"
 
 
@@ -116,7 +116,7 @@ def test_a_torn_last_line_is_dropped_by_resume_and_report(tmp_path):
 
 def test_a_failed_start_writes_nothing_and_a_leftover_tokenizer_is_not_reused(tmp_path):
     out = dsv3("train", "--data", "synthetic", "--mesh", "data=4", "--run-dir", str(tmp_path / "r"), "--quiet")
-    one_line_exit_2(out, "needs 4 devices; this machine has 1")
+    one_line_exit_2(out, "needs 4 devices but 1 are available (on CPU: --host-devices 4)")
     out = dsv3("train", "--data", "/bin/ls", "--run-dir", str(tmp_path / "r"), "--quiet")
     one_line_exit_2(out, "is not UTF-8 text")
     assert not (tmp_path / "r").exists()
