@@ -6,12 +6,10 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from dsv3_jax.config import Config, ConfigError, MeshConfig, TrainConfig
 from dsv3_jax.model.routing import Balancing
 from dsv3_jax.parallel.mesh import make_mesh
-from dsv3_jax.train.loss import total_loss
 from dsv3_jax.train.pipelined import make_pipelined_loss_and_grads
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_loss_and_grads, make_train_step
@@ -31,6 +29,14 @@ def reference():
     return config, graphdef, optimizer, state, tokens, new_state, metrics
 
 
+@pytest.fixture(scope="module")
+def unpipelined_grads(reference):
+    """(loss, gradients) of the unpipelined step's own loss function, compiled once for the module."""
+    config, graphdef, _, state, tokens, _, _ = reference
+    (loss, _), grads = jax.jit(make_loss_and_grads(config, graphdef))(state.params, state.routing_bias, tokens)
+    return loss, grads
+
+
 def _pipelined(config, schedule):
     return dataclasses.replace(config, mesh=MeshConfig(pipeline=2),
                                train=dataclasses.replace(config.train, pipeline_schedule=schedule))
@@ -39,17 +45,11 @@ def _pipelined(config, schedule):
 # Two schedules that cover split backward (I/W), two directions and two parameter copies; every
 # schedule's executor gradients are checked on generic stages in test_pipeline_executor.py.
 @pytest.mark.parametrize("schedule", ["zb1p", "dualpipe"])
-def test_pipelined_gradients_equal_unpipelined(reference, schedule):
+def test_pipelined_gradients_equal_unpipelined(reference, unpipelined_grads, schedule):
     need_devices(2)
     config, graphdef, _, state, tokens, _, _ = reference
     balancing = Balancing.from_config(config.model, config.train)
-
-    def unpipelined(params):
-        out = nnx.merge(graphdef, params, state.routing_bias)(tokens[:, :-1])
-        return total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens, config.train.mtp_lambda,
-                          balancing).total
-
-    want_loss, want_grads = jax.jit(jax.value_and_grad(unpipelined))(state.params)
+    want_loss, want_grads = unpipelined_grads
     config = _pipelined(config, schedule)
     fn = make_pipelined_loss_and_grads(config, graphdef, make_mesh(config.mesh), balancing)
     (loss, (parts, stats)), grads = jax.jit(fn)(state.params, state.routing_bias, tokens)
@@ -58,7 +58,7 @@ def test_pipelined_gradients_equal_unpipelined(reference, schedule):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grads, want_grads)
 
 
-def test_pipelined_train_step_equals_unpipelined(reference):
+def test_pipelined_train_step_equals_unpipelined(reference, unpipelined_grads):
     need_devices(2)
     config, graphdef, optimizer, state, tokens, want_state, want = reference
     config = _pipelined(config, "dualpipev")  # 4 stages on 2 ranks in a V
@@ -74,8 +74,7 @@ def test_pipelined_train_step_equals_unpipelined(reference):
     mesh = make_mesh(config.mesh)
     (_, _), grads = jax.jit(make_loss_and_grads(config, graphdef, pipeline_mesh=mesh))(
         state.params, state.routing_bias, tokens)
-    unpipelined = dataclasses.replace(config, mesh=MeshConfig())
-    (_, _), want_grads = jax.jit(make_loss_and_grads(unpipelined, graphdef))(state.params, state.routing_bias, tokens)
+    want_grads = unpipelined_grads[1]
     scale = max(float(abs(g).max()) for g in jax.tree.leaves(want_grads))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grads, want_grads)
 
