@@ -20,6 +20,12 @@ from dsv3_jax.config import ModelConfig, get_preset
 JAX_CACHE = Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compilation"
 
 
+# The test processes use it too, for compiles over a second: the same reference steps are built
+# by several test files.
+jax.config.update("jax_compilation_cache_dir", str(JAX_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for a `python -m dsv3_jax.cli` subprocess: CPU, one device (unless `extra`
     says otherwise), the shared compilation cache."""
