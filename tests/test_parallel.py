@@ -34,6 +34,8 @@ def reference():
 
 @pytest.mark.parametrize("sizes", [dict(data=2, tensor=2, expert=2), dict(fsdp=4, tensor=2)])
 def test_sharded_train_step_equals_unsharded(reference, sizes):
+    """Loss and every gradient leaf on both meshes, then the whole sharded step (metrics, bias
+    update, where the updated weights live)."""
     need_devices(8)
     config, graphdef, optimizer, state, tokens, want_loss, want_grads, want_state, want = reference
     mesh = make_mesh(MeshConfig(**sizes))
