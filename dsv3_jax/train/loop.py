@@ -113,7 +113,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, iterator, checkpointer) -> int:
     tc = config.train
     metrics_path, router_path = run_dir / "metrics.jsonl", run_dir / "router.jsonl"
-    reporter = _Progress(enabled=progress, total=tc.steps, start=0)
+    reporter = _Progress(enabled=progress, total=tc.steps)
     start = 0
     if resume and checkpointer.latest_step() is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
@@ -232,7 +232,7 @@ def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer, run_dir:
 class _Progress:
     """A rich progress bar with loss, tokens/s and MaxVio (plain lines when not a terminal)."""
 
-    def __init__(self, enabled: bool, total: int, start: int):
+    def __init__(self, enabled: bool, total: int):
         from rich.console import Console
 
         self.console = Console(stderr=True)
