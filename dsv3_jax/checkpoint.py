@@ -8,11 +8,10 @@ sets damaged checkpoints aside and falls back to the newest one that restores.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import shutil
 import time
+from pathlib import Path
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -164,9 +163,10 @@ def save_as_run(model, model_config, run_dir: Path, tokenizer_file: Path | None 
     from dsv3_jax.model.routing import RoutingBias
     from dsv3_jax.train.state import create_train_state
 
+    from dsv3_jax.run_dir import require_new_directory
+
     run_dir = Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UsageError(f"destination {str(run_dir)!r} exists and is not empty; choose a new path")
+    require_new_directory(run_dir)
     train = TrainConfig(seq_len=min(TrainConfig().seq_len, model_config.max_seq_len))
     config = Config(model=model_config, train=train, data=DataConfig(tokenizer=""))
     _, optimizer, fresh = create_train_state(config, 0)

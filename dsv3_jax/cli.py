@@ -209,16 +209,12 @@ def jax_device() -> str:
 def cmd_convert(args: argparse.Namespace) -> None:
     from dsv3_jax.checkpoint import load_trained, save_as_run
     from dsv3_jax.interop import hf
+    from dsv3_jax.run_dir import require_new_directory
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():
         raise UsageError(f"source {str(src)!r} is not a directory (a dsv3 run or an HF checkpoint directory)")
-    if dst.exists() and not dst.is_dir():
-        raise UsageError(f"destination {str(dst)!r} is a file; give a new directory path")
-    if dst.exists() and any(dst.iterdir()):
-        raise UsageError(f"destination {str(dst)!r} exists and is not empty; choose a new path")
-    if not dst.absolute().parent.is_dir():
-        raise UsageError(f"the parent of destination {str(dst)!r} does not exist; create it first")
+    require_new_directory(dst)  # before the (slow) load
     if args.direction == "hf-to-orbax":
         model_config, model = hf.load(src)
         save_as_run(model, model_config, dst, src / "tokenizer.json")

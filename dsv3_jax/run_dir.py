@@ -21,6 +21,18 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def require_new_directory(path: Path) -> None:
+    """An output directory that may be created: absent or empty, not a file, its parent present.
+    Checked before any work, so a bad destination costs nothing and overwrites nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"destination {str(path)!r} is a file; give a new directory path")
+    if path.exists() and any(path.iterdir()):
+        raise UsageError(f"destination {str(path)!r} exists and is not empty; choose a new path")
+    if not path.absolute().parent.is_dir():
+        raise UsageError(f"the parent of destination {str(path)!r} does not exist; create it first")
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL log. A torn last line (the writer killed mid-line) is dropped; a bad
     line anywhere else is damage and refused."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dsv3_jax.config import Config, ConfigError
 from dsv3_jax.model.routing import check_routing
 from dsv3_jax.parallel.expert import check_dispatch
+from dsv3_jax.parallel.mesh import require_devices
 from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.train.pipelined import check_pipeline_config
 
@@ -24,23 +25,12 @@ def validate(config: Config) -> Config:
     if config.train.batch_size % batch_shards:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by "
                           f"{' x '.join(f'mesh.{a}' for a in sizes)} = {batch_shards}")
-    _check_devices(config)
+    require_devices(config.mesh)  # before anything is built or written
     if config.mesh.expert > 1 and config.model.n_routed_experts:
         _check_expert_parallel(config)
     if config.mesh.pipeline > 1:
         check_pipeline_config(config)
     return config
-
-
-def _check_devices(config: Config) -> None:
-    import jax
-
-    have = jax.device_count()
-    if config.mesh.n_devices > have:
-        axes = " x ".join(f"{a}={getattr(config.mesh, a)}" for a in ("data", "fsdp", "tensor", "expert", "pipeline")
-                          if getattr(config.mesh, a) > 1)
-        hint = f" (on CPU: --host-devices {config.mesh.n_devices})" if jax.default_backend() == "cpu" else ""
-        raise ConfigError(f"mesh {axes} needs {config.mesh.n_devices} devices but {have} are available{hint}")
 
 
 def _check_expert_parallel(config: Config) -> None:

@@ -367,13 +367,10 @@ def save(model: nnx.Module, config: ModelConfig, path: str | Path, shard_bytes: 
     """
     from safetensors.numpy import save_file
 
+    from dsv3_jax.run_dir import require_new_directory
+
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"destination {str(path)!r} is a file; give a new directory path")
-    if path.exists() and any(path.iterdir()):
-        raise UsageError(f"destination {str(path)!r} exists and is not empty; choose a new path")
-    if not path.absolute().parent.is_dir():
-        raise UsageError(f"the parent of destination {str(path)!r} does not exist; create it first")
+    require_new_directory(path)
     _, state = nnx.split(model)
     arrays = {tuple(str(k) for k in p): np.asarray(v.get_value(), np.float32) for p, v in nnx.to_flat_state(state)}
     tmp = Path(tempfile.mkdtemp(prefix=".dsv3-export-", dir=path.absolute().parent))

@@ -27,13 +27,21 @@ def mesh_overrides(text: str) -> list[str]:
     return out
 
 
-def make_mesh(sizes, devices=None) -> Mesh:
-    """A Mesh over the first prod(sizes) devices; `sizes` is a MeshConfig or a dict of axis sizes."""
+def require_devices(sizes, devices=None) -> list:
+    """The devices a mesh of `sizes` (a MeshConfig or a dict) would use; UsageError if too few."""
     sizes = sizes if isinstance(sizes, dict) else {a: getattr(sizes, a) for a in MESH_AXES}
     devices = jax.devices() if devices is None else devices
     need = math.prod(sizes.values())
     if need > len(devices):
         raise UsageError(f"the mesh {','.join(f'{a}={n}' for a, n in sizes.items() if n > 1)} needs {need} devices "
                          f"but {len(devices)} are available (on CPU: --host-devices {need})")
+    return devices[:need]
+
+
+def make_mesh(sizes, devices=None) -> Mesh:
+    """A Mesh over the first prod(sizes) devices; `sizes` is a MeshConfig or a dict of axis sizes."""
+    sizes = sizes if isinstance(sizes, dict) else {a: getattr(sizes, a) for a in MESH_AXES}
+    devices = require_devices(sizes, devices)
+    need = len(devices)
     shape = tuple(sizes[a] for a in MESH_AXES)
     return Mesh(np.asarray(devices[:need]).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
