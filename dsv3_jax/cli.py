@@ -107,6 +107,53 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"done: metrics, plots and checkpoints in {run_dir}", file=sys.stderr)
 
 
+def _post_training(args: argparse.Namespace, command: str, start_option: str, new_config, run) -> None:
+    """`dsv3 sft` / `dsv3 grpo`: a new run from `--from` (its config made by `new_config(overrides)`),
+    or `--resume` of one (its saved config, checked like `dsv3 train --resume`); then `run` it."""
+    import time
+
+    from dsv3_jax.validate import validate
+
+    start_value = getattr(args, start_option)
+    if args.resume:
+        if not args.run_dir:
+            raise UsageError(f"--resume needs --run-dir DIR (the {command} run to continue)")
+        if args.from_run or start_value:
+            raise UsageError(f"--resume continues the {command} run with its saved config.json; drop --from / "
+                             f"--{start_option}")
+        args.preset = args.config = None
+        config = _load_config(args)
+    else:
+        if not args.from_run or not start_value:
+            raise UsageError(f"dsv3 {command} needs --from RUN (the model to start from) and --{start_option}")
+        overrides = list(args.set or []) + ([f"train.steps={args.steps}"] if args.steps is not None else []) \
+            + ([f"train.seed={args.seed}"] if args.seed is not None else [])
+        config = validate(new_config(overrides))
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    status = run(config, run_dir, resume=args.resume, progress=not args.quiet)
+    if status:
+        raise SystemExit(status)
+    print(f"done: metrics, plots and checkpoints in {run_dir}", file=sys.stderr)
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    """Supervised fine-tuning: a training run with train.objective=sft (post/sft.py)."""
+    from dsv3_jax.post.sft import sft_config
+    from dsv3_jax.train.loop import train
+
+    _post_training(args, "sft", "data", lambda overrides: sft_config(args.from_run, args.data, overrides), train)
+
+
+def cmd_grpo(args: argparse.Namespace) -> None:
+    """GRPO with a rule-based reward (post/grpo_loop.py)."""
+    from dsv3_jax.post.grpo_loop import grpo, grpo_config
+    from dsv3_jax.post.tasks import TASKS
+
+    if args.task is not None and args.task not in TASKS:
+        raise UsageError(f"unknown --task {args.task!r}; choose one of: {', '.join(TASKS)}")
+    _post_training(args, "grpo", "task", lambda overrides: grpo_config(args.from_run, args.task, overrides), grpo)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import time
 
@@ -264,6 +311,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mesh", help="e.g. data=2,tensor=2,expert=2 (axes: data, fsdp, tensor, expert, pipeline)")
     train.add_argument("--host-devices", type=int, help="split the CPU into N devices (to try meshes on one machine)")
     train.set_defaults(func=cmd_train)
+
+    sft = sub.add_parser("sft", help="supervised fine-tuning of a trained run on (prompt, response) examples")
+    sft.add_argument("--from", dest="from_run", help="the run to fine-tune (its latest checkpoint, model, tokenizer)")
+    sft.add_argument("--data", help="a .jsonl file: {\"prompt\", \"response\"} or {\"messages\": [...]} per line")
+    sft.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.lr=1e-4")
+    sft.add_argument("--steps", type=int, help="total SFT steps (default 200); on --resume, the new total")
+    sft.add_argument("--seed", type=int, help="seed of the batch order's shuffle and of new weights (train.seed)")
+    sft.add_argument("--run-dir", help="the new SFT run (default: runs/sft-<time>)")
+    sft.add_argument("--resume", action="store_true", help="continue the SFT run in --run-dir")
+    sft.add_argument("--quiet", action="store_true", help="no progress output")
+    sft.set_defaults(func=cmd_sft)
+
+    grpo = sub.add_parser("grpo", help="reinforcement learning with GRPO and a rule-based reward (report §5.2)")
+    grpo.add_argument("--from", dest="from_run", help="the run to start from (usually an SFT run)")
+    grpo.add_argument("--task", help="a registered task: arithmetic, python_linear")
+    grpo.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. grpo.beta=0.02")
+    grpo.add_argument("--steps", type=int, help="GRPO steps (default 50); on --resume, the new total")
+    grpo.add_argument("--seed", type=int, help="seed of the problems and the sampling (train.seed)")
+    grpo.add_argument("--run-dir", help="the new GRPO run (default: runs/grpo-<time>)")
+    grpo.add_argument("--resume", action="store_true", help="continue the GRPO run in --run-dir")
+    grpo.add_argument("--quiet", action="store_true", help="no progress output")
+    grpo.set_defaults(func=cmd_grpo)
 
     gen = sub.add_parser("generate", help="sample text from a trained run")
     gen.add_argument("--run-dir", help="a dsv3 run directory")

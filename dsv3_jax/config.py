@@ -52,6 +52,7 @@ ScoreFunc = Literal["sigmoid", "softmax"]
 Fp8Backend = Literal["xla", "pallas"]  # quant/fp8.py
 GroupedGemmImpl = Literal["auto", "ragged_dot", "blocked"]  # model/grouped_gemm.py
 ExpertDispatch = Literal["a2a", "ragged", "ring", "gspmd"]  # parallel/expert.py
+Objective = Literal["pretrain", "sft", "grpo"]  # "sft": packed examples (post/sft.py); "grpo": post/grpo_loop.py
 PipelineSchedule = Literal["gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"]  # parallel/pipeline/schedules.py
 
 
@@ -222,6 +223,10 @@ class TrainConfig:
     # Pipeline parallelism (mesh.pipeline > 1, report §3.2.1): schedule and micro-batches per step.
     pipeline_schedule: PipelineSchedule = "1f1b"
     microbatches: int = 8
+    # Post-training (report §5.1): "sft" trains on packed (prompt, response) examples with the loss
+    # on responses only, starting from the weights of the run in `init_from` (post/sft.py).
+    objective: Objective = "pretrain"
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _require_each(self, "train", ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
@@ -237,6 +242,38 @@ class TrainConfig:
                                       "aux_loss_alpha", "z_loss_coef"),
                       lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
         _require_choices(self, "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Group Relative Policy Optimization (report §5.2.2; post/grpo.py). The train section still
+    sets steps, lr and its schedule, the optimizer, logging, evaluation and checkpoint intervals."""
+
+    task: str = "arithmetic"  # a name in post/tasks.py TASKS (checked in validate.py)
+    prompts_per_step: int = 8
+    group_size: int = 8  # G responses sampled per prompt
+    passes: int = 2  # optimisation passes over each batch of rollouts
+    epsilon: float = 0.2  # ratio clip
+    beta: float = 0.04  # KL(policy || reference) coefficient
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 0  # 0: the task's own limit
+    eval_problems: int = 128  # held-out problems scored greedily every train.eval_every steps
+    sandbox_timeout_s: float = 2.0  # code rewards: wall-clock limit per program
+
+    def __post_init__(self) -> None:
+        _require_each(self, "grpo", ("prompts_per_step", "passes", "eval_problems"),
+                      lambda v: isinstance(v, int) and v > 0, "a positive integer")
+        _require(isinstance(self.group_size, int) and self.group_size >= 2,
+                 f"grpo.group_size={self.group_size!r} must be an integer >= 2 (advantages compare a group's responses)")
+        _require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+                 f"grpo.max_new_tokens={self.max_new_tokens!r} must be an integer >= 0 (0: the task's limit)")
+        _require(0.0 < self.epsilon < 1.0, f"grpo.epsilon={self.epsilon} must be in (0, 1)")
+        _require(self.beta >= 0 and math.isfinite(self.beta), f"grpo.beta={self.beta} must be a finite number >= 0")
+        _require(0.0 < self.temperature <= 10.0, f"grpo.temperature={self.temperature} must be in (0, 10] "
+                 "(GRPO samples; greedy rollouts would give every group zero variance)")
+        _require(0.0 < self.top_p <= 1.0, f"grpo.top_p={self.top_p} must be in (0, 1]")
+        _require(self.sandbox_timeout_s > 0, f"grpo.sandbox_timeout_s={self.sandbox_timeout_s} must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +304,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
 
     def __post_init__(self) -> None:
         _require(self.train.seq_len <= self.model.max_seq_len,

@@ -108,3 +108,22 @@ def _lock_or_refuse(fd: int, path: Path) -> None:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         raise UsageError(f"run directory {str(path.parent)!r} is in use by another dsv3 process (PID {holder}); "
                          "wait for it to finish or stop it, then --resume") from None
+
+
+class StopSignals:
+    """SIGTERM / SIGINT recorded instead of killing the process, so a training loop can finish its
+    step, save a checkpoint and exit 128 + signal; the previous handlers come back on exit."""
+
+    def __enter__(self) -> "StopSignals":
+        import signal
+
+        self.received: list[int] = []
+        self._previous = {sig: signal.signal(sig, lambda s, _frame: self.received.append(s))
+                          for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

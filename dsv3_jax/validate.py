@@ -13,6 +13,7 @@ from dsv3_jax.model.routing import check_routing
 from dsv3_jax.parallel.expert import check_dispatch
 from dsv3_jax.parallel.mesh import require_devices
 from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.post.tasks import TASKS
 from dsv3_jax.train.pipelined import check_pipeline_config
 
 
@@ -28,8 +29,17 @@ def validate(config: Config) -> Config:
     require_devices(config.mesh)  # before anything is built or written
     if config.mesh.expert > 1 and config.model.n_routed_experts:
         _check_expert_parallel(config)
+    if config.train.objective == "grpo":
+        if config.grpo.task not in TASKS:
+            raise ConfigError(f"grpo.task={config.grpo.task!r} is not a registered task; choose one of: "
+                              f"{', '.join(TASKS)}")
+        if config.mesh.n_devices > 1:
+            raise ConfigError("GRPO runs on one device (rollouts use the single-device generator); drop --mesh")
     if config.mesh.pipeline > 1:
         check_pipeline_config(config)
+        if config.train.objective != "pretrain":
+            raise ConfigError(f"train.objective={config.train.objective} runs without a pipeline: use mesh.pipeline=1 "
+                              "(data, fsdp, tensor and expert axes work)")
     return config
 
 

@@ -18,7 +18,7 @@ from dsv3_jax.checkpoint import Checkpointer
 from dsv3_jax.config import Config, ConfigError, DataConfig, TrainConfig, config_from_json
 from dsv3_jax.errors import UsageError
 from dsv3_jax.run_dir import RunLock, read_jsonl, truncate_jsonl
-from dsv3_jax.train.loop import NonFiniteLoss, _check_finite, resolve_run_config, train
+from dsv3_jax.train.loop import NonFiniteLoss, check_finite, resolve_run_config, train
 from tests.conftest import cli_env, tiny_model_config
 
 ENV = cli_env()
@@ -51,11 +51,11 @@ def tree_digest(path: Path) -> dict:
 def test_a_finite_loss_with_a_nan_gradient_or_overflowed_weights_is_not_saved(tmp_path):
     ckpt = Checkpointer(tmp_path / "c")
     good = {"loss": np.float32(2.0), "lm_loss": np.float32(2.0), "grad_norm": np.float32(1.0)}
-    _check_finite({**good, "nonfinite_state": np.int32(0)}, 3, ckpt, tmp_path)
+    check_finite({**good, "nonfinite_state": np.int32(0)}, 3, ckpt, tmp_path)
     with pytest.raises(NonFiniteLoss, match="grad_norm=nan"):
-        _check_finite({**good, "grad_norm": np.float32("nan"), "nonfinite_state": np.int32(0)}, 3, ckpt, tmp_path)
+        check_finite({**good, "grad_norm": np.float32("nan"), "nonfinite_state": np.int32(0)}, 3, ckpt, tmp_path)
     with pytest.raises(NonFiniteLoss, match="12 non-finite weights"):  # finite loss and gradient, lr overflowed
-        _check_finite({**good, "nonfinite_state": np.int32(12)}, 3, ckpt, tmp_path)
+        check_finite({**good, "nonfinite_state": np.int32(12)}, 3, ckpt, tmp_path)
     ckpt.close()
 
 

@@ -61,8 +61,12 @@ def _verify_and_draft(graphdef, state, caches, mtp_cache, last_token, draft, n, 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_p"))
 def _sample_rows(logits_BV, key, temperature, top_p):
+    """One token per row, and its log-probability under softmax(logits / T) (T = 1 when greedy): the
+    sampling policy's own log-prob, what GRPO records as the old policy's (post/grpo.py)."""
     keys = jax.random.split(key, logits_BV.shape[0])
-    return jax.vmap(lambda l, k: sample_token(l, k, temperature, top_p))(logits_BV, keys)
+    tokens_B = jax.vmap(lambda l, k: sample_token(l, k, temperature, top_p))(logits_BV, keys)
+    logprobs_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32) / (temperature if temperature > 0 else 1.0))
+    return tokens_B, jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
 
 
 def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
@@ -79,6 +83,15 @@ def generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, t
     """New tokens per prompt (stopping at EOS, which is included). The latent cache is held in the
     model's compute dtype unless `cache_dtype` says otherwise (bf16 halves it, and on long YaRN
     contexts its rounding can flip expert choices: greedy output then leaves the fp32 forward's)."""
+    return generate_with_logprobs(model, prompts, max_new_tokens, temperature, top_p, seed, eos_id, mode,
+                                  cache_dtype)[0]
+
+
+def generate_with_logprobs(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int,
+                           temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+                           mode: str = "absorbed", cache_dtype=None) -> tuple[list[list[int]], list[list[float]]]:
+    """`generate`, with each new token's log-probability under softmax(logits / T) (top-p truncation
+    aside; T = 1 when greedy) recorded as it is sampled."""
     cfg = model.cfg
     cache_dtype = cache_dtype or cfg.dtype
     _check_prompts(prompts, cfg.vocab_size)
@@ -98,19 +111,21 @@ def generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, t
     last_logits = logits[jnp.arange(B), lengths - 1]
     key = jax.random.key(seed)
     out: list[list[int]] = [[] for _ in range(B)]
+    logprobs: list[list[float]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
     for i in range(max_new_tokens):
         key, sub = jax.random.split(key)
-        next_B = np.asarray(_sample_rows(last_logits, sub, temperature, top_p))
+        next_B, logprob_B = jax.device_get(_sample_rows(last_logits, sub, temperature, top_p))
         for b in np.flatnonzero(~done):
             out[b].append(int(next_B[b]))
+            logprobs[b].append(float(logprob_B[b]))
             done[b] |= next_B[b] == eos_id
         if done.all() or i == max_new_tokens - 1:
             break
         logits, _, caches = _decode_inplace(graphdef, state, caches, next_B[:, None].astype(np.int32),
                                             (lengths + i)[:, None].astype(np.int32), mode)
         last_logits = logits[:, 0]
-    return out
+    return out, logprobs
 
 
 @dataclass

@@ -29,11 +29,12 @@ class Block(nnx.Module):
         self.ffn = MoE(cfg, rngs) if moe else MLP(cfg, cfg.ffn_dim, rngs, "ffn")
         self.is_moe = moe
 
-    def __call__(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array, token_ids_BT: Array | None = None
-                 ) -> tuple[Float[Array, "B T D"], RouterStats | None]:
+    def __call__(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array, token_ids_BT: Array | None = None,
+                 segment_ids_BT: Array | None = None) -> tuple[Float[Array, "B T D"], RouterStats | None]:
         """The block and its router statistics (None for a dense block); the output is constrained to
-        the activation layout of parallel/sharding.py (a no-op without a mesh)."""
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+        the activation layout of parallel/sharding.py (a no-op without a mesh). `segment_ids_BT`
+        keeps packed examples from attending to each other (see MLA.__call__)."""
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, segment_ids_BT)
         x_BTD, stats = self._ffn(x_BTD, token_ids_BT)
         return constrain(x_BTD, HIDDEN_BTD), stats
 
@@ -87,10 +88,12 @@ def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, remat: bool = 
 
 
 def run_blocks(stack: nnx.Module, x_BTD: Array, cos: Array, sin: Array, remat: bool,
-               token_ids_BT: Array | None = None) -> tuple[Array, RouterStats | None]:
+               token_ids_BT: Array | None = None, segment_ids_BT: Array | None = None
+               ) -> tuple[Array, RouterStats | None]:
     """Apply a stack of Blocks in order (the whole stack, or a pipeline stage's slice of it); returns
     the output and the per-layer router stats stacked on axis 0 (None for dense blocks)."""
-    return scan_stack(stack, lambda block, x, _: block(x, cos, sin, token_ids_BT), x_BTD, remat=remat)
+    return scan_stack(stack, lambda block, x, _: block(x, cos, sin, token_ids_BT, segment_ids_BT), x_BTD,
+                      remat=remat)
 
 
 def run_blocks_cached(stack: nnx.Module, x_BTD: Array, cos: Array, sin: Array, cache: tuple[Array, Array],

@@ -121,12 +121,16 @@ class MLA(nnx.Module):
         attend = self.attend_absorbed if mode == "absorbed" else self.attend_expanded
         return attend(q_nope, q_rope, ckv_BSC, k_rope_BSR, mask_BTS), (ckv_cache, k_rope_cache)
 
-    def __call__(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array) -> Float[Array, "B T D"]:
-        """Causal self-attention over the whole sequence (training / scoring)."""
+    def __call__(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array,
+                 segment_ids_BT: Array | None = None) -> Float[Array, "B T D"]:
+        """Causal self-attention over the whole sequence (training / scoring). With `segment_ids_BT`
+        (packed examples), a token attends only to earlier tokens of its own segment."""
         T = x_BTD.shape[1]
         q_nope, q_rope = self.queries(x_BTD, cos, sin)
         ckv_BTC, k_rope_BTR = self.latent_kv(x_BTD, cos, sin)
         mask_BTS = jnp.tril(jnp.ones((T, T), bool))[None]
+        if segment_ids_BT is not None:
+            mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
         return self.attend_expanded(q_nope, q_rope, ckv_BTC, k_rope_BTR, mask_BTS)
 
 

@@ -57,33 +57,38 @@ class DeepSeekV3(nnx.Module):
         return self.head(h_BTD).astype(jnp.float32)
 
     def __call__(self, tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"] | None = None,
-                 with_mtp: bool = True) -> ModelOutput:
+                 with_mtp: bool = True, segment_ids_BT: Int[Array, "B T"] | None = None) -> ModelOutput:
+        """Logits for every position. Packed examples (post-training) pass `segment_ids_BT` (attention
+        stays inside a segment) and `positions_BT` restarting at 0 in each segment."""
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
         cos, sin = rope_tables(self.cfg, positions_BT)
-        h_BTD = self.embed_and_dense(tokens_BT, cos, sin)
-        h_BTD, moe_stats = self.moe_stack(h_BTD, cos, sin, tokens_BT)
-        logits_BTV, mtp_logits_PBTV, mtp_stats = self.head_and_mtp(h_BTD, tokens_BT, cos, sin, with_mtp)
+        h_BTD = self.embed_and_dense(tokens_BT, cos, sin, segment_ids_BT)
+        h_BTD, moe_stats = self.moe_stack(h_BTD, cos, sin, tokens_BT, segment_ids_BT)
+        logits_BTV, mtp_logits_PBTV, mtp_stats = self.head_and_mtp(h_BTD, tokens_BT, cos, sin, with_mtp,
+                                                                   segment_ids_BT)
         return ModelOutput(logits_BTV, mtp_logits_PBTV, ModelStats(moe_stats, mtp_stats))
 
     # The pieces -------------------------------------------------------------------------------
-    def embed_and_dense(self, tokens_BT: Int[Array, "B T"], cos: Array, sin: Array) -> Float[Array, "B T D"]:
+    def embed_and_dense(self, tokens_BT: Int[Array, "B T"], cos: Array, sin: Array,
+                        segment_ids_BT: Array | None = None) -> Float[Array, "B T D"]:
         """Token embedding, then the first_k_dense dense layers."""
         h_BTD = constrain(self.embed(tokens_BT), HIDDEN_BTD)
         if self.dense_layers is not None:
-            h_BTD, _ = run_blocks(self.dense_layers, h_BTD, cos, sin, self.cfg.remat)
+            h_BTD, _ = run_blocks(self.dense_layers, h_BTD, cos, sin, self.cfg.remat, segment_ids_BT=segment_ids_BT)
         return h_BTD
 
-    def moe_stack(self, h_BTD: Array, cos: Array, sin: Array, token_ids_BT: Array | None = None
-                  ) -> tuple[Float[Array, "B T D"], RouterStats | None]:
+    def moe_stack(self, h_BTD: Array, cos: Array, sin: Array, token_ids_BT: Array | None = None,
+                  segment_ids_BT: Array | None = None) -> tuple[Float[Array, "B T D"], RouterStats | None]:
         """The MoE layers (a pipeline runs `run_blocks` on its stages' slices of this stack instead)."""
         if self.moe_layers is None:
             return h_BTD, None
-        return run_blocks(self.moe_layers, h_BTD, cos, sin, self.cfg.remat, token_ids_BT)
+        return run_blocks(self.moe_layers, h_BTD, cos, sin, self.cfg.remat, token_ids_BT, segment_ids_BT)
 
     def head_and_mtp(self, h_BTD: Array, tokens_BT: Int[Array, "B T"], cos: Array, sin: Array,
-                     with_mtp: bool = True) -> tuple[Array, Array | None, RouterStats | None]:
+                     with_mtp: bool = True, segment_ids_BT: Array | None = None
+                     ) -> tuple[Array, Array | None, RouterStats | None]:
         """Final norm and output head on the last hidden state, and the MTP modules (eq. 21-25) fed
         from it: (logits, MTP logits [P, B, T, V] or None, the MTP blocks' router stats or None)."""
         cfg = self.cfg
@@ -93,7 +98,7 @@ class DeepSeekV3(nnx.Module):
         ahead_PBT = tokens_ahead(tokens_BT, cfg.mtp_depth)
 
         def depth_step(module: MTPModule, h_prev, ahead_BT):
-            h_next, h_normed, layer_stats = module(h_prev, self.embed(ahead_BT), cos, sin, ahead_BT)
+            h_next, h_normed, layer_stats = module(h_prev, self.embed(ahead_BT), cos, sin, ahead_BT, segment_ids_BT)
             return h_next, (h_normed, layer_stats)
 
         # The main model's final hidden state (before its final norm) is h^0 (eq. 21).

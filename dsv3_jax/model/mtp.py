@@ -33,9 +33,10 @@ class MTPModule(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, "norm", cfg.param_dtype)
 
     def __call__(self, h_prev_BTD: Array, emb_ahead_BTD: Array, cos: Array, sin: Array,
-                 token_ids_BT: Array | None = None) -> tuple[Array, Array, dict[str, Array]]:
+                 token_ids_BT: Array | None = None, segment_ids_BT: Array | None = None
+                 ) -> tuple[Array, Array, dict[str, Array]]:
         """Returns (h^k for the next depth, normalised h^k for the shared head, block stats)."""
-        h_BTD, stats = self.block(self.combine(h_prev_BTD, emb_ahead_BTD), cos, sin, token_ids_BT)
+        h_BTD, stats = self.block(self.combine(h_prev_BTD, emb_ahead_BTD), cos, sin, token_ids_BT, segment_ids_BT)
         return h_BTD, self.final_norm(h_BTD), stats
 
     def combine(self, h_prev_BTD: Array, emb_ahead_BTD: Array) -> Array:

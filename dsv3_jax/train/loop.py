@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from dsv3_jax.data.pipeline import build_data, train_iterator, val_batches
 from dsv3_jax.errors import UsageError
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.sharding import RULES
-from dsv3_jax.run_dir import RunLock, truncate_jsonl, write_atomic
+from dsv3_jax.post.sft import build_sft_data, init_from_run
+from dsv3_jax.run_dir import RunLock, StopSignals, truncate_jsonl, write_atomic
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_eval_step, make_train_step, max_violation
 from dsv3_jax.validate import validate
@@ -50,9 +50,13 @@ def _differences(saved, given, prefix: str = "") -> list[str]:
     return out
 
 
-def has_run(run_dir: Path) -> bool:
+def has_checkpoint(run_dir: Path) -> bool:
     ckpt_dir = run_dir / "checkpoints"
-    return (run_dir / "config.json").exists() or (ckpt_dir.is_dir() and any(ckpt_dir.iterdir()))
+    return ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
+
+
+def has_run(run_dir: Path) -> bool:
+    return (run_dir / "config.json").exists() or has_checkpoint(run_dir)
 
 
 def resolve_run_config(config: Config, run_dir: Path, resume: bool) -> Config:
@@ -94,8 +98,12 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     RunLock.check_free(run_dir)
     config = validate(resolve_run_config(config, run_dir, resume))
     tc = config.train
-    data = build_data(config, run_dir if resume else None)  # a new run never reuses a leftover tokenizer
+    if tc.objective == "grpo":
+        raise UsageError(f"{str(run_dir)!r} is a GRPO run: continue it with dsv3 grpo --run-dir {run_dir} --resume")
+    data = (build_sft_data if tc.objective == "sft" else build_data)(config, run_dir if resume else None)
     graphdef, optimizer, state = create_train_state(config, tc.seed)
+    if tc.init_from and not (resume and has_checkpoint(run_dir)):
+        state = init_from_run(state, config)  # fine-tuning starts from the base run's weights
     iterator = train_iterator(data.train_windows, tc.batch_size, config.data.shuffle_seed)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +121,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, iterator, checkpointer) -> int:
     tc = config.train
     metrics_path, router_path = run_dir / "metrics.jsonl", run_dir / "router.jsonl"
-    reporter = _Progress(enabled=progress, total=tc.steps)
+    reporter = Progress(enabled=progress, total=tc.steps)
     start = 0
     if resume and checkpointer.latest_step() is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
@@ -130,21 +138,19 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
     write_atomic(run_dir / "config.json", config.to_json())
     val_set = val_batches(data.val_windows, tc.batch_size, tc.eval_batches)
 
-    stop_signal: list[int] = []
-    handlers = {sig: signal.signal(sig, lambda s, _f: stop_signal.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
     reporter.start(start)
     reporter.message(f"run directory: {run_dir} (steps {start + 1}..{tc.steps})")
     tokens_per_step = tc.batch_size * tc.seq_len
     status = 0
     try:
-        with open(metrics_path, "a") as metrics_file, open(router_path, "a") as router_file:
+        with StopSignals() as stop, open(metrics_path, "a") as metrics_file, open(router_path, "a") as router_file:
             for step in range(start + 1, tc.steps + 1):
                 batch = place_batch(next(iterator))
                 t0 = time.perf_counter()
                 state, metrics = train_step(state, batch)
                 metrics = _host(metrics)
                 elapsed = time.perf_counter() - t0
-                _check_finite(metrics, step, checkpointer, run_dir)
+                check_finite(metrics, step, checkpointer, run_dir)
                 load = metrics.pop("expert_load", None)
                 record = {"step": step, **{k: float(v) for k, v in metrics.items()},
                           "tokens_per_s": tokens_per_step / elapsed}
@@ -157,17 +163,14 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
                     router_file.write(json.dumps({"step": step, "expert_load": load.tolist()}) + "\n")
                     router_file.flush()
                 reporter.update(step, record)
-                if step % tc.checkpoint_every == 0 or step == tc.steps or stop_signal:
+                if step % tc.checkpoint_every == 0 or step == tc.steps or stop.received:
                     checkpointer.save(step, state, iterator.get_state())
-                if stop_signal:
-                    reporter.message(f"stopped by signal {stop_signal[0]} after step {step}; checkpoint saved. "
-                                     f"Continue with: dsv3 train --run-dir {run_dir} --resume")
-                    status = 128 + stop_signal[0]
+                if stop.received:
+                    status = reporter.stopped(stop.received[0], step, run_dir,
+                                              "sft" if tc.objective == "sft" else "train")
                     break
     finally:
         reporter.close()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     if status == 0:
         from dsv3_jax.report import write_report
         write_report(run_dir)
@@ -214,7 +217,7 @@ def _evaluate(eval_step, state, val_set: list[np.ndarray]) -> dict[str, float]:
     return out
 
 
-def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer, run_dir: Path) -> None:
+def check_finite(metrics: dict, step: int, checkpointer: Checkpointer, run_dir: Path) -> None:
     """Stop before a non-finite state can be saved (so every checkpoint on disk is finite, and
     pruning old ones never leaves only bad ones)."""
     nonfinite = int(metrics.pop("nonfinite_state"))
@@ -229,7 +232,7 @@ def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer, run_dir:
                         f"{run_dir / 'metrics.jsonl'} and try a lower train.lr")
 
 
-class _Progress:
+class Progress:
     """A rich progress bar with loss, tokens/s and MaxVio (plain lines when not a terminal)."""
 
     def __init__(self, enabled: bool, total: int):
@@ -269,6 +272,12 @@ class _Progress:
     def message(self, text: str) -> None:
         if self.enabled:
             self.console.print(text)
+
+    def stopped(self, signum: int, step: int, run_dir: Path, command: str) -> int:
+        """Say how to continue after a stop signal; returns the exit status 128 + signal."""
+        self.message(f"stopped by signal {signum} after step {step}; checkpoint saved. "
+                     f"Continue with: dsv3 {command} --run-dir {run_dir} --resume")
+        return 128 + signum
 
     def close(self) -> None:
         if self.progress is not None:

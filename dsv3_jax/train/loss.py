@@ -31,19 +31,28 @@ def cross_entropy(logits_BTV: Float[Array, "B T V"], labels_BT: Int[Array, "B T"
     return (nll_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
 
 
-def mtp_targets(tokens_BS: Int[Array, "B S"], depth: int) -> tuple[Array, Array]:
-    """Targets and validity for depths k = 1..depth: labels[k-1, :, i] = tokens[:, i+k+1].
-
-    Returns (labels [P, B, T], mask [P, B, T]) with T = S - 1; positions whose target lies past
-    the end of the window are masked (eq. 24 sums i from 2+k to T+1).
-    """
+def shifted_targets(tokens_BS: Int[Array, "B S"], k: int, loss_mask_BS: Array | None = None,
+                    segment_ids_BS: Array | None = None) -> tuple[Array, Array]:
+    """Targets k tokens further ahead than the next one: labels[:, i] = tokens[:, i+k+1] (k = 0 is
+    the main head; MTP depth k, eq. 24, is k), and where they count: inside the window (eq. 24 sums
+    i from 2+k to T+1), where `loss_mask_BS` marks the target (SFT: response tokens), and in the
+    same segment as position i (packed examples never predict each other's tokens)."""
     B, S = tokens_BS.shape
     T = S - 1
-    padded = jnp.concatenate([tokens_BS, jnp.zeros((B, depth), tokens_BS.dtype)], axis=1)
-    labels = jnp.stack([padded[:, k + 1:k + 1 + T] for k in range(1, depth + 1)])
-    positions = jnp.arange(T)
-    mask = jnp.stack([jnp.broadcast_to(positions + k + 1 <= T, (B, T)) for k in range(1, depth + 1)])
-    return labels, mask
+    ahead = lambda a: jnp.concatenate([a, jnp.zeros((B, k), a.dtype)], axis=1)[:, k + 1:k + 1 + T]
+    mask_BT = jnp.broadcast_to(jnp.arange(T) + k + 1 <= T, (B, T))
+    if loss_mask_BS is not None:
+        mask_BT = mask_BT & ahead(loss_mask_BS).astype(bool)
+    if segment_ids_BS is not None:
+        mask_BT = mask_BT & (ahead(segment_ids_BS) == segment_ids_BS[:, :T])
+    return ahead(tokens_BS), mask_BT
+
+
+def mtp_targets(tokens_BS: Int[Array, "B S"], depth: int, loss_mask_BS: Array | None = None,
+                segment_ids_BS: Array | None = None) -> tuple[Array, Array]:
+    """Targets and validity for depths k = 1..depth, stacked: (labels [P, B, T], mask [P, B, T])."""
+    pairs = [shifted_targets(tokens_BS, k, loss_mask_BS, segment_ids_BS) for k in range(1, depth + 1)]
+    return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
 
 
 class LossParts(NamedTuple):
@@ -54,13 +63,18 @@ class LossParts(NamedTuple):
 
 
 def total_loss(logits_BTV: Array, mtp_logits_PBTV: Array | None, stats: ModelStats, tokens_BS: Int[Array, "B S"],
-               mtp_lambda: float, balancing: Balancing) -> LossParts:
+               mtp_lambda: float, balancing: Balancing, loss_mask_BS: Array | None = None,
+               segment_ids_BS: Array | None = None) -> LossParts:
     """L = L_main + lambda/P sum_k L^k_MTP (eq. 25) + sum_b w_b L_b (e.g. alpha * sum_layers L_Bal, eq. 17),
-    the balancers' losses summed over the MoE layers of the main model and of the MTP modules."""
-    lm = cross_entropy(logits_BTV, tokens_BS[:, 1:])
+    the balancers' losses summed over the MoE layers of the main model and of the MTP modules.
+    Packed SFT batches restrict both CE terms to targets that `shifted_targets` counts."""
+    if loss_mask_BS is None and segment_ids_BS is None:
+        lm = cross_entropy(logits_BTV, tokens_BS[:, 1:])
+    else:
+        lm = cross_entropy(logits_BTV, *shifted_targets(tokens_BS, 0, loss_mask_BS, segment_ids_BS))
     mtp = jnp.zeros((), jnp.float32)
     if mtp_logits_PBTV is not None:
-        labels_PBT, mask_PBT = mtp_targets(tokens_BS, mtp_logits_PBTV.shape[0])
+        labels_PBT, mask_PBT = mtp_targets(tokens_BS, mtp_logits_PBTV.shape[0], loss_mask_BS, segment_ids_BS)
         per_depth = jax.vmap(cross_entropy)(mtp_logits_PBTV, labels_PBT, mask_PBT)
         mtp = per_depth.mean()
     balance = balancing.loss(stats.moe_layers) + balancing.loss(stats.mtp)

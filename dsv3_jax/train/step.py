@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from dsv3_jax.config import Config
+from dsv3_jax.data.packing import unpack
 from dsv3_jax.model.model import ModelStats
 from dsv3_jax.model.routing import Balancing
 from dsv3_jax.train.loss import total_loss
@@ -41,17 +42,30 @@ def update_routing_bias(routing_bias: nnx.State, stats: ModelStats, balancing: B
     return jax.tree.map_with_path(update, routing_bias, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def forward_batch(model, batch: jax.Array, with_mtp: bool = True):
+    """The model on a batch's inputs: (ModelOutput, (tokens_BS, loss_mask_BS, segment_ids_BS) for
+    `total_loss`). A packed batch brings its positions and segments (data/packing.py)."""
+    tokens_BS, positions_BS, segment_ids_BS, loss_mask_BS = unpack(batch)
+    if positions_BS is None:
+        out = model(tokens_BS[:, :-1], with_mtp=with_mtp)
+    else:
+        out = model(tokens_BS[:, :-1], positions_BS[:, :-1], with_mtp, segment_ids_BS[:, :-1])
+    return out, (tokens_BS, loss_mask_BS, segment_ids_BS)
+
+
 def make_loss_and_grads(config: Config, graphdef: nnx.GraphDef, pipeline_mesh=None):
-    """(params, routing_bias, tokens_BS) -> ((total loss, (LossParts, ModelStats)), grads): what the
-    train step differentiates, through the pipeline schedule when `pipeline_mesh` is given."""
+    """(params, routing_bias, batch) -> ((total loss, (LossParts, ModelStats)), grads): what the
+    train step differentiates, through the pipeline schedule when `pipeline_mesh` is given. A batch
+    is tokens [B, S] (pretraining) or packed examples [B, 4, S] (SFT; data/packing.py)."""
     balancing = Balancing.from_config(config.model, config.train)
     if pipeline_mesh is not None:
         return make_pipelined_loss_and_grads(config, graphdef, pipeline_mesh, balancing)
 
-    def loss_fn(params, routing_bias, tokens_BS):
-        out = nnx.merge(graphdef, params, routing_bias)(tokens_BS[:, :-1])
+    def loss_fn(params, routing_bias, batch):
+        out, (tokens_BS, loss_mask_BS, segment_ids_BS) = forward_batch(nnx.merge(graphdef, params, routing_bias),
+                                                                       batch)
         parts = total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens_BS, config.train.mtp_lambda,
-                           balancing)
+                           balancing, loss_mask_BS, segment_ids_BS)
         return parts.total, (parts, out.stats)
 
     return jax.value_and_grad(loss_fn, has_aux=True)
@@ -66,8 +80,8 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
     balancing = Balancing.from_config(config.model, tc)
     loss_and_grads = make_loss_and_grads(config, graphdef, pipeline_mesh)
 
-    def train_step(state: TrainState, tokens_BS: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-        (_, (parts, stats)), grads = loss_and_grads(state.params, state.routing_bias, tokens_BS)
+    def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        (_, (parts, stats)), grads = loss_and_grads(state.params, state.routing_bias, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         routing_bias = update_routing_bias(state.routing_bias, stats, balancing)
@@ -101,9 +115,11 @@ def count_nonfinite(tree) -> jax.Array:
 def make_eval_step(config: Config, graphdef: nnx.GraphDef):
     no_balancing = Balancing(())
 
-    def eval_step(state: TrainState, tokens_BS: jax.Array) -> dict[str, jax.Array]:
-        out = nnx.merge(graphdef, state.params, state.routing_bias)(tokens_BS[:, :-1], with_mtp=False)
-        parts = total_loss(out.logits_BTV, None, out.stats, tokens_BS, 0.0, no_balancing)
+    def eval_step(state: TrainState, batch: jax.Array) -> dict[str, jax.Array]:
+        out, (tokens_BS, loss_mask_BS, segment_ids_BS) = forward_batch(
+            nnx.merge(graphdef, state.params, state.routing_bias), batch, with_mtp=False)
+        parts = total_loss(out.logits_BTV, None, out.stats, tokens_BS, 0.0, no_balancing, loss_mask_BS,
+                           segment_ids_BS)
         metrics = {"lm_loss": parts.lm}
         if out.stats.moe_layers is not None:
             metrics["expert_load"] = out.stats.moe_layers.expert_load
