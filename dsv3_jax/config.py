@@ -259,7 +259,6 @@ class GRPOConfig:
     top_p: float = 1.0
     max_new_tokens: int = 0  # 0: the task's own limit
     eval_problems: int = 128  # held-out problems scored greedily every train.eval_every steps
-    sandbox_timeout_s: float = 2.0  # code rewards: wall-clock limit per program
 
     def __post_init__(self) -> None:
         _require_each(self, "grpo", ("prompts_per_step", "passes", "eval_problems"),
@@ -273,7 +272,6 @@ class GRPOConfig:
         _require(0.0 < self.temperature <= 10.0, f"grpo.temperature={self.temperature} must be in (0, 10] "
                  "(GRPO samples; greedy rollouts would give every group zero variance)")
         _require(0.0 < self.top_p <= 1.0, f"grpo.top_p={self.top_p} must be in (0, 1]")
-        _require(self.sandbox_timeout_s > 0, f"grpo.sandbox_timeout_s={self.sandbox_timeout_s} must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)

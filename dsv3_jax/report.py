@@ -30,14 +30,18 @@ def write_report(run_dir: Path) -> list[Path]:
          [("val_loss", "validation LM loss")]),
         ("max_vio.png", "Expert load imbalance", "max load / mean load - 1",
          [("max_vio", "MaxVio (batch, mean over layers)")], [("val_max_vio", "MaxVio (validation set)")]),
+        ("reward.png", "GRPO rewards", "reward / fraction",
+         [("reward_mean", "mean reward (sampled rollouts)"), ("groups_with_variance", "groups with reward variance")],
+         [("val_accuracy", "held-out accuracy (greedy)")]),
     ]
     for file, title, ylabel, series, eval_series in line_plots:
-        if series[0][0] not in metrics[0]:
+        if not any(series[0][0] in m for m in metrics):
             continue
         fig, ax = plt.subplots(figsize=(7, 4))
         for key, label in series:
-            if key in metrics[0]:
-                ax.plot(steps, [m[key] for m in metrics], lw=1, label=label)
+            points = [(m["step"], m[key]) for m in metrics if key in m]  # e.g. GRPO's skipped steps lack some
+            if points:
+                ax.plot(*zip(*points), lw=1, label=label)
         for key, label in eval_series:
             points = [(m["step"], m[key]) for m in metrics if key in m]
             if points:

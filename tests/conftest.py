@@ -60,3 +60,22 @@ def need_devices(n: int) -> None:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_run(tmp_path_factory) -> Path:
+    """A run directory holding a randomly initialised small model and a BPE tokenizer trained on a
+    few hundred lines of arithmetic and text: the starting point of SFT and GRPO tests."""
+    from flax import nnx
+
+    from dsv3_jax.checkpoint import save_as_run
+    from dsv3_jax.data.tokenizer import train_tokenizer
+    from dsv3_jax.model.model import DeepSeekV3
+
+    root = tmp_path_factory.mktemp("base")
+    docs = [f"{a}+{b}={a + b}\nThe answer is {a * b}. Some words, and more words." for a in range(30) for b in range(9)]
+    tokenizer = train_tokenizer(docs, 300)
+    tokenizer.save(str(root / "tokenizer.json"))
+    cfg = tiny_model_config(vocab_size=300, mtp_depth=1)
+    save_as_run(DeepSeekV3(cfg, nnx.Rngs(0)), cfg, root / "run", root / "tokenizer.json")
+    return root / "run"

@@ -109,7 +109,9 @@ def sample_rollouts(model: nnx.Module, tokenizer, task: Task, problems: list[Pro
     with ThreadPoolExecutor(max_workers=8) as pool:  # the code reward waits on subprocesses
         rewards = list(pool.map(lambda pair: reward_fn(*pair), scored))
 
-    S = -(-max(len(p) + len(r) for p, r in zip(rows, responses)) // 8) * 8 + 1  # few distinct shapes
+    # Room for the longest prompt and the longest allowed response, in steps of 16: one shape (one
+    # compilation of the update) per run for a task whose prompts have similar lengths.
+    S = -(-(max(len(p) for p in rows) + max_new) // 16) * 16 + 1
     B = len(rows)
     tokens_BS = np.full((B, S), eos, np.int32)
     mask_BT = np.zeros((B, S - 1), np.float32)

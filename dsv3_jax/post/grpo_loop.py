@@ -30,7 +30,7 @@ from dsv3_jax.post.grpo import group_advantages, make_grpo_fns, sample_rollouts,
 from dsv3_jax.post.sft import init_from_run
 from dsv3_jax.post.tasks import TASKS, held_out
 from dsv3_jax.run_dir import RunLock, StopSignals, truncate_jsonl, write_atomic
-from dsv3_jax.train.loop import Progress, check_finite, has_checkpoint, resolve_run_config
+from dsv3_jax.train.loop import ProgressReporter, check_finite, has_checkpoint, resolve_run_config
 from dsv3_jax.train.optim import lr_schedule
 from dsv3_jax.train.state import TrainState, create_train_state
 from dsv3_jax.validate import validate
@@ -74,7 +74,9 @@ def grpo(config: Config, run_dir: Path, resume: bool = False, progress: bool = T
     graphdef, optimizer, policy = create_train_state(per_update(config), config.train.seed)
     if not (resume and has_checkpoint(run_dir)):
         policy = init_from_run(policy, config)
-    state = GRPOState(policy, reference=policy.params, reference_bias=policy.routing_bias)
+    # The reference is a copy: the update donates the policy's buffers.
+    state = GRPOState(policy, reference=jax.tree.map(jnp.copy, policy.params),
+                      reference_bias=jax.tree.map(jnp.copy, policy.routing_bias))
 
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
@@ -93,7 +95,7 @@ def _run(config: Config, run_dir: Path, resume: bool, progress: bool, tokenizer,
     tc, gc = config.train, config.grpo
     task = TASKS[gc.task]
     metrics_path = run_dir / "metrics.jsonl"
-    reporter = Progress(enabled=progress, total=tc.steps)
+    reporter = ProgressReporter(enabled=progress, total=tc.steps)
     start = 0
     if resume and checkpointer.latest_step() is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)

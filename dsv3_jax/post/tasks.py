@@ -60,8 +60,8 @@ def _sample_until(rng: np.random.Generator, split: Split, draw: Callable[[], tup
 
 @register_task("arithmetic", reward="exact_answer", max_new_tokens=8)
 def arithmetic(rng: np.random.Generator, split: Split) -> Problem:
-    """Two-digit addition: "a+b=" -> the sum (a, b in 0..99), scored on the exact final number."""
-    a, b = _sample_until(rng, split, lambda: (int(rng.integers(0, 100)), int(rng.integers(0, 100))))
+    """Addition "a+b=" -> the sum (a in 0..99, b in 0..9), scored on the exact final number."""
+    a, b = _sample_until(rng, split, lambda: (int(rng.integers(0, 100)), int(rng.integers(0, 10))))
     return Problem(prompt=f"{a}+{b}=", answer=str(a + b), response=str(a + b))
 
 

@@ -121,7 +121,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, iterator, checkpointer) -> int:
     tc = config.train
     metrics_path, router_path = run_dir / "metrics.jsonl", run_dir / "router.jsonl"
-    reporter = Progress(enabled=progress, total=tc.steps)
+    reporter = ProgressReporter(enabled=progress, total=tc.steps)
     start = 0
     if resume and checkpointer.latest_step() is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
@@ -232,7 +232,7 @@ def check_finite(metrics: dict, step: int, checkpointer: Checkpointer, run_dir: 
                         f"{run_dir / 'metrics.jsonl'} and try a lower train.lr")
 
 
-class Progress:
+class ProgressReporter:
     """A rich progress bar with loss, tokens/s and MaxVio (plain lines when not a terminal)."""
 
     def __init__(self, enabled: bool, total: int):
@@ -257,16 +257,18 @@ class Progress:
         self.console.print(f"dsv3: warning: {text}", highlight=False)
 
     def update(self, step: int, record: dict) -> None:
-        info = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
-        if "max_vio" in record:
-            info += f"  MaxVio {record['max_vio']:.2f}"
-        if "val_loss" in record:
-            info += f"  val {record['val_loss']:.3f}"
+        info = f"loss {record['loss']:.3f}"
+        for key, fmt in (("tokens_per_s", "  {:,.0f} tok/s"), ("reward_mean", "  reward {:.3f}"),
+                         ("max_vio", "  MaxVio {:.2f}"), ("val_loss", "  val {:.3f}"),
+                         ("val_accuracy", "  held-out accuracy {:.3f}")):
+            if key in record:
+                info += fmt.format(record[key])
+        evaluated = "val_loss" in record or "val_accuracy" in record
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
-            if "val_loss" in record:
+            if evaluated:
                 self.progress.console.print(f"step {step}: {info}")
-        elif self.enabled and (step % 25 == 0 or "val_loss" in record):
+        elif self.enabled and (step % 25 == 0 or evaluated):
             self.console.print(f"step {step}: {info}")
 
     def message(self, text: str) -> None:

@@ -1,0 +1,74 @@
+"""Rule-based rewards (post/rewards.py): exact final answers, and code run against its tests in the
+sandbox, which must score every way a program can end without harming the caller."""
+
+import time
+
+import numpy as np
+import pytest
+
+from dsv3_jax.post.rewards import REWARDS, run_python
+from dsv3_jax.post.tasks import TASKS, Problem, held_out
+
+TIMEOUT_S = 1.5
+
+
+@pytest.mark.parametrize("completion, reward", [
+    ("148", 1.0), (" 148", 1.0), ("is 148", 1.0), ("148.", 1.0),
+    ("147", 0.0), ("1480", 0.0), ("148 or 149", 0.0), ("", 0.0), ("one hundred", 0.0),
+])
+def test_exact_answer_reads_the_final_number(completion, reward):
+    assert REWARDS["exact_answer"](completion, Problem("85+63=", "148", "148")) == reward
+
+
+@pytest.mark.parametrize("body, status", [
+    ("def f(x):\n    return 3 * x + 1\nassert f(2) == 7\n", "passed"),
+    ("def f(x):\n    return 3 * x\nassert f(2) == 7\n", "failed"),  # wrong answer
+    ("while True:\n    pass\n", "timeout"),  # never ends
+    ("raise RuntimeError('boom')\n", "failed"),  # crashes
+    ("import faulthandler\nfaulthandler._sigsegv()\n", "killed"),  # a segfault in C code
+    ("x = bytearray(4 << 30)\n", "failed"),  # over the memory limit: MemoryError
+    ("import socket\nsocket.create_connection(('127.0.0.1', 9))\n", "failed"),  # no network
+    ("import os\nos.system('true')\n", "failed"),  # no processes
+    ("import ctypes\n", "failed"),
+])
+def test_sandbox_scores_each_ending_within_its_time_limit(body, status):
+    start = time.perf_counter()
+    result = run_python(body, timeout_s=TIMEOUT_S)
+    elapsed = time.perf_counter() - start
+    assert result.status == status, result
+    assert elapsed < TIMEOUT_S + 2.0  # the interpreter's start-up is the rest
+    if body.startswith(("import socket", "import os")):
+        assert "sandbox" in result.detail
+
+
+def test_a_timed_out_program_is_stopped_not_left_running(tmp_path):
+    marker = tmp_path / "alive"
+    body = f"import time\nwhile True:\n    open({str(marker)!r}, 'w').write(str(time.time()))\n    time.sleep(0.05)\n"
+    assert run_python(body, timeout_s=0.5).status == "timeout"
+    before = marker.stat().st_mtime
+    time.sleep(0.3)
+    assert marker.stat().st_mtime == before
+
+
+def test_code_reward_on_the_python_task():
+    task = TASKS["python_linear"]
+    problem = held_out(task, 1)[0]
+    reward = REWARDS[task.reward]
+    assert reward(problem.response, problem) == 1.0
+    assert reward(" x\n", problem) == 0.0
+    assert reward(" (\n", problem) == 0.0  # a syntax error
+    start = time.perf_counter()
+    assert reward(" x\nwhile True: pass\n", problem) == 0.0  # loops before its tests: a timeout scores 0
+    assert time.perf_counter() - start < 6.0
+
+
+def test_task_splits_are_disjoint_and_seeded():
+    task = TASKS["arithmetic"]
+    rng = np.random.default_rng(0)
+    train = {p.prompt for p in (task.sample(rng, "train") for _ in range(2000))}
+    held = {p.prompt for p in held_out(task, 200)}
+    assert not train & held
+    assert [p.prompt for p in held_out(task, 20)] == [p.prompt for p in held_out(task, 20)]
+    for p in held_out(task, 20):
+        a, b = map(int, p.prompt.rstrip("=").split("+"))
+        assert p.answer == str(a + b) == p.response
