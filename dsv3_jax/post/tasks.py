@@ -41,7 +41,7 @@ def register_task(name: str, reward: str, max_new_tokens: int):
     def register(sample: Callable[[np.random.Generator, Split], Problem]):
         if name in TASKS:
             raise ValueError(f"task {name!r} is already registered")
-        TASKS[name] = Task(name, reward, sample, max_new_tokens, (sample.__doc__ or "").strip().splitlines()[0])
+        TASKS[name] = Task(name, reward, sample, max_new_tokens, ((sample.__doc__ or "").strip().splitlines() or [""])[0])
         return sample
     return register
 
