@@ -21,13 +21,13 @@ from dsv3_jax.post.sft import encode_example, example_pieces, read_examples
 from dsv3_jax.train.loss import total_loss
 
 EXAMPLES = [([5, 6, 7, 8, 9], [0, 0, 1, 1, 1]), ([10, 11, 12], [0, 1, 1]), ([13, 14, 15, 16, 17, 18, 19], [0, 0, 0, 0, 1, 1, 1]),
-            ([20, 21], [0, 1])]
+            ([20, 21], [0, 1]), ([22, 23, 24], [1, 1, 1])]  # a first token marked as a target is still none
 
 
 def test_packing_keeps_every_example_whole_and_apart():
     windows, counts = pack_examples(EXAMPLES, window=10, pad_id=1)
     assert windows.shape[1:] == (len(PACKED_FIELDS), 10)
-    assert counts == {"examples": 4, "truncated": 0, "dropped": 0}
+    assert counts == {"examples": 5, "truncated": 0, "dropped": 0}
     found = []
     for tokens, positions, segments, mask in windows:
         for seg in np.unique(segments[segments > 0]):
