@@ -1,7 +1,7 @@
 """Post-training on CPU (report §5): SFT on worked arithmetic, then GRPO with an exact-answer reward.
 
 Command:   uv run python experiments/grpo_arithmetic.py [--base runs/default] [--seeds 0 1 2]
-Runtime:   about 25 minutes on a 2-core CPU for three seeds (plus 4 minutes to pretrain the `tiny`
+Runtime:   not yet measured end to end; estimated 25 minutes on a 2-core CPU for three seeds (plus 4 minutes to pretrain the `tiny`
            preset first unless --base points at a finished run).
 Shows:     the `arithmetic` task ("a+b=" with a in 0..99, b in 0..9; a fixed eighth of all problems
            held out, never trained on). Greedy held-out accuracy of the pretrained base, after SFT
