@@ -283,6 +283,19 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _post_training_parser(sub, command: str, help: str, from_help: str, default_steps: int, seed_help: str):
+    """The options `dsv3 sft` and `dsv3 grpo` share (see `_post_training`)."""
+    parser = sub.add_parser(command, help=help)
+    parser.add_argument("--from", dest="from_run", help=from_help)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.lr=1e-4")
+    parser.add_argument("--steps", type=int, help=f"total steps (default {default_steps}); on --resume, the new total")
+    parser.add_argument("--seed", type=int, help=seed_help)
+    parser.add_argument("--run-dir", help=f"the new {command} run (default: runs/{command}-<time>)")
+    parser.add_argument("--resume", action="store_true", help=f"continue the {command} run in --run-dir")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dsv3_jax.config import PRESETS
 
@@ -312,26 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--host-devices", type=int, help="split the CPU into N devices (to try meshes on one machine)")
     train.set_defaults(func=cmd_train)
 
-    sft = sub.add_parser("sft", help="supervised fine-tuning of a trained run on (prompt, response) examples")
-    sft.add_argument("--from", dest="from_run", help="the run to fine-tune (its latest checkpoint, model, tokenizer)")
+    sft = _post_training_parser(sub, "sft", "supervised fine-tuning of a trained run on (prompt, response) "
+                                "examples", "the run to fine-tune (its latest checkpoint, model, tokenizer)", 200,
+                                "seed of the batch order's shuffle and of new weights (train.seed)")
     sft.add_argument("--data", help="a .jsonl file: {\"prompt\", \"response\"} or {\"messages\": [...]} per line")
-    sft.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.lr=1e-4")
-    sft.add_argument("--steps", type=int, help="total SFT steps (default 200); on --resume, the new total")
-    sft.add_argument("--seed", type=int, help="seed of the batch order's shuffle and of new weights (train.seed)")
-    sft.add_argument("--run-dir", help="the new SFT run (default: runs/sft-<time>)")
-    sft.add_argument("--resume", action="store_true", help="continue the SFT run in --run-dir")
-    sft.add_argument("--quiet", action="store_true", help="no progress output")
     sft.set_defaults(func=cmd_sft)
 
-    grpo = sub.add_parser("grpo", help="reinforcement learning with GRPO and a rule-based reward (report §5.2)")
-    grpo.add_argument("--from", dest="from_run", help="the run to start from (usually an SFT run)")
+    grpo = _post_training_parser(sub, "grpo", "reinforcement learning with GRPO and a rule-based reward (report §5.2)",
+                                 "the run to start from (usually an SFT run)", 50,
+                                 "seed of the problems and the sampling (train.seed)")
     grpo.add_argument("--task", help="a registered task: arithmetic, python_linear")
-    grpo.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. grpo.beta=0.02")
-    grpo.add_argument("--steps", type=int, help="GRPO steps (default 50); on --resume, the new total")
-    grpo.add_argument("--seed", type=int, help="seed of the problems and the sampling (train.seed)")
-    grpo.add_argument("--run-dir", help="the new GRPO run (default: runs/grpo-<time>)")
-    grpo.add_argument("--resume", action="store_true", help="continue the GRPO run in --run-dir")
-    grpo.add_argument("--quiet", action="store_true", help="no progress output")
     grpo.set_defaults(func=cmd_grpo)
 
     gen = sub.add_parser("generate", help="sample text from a trained run")
