@@ -53,6 +53,7 @@ Fp8Backend = Literal["xla", "pallas"]  # quant/fp8.py
 GroupedGemmImpl = Literal["auto", "ragged_dot", "blocked"]  # model/grouped_gemm.py
 ExpertDispatch = Literal["a2a", "ragged", "ring", "gspmd"]  # parallel/expert.py
 Objective = Literal["pretrain", "sft", "grpo"]  # "sft": packed examples (post/sft.py); "grpo": post/grpo_loop.py
+Attention = Literal["mla", "mha", "gqa", "mqa"]  # model/mla.py; the others model/gqa.py
 PipelineSchedule = Literal["gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"]  # parallel/pipeline/schedules.py
 
 
@@ -65,6 +66,12 @@ class ModelConfig:
     n_layers: int = 4
     first_k_dense: int = 1  # the first k layers use a dense SwiGLU FFN instead of MoE
     n_heads: int = 4
+    # Attention: "mla" (report §2.1.1) or, for comparison, standard attention with per-head keys
+    # and values ("mha"), grouped query heads sharing n_kv_heads K/V heads ("gqa") or one ("mqa").
+    # The standard variants use head dim qk_nope_dim + qk_rope_dim (RoPE on its last qk_rope_dim
+    # dims) and v_head_dim; their cache holds kv_heads x (qk_head_dim + v_head_dim) per token.
+    attention: Attention = "mla"
+    n_kv_heads: int = 0  # gqa only: K/V heads, a divisor of n_heads (mha: n_heads, mqa: 1)
     q_lora_rank: int = 64  # 0: plain W_Q (as DeepSeek-V2-Lite)
     kv_lora_rank: int = 32  # C: the cached latent c_KV
     qk_nope_dim: int = 16
@@ -124,6 +131,13 @@ class ModelConfig:
         _require(self.first_k_dense <= self.n_layers,
                  f"model.first_k_dense={self.first_k_dense} must be <= model.n_layers={self.n_layers}")
         _require_choices(self, "model")
+        if self.attention == "gqa":
+            _require(isinstance(self.n_kv_heads, int) and self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
+                     f"model.n_kv_heads={self.n_kv_heads} must be a positive divisor of model.n_heads={self.n_heads} "
+                     "with model.attention=gqa")
+        else:
+            _require(self.n_kv_heads == 0, f"model.n_kv_heads={self.n_kv_heads} is only used with model.attention=gqa "
+                                           f"(here {self.attention!r}); leave it 0")
         _require(self.expert_capacity_factor > 0 and math.isfinite(self.expert_capacity_factor),
                  f"model.expert_capacity_factor={self.expert_capacity_factor} must be a positive number")
         if self.n_moe_layers > 0 or self.mtp_depth > 0:
@@ -170,9 +184,17 @@ class ModelConfig:
         return self.qk_nope_dim + self.qk_rope_dim
 
     @property
+    def kv_heads(self) -> int:
+        """K/V heads of the standard attentions (mha: n_heads, gqa: n_kv_heads, mqa: 1); 0 for MLA."""
+        return {"mla": 0, "mha": self.n_heads, "gqa": self.n_kv_heads, "mqa": 1}[self.attention]
+
+    @property
     def kv_cache_values_per_token_per_layer(self) -> int:
-        """MLA caches RMSNorm(c_KV) and the roped shared k_R only (report §2.1.1)."""
-        return self.kv_lora_rank + self.qk_rope_dim
+        """MLA caches RMSNorm(c_KV) and the roped shared k_R only (report §2.1.1); the standard
+        attentions cache every K/V head's key and value."""
+        if self.attention == "mla":
+            return self.kv_lora_rank + self.qk_rope_dim
+        return self.kv_heads * (self.qk_head_dim + self.v_head_dim)
 
 
 @dataclasses.dataclass(frozen=True)

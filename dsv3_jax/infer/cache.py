@@ -6,6 +6,8 @@ N qk nope dim, Vh v head dim.
 latent (modes "absorbed", "expanded"): RMSNorm(c_KV) [L,B,S,C] and roped k_R [L,B,S,R]:
     (C + R) values per token per layer, 576 for DeepSeek-V3 (70,272 bytes/token in bf16).
 naive (mode "naive"): per-head keys [L,B,S,H,N+R] and values [L,B,S,H,Vh], as standard MHA.
+model.attention mha / gqa / mqa (model/gqa.py): keys [L,B,S,G,N+R] and values [L,B,S,G,Vh] for its
+G K/V heads, whatever the mode.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ MODES = ("absorbed", "expanded", "naive")
 
 
 def _pair(cfg: ModelConfig, n_layers: int, batch: int, slots: int, mode: str, dtype) -> tuple[jax.Array, jax.Array]:
-    if mode == "naive":
-        H = cfg.n_heads
+    if cfg.attention != "mla" or mode == "naive":
+        H = cfg.kv_heads or cfg.n_heads
         return (jnp.zeros((n_layers, batch, slots, H, cfg.qk_head_dim), dtype),
                 jnp.zeros((n_layers, batch, slots, H, cfg.v_head_dim), dtype))
     return (jnp.zeros((n_layers, batch, slots, cfg.kv_lora_rank), dtype),

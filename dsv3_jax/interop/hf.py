@@ -71,6 +71,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     """ModelConfig -> a DeepseekV3ForCausalLM config.json (transformers and DeepSeek field names)."""
+    if cfg.attention != "mla":
+        raise UsageError(f"model.attention={cfg.attention!r} has no DeepSeek-V3 checkpoint layout; only mla exports")
     hf = {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,

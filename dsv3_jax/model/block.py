@@ -1,4 +1,4 @@
-"""Decoder block: x + MLA(RMSNorm(x)), then + FFN(RMSNorm(.)) with a dense SwiGLU or DeepSeekMoE.
+"""Decoder block: x + Attention(RMSNorm(x)) (MLA, or MHA/GQA/MQA to compare), then + FFN(RMSNorm(.)) with a dense SwiGLU or DeepSeekMoE.
 
 Also the layer-stack helpers: a stack is one module whose weights carry a leading "layers" axis,
 built with `jax.vmap` over per-layer keys and run with `jax.lax.scan` over (graphdef, state), so
@@ -14,6 +14,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.gqa import GroupedQueryAttention
 from dsv3_jax.model.layers import MLP, RMSNorm
 from dsv3_jax.model.mla import MLA
 from dsv3_jax.model.moe import MoE
@@ -24,7 +25,7 @@ from dsv3_jax.parallel.sharding import HIDDEN_BTD, constrain
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, moe: bool, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, "norm", cfg.param_dtype)
-        self.attn = MLA(cfg, rngs)
+        self.attn = MLA(cfg, rngs) if cfg.attention == "mla" else GroupedQueryAttention(cfg, rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, "norm", cfg.param_dtype)
         self.ffn = MoE(cfg, rngs) if moe else MLP(cfg, cfg.ffn_dim, rngs, "ffn")
         self.is_moe = moe

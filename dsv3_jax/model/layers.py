@@ -1,4 +1,4 @@
-"""Basic layers: RMSNorm, Embed, Linear, SwiGLU MLP.
+"""Basic layers: RMSNorm, Embed, Linear, SwiGLU MLP, and the attention mask / softmax all attentions share.
 
 Legend: B batch, T tokens, D model dim, F ffn dim, V vocab.
 Weights are fp32 (or `param_dtype`) masters declared with logical axis names; they are cast to
@@ -90,3 +90,20 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD: Float[Array, "... D"]) -> Float[Array, "... D"]:
         return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
+
+
+def attention_mask(T: int, segment_ids_BT: Array | None = None) -> Array:
+    """Causal mask [1 or B, T, T]; with segment ids (packed examples) a token sees only its own segment."""
+    mask_BTS = jnp.tril(jnp.ones((T, T), bool))[None]
+    if segment_ids_BT is not None:
+        mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+    return mask_BTS
+
+
+def masked_softmax(logits: Array, mask: Array) -> Array:
+    """fp32 softmax with masked entries at -inf (rows fully masked give zeros, not NaN)."""
+    logits = jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    unnorm = jnp.exp(logits - jax.lax.stop_gradient(peak))
+    return unnorm / jnp.maximum(jnp.sum(unnorm, axis=-1, keepdims=True), 1e-30)

@@ -24,7 +24,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.layers import Linear, RMSNorm
+from dsv3_jax.model.layers import Linear, RMSNorm, attention_mask, masked_softmax
 from dsv3_jax.model.rope import apply_rope, softmax_scale
 
 
@@ -66,7 +66,7 @@ class MLA(nnx.Module):
         v_BSHV = self.w_uv(ckv_BSC)
         logits_BHTS = (jnp.einsum("bthn,bshn->bhts", q_nope_BTHN, k_nope_BSHN, preferred_element_type=jnp.float32)
                        + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR, preferred_element_type=jnp.float32))
-        probs_BHTS = _masked_softmax(logits_BHTS * self.scale, mask_BTS[:, None])
+        probs_BHTS = masked_softmax(logits_BHTS * self.scale, mask_BTS[:, None])
         out_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS.astype(v_BSHV.dtype), v_BSHV,
                               preferred_element_type=jnp.float32).astype(v_BSHV.dtype)
         return self.w_o(out_BTHV)
@@ -81,7 +81,7 @@ class MLA(nnx.Module):
         ckv_BSC = ckv_BSC.astype(jnp.float32)
         logits_BHTS = (jnp.einsum("bthc,bsc->bhts", q_latent_BTHC, ckv_BSC)
                        + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR.astype(jnp.float32), k_rope_BSR.astype(jnp.float32)))
-        probs_BHTS = _masked_softmax(logits_BHTS * self.scale, mask_BTS[:, None])
+        probs_BHTS = masked_softmax(logits_BHTS * self.scale, mask_BTS[:, None])
         out_latent_BTHC = jnp.einsum("bhts,bsc->bthc", probs_BHTS, ckv_BSC)
         out_BTHV = jnp.einsum("bthc,chv->bthv", out_latent_BTHC.astype(dtype), w_uv_CHV,
                               preferred_element_type=jnp.float32).astype(dtype)
@@ -112,7 +112,7 @@ class MLA(nnx.Module):
             q_BTHK = jnp.concatenate([q_nope, q_rope], axis=-1)
             logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_cache.astype(q_BTHK.dtype),
                                      preferred_element_type=jnp.float32)
-            probs_BHTS = _masked_softmax(logits_BHTS * self.scale, mask_BTS[:, None])
+            probs_BHTS = masked_softmax(logits_BHTS * self.scale, mask_BTS[:, None])
             out_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_cache.astype(jnp.float32)).astype(x_BTD.dtype)
             return self.w_o(out_BTHV), (k_cache, v_cache)
         ckv_cache = first.at[rows_B1, positions_BT].set(ckv_BTC.astype(first.dtype))
@@ -125,19 +125,6 @@ class MLA(nnx.Module):
                  segment_ids_BT: Array | None = None) -> Float[Array, "B T D"]:
         """Causal self-attention over the whole sequence (training / scoring). With `segment_ids_BT`
         (packed examples), a token attends only to earlier tokens of its own segment."""
-        T = x_BTD.shape[1]
         q_nope, q_rope = self.queries(x_BTD, cos, sin)
         ckv_BTC, k_rope_BTR = self.latent_kv(x_BTD, cos, sin)
-        mask_BTS = jnp.tril(jnp.ones((T, T), bool))[None]
-        if segment_ids_BT is not None:
-            mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-        return self.attend_expanded(q_nope, q_rope, ckv_BTC, k_rope_BTR, mask_BTS)
-
-
-def _masked_softmax(logits: Array, mask: Array) -> Array:
-    """fp32 softmax with masked entries at -inf (rows fully masked give zeros, not NaN)."""
-    logits = jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)
-    peak = jnp.max(logits, axis=-1, keepdims=True)
-    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
-    unnorm = jnp.exp(logits - jax.lax.stop_gradient(peak))
-    return unnorm / jnp.maximum(jnp.sum(unnorm, axis=-1, keepdims=True), 1e-30)
+        return self.attend_expanded(q_nope, q_rope, ckv_BTC, k_rope_BTR, attention_mask(x_BTD.shape[1], segment_ids_BT))

@@ -29,6 +29,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "embed": ("fsdp",),
     "vocab": ("tensor",),
     "heads": ("tensor",),
+    "kv_heads": (),  # GQA/MQA K/V heads (model/gqa.py): replicated, as MQA has one
     "ffn": ("tensor",),
     "moe_ffn": ("tensor",),
     "expert": ("expert",),
