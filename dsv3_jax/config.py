@@ -417,7 +417,8 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _replace_path(obj: Any, path: list[str], text: str, full_key: str) -> Any:
+def _parse_path(obj: Any, path: list[str], text: str, full_key: str, changes: dict) -> None:
+    """Check `path` names a field under `obj` and record its parsed value in the nested `changes`."""
     names = {f.name for f in dataclasses.fields(obj)}
     head = path[0]
     if head not in names:
@@ -427,22 +428,29 @@ def _replace_path(obj: Any, path: list[str], text: str, full_key: str) -> Any:
     if len(path) == 1:
         if dataclasses.is_dataclass(current):
             raise ConfigError(f"config key {full_key!r} is a section; set one of its fields, e.g. {full_key}.<field>=...")
-        value = _parse_value(full_key, text, _field_types(type(obj))[head])
+        changes[head] = _parse_value(full_key, text, _field_types(type(obj))[head])
     else:
         if not dataclasses.is_dataclass(current):
             raise ConfigError(f"unknown config key {full_key!r}: {head!r} has no sub-fields")
-        value = _replace_path(current, path[1:], text, full_key)
-    return dataclasses.replace(obj, **{head: value})
+        _parse_path(current, path[1:], text, full_key, changes.setdefault(head, {}))
+
+
+def _replace_nested(obj: Any, changes: dict) -> Any:
+    return dataclasses.replace(obj, **{name: _replace_nested(getattr(obj, name), value) if isinstance(value, dict)
+                                       else value for name, value in changes.items()})
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
-    """Apply `section.field=value` strings in order; each is parsed by the field's declared type."""
+    """Apply `section.field=value` strings (a later one wins), each parsed by the field's declared
+    type. Each section is rebuilt, and so checked, once with all its changes, so fields that are
+    checked together (model.attention and model.n_kv_heads) can be set in any order."""
+    changes: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value (e.g. model.n_layers=2)")
         key, text = item.split("=", 1)
-        config = _replace_path(config, key.strip().split("."), text.strip(), key.strip())
-    return config
+        _parse_path(config, key.strip().split("."), text.strip(), key.strip(), changes)
+    return _replace_nested(config, changes)
 
 
 def _from_dict(cls: type, data: dict, prefix: str) -> Any:

@@ -10,6 +10,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from dsv3_jax.config import apply_overrides, get_preset
 from dsv3_jax.train.loop import train
@@ -17,8 +18,10 @@ from dsv3_jax.train.loop import train
 RESULTS = Path(__file__).parent / "results"
 
 
-def train_variants(preset: str, variants: dict[str, list[str]], steps: int) -> dict[str, list[dict]]:
-    """{variant name: its metrics.jsonl records} after training each variant for `steps` steps."""
+def train_variants(preset: str, variants: dict[str, list[str]], steps: int,
+                   after: Callable[[str, Path], None] | None = None) -> dict[str, list[dict]]:
+    """{variant name: its metrics.jsonl records} after training each variant for `steps` steps;
+    `after(name, run_dir)` runs on each finished run before its directory is removed."""
     work = Path(tempfile.mkdtemp(prefix="dsv3_variants_"))
     tokenizer, results = "", {}
     try:
@@ -28,6 +31,8 @@ def train_variants(preset: str, variants: dict[str, list[str]], steps: int) -> d
             train(apply_overrides(get_preset(preset), overrides), run_dir, progress=False)
             tokenizer = tokenizer or str(run_dir / "tokenizer.json")
             results[name] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            if after is not None:
+                after(name, run_dir)
             print(name, {k: results[name][-1].get(k) for k in ("val_loss", "val_max_vio")}, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

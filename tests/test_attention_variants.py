@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax.config import ConfigError, get_preset
+from dsv3_jax.config import ConfigError, apply_overrides, get_preset
 from dsv3_jax.errors import UsageError
 from dsv3_jax.infer.cache import bytes_per_token, init_caches
 from dsv3_jax.infer.generate import _decode, generate, generate_speculative
@@ -105,3 +105,10 @@ def test_bad_attention_settings_are_refused(changes, message):
 def test_only_mla_exports_to_the_deepseek_layout():
     with pytest.raises(UsageError, match="model.attention='gqa' has no DeepSeek-V3 checkpoint layout"):
         config_to_hf(tiny_model_config(n_heads=4, attention="gqa", n_kv_heads=2))
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_attention_and_its_kv_heads_can_be_set_in_either_order(order):
+    overrides = ["model.attention=gqa", "model.n_kv_heads=2", "model.n_heads=4"][::order]
+    model = apply_overrides(get_preset("tiny"), overrides).model
+    assert (model.attention, model.kv_heads) == ("gqa", 2)
