@@ -16,9 +16,8 @@ import argparse
 
 from variants import RESULTS
 
+from dsv3_jax.parallel.pipeline.draw import draw_timeline, legend
 from dsv3_jax.parallel.pipeline.schedules import SCHEDULES, Costs, make_schedule, peak_activations, simulate
-
-COLORS = {"F": "#f4b183", "B": "#9dc3e6", "I": "#a9d18e", "W": "#c9c9c9"}
 
 
 def formula(name: str, P: int, c: Costs) -> str:
@@ -61,21 +60,10 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(timelines), 1, figsize=(12, 2.2 * len(timelines)))
-    for ax, (name, timeline) in zip(axes, timelines.items()):
-        for (r, i), t0 in timeline.start.items():
-            ops = timeline.schedule.ranks[r]
-            op, width = ops[i], timeline.end[(r, i)] - t0
-            paired = op.overlap or (i > 0 and ops[i - 1].overlap)  # an F&B pair: F above, B below
-            y, height = (r - 0.2 if op.overlap else r + 0.2, 0.4) if paired else (r, 0.8)
-            ax.barh(y, width, height=height, left=t0, color=COLORS[op.kind], edgecolor="black", linewidth=0.3)
-            if width >= 1:
-                ax.text(t0 + width / 2, y, str(op.mb), ha="center", va="center", fontsize=5)
-        ax.set(title=f"{name}: makespan {timeline.makespan:g}", ylabel="rank", yticks=range(P))
-        ax.invert_yaxis()
+    for ax, timeline in zip(axes, timelines.values()):
+        draw_timeline(ax, timeline)
     axes[-1].set_xlabel("time (F = 1)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
-    fig.legend(handles, ["forward", "full backward", "backward for input", "backward for weights"], loc="upper right",
-               fontsize=7)
+    legend(fig, loc="upper right", fontsize=7)
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)
     fig.savefig(RESULTS / "pipeline_bubbles.png", dpi=110)
