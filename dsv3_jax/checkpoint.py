@@ -145,9 +145,15 @@ def load_trained(run_dir: Path, with_tokenizer: bool = True):
     tokenizer = load_tokenizer(config.data.tokenizer or run_dir / "tokenizer.json") if with_tokenizer else None
     graphdef, _, state = create_train_state(config, config.train.seed)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    if config.train.objective == "grpo":
+        # A GRPO checkpoint is post/grpo_loop.py's GRPOState: the policy's train state beside the
+        # frozen reference. The same fields as a dict restore it without importing the GRPO loop.
+        abstract = {"policy": abstract, "reference": abstract.params, "reference_bias": abstract.routing_bias}
     checkpointer = Checkpointer(run_dir / "checkpoints", read_only=True)
     state, _, _ = checkpointer.restore(abstract)
     checkpointer.close()
+    if config.train.objective == "grpo":
+        state = state["policy"]
     return config, nnx.merge(graphdef, state.params, state.routing_bias), tokenizer
 
 

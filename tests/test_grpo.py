@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import cli_env
 from dsv3_jax.checkpoint import load_trained
@@ -136,6 +138,11 @@ def test_grpo_resume_continues_exactly(tiny_base_run, tmp_path):
                 for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     assert records(split) == records(straight)
+    # A GRPO run loads like any run (dsv3 generate, --from): the policy, not the frozen reference.
+    _, policy, _ = load_trained(straight, with_tokenizer=False)
+    _, base, _ = load_trained(tiny_base_run, with_tokenizer=False)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), nnx.state(policy, nnx.Param), nnx.state(base, nnx.Param))
+    assert max(jax.tree.leaves(moved)) > 0
 
 
 def test_grpo_cli_refuses_bad_input(tiny_base_run, tmp_path):
