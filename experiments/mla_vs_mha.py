@@ -13,7 +13,6 @@ Shows:     report §2.1.1 (and DeepSeek-V2 §2.1 / Table 1): MLA caches C + R va
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -25,7 +24,7 @@ from dsv3_jax.config import apply_overrides, get_preset
 from dsv3_jax.infer.cache import bytes_per_token, init_caches
 from dsv3_jax.infer.generate import generate
 from dsv3_jax.model.model import DeepSeekV3
-from variants import RESULTS, finish, train_variants
+from variants import RESULTS, finish, seeded_variants, train_variants
 
 # V3's attention ratios at d_h = 32 (tiny has 4 heads of d_model 128): V3 has N = Vh = d_h = 128,
 # R = d_h / 2 = 64, C = 4 d_h = 512. Every variant uses these head dims; only MLA uses C and q_lora.
@@ -72,13 +71,8 @@ def decode_tokens_per_s(overrides: list[str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = parser.parse_args()
     start = time.perf_counter()
-    runs = {f"{name}|{seed}": overrides + HEADS + [f"train.seed={seed}"]
-            for name in ATTENTIONS for seed, overrides in ((s, ATTENTIONS[name]) for s in args.seeds)}
+    runs, args = seeded_variants({name: overrides + HEADS for name, overrides in ATTENTIONS.items()})
     results = train_variants("tiny", runs, args.steps)
     rows = []
     for name, overrides in ATTENTIONS.items():

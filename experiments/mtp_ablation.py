@@ -12,7 +12,6 @@ Shows:     report §2.2 and Table 4: training with MTP modules (their loss weigh
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 from dsv3_jax.checkpoint import load_trained
 from dsv3_jax.data.pipeline import build_data
 from dsv3_jax.infer.generate import generate, generate_speculative
-from variants import RESULTS, finish, train_variants
+from variants import RESULTS, finish, seeded_variants, train_variants
 
 DEPTHS = (0, 1, 2)
 PROMPTS, PROMPT_LEN, NEW_TOKENS = 4, 32, 64
@@ -49,12 +48,8 @@ def speculative_stats(run_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = parser.parse_args()
     start = time.perf_counter()
-    runs = {f"D={d}|{s}": [f"model.mtp_depth={d}", f"train.seed={s}"] for d in DEPTHS for s in args.seeds}
+    runs, args = seeded_variants({f"D={d}": [f"model.mtp_depth={d}"] for d in DEPTHS})
     speculative: dict[str, dict] = {}
 
     def after(name: str, run_dir: Path) -> None:

@@ -39,6 +39,19 @@ def train_variants(preset: str, variants: dict[str, list[str]], steps: int,
     return results
 
 
+def seeded_variants(variants: dict[str, list[str]], default_steps: int = 150) -> tuple[dict[str, list[str]], object]:
+    """Command-line --steps / --seeds, and every variant once per seed as "name|seed" (the seed
+    changes the initialisation; the data order stays the same)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=default_steps)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    return {f"{name}|{seed}": [*overrides, f"train.seed={seed}"] for name, overrides in variants.items()
+            for seed in args.seeds}, args
+
+
 def moving_average(steps, values, window: int = 10):
     """(steps, values) smoothed over `window` steps (fewer when the run is shorter)."""
     import numpy as np
