@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax.config import ConfigError, apply_overrides, get_preset
+from dsv3_jax.config import Config, ConfigError, MeshConfig, TrainConfig, apply_overrides, get_preset
 from dsv3_jax.errors import UsageError
 from dsv3_jax.infer.cache import bytes_per_token, init_caches
 from dsv3_jax.infer.generate import _decode, generate, generate_speculative
@@ -16,7 +16,11 @@ from dsv3_jax.interop.hf import config_to_hf
 from dsv3_jax.model.gqa import GroupedQueryAttention
 from dsv3_jax.model.model import DeepSeekV3
 from dsv3_jax.model.rope import inv_frequencies, rope_tables, softmax_scale
-from tests.conftest import tiny_model_config
+from dsv3_jax.parallel.mesh import make_mesh
+from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.train.state import create_train_state
+from dsv3_jax.train.step import make_loss_and_grads
+from tests.conftest import need_devices, tiny_model_config
 from tests.test_mla import _rope_np
 
 VARIANTS = [("mha", 0, 4), ("gqa", 2, 2), ("mqa", 0, 1)]  # (attention, n_kv_heads, K/V heads with 4 query heads)
@@ -112,3 +116,28 @@ def test_attention_and_its_kv_heads_can_be_set_in_either_order(order):
     overrides = ["model.attention=gqa", "model.n_kv_heads=2", "model.n_heads=4"][::order]
     model = apply_overrides(get_preset("tiny"), overrides).model
     assert (model.attention, model.kv_heads) == ("gqa", 2)
+
+
+@pytest.mark.multidevice
+def test_gqa_sharded_over_tensor_and_data_equals_unsharded():
+    """Query heads split over `tensor`, the 2 K/V heads replicated (`kv_heads` maps to no axis)."""
+    need_devices(8)
+    config = Config(model=tiny_model_config(n_heads=4, attention="gqa", n_kv_heads=2),
+                    train=TrainConfig(batch_size=4, seq_len=16))
+    graphdef, _, state = create_train_state(config, 0)
+    tokens = jax.random.randint(jax.random.key(0), (4, 17), 0, config.model.vocab_size)
+    loss_and_grads = make_loss_and_grads(config, graphdef)
+    (want_loss, _), want_grads = jax.jit(loss_and_grads)(state.params, state.routing_bias, tokens)
+    mesh = make_mesh(MeshConfig(data=2, tensor=2, expert=2))
+    shardings = RULES.tree(state, mesh)
+    state = jax.device_put(state, shardings)
+    with jax.set_mesh(mesh):
+        (loss, _), grads = jax.jit(loss_and_grads, in_shardings=(shardings.params, shardings.routing_bias,
+                                                                 RULES.batch(mesh)))(state.params, state.routing_bias,
+                                                                                     tokens)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    scale = max(float(abs(g).max()) for g in jax.tree.leaves(want_grads))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grads, want_grads)
+    w_q = state.params["moe_layers"]["attn"]["w_q"]["kernel"].get_value()
+    assert not w_q.sharding.is_fully_replicated
+    assert state.params["moe_layers"]["attn"]["w_k"]["kernel"].get_value().sharding.is_fully_replicated
