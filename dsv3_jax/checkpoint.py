@@ -136,15 +136,14 @@ def load_trained(run_dir: Path, with_tokenizer: bool = True):
 
     from dsv3_jax.config import config_from_json
     from dsv3_jax.data.tokenizer import load_tokenizer
-    from dsv3_jax.train.state import create_train_state
+    from dsv3_jax.train.state import abstract_train_state
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise UsageError(f"{str(run_dir)!r} is not a dsv3 run directory (no config.json)")
     config = config_from_json((run_dir / "config.json").read_text())
     tokenizer = load_tokenizer(config.data.tokenizer or run_dir / "tokenizer.json") if with_tokenizer else None
-    graphdef, _, state = create_train_state(config, config.train.seed)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    graphdef, _, abstract = abstract_train_state(config, config.train.seed)
     if config.train.objective == "grpo":
         # A GRPO checkpoint is post/grpo_loop.py's GRPOState: the policy's train state beside the
         # frozen reference. The same fields as a dict restore it without importing the GRPO loop.

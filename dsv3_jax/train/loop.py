@@ -101,7 +101,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     if tc.objective == "grpo":
         raise UsageError(f"{str(run_dir)!r} is a GRPO run: continue it with dsv3 grpo --run-dir {run_dir} --resume")
     data = (build_sft_data if tc.objective == "sft" else build_data)(config, run_dir if resume else None)
-    graphdef, optimizer, state = create_train_state(config, tc.seed)
+    mesh = make_mesh(config.mesh) if config.mesh.n_devices > 1 else None
+    graphdef, optimizer, state = create_train_state(config, tc.seed, mesh)  # sharded from the start
     if tc.init_from and not (resume and has_checkpoint(run_dir)):
         state = init_from_run(state, config)  # fine-tuning starts from the base run's weights
     iterator = train_iterator(data.train_windows, tc.batch_size, config.data.shuffle_seed)
@@ -113,18 +114,20 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             write_atomic(run_dir / "tokenizer.json", data.tokenizer.to_str())
         checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
         try:
-            return _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, iterator, checkpointer)
+            return _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, iterator, checkpointer,
+                        mesh)
         finally:
             checkpointer.close()
 
 
-def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, iterator, checkpointer) -> int:
+def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, iterator, checkpointer, mesh) -> int:
     tc = config.train
     metrics_path, router_path = run_dir / "metrics.jsonl", run_dir / "router.jsonl"
     reporter = ProgressReporter(enabled=progress, total=tc.steps)
     start = 0
     if resume and checkpointer.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        # Restored straight into the state's shardings (each device reads its own shards).
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         state, data_state, start = checkpointer.restore_newest_good(abstract, run_dir / "damaged_checkpoints",
                                                                     say=reporter.warn)
         iterator.set_state(data_state)
@@ -134,7 +137,7 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
         for path in (metrics_path, router_path):
             path.unlink(missing_ok=True)
 
-    train_step, eval_step, state, place_batch = _compile(config, graphdef, optimizer, state)
+    train_step, eval_step, state, place_batch = _compile(config, graphdef, optimizer, state, mesh)
     write_atomic(run_dir / "config.json", config.to_json())
     val_set = val_batches(data.val_windows, tc.batch_size, tc.eval_batches)
 
@@ -177,15 +180,14 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
     return status
 
 
-def _compile(config: Config, graphdef, optimizer, state):
+def _compile(config: Config, graphdef, optimizer, state, mesh):
     """Jitted train / eval steps; under a mesh (config.mesh > 1 device) the state and batches are
     sharded by the logical-axis table and XLA partitions the step (parallel/sharding.py); with
     mesh.pipeline > 1 the MoE stack runs through the pipeline schedule."""
     eval_step = make_eval_step(config, graphdef)
-    if config.mesh.n_devices == 1:
+    if mesh is None:
         return (jax.jit(make_train_step(config, graphdef, optimizer), donate_argnums=0), jax.jit(eval_step), state,
                 lambda batch: batch)
-    mesh = make_mesh(config.mesh)
     # mesh.pipeline > 1: the MoE stack runs through train.pipeline_schedule (train/pipelined.py).
     train_step = make_train_step(config, graphdef, optimizer, pipeline_mesh=mesh if config.mesh.pipeline > 1 else None)
     state_shardings, batch_sharded = RULES.tree(state, mesh), RULES.batch(mesh)
