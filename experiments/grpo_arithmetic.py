@@ -1,8 +1,9 @@
 """Post-training on CPU (report §5): SFT on worked arithmetic, then GRPO with an exact-answer reward.
 
 Command:   uv run python experiments/grpo_arithmetic.py [--base runs/default] [--seeds 0 1 2]
-Runtime:   not yet measured end to end; estimated 25 minutes on a 2-core CPU for three seeds (plus 4 minutes to pretrain the `tiny`
-           preset first unless --base points at a finished run).
+Runtime:   about 35 minutes on a 2-core CPU for three seeds (52 measured while sharing the CPU with
+           another experiment), plus 4 minutes to pretrain the `tiny` preset first unless --base
+           points at a finished run.
 Shows:     the `arithmetic` task ("a+b=" with a in 0..99, b in 0..9; a fixed eighth of all problems
            held out, never trained on). Greedy held-out accuracy of the pretrained base, after SFT
            (`dsv3 sft` on 4,000 worked examples from the train split, a short run that leaves room
@@ -91,8 +92,8 @@ def write_results(rows, curves, base_accuracy, n_problems, runtime, args) -> Non
         return f"{values.mean():.3f} (min {values.min():.3f}, max {values.max():.3f})"
 
     lines = ["# SFT then GRPO on held-out arithmetic (tiny preset, CPU)", "",
-             f"Command: `uv run python experiments/grpo_arithmetic.py --seeds {' '.join(map(str, args.seeds))}`"
-             f"{' --base ' + args.base if args.base else ''}; total runtime {runtime / 60:.1f} min on "
+             f"Command: `uv run python experiments/grpo_arithmetic.py{' --base ' + args.base if args.base else ''} "
+             f"--seeds {' '.join(map(str, args.seeds))}`; total runtime {runtime / 60:.1f} min on "
              "a 2-core CPU.", "",
              f"Greedy accuracy on {n_problems} held-out problems (\"a+b=\", a in 0..99, b in 0..9; never in the "
              f"SFT data or GRPO prompts). SFT: {SFT_STEPS} steps on 4,000 worked examples; GRPO: {GRPO_STEPS} "
