@@ -104,7 +104,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     status = train(config, run_dir, resume=args.resume, progress=not args.quiet)
     if status:
         raise SystemExit(status)
-    print(f"done: metrics, plots and checkpoints in {run_dir}", file=sys.stderr)
+    from dsv3_jax.parallel.distributed import is_main
+
+    if is_main():
+        print(f"done: metrics, plots and checkpoints in {run_dir}", file=sys.stderr)
 
 
 def _post_training(args: argparse.Namespace, command: str, start_option: str, new_config, run) -> None:
@@ -323,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fp8", action="store_true", help="block-scaled FP8 GEMMs (model.fp8=true; report §3.3)")
     train.add_argument("--mesh", help="e.g. data=2,tensor=2,expert=2 (axes: data, fsdp, tensor, expert, pipeline)")
     train.add_argument("--host-devices", type=int, help="split the CPU into N devices (to try meshes on one machine)")
+    train.add_argument("--coordinator", help="multi-process run: HOST:PORT of process 0 (every process gives the "
+                       "same), or 'env' to read a launcher's environment (SLURM, Cloud TPU)")
+    train.add_argument("--num-processes", type=int, help="multi-process run: how many processes (one per host)")
+    train.add_argument("--process-id", type=int, help="multi-process run: this process's index, 0..N-1")
+    train.add_argument("--distributed-timeout", type=int, default=300,
+                       help="seconds to wait for the other processes to join (default 300)")
     train.set_defaults(func=cmd_train)
 
     sft = _post_training_parser(sub, "sft", "supervised fine-tuning of a trained run on (prompt, response) "
@@ -387,6 +396,15 @@ def main(argv: list[str] | None = None) -> None:
         import jax
 
         jax.config.update("jax_num_cpu_devices", args.host_devices)  # before any device is touched
+    if getattr(args, "coordinator", None) is not None or getattr(args, "num_processes", None) is not None:
+        from dsv3_jax.parallel.distributed import initialize
+
+        try:
+            env = args.coordinator == "env"
+            initialize(None if env else args.coordinator, args.num_processes, args.process_id,
+                       args.distributed_timeout, from_environment=env)
+        except UsageError as e:
+            _fail(str(e))
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's info/warning chatter is not for users

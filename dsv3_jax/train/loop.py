@@ -8,9 +8,12 @@ a checkpoint is written only for a state whose loss, gradient norm and values ar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from dsv3_jax.checkpoint import Checkpointer
 from dsv3_jax.config import Config, config_from_json
 from dsv3_jax.data.pipeline import build_data, train_iterator, val_batches
 from dsv3_jax.errors import UsageError
+from dsv3_jax.parallel.distributed import any_process, barrier, is_main
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.post.sft import build_sft_data, init_from_run
@@ -106,12 +110,17 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     if tc.init_from and not (resume and has_checkpoint(run_dir)):
         state = init_from_run(state, config)  # fine-tuning starts from the base run's weights
     iterator = train_iterator(data.train_windows, tc.batch_size, config.data.shuffle_seed)
+    barrier("checked")  # every process has checked the run directory before process 0 writes to it
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
-        resolve_run_config(config, run_dir, resume)  # again, now that no other writer can start
-        if not (run_dir / "tokenizer.json").exists() or not resume:
-            write_atomic(run_dir / "tokenizer.json", data.tokenizer.to_str())
+    main = is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir) if main else contextlib.nullcontext():
+        if main:
+            resolve_run_config(config, run_dir, resume)  # again, now that no other writer can start
+            if not (run_dir / "tokenizer.json").exists() or not resume:
+                write_atomic(run_dir / "tokenizer.json", data.tokenizer.to_str())
+        barrier("run directory ready")
         checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
         try:
             return _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, iterator, checkpointer,
@@ -122,8 +131,9 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
 def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, iterator, checkpointer, mesh) -> int:
     tc = config.train
+    main = is_main()  # process 0 writes the run directory's files and talks to the console
     metrics_path, router_path = run_dir / "metrics.jsonl", run_dir / "router.jsonl"
-    reporter = ProgressReporter(enabled=progress, total=tc.steps)
+    reporter = ProgressReporter(enabled=progress and main, total=tc.steps)
     start = 0
     if resume and checkpointer.latest_step() is not None:
         # Restored straight into the state's shardings (each device reads its own shards).
@@ -131,22 +141,25 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
         state, data_state, start = checkpointer.restore_newest_good(abstract, run_dir / "damaged_checkpoints",
                                                                     say=reporter.warn)
         iterator.set_state(data_state)
-        truncate_jsonl(metrics_path, start)
-        truncate_jsonl(router_path, start)
-    else:  # a new run, or a resumed one killed before its first checkpoint: start clean
+        if main:
+            truncate_jsonl(metrics_path, start)
+            truncate_jsonl(router_path, start)
+    elif main:  # a new run, or a resumed one killed before its first checkpoint: start clean
         for path in (metrics_path, router_path):
             path.unlink(missing_ok=True)
 
     train_step, eval_step, state, place_batch = _compile(config, graphdef, optimizer, state, mesh)
-    write_atomic(run_dir / "config.json", config.to_json())
-    val_set = val_batches(data.val_windows, tc.batch_size, tc.eval_batches)
+    if main:
+        write_atomic(run_dir / "config.json", config.to_json())
+    val_set = [place_batch(b) for b in val_batches(data.val_windows, tc.batch_size, tc.eval_batches)]
 
     reporter.start(start)
     reporter.message(f"run directory: {run_dir} (steps {start + 1}..{tc.steps})")
     tokens_per_step = tc.batch_size * tc.seq_len
     status = 0
     try:
-        with StopSignals() as stop, open(metrics_path, "a") as metrics_file, open(router_path, "a") as router_file:
+        with StopSignals() as stop, _appender(metrics_path, main) as metrics_file, \
+                _appender(router_path, main) as router_file:
             for step in range(start + 1, tc.steps + 1):
                 batch = place_batch(next(iterator))
                 t0 = time.perf_counter()
@@ -166,18 +179,24 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
                     router_file.write(json.dumps({"step": step, "expert_load": load.tolist()}) + "\n")
                     router_file.flush()
                 reporter.update(step, record)
-                if step % tc.checkpoint_every == 0 or step == tc.steps or stop.received:
+                stopping = any_process(bool(stop.received))  # all processes stop after the same step
+                if step % tc.checkpoint_every == 0 or step == tc.steps or stopping:
                     checkpointer.save(step, state, iterator.get_state())
-                if stop.received:
-                    status = reporter.stopped(stop.received[0], step, run_dir,
+                if stopping:
+                    status = reporter.stopped(stop.received[0] if stop.received else signal.SIGTERM, step, run_dir,
                                               "sft" if tc.objective == "sft" else "train")
                     break
     finally:
         reporter.close()
-    if status == 0:
+    if status == 0 and main:
         from dsv3_jax.report import write_report
         write_report(run_dir)
     return status
+
+
+def _appender(path: Path, main: bool):
+    """The run's append-only log on process 0; a sink elsewhere."""
+    return open(path if main else os.devnull, "a")
 
 
 def _compile(config: Config, graphdef, optimizer, state, mesh):
@@ -192,9 +211,11 @@ def _compile(config: Config, graphdef, optimizer, state, mesh):
     train_step = make_train_step(config, graphdef, optimizer, pipeline_mesh=mesh if config.mesh.pipeline > 1 else None)
     state_shardings, batch_sharded = RULES.tree(state, mesh), RULES.batch(mesh)
     state = jax.device_put(state, state_shardings)
-    train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharded), out_shardings=(state_shardings, None),
-                    donate_argnums=0)
-    evaluate = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharded))
+    # Metrics replicated, so every process can read them (an array on other hosts' devices cannot).
+    replicated = RULES.sharding((), mesh)
+    train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharded),
+                    out_shardings=(state_shardings, replicated), donate_argnums=0)
+    evaluate = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharded), out_shardings=replicated)
 
     def in_mesh(step):  # the mesh in context lets layers that shard_map (expert all-to-all) find it
         def call(*args):
@@ -202,10 +223,13 @@ def _compile(config: Config, graphdef, optimizer, state, mesh):
                 return step(*args)
         return call
 
-    return in_mesh(train), in_mesh(evaluate), state, lambda batch: jax.device_put(batch, batch_sharded)
+    def place(batch: np.ndarray) -> jax.Array:  # each process fills only its own devices' rows
+        return jax.make_array_from_callback(batch.shape, batch_sharded, lambda index: batch[index])
+
+    return in_mesh(train), in_mesh(evaluate), state, place
 
 
-def _evaluate(eval_step, state, val_set: list[np.ndarray]) -> dict[str, float]:
+def _evaluate(eval_step, state, val_set: list[jax.Array]) -> dict[str, float]:
     losses, loads = [], []
     for batch in val_set:
         m = _host(eval_step(state, batch))

@@ -1,0 +1,84 @@
+"""Multi-host training reproduced on one machine: 2 `dsv3 train` processes on 127.0.0.1, 4 host
+devices each, joined by jax.distributed (gloo collectives), against 1 process with 8 host devices."""
+
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import cli_env
+from tests.test_train_cli import SMALL, losses, wait_for
+
+STEPS = 8
+MESH = ["--mesh", "data=2,expert=4", "--set", "train.batch_size=8", "--set", "train.checkpoint_every=2",
+        "--set", "train.eval_every=4"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dsv3(*args, log: Path, host_devices: int, process: tuple[int, int] | None = None):
+    """A `dsv3 train` subprocess writing its console to `log` (a pipe left unread could fill and block it)."""
+    distributed = ["--coordinator", f"127.0.0.1:{process[1]}", "--num-processes", "2",
+                   "--process-id", str(process[0])] if process else []
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "dsv3_jax.cli", "train", *args, *SMALL, *MESH,
+                                 "--host-devices", str(host_devices), *distributed],
+                                env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+def _two_processes(*args, logs: Path):
+    port = _free_port()
+    return [_dsv3(*args, log=logs / f"process{i}.log", host_devices=4, process=(i, port)) for i in range(2)]
+
+
+def _finish(procs, timeout: int) -> list[int]:
+    for p in procs:
+        p.wait(timeout=timeout)
+    return [p.returncode for p in procs]
+
+
+def _tail(logs: Path) -> str:
+    return "\n".join(f"{log.name}: ...{log.read_text()[-1500:]}" for log in sorted(logs.glob("*.log")))
+
+
+def _same_losses(got, want):
+    assert [step for step, _ in got] == [step for step, _ in want]
+    np.testing.assert_allclose([loss for _, loss in got], [loss for _, loss in want], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    proc = _dsv3("--steps", str(STEPS), "--run-dir", str(runs / "one"), log=runs / "one.log", host_devices=8)
+    assert proc.wait(timeout=600) == 0, _tail(runs)
+    return runs / "one"
+
+
+def test_two_processes_train_and_resume_like_one(one_process_run, tmp_path):
+    """Same losses as one process with 8 devices; SIGTERM to both mid-run, --resume, same losses to
+    the end (the processes agree on the step to stop after, and restore their own shards)."""
+    run = tmp_path / "two"
+    procs = _two_processes("--steps", str(STEPS), "--run-dir", str(run), logs=tmp_path)
+    metrics = run / "metrics.jsonl"
+    assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, procs[0],
+                    timeout=600), _tail(tmp_path)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    assert _finish(procs, 300) == [128 + signal.SIGTERM] * 2, _tail(tmp_path)
+    stopped_at = len(losses(run))
+    assert 3 <= stopped_at < STEPS, "the run finished before the signal: nothing was tested"
+    _same_losses(losses(run), losses(one_process_run)[:stopped_at])
+
+    procs = _two_processes("--steps", str(STEPS), "--run-dir", str(run), "--resume", logs=tmp_path)
+    assert _finish(procs, 600) == [0, 0], _tail(tmp_path)
+    _same_losses(losses(run), losses(one_process_run))
+    consoles = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
+    assert "done:" in consoles[0] and "done:" not in consoles[1]  # process 0 alone talks to the console
