@@ -1,6 +1,7 @@
 """Multi-host training reproduced on one machine: 2 `dsv3 train` processes on 127.0.0.1, 4 host
 devices each, joined by jax.distributed (gloo collectives), against 1 process with 8 host devices."""
 
+import re
 import signal
 import socket
 import subprocess
@@ -82,3 +83,15 @@ def test_two_processes_train_and_resume_like_one(one_process_run, tmp_path):
     _same_losses(losses(run), losses(one_process_run))
     consoles = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
     assert "done:" in consoles[0] and "done:" not in consoles[1]  # process 0 alone talks to the console
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-processes", "2"], "needs all of --coordinator HOST:PORT, --num-processes N and --process-id I"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+     r"--process-id=2 must be in \[0, --num-processes=2\)"),
+])
+def test_incomplete_multi_process_flags_are_refused(flags, message, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "dsv3_jax.cli", "train", "--run-dir", str(tmp_path / "run"), *flags],
+                         env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and re.search(message, out.stderr), out.stderr
+    assert not (tmp_path / "run").exists()
