@@ -17,7 +17,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.layers import Linear, attention_mask, masked_softmax
+from dsv3_jax.model.layers import Linear, attention_mask, cache_mask, masked_softmax
 from dsv3_jax.model.rope import apply_rope, softmax_scale
 
 
@@ -63,7 +63,7 @@ class GroupedQueryAttention(nnx.Module):
         rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
         k_cache = k_cache.at[rows_B1, positions_BT].set(k_BTGK.astype(k_cache.dtype))
         v_cache = v_cache.at[rows_B1, positions_BT].set(v_BTGV.astype(v_cache.dtype))
-        mask_BTS = jnp.arange(k_cache.shape[1])[None, None, :] <= positions_BT[:, :, None]
+        mask_BTS = cache_mask(k_cache.shape[1], positions_BT)
         return self.attend(q_BTHK, k_cache, v_cache, mask_BTS), (k_cache, v_cache)
 
     def __call__(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array,

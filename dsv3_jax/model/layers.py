@@ -100,6 +100,12 @@ def attention_mask(T: int, segment_ids_BT: Array | None = None) -> Array:
     return mask_BTS
 
 
+def cache_mask(slots: int, positions_BT: Array) -> Array:
+    """[B, T, S] for T new tokens against S cache slots: each sees the slots <= its own position
+    (new entries are written before attending)."""
+    return jnp.arange(slots)[None, None, :] <= positions_BT[:, :, None]
+
+
 def masked_softmax(logits: Array, mask: Array) -> Array:
     """fp32 softmax with masked entries at -inf (rows fully masked give zeros, not NaN)."""
     logits = jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)

@@ -24,7 +24,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.layers import Linear, RMSNorm, attention_mask, masked_softmax
+from dsv3_jax.model.layers import Linear, RMSNorm, attention_mask, cache_mask, masked_softmax
 from dsv3_jax.model.rope import apply_rope, softmax_scale
 
 
@@ -102,7 +102,7 @@ class MLA(nnx.Module):
         rows_B1 = jnp.arange(B)[:, None]
         first, second = cache
         S = first.shape[1]
-        mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+        mask_BTS = cache_mask(S, positions_BT)
         if mode == "naive":
             k_nope_BTHN = self.w_uk(ckv_BTC)
             k_BTHK = jnp.concatenate([k_nope_BTHN, jnp.broadcast_to(k_rope_BTR[:, :, None], k_nope_BTHN.shape[:3] + (

@@ -30,10 +30,10 @@ from dsv3_jax.post.grpo import group_advantages, make_grpo_fns, sample_rollouts,
 from dsv3_jax.post.sft import init_from_run
 from dsv3_jax.post.tasks import TASKS, held_out
 from dsv3_jax.run_dir import RunLock, StopSignals, truncate_jsonl, write_atomic
-from dsv3_jax.train.loop import ProgressReporter, check_finite, has_checkpoint, resolve_run_config
+from dsv3_jax.train.loop import (ProgressReporter, check_finite, checked_run_config, has_checkpoint,
+                                 resolve_run_config)
 from dsv3_jax.train.optim import lr_schedule
 from dsv3_jax.train.state import TrainState, create_train_state
-from dsv3_jax.validate import validate
 
 
 @flax.struct.dataclass
@@ -62,10 +62,7 @@ def grpo_config(from_dir: str | Path, task: str, overrides: list[str]) -> Config
 def grpo(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> int:
     """Run (or continue) GRPO. Returns the exit status (0, or 128 + signal when stopped)."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--run-dir {str(run_dir)!r} is a file, not a directory")
-    RunLock.check_free(run_dir)
-    config = validate(resolve_run_config(config, run_dir, resume))
+    config = checked_run_config(config, run_dir, resume)
     if config.train.objective != "grpo":
         raise UsageError(f"{str(run_dir)!r} is not a GRPO run (train.objective={config.train.objective}); "
                          "start one with dsv3 grpo --from RUN --task NAME")

@@ -93,14 +93,21 @@ def _host(metrics: dict) -> dict:
     return {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
 
 
+def checked_run_config(config: Config, run_dir: Path, resume: bool) -> Config:
+    """The run's config after the checks that touch nothing: `run_dir` is a directory (or absent)
+    that no other writer holds, and the config (the saved one on resume) is valid. Shared by
+    `train` and the GRPO loop."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {str(run_dir)!r} is a file, not a directory")
+    RunLock.check_free(run_dir)
+    return validate(resolve_run_config(config, run_dir, resume))
+
+
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> int:
     """Train (or continue) a run. Returns the process exit status (0, or 128+signal when stopped)."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--run-dir {str(run_dir)!r} is a file, not a directory")
     # Every check first, touching nothing: another writer, config, devices, data, tokenizer, model.
-    RunLock.check_free(run_dir)
-    config = validate(resolve_run_config(config, run_dir, resume))
+    config = checked_run_config(config, run_dir, resume)
     tc = config.train
     if tc.objective == "grpo":
         raise UsageError(f"{str(run_dir)!r} is a GRPO run: continue it with dsv3 grpo --run-dir {run_dir} --resume")
