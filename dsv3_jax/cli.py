@@ -101,11 +101,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise UsageError("--resume needs --run-dir DIR (the run to continue)")
     name = args.preset or (Path(args.config).stem if args.config else "tiny")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    status = train(config, run_dir, resume=args.resume, progress=not args.quiet)
+    from dsv3_jax.parallel.distributed import is_main, peers_guarded
+
+    with peers_guarded(f"its checkpoints in {run_dir / 'checkpoints'} are kept: start every process again "
+                       "with --resume"):
+        status = train(config, run_dir, resume=args.resume, progress=not args.quiet)
     if status:
         raise SystemExit(status)
-    from dsv3_jax.parallel.distributed import is_main
-
     if is_main():
         print(f"done: metrics, plots and checkpoints in {run_dir}", file=sys.stderr)
 
@@ -277,6 +279,53 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst}")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from dsv3_jax.parallel.mesh import MESH_AXES, mesh_overrides
+    from dsv3_jax.parallel.plan import HARDWARE, Layout, check_layout, plan, report_rows
+
+    if args.device not in HARDWARE:
+        raise UsageError(f"--device {args.device!r} must be one of: {', '.join(HARDWARE)}")
+    try:
+        config = apply_overrides(get_preset(args.preset), (args.set or []) + mesh_overrides(args.mesh or ""))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    hardware = HARDWARE[args.device]
+    changes = {"devices_per_host": args.devices_per_host} if args.devices_per_host else {}
+    for item in args.hw or []:
+        key, _, value = item.partition("=")
+        fields = [f.name for f in dataclasses.fields(hardware) if f.name != "name"]
+        if key not in fields:
+            raise UsageError(f"--hw {item!r}: the key must be one of {', '.join(fields)}")
+        try:
+            changes[key] = type(getattr(hardware, key))(float(value))
+        except ValueError:
+            raise UsageError(f"--hw {item!r}: {value!r} is not a number") from None
+    if any(v <= 0 for v in changes.values()):
+        raise UsageError("--hw values and --devices-per-host must be > 0")
+    sizes = {a: getattr(config.mesh, a) for a in MESH_AXES}
+    if not 0 < args.matmul_efficiency <= 1:
+        raise UsageError(f"--matmul-efficiency={args.matmul_efficiency} must be in (0, 1]")
+    layout = Layout(config, sizes, dataclasses.replace(hardware, **changes), zero1=args.zero1, fp8=args.fp8,
+                    matmul_efficiency=args.matmul_efficiency, fused_attention=args.fused_attention,
+                    padded_dispatch=not args.dropless_dispatch)
+    check_layout(layout)
+    rows = report_rows(layout, plan(layout))
+    if args.json:
+        print(json.dumps(dict(rows)))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dsv3 plan --preset {args.preset} (per device unless stated)")
+    table.add_column("quantity")
+    table.add_column("estimate", justify="right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from dsv3_jax.report import write_report
 
@@ -381,6 +430,24 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", help="a new (or empty) directory to write")
     convert.add_argument("--fp8", action="store_true", help="orbax-to-hf: write e4m3 weights + weight_scale_inv")
     convert.set_defaults(func=cmd_convert)
+
+    plan = sub.add_parser("plan", help="per-device memory, collectives and step time of a layout, before running it")
+    plan.add_argument("--preset", default="tiny", help=f"one of: {presets} (default tiny)")
+    plan.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.seq_len=4096")
+    plan.add_argument("--mesh", help="e.g. data=8,expert=64,pipeline=16 (any size: nothing runs)")
+    plan.add_argument("--device", default="h800", help="h800, h100 or tpu-v5p: the hardware table's peaks")
+    plan.add_argument("--devices-per-host", type=int, help="override the device's usual count per host")
+    plan.add_argument("--hw", action="append", metavar="KEY=VALUE",
+                      help="override a hardware figure, e.g. network_bytes_per_s=25e9")
+    plan.add_argument("--zero1", action="store_true", help="split the optimizer state over data ranks (ZeRO-1)")
+    plan.add_argument("--fp8", action="store_true", help="FP8 GEMMs and dispatch (report §3.3)")
+    plan.add_argument("--fused-attention", action="store_true",
+                      help="count attention as a fused kernel's (no [T, T] scores kept), as on GPU")
+    plan.add_argument("--dropless-dispatch", action="store_true",
+                      help="count the experts' K real rows per token, not this package's padded all-to-all buffers")
+    plan.add_argument("--matmul-efficiency", type=float, default=0.5, help="achieved / peak GEMM FLOP/s (0.5)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(func=cmd_plan)
 
     report = sub.add_parser("report", help="PNG plots from a run's metrics")
     report.add_argument("--run-dir", required=True, help="a run directory; plots are (re)written into it")

@@ -3,8 +3,15 @@ import os
 # Several host devices for multi-device tests; must be set before jax initialises. Added to any
 # XLA_FLAGS already set (replacing them would drop the user's flags; keeping them must not drop ours).
 _HOST_DEVICES = "--xla_force_host_platform_device_count=8"
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_HOST_DEVICES}".strip()
+# Tests compile hundreds of small programs and run each a few times: LLVM's optimisation of the
+# generated CPU code is most of the compile time (a tiny train step: 17.6 s at the default level,
+# 1.1 s at level 0, for 2.2x its 14 ms run time), and it cannot change results (no fast-math at any
+# level). A cold-cache suite on the 2-core CI machine: 34 min -> see README. Benchmarks and the
+# `dsv3` command keep XLA's default.
+_FAST_COMPILE = "--xla_backend_optimization_level=0"
+for _flag in (_HOST_DEVICES, _FAST_COMPILE):
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
 import dataclasses
 from pathlib import Path
@@ -29,9 +36,9 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for a `python -m dsv3_jax.cli` subprocess: CPU, one device (unless `extra`
     says otherwise), the shared compilation cache."""
-    return {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(JAX_CACHE),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-            **extra}
+    return {**os.environ, "XLA_FLAGS": _FAST_COMPILE, "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": str(JAX_CACHE), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1", **extra}
 
 
 def tiny_model_config(**changes) -> ModelConfig:

@@ -95,3 +95,35 @@ def test_incomplete_multi_process_flags_are_refused(flags, message, tmp_path):
                          env=cli_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and re.search(message, out.stderr), out.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["worker-killed", "coordinator-killed"])
+def test_a_dead_peer_stops_the_other_and_the_checkpoints_restore(one_process_run, tmp_path, victim):
+    """kill -9 one of the two processes mid-run: the other exits non-zero within seconds, saying
+    so (process 0's death is reported by JAX's own runtime, which aborts before Python can speak);
+    the checkpoints on disk restore in a one-process run on 8 devices, which repeats the logged
+    losses of the steps after its checkpoint."""
+    run, steps = tmp_path / "two", 40
+    procs = _two_processes("--steps", str(steps), "--run-dir", str(run), "--distributed-timeout", "30", logs=tmp_path)
+    metrics = run / "metrics.jsonl"
+    assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, procs[0],
+                    timeout=600), _tail(tmp_path)
+    procs[victim].kill()
+    survivor = procs[1 - victim]
+    assert survivor.wait(timeout=60) != 0, _tail(tmp_path)
+    console = (tmp_path / f"process{1 - victim}.log").read_text()
+    if victim == 1:
+        assert re.search(r"dsv3: error: (a collective with another process failed|process 1 of 2 stopped responding)"
+                         r".*start every process again with --resume", console), console[-2000:]
+    else:
+        assert "another task died" in console, console[-2000:]
+    logged = dict(losses(run))
+    assert max(logged) < steps, "the run finished before the kill: nothing was tested"
+
+    resumed = _dsv3("--steps", str(steps), "--run-dir", str(run), "--resume", "--set", "train.checkpoint_every=2",
+                    log=tmp_path / "resume.log", host_devices=8)
+    assert resumed.wait(timeout=600) == 0, _tail(tmp_path)
+    after = dict(losses(run))
+    assert sorted(after) == list(range(1, steps + 1))
+    overlap = [s for s in logged if s in after and s > 2]
+    np.testing.assert_allclose([after[s] for s in overlap], [logged[s] for s in overlap], rtol=1e-6)

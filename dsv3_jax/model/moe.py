@@ -24,7 +24,8 @@ from dsv3_jax.config import Fp8Backend, GroupedGemmImpl, ModelConfig
 from dsv3_jax.model.grouped_gemm import grouped_matmul
 from dsv3_jax.model.layers import MLP, dtype_of, param
 from dsv3_jax.model.routing import Router, RouterStats, Routing, router_for
-from dsv3_jax.parallel.expert import expert_parallel_mesh, expert_parallel_routed_experts
+from dsv3_jax.parallel.expert import (batch_parallel_mesh, batch_parallel_routed_experts, expert_parallel_mesh,
+                                      expert_parallel_routed_experts)
 
 
 def grouped_swiglu(x_MD: Float[Array, "M D"], group_sizes_E: Int[Array, "E"], w_gate_EDF: Array,
@@ -71,6 +72,7 @@ class MoE(nnx.Module):
         self.capacity_factor = cfg.expert_capacity_factor
         # A group-limited router bounds the ranks a token reaches; others pick experts freely.
         group_limited = getattr(router_for(cfg.router), "group_limited", False)
+        self.token_choice = getattr(router_for(cfg.router), "token_choice", True)
         self.groups = (cfg.n_group, cfg.topk_group) if group_limited else (1, 1)
 
     def __call__(self, x_BTD: Float[Array, "B T D"], token_ids_BT: Array | None = None
@@ -80,14 +82,19 @@ class MoE(nnx.Module):
         cast = lambda w: w[...].astype(self.dtype)
         x_ND = x_BTD.reshape(B * T, D).astype(self.dtype)
         weights = cast(self.w_gate_EDF), cast(self.w_up_EDF), cast(self.w_down_EFD)
-        mesh = expert_parallel_mesh() if self.expert_dispatch != "gspmd" else None
-        if mesh is not None:  # token-choice: assignment n * K + k belongs to token n
+        explicit = self.expert_dispatch != "gspmd" and self.token_choice  # assignment n * K + k is token n's
+        ep_mesh = expert_parallel_mesh() if explicit else None
+        dp_mesh = batch_parallel_mesh() if explicit else None
+        experts_fn = functools.partial(grouped_swiglu, impl=self.grouped_gemm, fp8_backend=self.fp8_backend)
+        if ep_mesh is not None or dp_mesh is not None:
             gate_NK, expert_NK = routing.gate_M.reshape(B * T, -1), routing.expert_M.reshape(B * T, -1)
-            experts_fn = functools.partial(grouped_swiglu, impl=self.grouped_gemm, fp8_backend=self.fp8_backend)
-            y_ND, dropped = expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, *weights, mesh,
+        if ep_mesh is not None:
+            y_ND, dropped = expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, *weights, ep_mesh,
                                                            self.expert_dispatch, experts_fn, self.capacity_factor,
                                                            self.groups)
             stats = stats._replace(capacity_dropped=dropped / expert_NK.size)
+        elif dp_mesh is not None:
+            y_ND = batch_parallel_routed_experts(x_ND, expert_NK, gate_NK, *weights, dp_mesh, experts_fn)
         else:
             y_ND = routed_experts(x_ND, routing, *weights, self.grouped_gemm, self.fp8_backend)
         y_BTD = y_ND.reshape(B, T, D)

@@ -19,7 +19,9 @@ Adding a variant: write one class and register it (see README, "Routing lab"):
     class MyRouter:
         def __call__(self, logits_NE, bias_E, token_ids_N, cfg) -> Routing: ...
 
-Then `dsv3 train --set model.router=my_router` uses it; the rest of the system is unchanged.
+Then `dsv3 train --set model.router=my_router` uses it; the rest of the system is unchanged. A
+router whose assignments are not token n's K choices in order (M = N * K, assignment n * K + k) sets
+`token_choice = False`: meshes then leave its experts to GSPMD instead of the explicit dispatches.
 """
 
 from __future__ import annotations
@@ -184,6 +186,8 @@ class ExpertChoiceRouter:
     """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by softmax score,
     C = N * K / E, so every expert gets exactly its capacity; a token may get 0..E experts.
     Note: choosing over the batch lets a token's routing depend on later tokens (not causal)."""
+
+    token_choice = False  # assignments are per expert, not n * K + k (the explicit dispatches need that)
 
     def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
         probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)

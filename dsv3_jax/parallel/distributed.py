@@ -9,9 +9,21 @@ agreed on, so all processes finish the same step and save the same checkpoint.
 On CPU the collectives between processes go through gloo (two local processes reproduce a
 two-host run). On a cluster, `jax.distributed.initialize()` without arguments reads what SLURM or
 Cloud TPU set; `--coordinator HOST:PORT --num-processes N --process-id I` name it explicitly.
+
+When a peer dies, the survivors stop with one line and status 1 (`peers_guarded`): a collective
+with the dead process fails at once (gloo: connection reset), and a process waiting elsewhere
+learns it from the coordinator, which declares a process dead after the heartbeat timeout
+(`--distributed-timeout` / 3, at least 10 s). Left alone, JAX would print its C++ stack and abort
+from its error-polling thread, or wait in its shutdown barrier. The checkpoints already written
+are complete (orbax renames a checkpoint into place only when every process has written it).
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
 
 import numpy as np
 
@@ -63,3 +75,46 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def _stop(reason: str, advice: str) -> None:
+    """One line, then exit at once: a normal exit would wait in JAX's shutdown barrier for the
+    dead peer and end in its abort."""
+    sys.stderr.write(f"dsv3: error: {reason}; {advice}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _watch_peers(advice: str, poll_s: float, done: threading.Event) -> None:
+    import jax
+    from jax._src import distributed as jax_distributed
+
+    ids = list(range(jax.process_count()))
+    while not done.wait(poll_s):
+        try:
+            missing = sorted(set(ids) - set(jax_distributed.global_state.client.get_live_nodes(ids)))
+        except Exception as e:  # the coordinator itself (process 0) is gone
+            _stop(f"lost the run's coordinator, process 0 ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                  advice)
+        if missing:
+            _stop(f"process {', '.join(map(str, missing))} of {len(ids)} stopped responding", advice)
+
+
+@contextlib.contextmanager
+def peers_guarded(advice: str, poll_s: float = 1.0):
+    """Within a multi-process run: when another process dies, stop this one with one line (what
+    happened, then `advice`) and status 1, whether it is in a collective or waiting."""
+    import jax
+
+    if jax.process_count() == 1:
+        yield
+        return
+    done = threading.Event()
+    threading.Thread(target=_watch_peers, args=(advice, poll_s, done), daemon=True, name="dsv3-peers").start()
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        _stop(f"a collective with another process failed, most likely because it died ({first[:200]})", advice)
+    finally:
+        done.set()

@@ -56,6 +56,15 @@ def expert_parallel_mesh():
     return mesh
 
 
+def batch_parallel_mesh():
+    """The mesh in context when it splits the batch (data / fsdp) and has no expert axis > 1: each
+    device then runs its own tokens through every expert (`batch_parallel_routed_experts`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or expert_parallel_mesh() is not None or RULES.shards("batch", dict(mesh.shape)) == 1:
+        return None
+    return mesh
+
+
 def check_dispatch(dispatch: str, backend: str | None = None) -> None:
     """ValueError when `dispatch` cannot run on this backend (ragged_all_to_all is GPU/TPU only)."""
     backend = backend or jax.default_backend()
@@ -211,4 +220,23 @@ def expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_ED
     # check_vma=False: the FP8 path may run Pallas kernels, which do not carry varying-axis types.
     shard = jax.shard_map(run, mesh=mesh, in_specs=(tokens, tokens, tokens, gate_up, gate_up, down),
                           out_specs=(tokens, RULES.spec((), mesh=mesh)), check_vma=False)
+    return shard(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+
+def batch_parallel_routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF, w_down_EFD, mesh,
+                                  experts_fn: ExpertsFn) -> jax.Array:
+    """The routed experts under data parallelism without an expert axis: each device sorts and
+    computes only its own tokens' assignments, with the weights in their compute layout (fsdp
+    gathered; moe_ffn split over tensor, partial sums added). Left to GSPMD, the sort over all
+    tokens' assignments is not partitioned and every data rank computes the whole batch's experts."""
+    spec = lambda axes, a: RULES.spec(axes, a.shape, mesh, compute=True)
+    tokens = RULES.spec(("batch",), mesh=mesh)
+    gate_up, down = spec(("expert", "embed", "moe_ffn"), w_gate_EDF), spec(("expert", "moe_ffn", "embed"), w_down_EFD)
+    experts = functools.partial(_local_experts, experts_fn=experts_fn, ffn_axes=down[1])
+
+    def run(x_nD, expert_nK, gate_nK, *weights):
+        return _rows_through_experts(x_nD, expert_nK, gate_nK, weights, experts).astype(x_nD.dtype)
+
+    shard = jax.shard_map(run, mesh=mesh, in_specs=(tokens, tokens, tokens, gate_up, gate_up, down), out_specs=tokens,
+                          check_vma=False)
     return shard(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF, w_down_EFD)

@@ -1,0 +1,378 @@
+"""A layout planner: what one device holds, moves and computes in a train step, before running it.
+
+From the config's abstract shapes (nothing allocated) and the sharding table (parallel/sharding.py)
+on an abstract mesh of any size, per device:
+- parameter, gradient and optimizer bytes: exact, from each leaf's shape, dtype and PartitionSpec;
+  with `zero1` the optimizer state (and the fp32 master it updates) is split over the data axis as
+  in the report's ZeRO-1 data parallelism (§3.2); pipeline ranks own 1/P of the MoE stack, the
+  first rank the embedding and dense layers, the last the final norm, head and MTP (DualPipe puts
+  both ends on one rank, §3.2.3), i.e. the stage-owned layout;
+- activation bytes: an inventory of the tensors the backward pass keeps per token and layer
+  (`_layer_inventory`), times the tokens in flight at the schedule's peak (Table 2: PP micro-
+  batches for 1F1B, PP + 1 for DualPipe), plus the output logits and one layer's transient
+  intermediates under rematerialisation;
+- bytes moved per step by each collective (expert all-to-all, pipeline send/recv, data-parallel
+  gradient reduction) and an estimated step time from the hardware table below.
+
+`check_against_compiler` AOT-compiles the real train step on host devices and sets the planner's
+per-device bytes beside `compiled.memory_analysis()` (tests/test_plan.py holds it to 15% for state
+and 30% for temporaries on three meshes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from dsv3_jax.config import Config
+from dsv3_jax.parallel.mesh import MESH_AXES
+from dsv3_jax.parallel.sharding import RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """Peak rates of one device and its links (dense FLOP/s; bytes/s in one direction)."""
+
+    name: str
+    bf16_flops: float
+    fp8_flops: float
+    hbm_bytes: float
+    node_link_bytes_per_s: float  # within a host (NVLink / ICI)
+    network_bytes_per_s: float  # between hosts, per device (InfiniBand / DCN)
+    devices_per_host: int
+
+
+# Public figures. H800: NVLink 160 GB/s and IB 50 GB/s per GPU as the report states (§3.2.2), H100
+# SXM dense peaks (989 bf16 / 1979 fp8 TFLOP/s; the H800 has the same cores). TPU v5p: 459 bf16
+# TFLOP/s, 95 GB HBM, ICI 4,800 Gbps per chip (a pod slice is all ICI); no fp8, so fp8 = bf16.
+HARDWARE: dict[str, Hardware] = {
+    "h800": Hardware("NVIDIA H800 SXM", 989e12, 1979e12, 80e9, 160e9, 50e9, 8),
+    "h100": Hardware("NVIDIA H100 SXM", 989e12, 1979e12, 80e9, 450e9, 50e9, 8),
+    "tpu-v5p": Hardware("TPU v5p", 459e12, 459e12, 95e9, 600e9, 600e9, 4),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What the planner is asked: a config, mesh sizes, and how the step is run."""
+
+    config: Config
+    mesh: dict[str, int]
+    hardware: Hardware
+    zero1: bool = False  # optimizer state split over data ranks too (report §3.2)
+    fp8: bool = False  # FP8 GEMMs (report §3.3): compute at the fp8 peak, dispatch sent in fp8
+    matmul_efficiency: float = 0.5  # achieved / peak FLOP/s of the step's GEMMs (an assumption)
+    node_limit: int = 4  # each token sent to at most this many nodes (report §3.2.2)
+    # This package's attention materialises the [T, T] scores per head (XLA, as the compiler check
+    # measures); a fused kernel (FlashAttention, as a GPU deployment would use) keeps only the
+    # softmax statistics, one fp32 value per head and token.
+    fused_attention: bool = False
+    # This package's all-to-all computes fixed buffers (P x capacity rows x J expert slots) whether
+    # full or not; False counts only the K real assignments per token (a dropless kernel's).
+    padded_dispatch: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    params: int  # bytes per device (the largest pipeline rank)
+    grads: int
+    optimizer: int
+    activations: int
+    collectives: dict[str, int]  # bytes sent per device per step
+    flops_per_device: float  # per step
+    step_s: float
+    tokens_per_s: float
+    parts_s: dict[str, float]  # compute, bubble, each collective's time
+
+    @property
+    def state(self) -> int:
+        return self.params + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations
+
+
+def abstract_mesh(sizes: dict[str, int]):
+    return jax.sharding.AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES)
+
+
+def _leaf_bytes(variable, mesh) -> int:
+    """Bytes of one device's shard of an abstract Variable (uneven splits round up)."""
+    value = variable.get_value()
+    axes = variable.get_metadata().get("logical_axes")
+    spec = RULES.spec(tuple(axes), value.shape, mesh) if axes else ()
+    per_device = list(value.shape)
+    for i, entry in enumerate(spec):
+        names = (entry,) if isinstance(entry, str) else (entry or ())
+        per_device[i] = -(-per_device[i] // math.prod(mesh.shape[a] for a in names))
+    return math.prod(per_device) * np.dtype(value.dtype).itemsize
+
+
+_PARTS = ("embed", "dense_layers", "moe_layers", "final_norm", "head", "mtp")
+
+
+def _key_name(key) -> str:
+    return str(getattr(key, "key", getattr(key, "name", key)))
+
+
+def _bytes_by_part(tree, mesh) -> dict[str, int]:
+    """{top-level module: bytes per device} of the Variables in `tree` (the params, or the optimizer
+    state, whose moments mirror them; its step counters are not Variables and are left out)."""
+    out: dict[str, int] = {}
+    is_variable = lambda x: hasattr(x, "get_metadata")  # noqa: E731
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_variable):
+        if is_variable(leaf):
+            part = next(_key_name(k) for k in path if _key_name(k) in _PARTS)
+            out[part] = out.get(part, 0) + _leaf_bytes(leaf, mesh)
+    return out
+
+
+def _pipeline_rank_bytes(parts: dict[str, int], pipeline: int, schedule: str, n_moe_layers: int) -> int:
+    """The largest rank's share under the stage-owned layout: its stages of the MoE stack (DualPipe
+    keeps two copies, stages r and P-1-r: 2/P, Table 2; the others 1/P; ceil(L / P) layers when P
+    does not divide them), the embedding and dense layers on the first rank, final norm, head and
+    MTP on the last (DualPipe and DualPipeV put both ends on rank 0, report §3.2.3)."""
+    stack = parts.get("moe_layers", 0)
+    if pipeline > 1 and n_moe_layers:
+        stack = stack * math.ceil(n_moe_layers / pipeline) * pipeline / n_moe_layers
+    first = parts.get("embed", 0) + parts.get("dense_layers", 0)
+    last = parts.get("final_norm", 0) + parts.get("head", 0) + parts.get("mtp", 0)
+    if pipeline == 1:
+        return stack + first + last
+    if schedule in ("dualpipe", "dualpipev"):
+        copies = 2 if schedule == "dualpipe" else 1
+        return round(copies * stack / pipeline + first + last)
+    return round(stack / pipeline + max(first, last))
+
+
+def expert_rows_per_token(cfg, tokens: int, ep: int, capacity_factor: float) -> float:
+    """Rows the routed experts compute per local token: its K assignments without expert
+    parallelism; with it, the all-to-all's fixed buffers (P destinations x capacity rows x J expert
+    slots, parallel/expert.py) whether full or not, plus the send / receive buffers (2 per exchange)."""
+    from dsv3_jax.parallel.expert import pair_capacity, ranks_per_token
+
+    if ep == 1:
+        return cfg.top_k
+    fan_out = ranks_per_token(cfg.top_k, ep, cfg.n_group, cfg.topk_group)
+    capacity = pair_capacity(tokens, fan_out, ep, capacity_factor)
+    slots = min(cfg.top_k, cfg.n_routed_experts // ep)
+    return ep * capacity * slots / tokens
+
+
+def _layer_inventory(cfg, tensor: int, moe: bool, expert_rows: float) -> float:
+    """Values kept per token by one block's backward pass (no rematerialisation), the ones split
+    over heads / hidden dims divided by the tensor axis. Softmax statistics are fp32 and counted
+    twice (scores, probabilities) per key position: `seq_len` is multiplied in by the caller."""
+    heads = cfg.n_heads / tensor
+    q_latent = 2 * cfg.q_lora_rank  # the latent and its norm (eq. 6-7)
+    q = heads * cfg.qk_head_dim * 2  # q, and q with RoPE applied
+    kv_latent = 2 * (cfg.kv_lora_rank + cfg.qk_rope_dim)  # c_KV with k_R, and their norm / RoPE
+    kv = heads * (cfg.qk_nope_dim + cfg.v_head_dim) + heads * cfg.qk_head_dim  # up-projection, keys
+    attention = 3 * cfg.d_model + q_latent + q + kv_latent + kv + heads * cfg.v_head_dim
+    if moe:
+        expert_path = expert_rows * (2 * cfg.d_model + 3 * cfg.moe_ffn_dim / tensor)  # in, gate/up/act, out
+        shared = cfg.n_shared_experts * 3 * cfg.moe_ffn_dim / tensor
+        ffn = 3 * cfg.d_model + 3 * cfg.n_routed_experts + expert_path + shared
+    else:
+        ffn = 3 * cfg.d_model + 3 * cfg.ffn_dim / tensor
+    return attention + ffn
+
+
+def activation_bytes(config: Config, tokens: int, sizes: dict[str, int], layers: dict[str, int],
+                     in_flight: int, fused_attention: bool = False, padded_dispatch: bool = True) -> int:
+    """Bytes kept for the backward pass on one device: `tokens` per micro-batch, `in_flight`
+    micro-batches at the schedule's peak, `layers` = {"dense": n, "moe": n} on this device."""
+    cfg, tc = config.model, config.train
+    tensor = sizes["tensor"]
+    rows = (expert_rows_per_token(cfg, tokens, sizes["expert"], cfg.expert_capacity_factor) if padded_dispatch
+            else cfg.top_k)
+    act = np.dtype(cfg.dtype).itemsize
+    # fp32 scores and probabilities per token (or only the softmax statistics, fused)
+    scores = (cfg.n_heads / tensor) * 4 * (1 if fused_attention else 2 * tc.seq_len)
+    per_layer = {kind: _layer_inventory(cfg, tensor, kind == "moe", rows) * act + scores for kind in ("dense", "moe")}
+    if cfg.remat:  # each block keeps its input; one block's intermediates live during its backward
+        kept = sum(n for n in layers.values()) * cfg.d_model * act + max(per_layer.values())
+    else:
+        kept = sum(per_layer[kind] * n for kind, n in layers.items())
+    return round(kept * tokens * in_flight)
+
+
+def logits_bytes(config: Config, tokens: int, tensor: int) -> int:
+    """The output heads' fp32 logits, their softmax and their gradient (main head + D MTP heads)."""
+    return 3 * tokens * (1 + config.model.mtp_depth) * (config.model.vocab_size // tensor) * 4
+
+
+def peak_in_flight(schedule: str, pipeline: int, microbatches: int) -> int:
+    """Micro-batches whose activations a rank holds at its peak (Table 2: PP for 1F1B and ZB1P,
+    PP + 1 for DualPipe; GPipe holds all of them)."""
+    if pipeline == 1:
+        return 1
+    if schedule == "gpipe":
+        return microbatches
+    return min(pipeline + (1 if schedule in ("dualpipe", "dualpipev") else 0), microbatches)
+
+
+def bubble_fraction(schedule: str, pipeline: int, microbatches: int) -> float:
+    """Idle / busy time of a rank, from Table 2's bubbles with F = W = 1 forward chunk, a full
+    backward B = 2 and F&B = F + B (no overlap counted), over microbatches x (F + B) of work."""
+    if pipeline == 1:
+        return 0.0
+    f, b, w = 1.0, 2.0, 1.0
+    bubble = {"gpipe": (pipeline - 1) * (f + b), "1f1b": (pipeline - 1) * (f + b),
+              "zb1p": (pipeline - 1) * (f + b - 2 * w),
+              "dualpipe": (pipeline / 2 - 1) * ((f + b) + b - 3 * w),
+              "dualpipev": (pipeline / 2 - 1) * ((f + b) + b - 3 * w)}[schedule]
+    return bubble / (microbatches * (f + b))
+
+
+def plan(layout: Layout) -> Plan:
+    from dsv3_jax.info import model_info
+    from dsv3_jax.train.state import abstract_train_state
+
+    config, sizes, hw = layout.config, {a: layout.mesh.get(a, 1) for a in MESH_AXES}, layout.hardware
+    cfg, tc = config.model, config.train
+    mesh = abstract_mesh(sizes)
+    _, _, state = abstract_train_state(config)
+    schedule, pp = tc.pipeline_schedule, sizes["pipeline"]
+
+    params = _pipeline_rank_bytes(_bytes_by_part(state.params, mesh), pp, schedule, cfg.n_moe_layers)
+    grads = params  # same dtype and layout as the parameters
+    optimizer = _pipeline_rank_bytes(_bytes_by_part(state.opt_state, mesh), pp, schedule, cfg.n_moe_layers)
+    if layout.zero1:
+        optimizer = math.ceil(optimizer / sizes["data"])
+
+    # Tokens per device per micro-batch: rows split over data x fsdp x expert (the "batch" axes).
+    batch_ways = RULES.shards("batch", sizes)
+    microbatches = tc.microbatches if pp > 1 else 1
+    rows = tc.batch_size / batch_ways / microbatches
+    tokens = rows * tc.seq_len
+    n_moe_local = math.ceil(cfg.n_moe_layers / pp)
+    layers = {"dense": cfg.first_k_dense, "moe": n_moe_local + cfg.mtp_depth}  # the first / last rank's
+    in_flight = peak_in_flight(schedule, pp, microbatches)
+    activations = activation_bytes(config, round(tokens), sizes, layers, in_flight, layout.fused_attention,
+                                   layout.padded_dispatch)
+    activations += logits_bytes(config, round(tokens), sizes["tensor"])
+
+    # Collectives, bytes sent per device per step.
+    act = 1 if layout.fp8 else np.dtype(cfg.dtype).itemsize
+    ep = sizes["expert"]
+    step_tokens = tokens * microbatches  # this device's tokens per step
+    a2a = 0.0
+    if ep > 1 and cfg.n_routed_experts:
+        leaving = (ep - 1) / ep
+        # dispatch (fp8 with FP8 training, report §3.3.4) + combine (bf16), forward and backward.
+        per_token = cfg.top_k * cfg.d_model * leaving * (act + 2) * 2
+        a2a = per_token * step_tokens * (n_moe_local + cfg.mtp_depth)
+    pipeline_bytes = 0.0
+    if pp > 1:  # a stage boundary: the activation forward, its gradient back, per micro-batch
+        pipeline_bytes = 2 * step_tokens * cfg.d_model * 2
+    dp = sizes["data"] * sizes["fsdp"]
+    # Gradient reduction (reduce-scatter) + parameter all-gather: 2 (dp - 1) / dp of the bytes.
+    dp_bytes = 2 * grads * (dp - 1) / dp if dp > 1 else 0.0
+    collectives = {"expert all-to-all": round(a2a), "pipeline send/recv": round(pipeline_bytes),
+                   "data-parallel reduce": round(dp_bytes)}
+
+    # Time: 3x the forward FLOPs (forward + backward for inputs and for weights) over all devices.
+    n_devices = math.prod(sizes.values())
+    flops_per_token = 3 * model_info(cfg, seq_len=tc.seq_len)["flops_per_token"]
+    global_tokens = tc.batch_size * tc.seq_len
+    flops = flops_per_token * global_tokens / n_devices
+    peak = hw.fp8_flops if layout.fp8 else hw.bf16_flops
+    compute_s = flops / (peak * layout.matmul_efficiency)
+    nodes_in_ep = max(1, ep // hw.devices_per_host)
+    if nodes_in_ep > 1:  # IB carries each token once per remote node (at most node_limit nodes)
+        remote_nodes = min(layout.node_limit, nodes_in_ep) * (nodes_in_ep - 1) / nodes_in_ep
+        ib = a2a / (cfg.top_k * (ep - 1) / ep) * remote_nodes
+        a2a_s = max(ib / hw.network_bytes_per_s, a2a / hw.node_link_bytes_per_s)
+    else:
+        a2a_s = a2a / hw.node_link_bytes_per_s
+    pipeline_s = pipeline_bytes / hw.network_bytes_per_s
+    dp_s = dp_bytes / hw.network_bytes_per_s
+    bubble_s = compute_s * bubble_fraction(schedule, pp, microbatches)
+    # DualPipe hides all-to-all and pipeline traffic behind the paired chunk's compute (§3.2.1);
+    # other schedules expose them. The data-parallel reduction is counted as exposed.
+    hidden = schedule == "dualpipe" and pp > 1
+    comm = a2a_s + pipeline_s
+    step_s = (max(compute_s, comm) if hidden else compute_s + comm) + bubble_s + dp_s
+    return Plan(params=params, grads=grads, optimizer=optimizer, activations=activations, collectives=collectives,
+                flops_per_device=flops, step_s=step_s, tokens_per_s=global_tokens / step_s,
+                parts_s={"compute": compute_s, "bubble": bubble_s, "expert all-to-all": a2a_s,
+                         "pipeline send/recv": pipeline_s, "data-parallel reduce": dp_s})
+
+
+def check_against_compiler(config: Config, sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """{"state": (planned, compiled), "temporaries": (planned, compiled)} bytes per device, the
+    compiled ones from `memory_analysis()` of the real train step AOT-compiled on this machine's
+    devices (state: its arguments less the token batch; temporaries: gradients + activations)."""
+    import dataclasses as dc
+
+    from dsv3_jax.config import MeshConfig
+    from dsv3_jax.parallel.mesh import make_mesh
+    from dsv3_jax.train.state import abstract_train_state
+    from dsv3_jax.train.step import make_train_step
+
+    config = dc.replace(config, mesh=MeshConfig(**sizes))
+    graphdef, optimizer, state = abstract_train_state(config)
+    mesh = make_mesh(config.mesh)
+    shardings, batch_sharding = RULES.tree(state, mesh), RULES.batch(mesh)
+    tc = config.train
+    batch = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1), np.int32)
+    pipeline_mesh = mesh if config.mesh.pipeline > 1 else None
+    step = jax.jit(make_train_step(config, graphdef, optimizer, pipeline_mesh=pipeline_mesh),
+                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, RULES.sharding((), mesh)),
+                   donate_argnums=0)
+    with jax.set_mesh(mesh):
+        memory = step.lower(state, batch).compile().memory_analysis()
+    batch_bytes = batch.size * 4 // RULES.shards("batch", dict(mesh.shape))
+    planned = plan(Layout(config, sizes, HARDWARE["h100"]))
+    return {"state": (planned.state, memory.argument_size_in_bytes - batch_bytes),
+            "temporaries": (planned.grads + planned.activations, memory.temp_size_in_bytes)}
+
+
+def check_layout(layout: Layout) -> None:
+    """UsageError naming the first thing the mesh cannot split evenly."""
+    from dsv3_jax.errors import UsageError
+
+    cfg, tc, sizes = layout.config.model, layout.config.train, layout.mesh
+    batch_ways = RULES.shards("batch", {a: sizes.get(a, 1) for a in MESH_AXES})
+    pp = sizes.get("pipeline", 1)
+    checks = [
+        (tc.batch_size % (batch_ways * (tc.microbatches if pp > 1 else 1)) == 0,
+         f"train.batch_size={tc.batch_size} must divide over data x fsdp x expert = {batch_ways} ranks"
+         + (f" x train.microbatches={tc.microbatches}" if pp > 1 else "")),
+        (cfg.n_routed_experts % sizes.get("expert", 1) == 0,
+         f"model.n_routed_experts={cfg.n_routed_experts} must divide over mesh.expert={sizes.get('expert', 1)}"),
+        (cfg.n_heads % sizes.get("tensor", 1) == 0,
+         f"model.n_heads={cfg.n_heads} must divide over mesh.tensor={sizes.get('tensor', 1)}"),
+        (not (pp > 1 and tc.pipeline_schedule == "dualpipe" and pp % 2),
+         f"DualPipe needs an even mesh.pipeline, got {pp}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e8 else f"{n / 1e6:,.2f} MB"
+
+
+def report_rows(layout: Layout, result: Plan) -> list[tuple[str, str]]:
+    """(quantity, value) rows of a plan, per device unless stated."""
+    hw, n_devices = layout.hardware, math.prod(layout.mesh.get(a, 1) for a in MESH_AXES)
+    rows = [("devices", f"{n_devices:,} x {hw.name} ({hw.devices_per_host} per host)"),
+            ("mesh", ", ".join(f"{a}={layout.mesh.get(a, 1)}" for a in MESH_AXES)),
+            ("parameters", _gb(result.params)), ("gradients", _gb(result.grads)),
+            ("optimizer state" + (" (ZeRO-1)" if layout.zero1 else ""), _gb(result.optimizer)),
+            ("activations at the schedule's peak", _gb(result.activations)),
+            ("total", f"{_gb(result.total)} of {_gb(hw.hbm_bytes)} HBM")]
+    rows += [(f"{name} sent per step", _gb(n)) for name, n in result.collectives.items()]
+    rows += [(f"time: {name}", f"{1e3 * s:,.1f} ms") for name, s in result.parts_s.items()]
+    trillion_s = 1e12 / result.tokens_per_s
+    rows += [("step time", f"{result.step_s:,.2f} s"), ("tokens/s (all devices)", f"{result.tokens_per_s:,.0f}"),
+             ("device-hours per trillion tokens", f"{n_devices * trillion_s / 3600 / 1e3:,.0f}K"),
+             ("days per trillion tokens", f"{trillion_s / 86400:,.1f}")]
+    return rows
