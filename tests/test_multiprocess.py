@@ -101,8 +101,8 @@ def test_incomplete_multi_process_flags_are_refused(flags, message, tmp_path):
 def test_a_dead_peer_stops_the_other_and_the_checkpoints_restore(one_process_run, tmp_path, victim):
     """kill -9 one of the two processes mid-run: the other exits non-zero within seconds, saying
     so (process 0's death is reported by JAX's own runtime, which aborts before Python can speak);
-    the checkpoints on disk restore in a one-process run on 8 devices, which repeats the logged
-    losses of the steps after its checkpoint."""
+    after a worker's death the checkpoints on disk restore in a one-process run on 8 devices, which
+    repeats the logged losses of the steps after its checkpoint."""
     run, steps = tmp_path / "two", 40
     procs = _two_processes("--steps", str(steps), "--run-dir", str(run), "--distributed-timeout", "30", logs=tmp_path)
     metrics = run / "metrics.jsonl"
@@ -119,6 +119,8 @@ def test_a_dead_peer_stops_the_other_and_the_checkpoints_restore(one_process_run
         assert "another task died" in console, console[-2000:]
     logged = dict(losses(run))
     assert max(logged) < steps, "the run finished before the kill: nothing was tested"
+    if victim == 0:
+        return  # the same checkpoints as below; restoring them once is enough
 
     resumed = _dsv3("--steps", str(steps), "--run-dir", str(run), "--resume", "--set", "train.checkpoint_every=2",
                     log=tmp_path / "resume.log", host_devices=8)

@@ -85,19 +85,20 @@ def _stop(reason: str, advice: str) -> None:
     os._exit(1)
 
 
-def _watch_peers(advice: str, poll_s: float, done: threading.Event) -> None:
+def _watch_peers(advice: str, poll_s: float, done: threading.Event, decide: threading.Lock) -> None:
     import jax
     from jax._src import distributed as jax_distributed
 
-    ids = list(range(jax.process_count()))
+    ids, me = list(range(jax.process_count())), jax.process_index()
     while not done.wait(poll_s):
         try:
             missing = sorted(set(ids) - set(jax_distributed.global_state.client.get_live_nodes(ids)))
+            reason = f"process {', '.join(map(str, missing))} of {len(ids)} stopped responding" if missing else ""
         except Exception as e:  # the coordinator itself (process 0) is gone
-            _stop(f"lost the run's coordinator, process 0 ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
-                  advice)
-        if missing:
-            _stop(f"process {', '.join(map(str, missing))} of {len(ids)} stopped responding", advice)
+            reason = f"lost the run's coordinator, process 0 ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        with decide:  # never once the guarded work has ended (the runtime then shuts down)
+            if reason and not done.is_set() and me not in missing:
+                _stop(reason, advice)
 
 
 @contextlib.contextmanager
@@ -109,12 +110,13 @@ def peers_guarded(advice: str, poll_s: float = 1.0):
     if jax.process_count() == 1:
         yield
         return
-    done = threading.Event()
-    threading.Thread(target=_watch_peers, args=(advice, poll_s, done), daemon=True, name="dsv3-peers").start()
+    done, decide = threading.Event(), threading.Lock()
+    threading.Thread(target=_watch_peers, args=(advice, poll_s, done, decide), daemon=True, name="dsv3-peers").start()
     try:
         yield
     except jax.errors.JaxRuntimeError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         _stop(f"a collective with another process failed, most likely because it died ({first[:200]})", advice)
     finally:
-        done.set()
+        with decide:
+            done.set()
