@@ -34,6 +34,7 @@ def run_cells(path: Path) -> list[list[dict]]:
     cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
     namespace = {"__name__": "__main__"}
     outputs = []
+    plt.close("all")  # figures left open by whatever ran before are not this notebook's
     for i, cell in enumerate(cells):
         text = io.StringIO()
         with contextlib.redirect_stdout(text):

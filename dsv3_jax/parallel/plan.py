@@ -152,7 +152,7 @@ def _pipeline_rank_bytes(parts: dict[str, int], pipeline: int, schedule: str, n_
 def expert_rows_per_token(cfg, tokens: int, ep: int, capacity_factor: float) -> float:
     """Rows the routed experts compute per local token: its K assignments without expert
     parallelism; with it, the all-to-all's fixed buffers (P destinations x capacity rows x J expert
-    slots, parallel/expert.py) whether full or not, plus the send / receive buffers (2 per exchange)."""
+    slots, parallel/expert.py), computed whether full or not."""
     from dsv3_jax.parallel.expert import pair_capacity, ranks_per_token
 
     if ep == 1:
@@ -195,10 +195,9 @@ def activation_bytes(config: Config, tokens: int, sizes: dict[str, int], layers:
     scores = (cfg.n_heads / tensor) * 4 * (1 if fused_attention else 2 * tc.seq_len)
     per_layer = {kind: _layer_inventory(cfg, tensor, kind == "moe", rows) * act + scores for kind in ("dense", "moe")}
     if cfg.remat:  # each block keeps its input; one block's intermediates live during its backward
-        kept = sum(n for n in layers.values()) * cfg.d_model * act + max(per_layer.values())
-    else:
-        kept = sum(per_layer[kind] * n for kind, n in layers.items())
-    return round(kept * tokens * in_flight)
+        inputs = sum(layers.values()) * cfg.d_model * act
+        return round(inputs * tokens * in_flight + max(per_layer.values()) * tokens)
+    return round(sum(per_layer[kind] * n for kind, n in layers.items()) * tokens * in_flight)
 
 
 def logits_bytes(config: Config, tokens: int, tensor: int) -> int:
