@@ -29,9 +29,11 @@ def test_planner_agrees_with_the_compiled_step(sizes):
 
 
 def test_data_parallel_ranks_split_the_experts_work():
-    """With data=2 and no expert axis each device routes only its own tokens: the compiled step's
-    per-device FLOPs are about half the single device's (GSPMD alone sorted and computed the
-    whole batch's expert assignments on every rank), and its temporaries shrink accordingly."""
+    """With data=2 and no expert axis each device routes only its own tokens: no buffer of the whole
+    batch's assignments in the compiled HLO (GSPMD alone sorted and computed them on every rank)
+    and per-device temporaries below 0.6 of one device's (0.53; 0.64 before). XLA's FLOP count
+    halves either way (it does not see the replicated sort), so it is checked but proves little;
+    experiments/results/data_parallel_moe.md has the figures before and after."""
     need_devices(2)
     from dsv3_jax.parallel.mesh import make_mesh
     from dsv3_jax.parallel.sharding import RULES
@@ -42,18 +44,19 @@ def test_data_parallel_ranks_split_the_experts_work():
     graphdef, optimizer, state = abstract_train_state(config)
     batch = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len + 1), np.int32)
 
-    def flops(mesh):
+    def costs(mesh):
         step = make_train_step(config, graphdef, optimizer)
         if mesh is None:
-            return jax.jit(step).lower(state, batch).compile().cost_analysis()["flops"]
+            compiled = jax.jit(step).lower(state, batch).compile()
+            return compiled.cost_analysis()["flops"], compiled.memory_analysis().temp_size_in_bytes
         shardings = RULES.tree(state, mesh)
         with jax.set_mesh(mesh):
             compiled = jax.jit(step, in_shardings=(shardings, RULES.batch(mesh))).lower(state, batch).compile()
         assert "f32[3,4096,128]" not in compiled.as_text()  # the whole batch's assignments (2048 x K)
-        return compiled.cost_analysis()["flops"]
+        return compiled.cost_analysis()["flops"], compiled.memory_analysis().temp_size_in_bytes
 
-    ratio = flops(make_mesh(MeshConfig(data=2))) / flops(None)
-    assert 0.45 < ratio < 0.6, ratio
+    (flops, temp), (flops_one, temp_one) = costs(make_mesh(MeshConfig(data=2))), costs(None)
+    assert 0.45 < flops / flops_one < 0.6 and temp / temp_one < 0.6, (flops / flops_one, temp / temp_one)
 
 
 def test_schedule_figures_follow_table_2():

@@ -101,15 +101,11 @@ def abstract_mesh(sizes: dict[str, int]):
 
 
 def _leaf_bytes(variable, mesh) -> int:
-    """Bytes of one device's shard of an abstract Variable (uneven splits round up)."""
+    """Bytes of one device's shard of an abstract Variable (the rules leave indivisible dims whole)."""
     value = variable.get_value()
     axes = variable.get_metadata().get("logical_axes")
-    spec = RULES.spec(tuple(axes), value.shape, mesh) if axes else ()
-    per_device = list(value.shape)
-    for i, entry in enumerate(spec):
-        names = (entry,) if isinstance(entry, str) else (entry or ())
-        per_device[i] = -(-per_device[i] // math.prod(mesh.shape[a] for a in names))
-    return math.prod(per_device) * np.dtype(value.dtype).itemsize
+    shape = RULES.sharding(tuple(axes), mesh, value.shape).shard_shape(value.shape) if axes else value.shape
+    return math.prod(shape) * np.dtype(value.dtype).itemsize
 
 
 _PARTS = ("embed", "dense_layers", "moe_layers", "final_norm", "head", "mtp")
