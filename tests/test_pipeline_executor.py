@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax.parallel.pipeline.executor import pipeline_value_and_grad, tick_table
-from dsv3_jax.parallel.pipeline.schedules import SCHEDULES, make_schedule
+from dsv3_jax.parallel.pipeline.executor import MB, PAIR, pipeline_value_and_grad, tick_table
+from dsv3_jax.parallel.pipeline.schedules import SCHEDULES, make_schedule, peak_activations
 from tests.conftest import need_devices
 from dsv3_jax.parallel.mesh import make_mesh
 
@@ -78,8 +78,36 @@ def test_tick_table_follows_the_schedule_order_and_dependencies():
     table = tick_table(schedule)
     # One chunk per rank per tick: the rank's ops appear in the schedule's order.
     for r, ops in enumerate(schedule.ranks):
-        ran = [(int(k), int(mb)) for k, mb in table[:, r, [0, 2]] if k]
+        ran = [(int(k), int(table.ops[t, r, 0 if k == 1 else 1, MB])) for t, k in enumerate(table.branch[:, r]) if k]
         assert ran == [({"F": 1, "B": 2}[op.kind], op.mb) for op in ops]
     # 1F1B with unit chunks: rank r starts at tick r, the last backward of rank 0 ends the run.
-    assert [int(np.argmax(table[:, r, 0] > 0)) for r in range(4)] == [0, 1, 2, 3]
-    assert table.shape[0] == 2 * 8 + 2 * 3
+    assert [int(np.argmax(table.branch[:, r] > 0)) for r in range(4)] == [0, 1, 2, 3]
+    assert table.branch.shape[0] == 2 * 8 + 2 * 3
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_buffers_hold_the_schedules_peak_not_every_microbatch(name):
+    """Stored stage inputs: as many entries as the schedule's peak in-flight chunks (Table 2's
+    activation column), the same for 2P, 4P and 8P micro-batches (GPipe's peak is all of them)."""
+    sizes = []
+    for n_mb in (2 * P_RANKS, 4 * P_RANKS, 8 * P_RANKS):
+        schedule = make_schedule(name, P_RANKS, n_mb)
+        table = tick_table(schedule)
+        assert table.n_stash == max(peak_activations(schedule))
+        assert table.n_inbox <= table.n_stash + 1 and table.n_cot <= table.n_stash + 1
+        sizes.append(table.n_stash)
+    if name == "gpipe":
+        assert sizes == [2 * P_RANKS, 4 * P_RANKS, 8 * P_RANKS]
+    else:
+        assert sizes[0] == sizes[1] == sizes[2] <= 2 * P_RANKS + 1
+
+
+def test_dualpipe_pairs_run_fused_in_one_tick():
+    schedule = make_schedule("dualpipe", P_RANKS, 4 * P_RANKS)
+    table = tick_table(schedule)
+    for r, ops in enumerate(schedule.ranks):
+        pairs = [t for t in range(table.branch.shape[0]) if table.branch[t, r] == PAIR]
+        assert len(pairs) == sum(op.overlap for op in ops) > 0
+        for t in pairs:  # a forward of one micro-batch and a full backward of another, other directions
+            f, b = table.ops[t, r]
+            assert f[MB] != b[MB]

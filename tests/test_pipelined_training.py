@@ -87,6 +87,13 @@ def test_pipeline_config_errors():
     with pytest.raises(ConfigError, match="train.batch_size=6 must be divisible by train.microbatches=4"):
         validate(Config(model=tiny_model_config(n_layers=5), train=TrainConfig(batch_size=6, seq_len=16, microbatches=4),
                         mesh=MeshConfig(pipeline=2)))
-    with pytest.raises(ConfigError, match="runs alone for now"):
+    with pytest.raises(ConfigError, match="micro-batch of .* = 2 rows must split over the 4 batch shards"):
         validate(Config(model=tiny_model_config(n_layers=5), train=TrainConfig(batch_size=8, seq_len=16, microbatches=4),
-                        mesh=MeshConfig(pipeline=2, data=2)))
+                        mesh=MeshConfig(pipeline=2, data=2, expert=2)))
+    dualpipe = lambda **train: TrainConfig(seq_len=16, pipeline_schedule="dualpipe", **train)
+    with pytest.raises(ConfigError, match="dualpipe needs an even number of ranks"):
+        validate(Config(model=tiny_model_config(n_layers=7), train=dualpipe(batch_size=6, microbatches=6),
+                        mesh=MeshConfig(pipeline=3)))
+    with pytest.raises(ConfigError, match="dualpipe needs at least 4 micro-batches for 2 ranks"):
+        validate(Config(model=tiny_model_config(n_layers=5), train=dualpipe(batch_size=8, microbatches=2),
+                        mesh=MeshConfig(pipeline=2)))

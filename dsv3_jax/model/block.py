@@ -54,10 +54,12 @@ class Block(nnx.Module):
         return x_BTD + y_BTD, stats
 
 
-def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, axis: str = "layers"
+                  ) -> nnx.Module:
     """n independently initialised copies of `make(rngs)` as one module with stacked weights.
 
-    Every Variable's `logical_axes` gains a leading "layers" name.
+    Every Variable's `logical_axes` gains a leading `axis` name ("layers", or "stage_layers" for
+    the stack a pipeline cuts into stages, which each pipeline rank stores its part of).
     """
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
     keys = jax.random.split(rngs.params(), n)
@@ -67,7 +69,7 @@ def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs
         if isinstance(variable, nnx.Variable):
             axes = variable.get_metadata().get("logical_axes")
             if axes is not None:
-                variable.set_metadata(logical_axes=("layers",) + tuple(axes))
+                variable.set_metadata(logical_axes=(axis,) + tuple(axes))
     return stacked
 
 

@@ -46,7 +46,7 @@ class DeepSeekV3(nnx.Module):
         self.embed = Embed(cfg, rngs)
         self.dense_layers = (stack_modules(lambda r: Block(cfg, moe=False, rngs=r), cfg.first_k_dense, rngs)
                              if cfg.first_k_dense else None)
-        self.moe_layers = (stack_modules(lambda r: Block(cfg, moe=True, rngs=r), cfg.n_moe_layers, rngs)
+        self.moe_layers = (stack_modules(lambda r: Block(cfg, moe=True, rngs=r), cfg.n_moe_layers, rngs, "stage_layers")
                            if cfg.n_moe_layers else None)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, "norm", cfg.param_dtype)
         self.head = Linear((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg, rngs, fp8=False)

@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, Int
 from dsv3_jax.config import Fp8Backend, GroupedGemmImpl, ModelConfig
 from dsv3_jax.model.grouped_gemm import grouped_matmul
 from dsv3_jax.model.layers import MLP, dtype_of, param
-from dsv3_jax.model.routing import Router, RouterStats, Routing, router_for
+from dsv3_jax.model.routing import Router, RouterStats, Routing, is_token_choice, router_for
 from dsv3_jax.parallel.expert import (batch_parallel_mesh, batch_parallel_routed_experts, expert_parallel_mesh,
                                       expert_parallel_routed_experts)
 
@@ -72,7 +72,7 @@ class MoE(nnx.Module):
         self.capacity_factor = cfg.expert_capacity_factor
         # A group-limited router bounds the ranks a token reaches; others pick experts freely.
         group_limited = getattr(router_for(cfg.router), "group_limited", False)
-        self.token_choice = getattr(router_for(cfg.router), "token_choice", True)
+        self.token_choice = is_token_choice(cfg)
         self.groups = (cfg.n_group, cfg.topk_group) if group_limited else (1, 1)
 
     def __call__(self, x_BTD: Float[Array, "B T D"], token_ids_BT: Array | None = None

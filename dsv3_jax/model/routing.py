@@ -73,9 +73,15 @@ def token_choice(expert_idx_NK: Array, gates_NK: Array, scores_NE: Array, logits
     return Routing(jnp.repeat(jnp.arange(N), K), expert_idx_NK.reshape(-1), gates_NK.reshape(-1), scores_NE, logits_NE)
 
 
-def chosen_mask(routing: Routing, n_tokens: int, n_experts: int) -> Float[Array, "N E"]:
-    """1 where token n was sent to expert e with a non-zero gate."""
+def chosen_mask(routing: Routing, n_tokens: int, n_experts: int, token_choice: bool = False) -> Float[Array, "N E"]:
+    """1 where token n was sent to expert e with a non-zero gate. `token_choice`: assignment n * K + k
+    is token n's, so the mask is built per token without a scatter by token index (which GSPMD
+    reshards across devices under a mesh, inside a pipeline stage's branch too)."""
     kept = (routing.gate_M != 0).astype(jnp.float32)
+    if token_choice:
+        kept_NK, expert_NK = kept.reshape(n_tokens, -1), routing.expert_M.reshape(n_tokens, -1)
+        hit_NKE = (expert_NK[:, :, None] == jnp.arange(n_experts)).astype(jnp.float32) * kept_NK[:, :, None]
+        return hit_NKE.max(axis=1)
     return jnp.zeros((n_tokens, n_experts), jnp.float32).at[routing.token_M, routing.expert_M].max(kept)
 
 
@@ -280,7 +286,7 @@ class SequenceBalanceLoss(_NoBias):
 
     def loss(self, routing, batch, seq, cfg):
         E = cfg.n_routed_experts
-        chosen_BTE = chosen_mask(routing, batch * seq, E).reshape(batch, seq, E)
+        chosen_BTE = chosen_mask(routing, batch * seq, E, is_token_choice(cfg)).reshape(batch, seq, E)
         return sequence_balance_loss(routing.scores_NE.reshape(batch, seq, E), chosen_BTE, cfg.top_k)
 
 
@@ -382,6 +388,12 @@ def router_entropy(scores_NE: Array) -> Float[Array, ""]:
     return -jnp.mean(jnp.sum(p * jnp.log(jnp.maximum(p, 1e-20)), axis=-1))
 
 
+def is_token_choice(cfg: ModelConfig) -> bool:
+    """Whether the configured router's assignment n * K + k belongs to token n (routers say otherwise
+    with `token_choice = False`)."""
+    return getattr(router_for(cfg.router), "token_choice", True)
+
+
 def resolve(registry: dict, name: str, kind: str):
     """A registered name, or "package.module:name" whose import registers it."""
     if name not in registry and ":" in name:
@@ -416,7 +428,8 @@ class Router(nnx.Module):
         stats = RouterStats(
             expert_load=expert_load(routing, cfg.n_routed_experts),
             router_entropy=router_entropy(routing.scores_NE),
-            dropped_fraction=1.0 - jnp.mean(chosen_mask(routing, B * T, cfg.n_routed_experts).max(-1)),
+            dropped_fraction=1.0 - jnp.mean(chosen_mask(routing, B * T, cfg.n_routed_experts,
+                                                         is_token_choice(cfg)).max(-1)),
             capacity_dropped=jnp.zeros((), jnp.float32),
             aux_losses={name: loss for name, loss in losses.items() if loss is not None})
         return routing, stats

@@ -11,7 +11,8 @@ Mesh axes (`parallel/mesh.py`): data, fsdp, tensor, expert, pipeline.
   everything but the routed experts (report §3.2).
 - fsdp also shards the weights' embed dim at rest; compute gathers it (`compute=True` specs).
 - tensor splits attention heads, FFN hidden dims and the vocabulary.
-- expert splits the routed experts; pipeline splits pipeline stages ("stage").
+- expert splits the routed experts; pipeline splits pipeline stages ("stage", and the MoE stack's
+  layers, "stage_layers": each pipeline rank stores and updates only its stages).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "expert": ("expert",),
     "stage": ("pipeline",),
     "layers": (),
+    "stage_layers": ("pipeline",),  # the MoE stack: rank q stores the layers of its pipeline stages
     "q_lora": (), "kv_lora": (), "qk_head": (), "v_head": (), "router": (), "norm": (), "mtp_concat": (),
     # Activations (and tokens: a flattened batch x sequence is "batch" too).
     "batch": ("data", "fsdp", "expert"),

@@ -1,7 +1,7 @@
 """AdamW (report §4.2: betas 0.9/0.95, weight decay 0.1, clip 1.0) and the LR schedule.
 
 Weight decay applies to matrices only (ndim >= 2 per layer: stacked layers add one axis, so
-we look at the `logical_axes` length minus a leading "layers"). Only Params reach the optimizer;
+we look at the `logical_axes` length minus a leading "layers" / "stage_layers"). Only Params reach the optimizer;
 the routing bias is a separate Variable type and never does.
 """
 
@@ -35,7 +35,7 @@ def decay_mask(params: nnx.State) -> nnx.State:
     """True for weight matrices (per layer), False for norms' scales and other vectors."""
     def is_matrix(variable):
         axes = variable.get_metadata().get("logical_axes", ())
-        per_layer = len(axes) - (1 if axes and axes[0] == "layers" else 0)
+        per_layer = len(axes) - (1 if axes and axes[0] in ("layers", "stage_layers") else 0)
         return per_layer >= 2
 
     return jax.tree.map(is_matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,7 +1,10 @@
 """DeepSeek-V3's loss and gradients through a pipeline schedule (report §3.2.1).
 
 The MoE stack is the pipeline: its L layers are cut into S equal stages (S = P ranks, 2P for
-DualPipeV) run by `parallel/pipeline/executor.py`. Before it, the embedding and the dense layers
+DualPipeV) run by `parallel/pipeline/executor.py`. The stack is stored stage-owned (its "stage_layers"
+axis is sharded over `pipeline`, so each rank keeps, updates and checkpoints 1/P of it and of its
+optimizer state), and data / fsdp / tensor / expert parallelism work inside each stage as they do
+without a pipeline (a micro-batch's rows split over the batch axes, experts over `expert`). Before it, the embedding and the dense layers
 run on every pipeline rank (few and cheap: V3 has 3 dense layers of 61); after it, the last stage
 closes each micro-batch with the final norm, the output head and the MTP modules. The input
 gradient the pipeline hands back continues into the dense layers and the embedding by `jax.vjp`.
@@ -15,6 +18,7 @@ a batch-global `aux_loss` is computed per micro-batch (as in any pipelined train
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -28,26 +32,29 @@ from dsv3_jax.model.rope import rope_tables
 from dsv3_jax.model.routing import Balancing, RouterStats
 from dsv3_jax.parallel.pipeline.executor import pipeline_value_and_grad
 from dsv3_jax.parallel.pipeline.schedules import make_schedule
+from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.train.loss import LossParts, total_loss
 
 
 def check_pipeline_config(config: Config) -> int:
     """Number of stages; ConfigError naming what does not fit."""
-    P, cfg, n_mb = config.mesh.pipeline, config.model, config.train.microbatches
-    m = config.mesh
-    if not m.data == m.fsdp == m.tensor == m.expert == 1:
-        raise ConfigError(f"mesh.pipeline={P} runs alone for now: set mesh.data, fsdp, tensor and expert to 1")
+    P, cfg, tc = config.mesh.pipeline, config.model, config.train
+    n_mb = tc.microbatches
     if cfg.router == "hash":
         raise ConfigError("mesh.pipeline > 1 needs a router that does not read token ids (not model.router=hash)")
-    n_stages = 2 * P if config.train.pipeline_schedule == "dualpipev" else P
+    n_stages = 2 * P if tc.pipeline_schedule == "dualpipev" else P
     if cfg.n_moe_layers % n_stages:
         raise ConfigError(f"model.n_layers - model.first_k_dense = {cfg.n_moe_layers} MoE layers must split into "
-                          f"{n_stages} equal pipeline stages ({config.train.pipeline_schedule}, mesh.pipeline={P})")
-    if config.train.batch_size % n_mb:
-        raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by "
-                          f"train.microbatches={n_mb}")
+                          f"{n_stages} equal pipeline stages ({tc.pipeline_schedule}, mesh.pipeline={P})")
+    if tc.batch_size % n_mb:
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by train.microbatches={n_mb}")
+    shards = RULES.shards("batch", dataclasses.asdict(config.mesh))
+    if (tc.batch_size // n_mb) % shards:
+        raise ConfigError(f"a micro-batch of train.batch_size / train.microbatches = {tc.batch_size // n_mb} rows "
+                          f"must split over the {shards} batch shards (mesh.data x fsdp x expert) inside each "
+                          f"pipeline stage: make train.batch_size a multiple of {n_mb * shards}")
     try:
-        make_schedule(config.train.pipeline_schedule, P, n_mb)  # its own checks (e.g. DualPipe's micro-batches)
+        make_schedule(tc.pipeline_schedule, P, n_mb)  # its own checks (e.g. DualPipe's micro-batches)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return n_stages
@@ -98,13 +105,15 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
             parts = total_loss(logits, mtp_logits, ModelStats(None, mtp_stats), tokens_bS, tc.mtp_lambda, balancing)
             return parts.total / n_mb, HeadStats(jax.tree.map(lambda x: x / n_mb, parts), mtp_stats)
 
-        split_mb = lambda a: a.reshape((n_mb, b) + a.shape[1:])
+        # Micro-batch m is rows m, m + n_mb, ...: each data rank's block of rows then holds b / shards
+        # rows of every micro-batch (the split stays on the rows, never on the micro-batch index).
+        split_mb = lambda a: jnp.swapaxes(a.reshape((b, n_mb) + a.shape[1:]), 0, 1)
         result = pipeline_value_and_grad(stage_fn, loss_fn, schedule, mesh, to_stages((stack_params, stack_bias)),
                                          rest, split_mb(h_BTD), split_mb(tokens_BS))
 
         # Gradients: the stack from its stages; everything else from the head side plus, through the
         # pipeline's input gradient, the embedding and dense layers.
-        (grads,) = back_to_embedding(result.dx_MA.reshape(h_BTD.shape))
+        (grads,) = back_to_embedding(jnp.swapaxes(result.dx_MA, 0, 1).reshape(h_BTD.shape))
         grads = jax.tree.map(jnp.add, grads, result.head_grads)
         grads = nnx.State({**grads.raw_mapping, "moe_layers": from_stages(result.stage_grads[0])})
         grads = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(grads))  # params' node types

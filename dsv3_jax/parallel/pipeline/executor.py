@@ -1,56 +1,107 @@
 """Run a pipeline schedule (schedules.py) as one SPMD program under `jax.shard_map` over `pipeline`.
 
-The schedule becomes a static tick table: at tick t, rank r runs at most one chunk (forward,
-full backward, backward for inputs, or backward for weights) of one micro-batch on one of its
-local stages, chosen from the table with `lax.switch`. Results travel with one `ppermute` to
-each neighbour at the end of the tick (DualPipeV's turn at the bottom of the V stays on the
-rank). Backward for inputs and for weights are separate `jax.vjp` pieces that recompute the
-stage forward from its stored input, so W can run ticks after I (zero-bubble style).
+The schedule becomes a static tick table (`TickTable`): at tick t, rank r runs a forward chunk, a
+backward chunk (full, for inputs, or the deferred one for weights), or DualPipe's F&B pair (a
+forward of one micro-batch and a full backward of another, fused into one program so XLA can
+overlap one's all-to-all with the other's compute), chosen with `lax.switch`. Results travel
+with `ppermute` to the neighbours at the end of the tick (DualPipeV's turn at the bottom of the V
+stays on the rank). Backward for inputs and for weights are separate `jax.vjp` pieces that
+recompute the stage forward from its stored input, so W can run ticks after I (zero bubble).
 
-Stages are homogeneous: `stage_fn(stage_params, x) -> (y, stage_loss, stats)` with y shaped like x
-(a slice of decoder blocks; stage_loss e.g. its balance losses); `loss_fn(head_params, y, target)
--> (loss, stats)` closes the last stage. `pipeline_value_and_grad` returns the summed loss over
-micro-batches, its gradient for every stage's parameters (DualPipe's two copies of a stage
-summed, as its copies must stay equal), for the head's parameters and for the first stage's
-inputs (to continue into the embedding), and the summed stats. Activations are stored for every
-micro-batch here (a buffer of n_microbatches per local stage), not only the schedule's peak: the
-executor shows the schedules compute exactly the unpipelined gradients; the memory of Table 2 is
-read from the schedules.
+Composition. The `shard_map` is manual over `pipeline` only: inside a stage the data, fsdp,
+tensor and expert axes stay automatic (GSPMD), and the MoE's own expert-parallel `shard_map`
+nests inside it. Pipeline ranks run different branches of the switch at the same tick, so a
+branch may only hold collectives within its pipeline rank's devices (all-to-all over expert,
+all-reduce over data / tensor); a resharding that XLA lowers to a collective-permute over the
+whole mesh would wait for ranks that run another branch (tests check the compiled HLO).
+
+Stage-owned parameters. Stage parameters arrive stage-major ([S, ...]) and sharded over
+`pipeline`: rank q stores stages q*S/P .. (q+1)*S/P - 1 and returns their gradients in the same
+layout, so optimizer state and updates are 1/P per rank. A schedule that runs other stages on a
+rank (DualPipe's mirrored copy, DualPipeV's V) receives them by `ppermute` at the start of the
+step and sends their gradients back, where they are summed into the owner's (DualPipe's two
+copies of a stage stay equal because they are one stored stage).
+
+Buffers. Stored stage inputs, received activations and received cotangents live in per-rank pools
+sized to the schedule's peak (intervals from the tick table, coloured greedily), not one entry
+per micro-batch: memory grows with the schedule's in-flight count (Table 2), not with the
+number of micro-batches. The first-stage inputs and their gradient (the embedding's output and
+its cotangent) are the only per-micro-batch arrays.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from dsv3_jax.parallel.pipeline.schedules import Op, Schedule
 from dsv3_jax.parallel.sharding import RULES
 
 KINDS = {"F": 1, "B": 2, "I": 3, "W": 4}  # 0: idle
+PAIR = 5  # an F&B pair: forward on side 0, full backward on side 1
 NONE, RIGHT, LEFT, SELF = 0, 1, 2, 3
+# One op's columns in the table: slot, micro-batch, first stage?, last stage?, where its result
+# goes (none / right / left / self), and buffer entries: its stored input, its received input
+# (F), its cotangent (F on the last stage writes it, B/I/W read it), the entry at the destination.
+SLOT, MB, FIRST, LAST, SEND, STASH, INBOX, COT, DEST = range(9)
+BUFFER_LAYOUT = (None, "batch", "seq", "act_embed")  # [entries, b, T, D]
 
 
-def local_stages(schedule: Schedule) -> list[list[tuple[int, int]]]:
-    """Per rank, its (direction, stage) slots, in a fixed order."""
-    slots = [[] for _ in schedule.ranks]
-    for r, ops in enumerate(schedule.ranks):
-        for op in ops:
-            if (op.direction, op.stage) not in slots[r]:
-                slots[r].append((op.direction, op.stage))
-    width = max(map(len, slots))
-    return [s + [s[-1]] * (width - len(s)) for s in slots]  # pad: unused slots repeat the last
+def stage_slots(schedule: Schedule) -> list[list[tuple[int, int]]]:
+    """Per rank, its (direction, stage) slots, sorted: slot j of different ranks holds different
+    stages, so each (slot, owner's local index) is reached by one `ppermute`."""
+    slots = [sorted({(op.direction, op.stage) for op in ops}) for ops in schedule.ranks]
+    if len({len(s) for s in slots}) != 1:
+        raise ValueError(f"{schedule.name}: ranks hold different numbers of stages")
+    return slots
 
 
-def tick_table(schedule: Schedule) -> np.ndarray:
-    """[ticks, ranks, 7] int table: kind, slot, micro-batch, first stage?, last stage?, where the
-    result goes (none / right / left / self), its slot there. Each op runs at the first tick after
-    its inputs were produced (one tick per chunk; results arrive for the next tick)."""
-    slots = local_stages(schedule)
-    S = schedule.n_stages
-    done: dict[tuple, int] = {}
-    pointer, rows = [0] * len(schedule.ranks), []
+@dataclasses.dataclass(frozen=True)
+class TickTable:
+    branch: np.ndarray  # [ticks, ranks]: 0 idle, KINDS, or PAIR
+    ops: np.ndarray  # [ticks, ranks, 2, 9]: side 0 the forward, side 1 the backward (columns above)
+    n_stash: int  # pool entries per rank: stored stage inputs
+    n_inbox: int  # received forward activations
+    n_cot: int  # cotangents (received, or the head's on the last stage)
+
+
+def _units(ops: tuple[Op, ...]) -> list[tuple[Op, ...]]:
+    """A rank's ops grouped into what runs in one tick: an F marked `overlap` with the backward after it."""
+    units, i = [], 0
+    while i < len(ops):
+        pair = ops[i].overlap and i + 1 < len(ops) and ops[i + 1].kind == "B"
+        units.append(tuple(ops[i:i + 2]) if pair else (ops[i],))
+        i += 2 if pair else 1
+    return units
+
+
+def _pack(intervals: list[tuple[float, float, Any]]) -> tuple[dict, int]:
+    """Greedy interval colouring (optimal for intervals): key -> entry, and the entries needed."""
+    free_at, where = [], {}
+    for start, end, key in sorted(intervals, key=lambda iv: iv[:2]):
+        entry = next((e for e, t in enumerate(free_at) if t < start), None)
+        if entry is None:
+            entry = len(free_at)
+            free_at.append(end)
+        free_at[entry] = end
+        where[key] = entry
+    return where, len(free_at)
+
+
+def tick_table(schedule: Schedule) -> TickTable:
+    """Each unit (op, or F&B pair) runs at the first tick after its inputs were produced, in each
+    rank's order; results arrive for the next tick. Then every buffer entry's lifetime is read off
+    the ticks and packed into per-rank pools."""
+    slots = stage_slots(schedule)
+    S, P = schedule.n_stages, schedule.n_ranks
+    done: dict[tuple, int] = {}  # (kind, mb, stage, direction) -> tick
+    where: dict[tuple, int] = {}  # same key -> rank
+    units = [_units(ops) for ops in schedule.ranks]
+    pointer, placed = [0] * P, []  # placed: (tick, rank, unit)
 
     def deps(op: Op):
         if op.kind == "F":
@@ -60,44 +111,86 @@ def tick_table(schedule: Schedule) -> np.ndarray:
         return [("F", op.mb, op.stage, op.direction)] + ([("B", op.mb, op.stage + 1, op.direction)]
                                                          if op.stage < S - 1 else [])
 
-    def ready(key, t):
-        alt = done.get(("I",) + key[1:]) if key[0] == "B" else None
-        got = done.get(key, alt)
-        return got is not None and got < t
+    def finished(key):  # a full backward and an input-backward both release the previous stage
+        return done.get(key, done.get(("I",) + key[1:]) if key[0] == "B" else None)
 
     t = 0
-    while any(p < len(ops) for p, ops in zip(pointer, schedule.ranks)):
-        row, ran = np.zeros((len(schedule.ranks), 7), np.int32), []
-        for r, ops in enumerate(schedule.ranks):
-            if pointer[r] == len(ops) or not all(ready(d, t) for d in deps(ops[pointer[r]])):
+    while any(p < len(u) for p, u in zip(pointer, units)):
+        ran = []
+        for r in range(P):
+            if pointer[r] == len(units[r]):
                 continue
-            op = ops[pointer[r]]
-            pointer[r] += 1
-            ran.append(op)
+            unit = units[r][pointer[r]]
+            if all((d := finished(k)) is not None and d < t for op in unit for k in deps(op)):
+                ran.append((r, unit))
+                pointer[r] += 1
+        if not ran:
+            raise ValueError(f"{schedule.name}: deadlock at tick {t}")
+        for r, unit in ran:
+            for op in unit:
+                done[(op.kind, op.mb, op.stage, op.direction)] = t
+                where[(op.kind, op.mb, op.stage, op.direction)] = r
+            placed.append((t, r, unit))
+        t += 1
+    n_ticks = t
+
+    # Buffer lifetimes, per rank. Written during a tick: [t, ...]; delivered at its end: [t + 0.5, ...].
+    stash, inbox, cot = ([[] for _ in range(P)] for _ in range(3))
+    for (kind, mb, stage, d), tick in done.items():
+        r = where[(kind, mb, stage, d)]
+        if kind != "F":
+            continue
+        backward = done.get(("W", mb, stage, d), done.get(("B", mb, stage, d)))
+        stash[r].append((tick, backward, (stage, d, mb)))
+        if stage > 0:
+            inbox[r].append((done[("F", mb, stage - 1, d)] + 0.5, tick, (stage, d, mb)))
+        first_read = finished(("B", mb, stage, d))
+        written = tick if stage == S - 1 else finished(("B", mb, stage + 1, d)) + 0.5
+        cot[r].append((written, max(backward, first_read), (stage, d, mb)))
+    pools = [[_pack(per_rank) for per_rank in pool] for pool in (stash, inbox, cot)]
+    entry = lambda pool, r, key: pools[pool][r][0].get(key, 0)
+
+    branch = np.zeros((n_ticks, P), np.int32)
+    table = np.zeros((n_ticks, P, 2, 9), np.int32)
+    for tick, r, unit in placed:
+        branch[tick, r] = PAIR if len(unit) == 2 else KINDS[unit[0].kind]
+        for op in unit:
+            key = (op.stage, op.direction, op.mb)
             target = None
             if op.kind == "F" and op.stage < S - 1:
                 target = (op.direction, op.stage + 1)
             elif op.kind in ("B", "I") and op.stage > 0:
                 target = (op.direction, op.stage - 1)
-            send, dest_slot = NONE, 0
+            send, dest = NONE, 0
             if target is not None:
-                dest = schedule.rank_of(Op("F", 0, target[1], target[0]))
-                send = {r + 1: RIGHT, r - 1: LEFT, r: SELF}[dest]
-                dest_slot = slots[dest].index(target)
-            row[r] = (KINDS[op.kind], slots[r].index((op.direction, op.stage)), op.mb, op.stage == 0,
-                      op.stage == S - 1, send, dest_slot)
-        if not ran:
-            raise ValueError(f"{schedule.name}: deadlock at tick {t}")
-        for op in ran:
-            done[(op.kind, op.mb, op.stage, op.direction)] = t
-        rows.append(row)
-        t += 1
-    return np.stack(rows)
+                dest_rank = schedule.rank_of(Op("F", 0, target[1], target[0]))
+                send = {r + 1: RIGHT, r - 1: LEFT, r: SELF}[dest_rank]
+                dest = entry(1 if op.kind == "F" else 2, dest_rank, (target[1], target[0], op.mb))
+            row = (slots[r].index((op.direction, op.stage)), op.mb, op.stage == 0, op.stage == S - 1, send,
+                   entry(0, r, key), entry(1, r, key), entry(2, r, key), dest)
+            table[tick, r, 0 if op.kind == "F" else 1] = row
+    sizes = [max(n for _, n in pool) for pool in pools]
+    return TickTable(branch, table, *sizes)
+
+
+def slot_routes(schedule: Schedule) -> list[list[tuple[int, list[tuple[int, int]]]]]:
+    """For slot j: [(owner's local index i, ppermute pairs owner -> rank)] that bring each rank the
+    stage it runs in slot j from the rank that stores it (rank q stores stages q*S/P ..)."""
+    per_rank = schedule.n_stages // schedule.n_ranks
+    slots = stage_slots(schedule)
+    routes = []
+    for j in range(len(slots[0])):
+        by_local: dict[int, list] = {}
+        for r, rank_slots in enumerate(slots):
+            stage = rank_slots[j][1]
+            by_local.setdefault(stage % per_rank, []).append((stage // per_rank, r))
+        routes.append(sorted(by_local.items()))
+    return routes
 
 
 class PipelineResult(NamedTuple):
     loss: jax.Array  # sum over micro-batches of every stage's loss and the head's loss
-    stage_grads: Any  # like params_S (DualPipe's two copies of a stage summed)
+    stage_grads: Any  # like params_S: stage-major, sharded over pipeline (DualPipe's two copies summed)
     head_grads: Any  # like head_params
     dx_MA: jax.Array  # d loss / d first-stage inputs
     stage_stats: Any  # stage_fn's stats summed over micro-batches, stacked over stages
@@ -110,16 +203,18 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
 
     stage_fn(stage_params, x) -> (y, stage_loss, stats): y shaped like x; stage_loss a scalar added
     to the objective (e.g. balance losses); stats summed, no gradient. loss_fn(head_params, y, target)
-    -> (loss, stats) closes the last stage. params_S: leaves stack the S stages on axis 0;
-    head_params: replicated; x_MA: the micro-batches' first-stage inputs; target_M: their targets.
+    -> (loss, stats) closes the last stage. params_S: leaves stack the S stages on axis 0 (stored
+    sharded over pipeline); head_params: replicated over pipeline; x_MA: the micro-batches'
+    first-stage inputs; target_M: their targets. Other mesh axes shard what they shard outside.
     """
     n_ranks = mesh.shape["pipeline"]
     if n_ranks != schedule.n_ranks:
         raise ValueError(f"schedule for {schedule.n_ranks} ranks on mesh.pipeline={n_ranks}")
-    table = jnp.asarray(tick_table(schedule))
-    stage_of_slot = np.array([[stage for _, stage in slots] for slots in local_stages(schedule)])  # [P, L]
-    params_PL = jax.tree.map(lambda p: p[stage_of_slot], params_S)
-    L, n_mb = stage_of_slot.shape[1], x_MA.shape[0]
+    ticks = tick_table(schedule)
+    used = sorted(set(np.unique(ticks.branch)) | {0})  # compile only the branches the schedule runs
+    branch_index, op_table = jnp.asarray(np.searchsorted(used, ticks.branch)), jnp.asarray(ticks.ops)
+    routes = slot_routes(schedule)
+    n_slots = len(routes)
     one_stage = jax.tree.map(lambda p: p[0], params_S)
     _, _, stats_shape = jax.eval_shape(stage_fn, one_stage, x_MA[0])
     _, head_stats_shape = jax.eval_shape(loss_fn, head_params, x_MA[0], target_M[0])
@@ -129,24 +224,37 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         y, stage_loss, stats = stage_fn(p, x)
         return (y, stage_loss.astype(jnp.float32)), stats
 
-    def rank_program(params_1L, head_params, x_MA, target_M):
-        params = jax.tree.map(lambda p: p[0], params_1L)
+    def route(x, pairs):
+        if len(pairs) == n_ranks and all(src == dst for src, dst in pairs):
+            return x  # every rank runs this slot on a stage it stores
+        return jax.lax.ppermute(x, "pipeline", pairs)
+
+    def to_slots(local):  # this rank's stored stages [S/P, ...] -> the stages it runs [slots, ...]
+        gathered = [sum(route(local[i], pairs) for i, pairs in by_local) for by_local in routes]
+        return jnp.stack(gathered)
+
+    def from_slots(slot_grads, like):  # gradients per slot -> summed into the owners' stored stages
+        out = jnp.zeros_like(like)
+        for j, by_local in enumerate(routes):
+            for i, pairs in by_local:
+                out = out.at[i].add(route(slot_grads[j], [(dst, src) for src, dst in pairs]))
+        return out
+
+    def rank_program(local_params, head_params, x_MA, target_M):
+        params = jax.tree.map(to_slots, local_params)
         rank = jax.lax.axis_index("pipeline")
-        act = jnp.zeros((L, n_mb) + x_MA.shape[1:], x_MA.dtype)
-        state0 = dict(stash=act, fwd_box=act, bwd_box=act, grads=jax.tree.map(jnp.zeros_like, params),
-                      head_grads=jax.tree.map(jnp.zeros_like, head_params), dx=jnp.zeros_like(x_MA),
-                      loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, (L,)),
+        pool = lambda n: RULES.constrain(jnp.zeros((n,) + x_MA.shape[1:], x_MA.dtype), BUFFER_LAYOUT)
+        state0 = dict(stash=pool(ticks.n_stash), inbox=pool(ticks.n_inbox), cot=pool(ticks.n_cot),
+                      grads=jax.tree.map(jnp.zeros_like, params), head_grads=jax.tree.map(jnp.zeros_like, head_params),
+                      dx=jnp.zeros_like(x_MA), loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, (n_slots,)),
                       head_stats=zeros(head_stats_shape))
         at = lambda slot: jax.tree.map(lambda p: p[slot], params)
         no_msg = jnp.zeros(x_MA.shape[1:], x_MA.dtype)
         add = lambda tree, more: jax.tree.map(jnp.add, tree, more)
 
-        def idle(state, row):
-            return state, no_msg
-
-        def forward(state, row):
-            _, slot, mb, first, last = row[:5]
-            x = jnp.where(first == 1, x_MA[mb], state["fwd_box"][slot, mb])
+        def forward(state, op):
+            slot, mb, first, last = op[SLOT], op[MB], op[FIRST] == 1, op[LAST] == 1
+            x = jnp.where(first, x_MA[mb], state["inbox"][op[INBOX]])
             (y, stage_loss), stats = stage_io(at(slot), x)
 
             def close(y):  # the last stage: the head's loss, its gradients and the y cotangent
@@ -156,64 +264,81 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
 
             nothing = lambda y: (jnp.zeros((), jnp.float32), zeros(head_stats_shape),
                                  jax.tree.map(jnp.zeros_like, head_params), jnp.zeros_like(y))
-            is_last = last == 1
-            loss, head_stats, d_head, dy = jax.lax.cond(is_last, close, nothing, y)
-            state = dict(state, stash=state["stash"].at[slot, mb].set(x),
-                         bwd_box=state["bwd_box"].at[slot, mb].set(jnp.where(is_last, dy, state["bwd_box"][slot, mb])),
+            loss, head_stats, d_head, dy = jax.lax.cond(last, close, nothing, y)
+            cot = state["cot"]
+            state = dict(state, stash=state["stash"].at[op[STASH]].set(x),
+                         cot=cot.at[op[COT]].set(jnp.where(last, dy, cot[op[COT]])),
                          loss=state["loss"] + stage_loss + loss, head_grads=add(state["head_grads"], d_head),
                          head_stats=add(state["head_stats"], head_stats),
                          stats=jax.tree.map(lambda acc, v: acc.at[slot].add(v), state["stats"], stats))
             return state, y
 
-        def cotangent(state, slot, mb):
-            return state["bwd_box"][slot, mb], jnp.ones((), jnp.float32)
+        def cotangent(state, op):
+            return state["cot"][op[COT]], jnp.ones((), jnp.float32)
 
-        def input_grad(state, row):
-            slot, mb, first = row[1], row[2], row[3]
-            _, vjp, _ = jax.vjp(lambda x: stage_io(at(slot), x), state["stash"][slot, mb], has_aux=True)
-            (dx,) = vjp(cotangent(state, slot, mb))
-            dx_out = state["dx"].at[mb].set(jnp.where(first == 1, dx, state["dx"][mb]))
-            return dict(state, dx=dx_out), dx
+        def input_grad(state, op):
+            _, vjp, _ = jax.vjp(lambda x: stage_io(at(op[SLOT]), x), state["stash"][op[STASH]], has_aux=True)
+            (dx,) = vjp(cotangent(state, op))
+            mb = op[MB]
+            return dict(state, dx=state["dx"].at[mb].set(jnp.where(op[FIRST] == 1, dx, state["dx"][mb]))), dx
 
-        def weight_grad(state, row):
-            slot, mb = row[1], row[2]
-            _, vjp, _ = jax.vjp(lambda p: stage_io(p, state["stash"][slot, mb]), at(slot), has_aux=True)
-            (dp,) = vjp(cotangent(state, slot, mb))
-            grads = jax.tree.map(lambda g, d: g.at[slot].add(d), state["grads"], dp)
-            return dict(state, grads=grads), no_msg
+        def weight_grad(state, op):
+            _, vjp, _ = jax.vjp(lambda p: stage_io(p, state["stash"][op[STASH]]), at(op[SLOT]), has_aux=True)
+            (dp,) = vjp(cotangent(state, op))
+            return dict(state, grads=jax.tree.map(lambda g, d: g.at[op[SLOT]].add(d), state["grads"], dp)), no_msg
 
-        def full_backward(state, row):
-            state, dx = input_grad(state, row)
-            state, _ = weight_grad(state, row)
+        def full_backward(state, op):
+            state, dx = input_grad(state, op)
+            state, _ = weight_grad(state, op)
             return state, dx
 
-        def deliver(state, payload, meta):
-            valid, is_grad, slot, mb = meta[0] == 1, meta[1] == 1, meta[2], meta[3]
-            put = lambda box, on: box.at[slot, mb].set(jnp.where(valid & on, payload, box[slot, mb]))
-            return dict(state, fwd_box=put(state["fwd_box"], ~is_grad), bwd_box=put(state["bwd_box"], is_grad))
+        # Each branch: (state, ops [2, 9]) -> (state, (forward side's message, backward side's message)).
+        def single(fn, side):
+            def run(state, ops):
+                state, msg = fn(state, ops[side])
+                return state, (msg, no_msg) if side == 0 else (no_msg, msg)
+            return run
+
+        def pair(state, ops):  # an F&B pair: one program, two independent chunks
+            state, y = forward(state, ops[0])
+            state, dx = full_backward(state, ops[1])
+            return state, (y, dx)
+
+        branches = [lambda state, ops: (state, (no_msg, no_msg)), single(forward, 0), single(full_backward, 1),
+                    single(input_grad, 1), single(weight_grad, 1), pair]
+
+        def deliver(state, box, payload, meta):
+            valid, entry = meta[0] == 1, meta[1]
+            return dict(state, **{box: state[box].at[entry].set(jnp.where(valid, payload, state[box][entry]))})
 
         def tick(t, state):
-            row = table[t, rank]
-            state, payload = jax.lax.switch(row[0], [idle, forward, full_backward, input_grad, weight_grad], state, row)
-            meta = jnp.stack([jnp.int32(1), (row[0] != KINDS["F"]).astype(jnp.int32), row[6], row[2]])
-            for_ = lambda where: meta * (row[5] == where)
-            from_left = jax.lax.ppermute((payload, for_(RIGHT)), "pipeline", [(i, i + 1) for i in range(n_ranks - 1)])
-            from_right = jax.lax.ppermute((payload, for_(LEFT)), "pipeline", [(i + 1, i) for i in range(n_ranks - 1)])
-            for msg in (from_left, from_right, (payload, for_(SELF))):
-                state = deliver(state, *msg)
+            ops = op_table[t, rank]
+            state, payloads = jax.lax.switch(branch_index[t, rank], [branches[k] for k in used], state, ops)
+            for side, box in ((0, "inbox"), (1, "cot")):  # an absent side's row is zeros: sends nothing
+                send = ops[side, SEND]
+                meta = lambda where: jnp.stack([(send == where).astype(jnp.int32), ops[side, DEST]])
+                right = [(i, i + 1) for i in range(n_ranks - 1)]
+                left = [(i + 1, i) for i in range(n_ranks - 1)]
+                for msg in (jax.lax.ppermute((payloads[side], meta(RIGHT)), "pipeline", right),
+                            jax.lax.ppermute((payloads[side], meta(LEFT)), "pipeline", left),
+                            (payloads[side], meta(SELF))):
+                    state = deliver(state, box, *msg)
             return state
 
-        state = jax.lax.fori_loop(0, table.shape[0], tick, state0)
+        state = jax.lax.fori_loop(0, ticks.branch.shape[0], tick, state0)
         per_rank = lambda tree: jax.tree.map(lambda a: a[None], tree)
         total = lambda tree: jax.tree.map(lambda a: jax.lax.psum(a, "pipeline"), tree)
-        return (total(state["loss"]), per_rank(state["grads"]), total(state["head_grads"]), total(state["dx"]),
+        stored_grads = jax.tree.map(from_slots, state["grads"], local_params)
+        return (total(state["loss"]), stored_grads, total(state["head_grads"]), total(state["dx"]),
                 per_rank(state["stats"]), total(state["head_stats"]))
 
-    by_rank, replicated = RULES.spec(("stage",), mesh=mesh), RULES.spec((), mesh=mesh)
+    by_rank, replicated = RULES.spec(("stage",), mesh=mesh), jax.sharding.PartitionSpec()
     run = jax.shard_map(rank_program, mesh=mesh, in_specs=(by_rank, replicated, replicated, replicated),
-                        out_specs=(replicated, by_rank, replicated, replicated, by_rank, replicated), check_vma=False)
-    loss, grads_PL, head_grads, dx_MA, stats_PL, head_stats = run(params_PL, head_params, x_MA, target_M)
+                        out_specs=(replicated, by_rank, replicated, replicated, by_rank, replicated), check_vma=False,
+                        axis_names=frozenset({"pipeline"}))
+    loss, stage_grads, head_grads, dx_MA, stats_PJ, head_stats = run(params_S, head_params, x_MA, target_M)
+    stage_of_slot = np.array([[stage for _, stage in slots] for slots in stage_slots(schedule)])  # [P, slots]
     S = jax.tree.leaves(params_S)[0].shape[0]
     by_stage = lambda tree: jax.tree.map(
         lambda g: jnp.zeros((S,) + g.shape[2:], g.dtype).at[stage_of_slot].add(g), tree)
-    return PipelineResult(loss, by_stage(grads_PL), head_grads, dx_MA, by_stage(stats_PL), head_stats)
+    return PipelineResult(loss, stage_grads, head_grads, dx_MA, by_stage(stats_PJ), head_stats)
