@@ -1,0 +1,53 @@
+"""`dsv3 train` on a composed pipeline mesh (data=2, pipeline=2, expert=2; DualPipe): it trains,
+checkpoints the stage-owned state, and after SIGTERM `--resume` continues with identical losses."""
+
+import signal
+
+import pytest
+
+from tests.test_train_cli import SMALL, dsv3, losses, start, wait_for
+
+STEPS = 24
+CHANGES = {"model.n_layers=2": "model.n_layers=5",  # 4 MoE layers: 2 stages
+           "train.batch_size=4": "train.batch_size=16"}  # 4 micro-batches of 4 rows: 1 per batch shard
+COMPOSED = [CHANGES.get(a, a) for a in SMALL] + [
+    "--set", "train.microbatches=4", "--set", "train.checkpoint_every=2", "--set", "train.pipeline_schedule=dualpipe",
+    "--mesh", "data=2,pipeline=2,expert=2", "--host-devices", "8"]
+
+
+def test_composed_pipeline_run_resumes_exactly(tmp_path):
+    straight = tmp_path / "straight"
+    out = dsv3("train", "--steps", str(STEPS), "--run-dir", str(straight), *COMPOSED)
+    assert out.returncode == 0, out.stderr
+    assert [step for step, _ in losses(straight)] == list(range(1, STEPS + 1))
+
+    run = tmp_path / "term"
+    proc = start("train", "--steps", str(STEPS), "--run-dir", str(run), *COMPOSED)
+    metrics = run / "metrics.jsonl"
+    assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped_at = len(losses(run))
+    assert 3 <= stopped_at < STEPS, "the run finished before the signal: nothing was tested"
+    out = dsv3("train", "--steps", str(STEPS), "--run-dir", str(run), "--resume", *COMPOSED)
+    assert out.returncode == 0, out.stderr
+    assert losses(run) == losses(straight)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (["--mesh", "pipeline=3", "--set", "model.n_layers=7", "--set", "train.batch_size=6", "--set",
+      "train.microbatches=6"], "dualpipe needs an even number of ranks and of micro-batches (got 3, 6)"),
+    (["--set", "train.microbatches=2", "--set", "train.batch_size=8"],
+     "dualpipe needs at least 4 micro-batches for 2 ranks (got 2)"),
+    (["--set", "model.n_layers=4"], "3 MoE layers must split into 2 equal pipeline stages"),
+    (["--set", "train.batch_size=8"], "a micro-batch of train.batch_size / train.microbatches = 2 rows must split "
+                                      "over the 4 batch shards"),
+    (["--set", "train.microbatches=6"], "train.batch_size=16 must be divisible by train.microbatches=6"),
+    (["--mesh", "pipeline=2,expert=3", "--host-devices", "6", "--set", "train.batch_size=24"],
+     "model.n_routed_experts=8 must be divisible by mesh.expert=3"),
+])
+def test_invalid_pipeline_requests_one_line_exit_2(tmp_path, changes, message):
+    out = dsv3("train", "--steps", "2", "--run-dir", str(tmp_path / "r"), *COMPOSED, *changes)
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "r").exists()
