@@ -4,10 +4,11 @@ The MoE stack is the pipeline: its L layers are cut into S equal stages (S = P r
 DualPipeV) run by `parallel/pipeline/executor.py`. The stack is stored stage-owned (its "stage_layers"
 axis is sharded over `pipeline`, so each rank keeps, updates and checkpoints 1/P of it and of its
 optimizer state), and data / fsdp / tensor / expert parallelism work inside each stage as they do
-without a pipeline (a micro-batch's rows split over the batch axes, experts over `expert`). Before it, the embedding and the dense layers
-run on every pipeline rank (few and cheap: V3 has 3 dense layers of 61); after it, the last stage
-closes each micro-batch with the final norm, the output head and the MTP modules. The input
-gradient the pipeline hands back continues into the dense layers and the embedding by `jax.vjp`.
+without a pipeline (a micro-batch's rows split over the batch axes, experts over `expert`). The
+first stage embeds each micro-batch's tokens and runs the dense layers (V3 has 3 of 61) before its
+MoE layers, and hands their gradients back to their parameters; the last stage closes each
+micro-batch with the final norm, the output head and the MTP modules. Those parameters (embedding,
+dense layers, head, MTP) are replicated over the pipeline, a small share of the model.
 
 The result has the unpipelined step's form: ((total loss, (LossParts, stats)), grads), so the
 optimizer, bias update and metrics of `train/step.py` run unchanged. Losses are means over
@@ -74,12 +75,10 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
 
     def loss_and_grads(params, routing_bias, tokens_BS):
         B, S = tokens_BS.shape
-        tokens_BT = tokens_BS[:, :-1]
         T, b = S - 1, B // n_mb
         cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (b, T)))
-        cos_full, sin_full = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (B, T)))
 
-        # The model's own pieces: `embed_and_dense` on every rank, the MoE stack in stages, and
+        # The model's own pieces: `embed_and_dense` on the first stage, the MoE stack in stages, and
         # `head_and_mtp` on the last stage, each from a model merged without the stages' weights.
         stack_graphdef, stack_params, stack_bias = nnx.split(nnx.merge(graphdef, params, routing_bias).moe_layers,
                                                              nnx.Param, ...)
@@ -88,12 +87,12 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
         model_without_stack = lambda rest: nnx.merge(graphdef, nnx.State({**rest, "moe_layers": abstract_stack}),
                                                      routing_bias)
 
-        h_BTD, back_to_embedding = jax.vjp(
-            lambda rest: model_without_stack(rest).embed_and_dense(tokens_BT, cos_full, sin_full), rest)
-
         # The MoE stack as S stages of L/S layers: leaves [L, ...] -> [S, L/S, ...].
         to_stages = lambda tree: jax.tree.map(lambda a: a.reshape((n_stages, -1) + a.shape[1:]), tree)
         from_stages = lambda tree: jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), tree)
+
+        def first_fn(rest, tokens_bS):  # per micro-batch, on the first stage's rank
+            return model_without_stack(rest).embed_and_dense(tokens_bS[:, :-1], cos, sin)
 
         def stage_fn(stage, x_bTD):
             y_bTD, stats = run_blocks(nnx.merge(stack_graphdef, *stage), x_bTD, cos, sin, cfg.remat)
@@ -108,14 +107,13 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
         # Micro-batch m is rows m, m + n_mb, ...: each data rank's block of rows then holds b / shards
         # rows of every micro-batch (the split stays on the rows, never on the micro-batch index).
         split_mb = lambda a: jnp.swapaxes(a.reshape((b, n_mb) + a.shape[1:]), 0, 1)
+        tokens_MbS = split_mb(tokens_BS)
         result = pipeline_value_and_grad(stage_fn, loss_fn, schedule, mesh, to_stages((stack_params, stack_bias)),
-                                         rest, split_mb(h_BTD), split_mb(tokens_BS))
+                                         rest, tokens_MbS, tokens_MbS, first_fn=first_fn)
 
-        # Gradients: the stack from its stages; everything else from the head side plus, through the
-        # pipeline's input gradient, the embedding and dense layers.
-        (grads,) = back_to_embedding(jnp.swapaxes(result.dx_MA, 0, 1).reshape(h_BTD.shape))
-        grads = jax.tree.map(jnp.add, grads, result.head_grads)
-        grads = nnx.State({**grads.raw_mapping, "moe_layers": from_stages(result.stage_grads[0])})
+        # Gradients: the stack from its stages; everything else (embedding and dense layers on the
+        # first stage, head and MTP on the last) from the executor's head gradients.
+        grads = nnx.State({**result.head_grads.raw_mapping, "moe_layers": from_stages(result.stage_grads[0])})
         grads = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(grads))  # params' node types
 
         # Statistics with the unpipelined step's meaning: loads summed over micro-batches, means averaged.

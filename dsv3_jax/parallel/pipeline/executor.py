@@ -25,8 +25,9 @@ copies of a stage stay equal because they are one stored stage).
 Buffers. Stored stage inputs, received activations and received cotangents live in per-rank pools
 sized to the schedule's peak (intervals from the tick table, coloured greedily), not one entry
 per micro-batch: memory grows with the schedule's in-flight count (Table 2), not with the
-number of micro-batches. The first-stage inputs and their gradient (the embedding's output and
-its cotangent) are the only per-micro-batch arrays.
+number of micro-batches. With `first_fn` (the embedding and dense layers) the first stage builds
+its input from the micro-batch's tokens and sends the input's gradient on into `first_fn`'s
+parameters, so no activation of the whole batch exists anywhere.
 """
 
 from __future__ import annotations
@@ -191,14 +192,14 @@ def slot_routes(schedule: Schedule) -> list[list[tuple[int, list[tuple[int, int]
 class PipelineResult(NamedTuple):
     loss: jax.Array  # sum over micro-batches of every stage's loss and the head's loss
     stage_grads: Any  # like params_S: stage-major, sharded over pipeline (DualPipe's two copies summed)
-    head_grads: Any  # like head_params
-    dx_MA: jax.Array  # d loss / d first-stage inputs
+    head_grads: Any  # like head_params (through loss_fn, and first_fn when given)
+    dx_MA: jax.Array | None  # d loss / d first-stage inputs (None with first_fn)
     stage_stats: Any  # stage_fn's stats summed over micro-batches, stacked over stages
     head_stats: Any  # loss_fn's stats summed over micro-batches
 
 
-def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_S, head_params, x_MA, target_M
-                            ) -> PipelineResult:
+def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_S, head_params, x_MA, target_M,
+                            first_fn=None) -> PipelineResult:
     """The summed loss over micro-batches and its gradients, run pipelined over `mesh`'s `pipeline` axis.
 
     stage_fn(stage_params, x) -> (y, stage_loss, stats): y shaped like x; stage_loss a scalar added
@@ -206,6 +207,8 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
     -> (loss, stats) closes the last stage. params_S: leaves stack the S stages on axis 0 (stored
     sharded over pipeline); head_params: replicated over pipeline; x_MA: the micro-batches'
     first-stage inputs; target_M: their targets. Other mesh axes shard what they shard outside.
+    first_fn(head_params, x) -> the first stage's input (e.g. embedding tokens), run per
+    micro-batch on the first stage, its parameter gradients added to head_grads.
     """
     n_ranks = mesh.shape["pipeline"]
     if n_ranks != schedule.n_ranks:
@@ -216,8 +219,9 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
     routes = slot_routes(schedule)
     n_slots = len(routes)
     one_stage = jax.tree.map(lambda p: p[0], params_S)
-    _, _, stats_shape = jax.eval_shape(stage_fn, one_stage, x_MA[0])
-    _, head_stats_shape = jax.eval_shape(loss_fn, head_params, x_MA[0], target_M[0])
+    h = x_MA[0] if first_fn is None else jax.eval_shape(first_fn, head_params, x_MA[0])  # a stage's input
+    _, _, stats_shape = jax.eval_shape(stage_fn, one_stage, h)
+    _, head_stats_shape = jax.eval_shape(loss_fn, head_params, h, target_M[0])
     zeros = lambda tree, lead=(): jax.tree.map(lambda a: jnp.zeros(lead + a.shape, a.dtype), tree)
 
     def stage_io(p, x):  # ((y, stage_loss), stats): vjp takes cotangent (dy, 1) for the pair
@@ -243,18 +247,23 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
     def rank_program(local_params, head_params, x_MA, target_M):
         params = jax.tree.map(to_slots, local_params)
         rank = jax.lax.axis_index("pipeline")
-        pool = lambda n: RULES.constrain(jnp.zeros((n,) + x_MA.shape[1:], x_MA.dtype), BUFFER_LAYOUT)
+        pool = lambda n: RULES.constrain(jnp.zeros((n,) + h.shape, h.dtype), BUFFER_LAYOUT)
         state0 = dict(stash=pool(ticks.n_stash), inbox=pool(ticks.n_inbox), cot=pool(ticks.n_cot),
                       grads=jax.tree.map(jnp.zeros_like, params), head_grads=jax.tree.map(jnp.zeros_like, head_params),
-                      dx=jnp.zeros_like(x_MA), loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, (n_slots,)),
+                      loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, (n_slots,)),
                       head_stats=zeros(head_stats_shape))
+        if first_fn is None:
+            state0["dx"] = jnp.zeros_like(x_MA)
         at = lambda slot: jax.tree.map(lambda p: p[slot], params)
-        no_msg = jnp.zeros(x_MA.shape[1:], x_MA.dtype)
+        no_msg = jnp.zeros(h.shape, h.dtype)
         add = lambda tree, more: jax.tree.map(jnp.add, tree, more)
 
         def forward(state, op):
             slot, mb, first, last = op[SLOT], op[MB], op[FIRST] == 1, op[LAST] == 1
-            x = jnp.where(first, x_MA[mb], state["inbox"][op[INBOX]])
+            if first_fn is None:
+                x = jnp.where(first, x_MA[mb], state["inbox"][op[INBOX]])
+            else:
+                x = jax.lax.cond(first, lambda: first_fn(head_params, x_MA[mb]), lambda: state["inbox"][op[INBOX]])
             (y, stage_loss), stats = stage_io(at(slot), x)
 
             def close(y):  # the last stage: the head's loss, its gradients and the y cotangent
@@ -279,8 +288,16 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         def input_grad(state, op):
             _, vjp, _ = jax.vjp(lambda x: stage_io(at(op[SLOT]), x), state["stash"][op[STASH]], has_aux=True)
             (dx,) = vjp(cotangent(state, op))
-            mb = op[MB]
-            return dict(state, dx=state["dx"].at[mb].set(jnp.where(op[FIRST] == 1, dx, state["dx"][mb]))), dx
+            mb, first = op[MB], op[FIRST] == 1
+            if first_fn is None:
+                return dict(state, dx=state["dx"].at[mb].set(jnp.where(first, dx, state["dx"][mb]))), dx
+
+            def into_first_fn(dx):  # the first stage's input gradient continues into first_fn's parameters
+                _, vjp_first = jax.vjp(lambda hp: first_fn(hp, x_MA[mb]), head_params)
+                return vjp_first(dx)[0]
+
+            d_head = jax.lax.cond(first, into_first_fn, lambda dx: jax.tree.map(jnp.zeros_like, head_params), dx)
+            return dict(state, head_grads=add(state["head_grads"], d_head)), dx
 
         def weight_grad(state, op):
             _, vjp, _ = jax.vjp(lambda p: stage_io(p, state["stash"][op[STASH]]), at(op[SLOT]), has_aux=True)
@@ -329,8 +346,9 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         per_rank = lambda tree: jax.tree.map(lambda a: a[None], tree)
         total = lambda tree: jax.tree.map(lambda a: jax.lax.psum(a, "pipeline"), tree)
         stored_grads = jax.tree.map(from_slots, state["grads"], local_params)
-        return (total(state["loss"]), stored_grads, total(state["head_grads"]), total(state["dx"]),
-                per_rank(state["stats"]), total(state["head_stats"]))
+        dx = total(state["dx"]) if first_fn is None else jnp.zeros(())
+        return (total(state["loss"]), stored_grads, total(state["head_grads"]), dx, per_rank(state["stats"]),
+                total(state["head_stats"]))
 
     by_rank, replicated = RULES.spec(("stage",), mesh=mesh), jax.sharding.PartitionSpec()
     run = jax.shard_map(rank_program, mesh=mesh, in_specs=(by_rank, replicated, replicated, replicated),
@@ -341,4 +359,5 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
     S = jax.tree.leaves(params_S)[0].shape[0]
     by_stage = lambda tree: jax.tree.map(
         lambda g: jnp.zeros((S,) + g.shape[2:], g.dtype).at[stage_of_slot].add(g), tree)
-    return PipelineResult(loss, stage_grads, head_grads, dx_MA, by_stage(stats_PJ), head_stats)
+    return PipelineResult(loss, stage_grads, head_grads, dx_MA if first_fn is None else None, by_stage(stats_PJ),
+                          head_stats)
