@@ -149,6 +149,9 @@ def test_composed_pipeline_splits_microbatch_rows_and_keeps_collectives_in_the_p
     one_row = sorted(int(n) for n in re.findall(r"f32\[(\d+),1,16,32\]", carry))  # [entries, rows, T, D]
     ticks = tick_table(make_schedule("dualpipe", 2, 4))
     assert one_row == sorted([ticks.n_stash, ticks.n_inbox, ticks.n_cot])
+    # Every attention score block [rows, heads, T, T] (the dense, MoE and MTP layers all run in stages):
+    # one row per device, never the micro-batch's 4.
+    assert "f32[1,2,16,16]" in hlo and "f32[4,2,16,16]" not in hlo
     pipeline_coordinate = {d.id: c[-1] for c, d in np.ndenumerate(mesh.devices)}
     others = {d.id: c[:-1] for c, d in np.ndenumerate(mesh.devices)}
     pairs = [tuple(map(int, p)) for group in re.findall(r"source_target_pairs=\{(.*?)\}\}", hlo)
