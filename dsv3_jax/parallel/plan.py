@@ -234,9 +234,12 @@ def plan(layout: Layout) -> Plan:
     _, _, state = abstract_train_state(config)
     schedule, pp = tc.pipeline_schedule, sizes["pipeline"]
 
-    params = _pipeline_rank_bytes(_bytes_by_part(state.params, mesh), pp, schedule, cfg.n_moe_layers)
+    # Bytes per part inside one pipeline rank (the rules' stage-owned split of the stack left to
+    # `_pipeline_rank_bytes`, which also places the embedding / head and DualPipe's copies).
+    in_stage = abstract_mesh({**sizes, "pipeline": 1})
+    params = _pipeline_rank_bytes(_bytes_by_part(state.params, in_stage), pp, schedule, cfg.n_moe_layers)
     grads = params  # same dtype and layout as the parameters
-    optimizer = _pipeline_rank_bytes(_bytes_by_part(state.opt_state, mesh), pp, schedule, cfg.n_moe_layers)
+    optimizer = _pipeline_rank_bytes(_bytes_by_part(state.opt_state, in_stage), pp, schedule, cfg.n_moe_layers)
     if layout.zero1:
         optimizer = math.ceil(optimizer / sizes["data"])
 
