@@ -1,11 +1,9 @@
 """`dsv3 train` on a composed pipeline mesh (data=2, pipeline=2, expert=2; DualPipe): it trains,
 checkpoints the stage-owned state, and after SIGTERM `--resume` continues with identical losses."""
 
-import signal
-
 import pytest
 
-from tests.test_train_cli import SMALL, dsv3, losses, start, wait_for
+from tests.test_train_cli import SMALL, dsv3, losses, stop_and_resume
 
 STEPS = 24
 CHANGES = {"model.n_layers=2": "model.n_layers=5",  # 4 MoE layers: 2 stages
@@ -21,18 +19,8 @@ def test_composed_pipeline_run_resumes_exactly(tmp_path):
     assert out.returncode == 0, out.stderr
     assert [step for step, _ in losses(straight)] == list(range(1, STEPS + 1))
 
-    run = tmp_path / "term"
-    proc = start("train", "--steps", str(STEPS), "--run-dir", str(run), *COMPOSED)
-    metrics = run / "metrics.jsonl"
-    assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    stopped_at = len(losses(run))
-    assert 3 <= stopped_at < STEPS, "the run finished before the signal: nothing was tested"
-    out = dsv3("train", "--steps", str(STEPS), "--run-dir", str(run), "--resume", *COMPOSED)
-    assert out.returncode == 0, out.stderr
-    assert losses(run) == losses(straight)
+    stop_and_resume(tmp_path / "term", STEPS, COMPOSED)  # stage-owned state restored to its ranks
+    assert losses(tmp_path / "term") == losses(straight)
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -83,19 +83,24 @@ def test_straight_run_leaves_a_complete_run_directory(straight_run):
     assert records[-1]["lm_loss"] < records[0]["lm_loss"] - 1.0
 
 
-def test_resume_after_sigterm_is_exact(straight_run, tmp_path):
-    run = tmp_path / "term"
-    proc = start("train", "--steps", str(STEPS), "--run-dir", str(run), *SMALL)
+def stop_and_resume(run: Path, steps: int, args: list[str]) -> None:
+    """Start `dsv3 train`, SIGTERM it after 3 logged steps (status 128 + SIGTERM), then --resume it
+    to the end."""
+    proc = start("train", "--steps", str(steps), "--run-dir", str(run), *args)
     metrics = run / "metrics.jsonl"
     assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     stopped_at = len(losses(run))
-    assert 3 <= stopped_at < STEPS, "the run finished before the signal: nothing was tested"
-    out = dsv3("train", "--steps", str(STEPS), "--run-dir", str(run), "--resume", *SMALL)
+    assert 3 <= stopped_at < steps, "the run finished before the signal: nothing was tested"
+    out = dsv3("train", "--steps", str(steps), "--run-dir", str(run), "--resume", *args)
     assert out.returncode == 0, out.stderr
-    assert losses(run) == losses(straight_run)
+
+
+def test_resume_after_sigterm_is_exact(straight_run, tmp_path):
+    stop_and_resume(tmp_path / "term", STEPS, SMALL)
+    assert losses(tmp_path / "term") == losses(straight_run)
 
 
 def test_kill_9_loop_loses_and_repeats_no_step(straight_run, tmp_path):

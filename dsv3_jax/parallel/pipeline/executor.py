@@ -351,9 +351,10 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
                 total(state["head_stats"]))
 
     by_rank, replicated = RULES.spec(("stage",), mesh=mesh), jax.sharding.PartitionSpec()
-    run = jax.shard_map(rank_program, mesh=mesh, in_specs=(by_rank, replicated, replicated, replicated),
-                        out_specs=(replicated, by_rank, replicated, replicated, by_rank, replicated), check_vma=False,
-                        axis_names=frozenset({"pipeline"}))
+    # Under jit also when called eagerly: an eager shard_map that is manual over some axes only is refused.
+    run = jax.jit(jax.shard_map(rank_program, mesh=mesh, in_specs=(by_rank, replicated, replicated, replicated),
+                                out_specs=(replicated, by_rank, replicated, replicated, by_rank, replicated),
+                                check_vma=False, axis_names=frozenset({"pipeline"})))
     loss, stage_grads, head_grads, dx_MA, stats_PJ, head_stats = run(params_S, head_params, x_MA, target_M)
     stage_of_slot = np.array([[stage for _, stage in slots] for slots in stage_slots(schedule)])  # [P, slots]
     S = jax.tree.leaves(params_S)[0].shape[0]
