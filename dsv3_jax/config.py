@@ -245,6 +245,9 @@ class TrainConfig:
     # Pipeline parallelism (mesh.pipeline > 1, report §3.2.1): schedule and micro-batches per step.
     pipeline_schedule: PipelineSchedule = "1f1b"
     microbatches: int = 8
+    # A stage keeps its forward's residuals for the backward instead of recomputing the forward
+    # (twice, for input and weight gradients): unpipelined FLOPs for more activation memory.
+    pipeline_keep_residuals: bool = False
     # Post-training (report §5.1): "sft" trains on packed (prompt, response) examples with the loss
     # on responses only, starting from the weights of the run in `init_from` (post/sft.py).
     objective: Objective = "pretrain"

@@ -9,7 +9,7 @@ the unpipelined step's (the whole batch at once) grow. Also per device: the trai
 where the stage-owned MoE stack halves what each rank keeps.
 
 Command:   uv run python experiments/bench_pipeline_memory.py
-Runtime:   about 5 minutes on a 2-core CPU (12 compiles, nothing runs).
+Runtime:   about 7 minutes on a 2-core CPU (15 compiles, nothing runs).
 Writes:    experiments/results/pipeline_memory.md
 """
 
@@ -39,20 +39,23 @@ READING = """Reading: DualPipe's and 1F1B's temporaries do not change from 2P to
 hold the schedule's peak in-flight chunks (Table 2: PP+1 = 3 for DualPipe, PP = 2 for 1F1B), sized
 from the tick table. GPipe's grow with its peak, which is every micro-batch. The unpipelined step
 grows with the batch because it keeps every layer's residuals for the backward, where each
-pipeline stage keeps only its input and recomputes its forward (for the input gradient and again
-for the weight gradient): the pipeline here trades FLOPs for memory. DualPipe needs more than 1F1B
+pipeline stage by default keeps only its input and recomputes its forward (for the input gradient
+and again for the weight gradient, about 5/3 of the unpipelined FLOPs). With
+`train.pipeline_keep_residuals=true` a stage keeps its forward's residuals instead (no recomputed
+forward: the unpipelined FLOPs); its temporaries are then those residuals for the schedule's peak
+chunks, still flat in the number of micro-batches. DualPipe needs more than 1F1B
 for the mirrored stage's parameters it receives each step, the F&B pair's program and one more
 chunk. The state column is the train state per device: the stage-owned MoE stack is half of the
 unpipelined mesh's; the rest (embedding, dense layer, head, MTP) is replicated over `pipeline`."""
 
 
-def measure(schedule: str | None, n_mb: int) -> dict:
+def measure(schedule: str | None, n_mb: int, keep_residuals: bool = False) -> dict:
     base = get_preset("tiny")
     mesh_sizes = dict(data=2, expert=2, pipeline=P if schedule else 1)
     config = dataclasses.replace(
         base, model=dataclasses.replace(base.model, n_layers=base.model.first_k_dense + 4),
         train=dataclasses.replace(base.train, batch_size=ROWS * n_mb, microbatches=n_mb,
-                                  pipeline_schedule=schedule or "1f1b"),
+                                  pipeline_schedule=schedule or "1f1b", pipeline_keep_residuals=keep_residuals),
         mesh=MeshConfig(**mesh_sizes))
     validate(config)
     mesh = make_mesh(config.mesh)
@@ -74,9 +77,10 @@ def measure(schedule: str | None, n_mb: int) -> dict:
 def main() -> None:
     start = time.time()
     counts = (2 * P, 4 * P, 8 * P)
-    table = {name: {n: measure(schedule, n) for n in counts}
-             for name, schedule in (("DualPipe", "dualpipe"), ("1F1B", "1f1b"), ("GPipe", "gpipe"),
-                                    ("no pipeline (data=2, expert=2)", None))}
+    table = {name: {n: measure(schedule, n, keep) for n in counts}
+             for name, schedule, keep in (("DualPipe", "dualpipe", False), ("DualPipe, keep residuals", "dualpipe", True),
+                                          ("1F1B", "1f1b", False), ("GPipe", "gpipe", False),
+                                          ("no pipeline (data=2, expert=2)", None, False))}
     lines = ["# Pipeline memory per device vs the number of micro-batches", "",
              f"`uv run python experiments/bench_pipeline_memory.py` ({time.strftime('%Y-%m-%d')}, 2-core CPU, 8 host "
              f"devices, `tiny` preset with 4 MoE layers, fp32, sequences of 128, micro-batches of {ROWS} rows; "

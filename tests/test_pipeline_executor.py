@@ -41,8 +41,9 @@ def reference(params_S, head, x_MBD, target_MBD):
     return jax.value_and_grad(total, argnums=(0, 1, 2))(params_S, head, x_MBD)
 
 
+@pytest.mark.parametrize("keep_residuals", [False, True], ids=["recompute", "keep-residuals"])
 @pytest.mark.parametrize("name", SCHEDULES)
-def test_pipelined_gradients_equal_unpipelined(name):
+def test_pipelined_gradients_equal_unpipelined(name, keep_residuals):
     need_devices(P_RANKS)
     schedule = make_schedule(name, P_RANKS, N_MB)
     S, D = schedule.n_stages, 8
@@ -52,7 +53,8 @@ def test_pipelined_gradients_equal_unpipelined(name):
     target = jax.random.normal(keys[3], (N_MB, 2, 4))
     head = {"w": jax.random.normal(jax.random.key(9), (D, 4))}
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, "pipeline": P_RANKS})
-    run = jax.jit(lambda p, h, x, t: pipeline_value_and_grad(stage_fn, loss_fn, schedule, mesh, p, h, x, t))
+    run = jax.jit(lambda p, h, x, t: pipeline_value_and_grad(stage_fn, loss_fn, schedule, mesh, p, h, x, t,
+                                                             keep_residuals=keep_residuals))
     got = run(params, head, x, target)
     want_loss, (want_grads, want_head, want_dx) = reference(params, head, x, target)
     np.testing.assert_allclose(got.loss, want_loss, rtol=1e-5)

@@ -104,10 +104,10 @@ def composed_reference():
     return config, graphdef, state, tokens, loss, grads
 
 
-def _composed_step(composed_reference, mesh_name, schedule):
+def _composed_step(composed_reference, mesh_name, schedule, option=None):
     config, graphdef, state, tokens, _, _ = composed_reference
-    config = dataclasses.replace(config, mesh=MeshConfig(**COMPOSED[mesh_name]),
-                                 train=dataclasses.replace(config.train, pipeline_schedule=schedule))
+    train = dataclasses.replace(config.train, pipeline_schedule=schedule, pipeline_keep_residuals=option is not None)
+    config = dataclasses.replace(config, mesh=MeshConfig(**COMPOSED[mesh_name]), train=train)
     validate(config)
     mesh = make_mesh(config.mesh)
     params, bias = jax.device_put((state.params, state.routing_bias), RULES.tree((state.params, state.routing_bias),
@@ -117,13 +117,13 @@ def _composed_step(composed_reference, mesh_name, schedule):
         return mesh, fn, (params, bias, tokens)
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb1p", "dualpipe", "dualpipev"])
+@pytest.mark.parametrize("schedule", ["1f1b", "zb1p", "dualpipe", "dualpipev", "zb1p+keep_residuals"])
 @pytest.mark.parametrize("mesh_name", COMPOSED)
 def test_composed_pipeline_gradients_equal_the_single_device_step(composed_reference, mesh_name, schedule):
     """Loss and every gradient leaf, every element, within 1e-5 of that leaf's largest entry."""
     need_devices(8)
     _, _, _, _, want_loss, want_grads = composed_reference
-    mesh, fn, args = _composed_step(composed_reference, mesh_name, schedule)
+    mesh, fn, args = _composed_step(composed_reference, mesh_name, *schedule.split("+"))
     with jax.set_mesh(mesh):
         (loss, _), grads = fn(*args)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
@@ -144,7 +144,7 @@ def test_composed_pipeline_splits_microbatch_rows_and_keeps_collectives_in_the_p
     mesh, fn, args = _composed_step(composed_reference, "data2-pipeline2-expert2", "dualpipe")
     with jax.set_mesh(mesh):
         hlo = fn.lower(*args).compile().as_text()
-    (loop,) = [line for line in hlo.splitlines() if " while(" in line and '"jit(loss_and_grads)/shard_map/while"' in line]
+    (loop,) = [line for line in hlo.splitlines() if " while(" in line and '(rank_program)/shard_map/while"' in line]
     carry = loop.split(" while(")[0]
     one_row = sorted(int(n) for n in re.findall(r"f32\[(\d+),1,16,32\]", carry))  # [entries, rows, T, D]
     ticks = tick_table(make_schedule("dualpipe", 2, 4))

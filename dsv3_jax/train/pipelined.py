@@ -109,7 +109,8 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
         split_mb = lambda a: jnp.swapaxes(a.reshape((b, n_mb) + a.shape[1:]), 0, 1)
         tokens_MbS = split_mb(tokens_BS)
         result = pipeline_value_and_grad(stage_fn, loss_fn, schedule, mesh, to_stages((stack_params, stack_bias)),
-                                         rest, tokens_MbS, tokens_MbS, first_fn=first_fn)
+                                         rest, tokens_MbS, tokens_MbS, first_fn=first_fn,
+                                         keep_residuals=tc.pipeline_keep_residuals)
 
         # Gradients: the stack from its stages; everything else (embedding and dense layers on the
         # first stage, head and MTP on the last) from the executor's head gradients.

@@ -25,7 +25,12 @@ copies of a stage stay equal because they are one stored stage).
 Buffers. Stored stage inputs, received activations and received cotangents live in per-rank pools
 sized to the schedule's peak (intervals from the tick table, coloured greedily), not one entry
 per micro-batch: memory grows with the schedule's in-flight count (Table 2), not with the
-number of micro-batches. With `first_fn` (the embedding and dense layers) the first stage builds
+number of micro-batches. By default a stage keeps only its input and recomputes its forward in
+the backward (once for the input gradient, once more for the weight gradient: the forward runs
+three times, about 5/3 of the unpipelined FLOPs); with `keep_residuals` the forward's `jax.vjp`
+residuals are pooled instead (the stage's parameters among them are not copied) and the backward
+pieces only run the transposed computation: the FLOPs of the unpipelined step for the memory of
+every layer's intermediates at the schedule's peak. With `first_fn` (the embedding and dense layers) the first stage builds
 its input from the micro-batch's tokens and sends the input's gradient on into `first_fn`'s
 parameters, so no activation of the whole batch exists anywhere.
 """
@@ -189,6 +194,35 @@ def slot_routes(schedule: Schedule) -> list[list[tuple[int, list[tuple[int, int]
     return routes
 
 
+class ResidualLayout(NamedTuple):
+    """Where a stage's `jax.vjp` residuals come from: the leaves of the vjp function, each either one
+    of the stage's parameter leaves (`param_at` its index: never copied) or stored (shapes in order)."""
+    treedef: Any
+    param_at: tuple  # per vjp leaf: index into the stage's parameter leaves, or None when stored
+    stored: tuple  # ShapeDtypeStructs of the stored leaves
+
+
+def _split_residuals(vjp_fn, params) -> tuple[list, tuple]:
+    """(the vjp function's leaves that are not the stage's parameters, param_at as in ResidualLayout)."""
+    leaves, param_leaves = jax.tree.leaves(vjp_fn), jax.tree.leaves(params)
+    param_at = tuple(next((i for i, q in enumerate(param_leaves) if leaf is q), None) for leaf in leaves)
+    return [leaf for leaf, at in zip(leaves, param_at) if at is None], param_at
+
+
+def residual_layout(fn, params, x) -> ResidualLayout:
+    """The residuals of `jax.vjp(fn, params, x, has_aux=True)`, traced abstractly."""
+    found = {}
+
+    def probe(params, x):
+        _, vjp_fn, _ = jax.vjp(fn, params, x, has_aux=True)
+        stored, found["param_at"] = _split_residuals(vjp_fn, params)
+        found["treedef"] = jax.tree.structure(vjp_fn)
+        return stored
+
+    stored = jax.eval_shape(probe, params, x)
+    return ResidualLayout(found["treedef"], found["param_at"], tuple(stored))
+
+
 class PipelineResult(NamedTuple):
     loss: jax.Array  # sum over micro-batches of every stage's loss and the head's loss
     stage_grads: Any  # like params_S: stage-major, sharded over pipeline (DualPipe's two copies summed)
@@ -199,7 +233,7 @@ class PipelineResult(NamedTuple):
 
 
 def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_S, head_params, x_MA, target_M,
-                            first_fn=None) -> PipelineResult:
+                            first_fn=None, keep_residuals: bool = False) -> PipelineResult:
     """The summed loss over micro-batches and its gradients, run pipelined over `mesh`'s `pipeline` axis.
 
     stage_fn(stage_params, x) -> (y, stage_loss, stats): y shaped like x; stage_loss a scalar added
@@ -208,7 +242,8 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
     sharded over pipeline); head_params: replicated over pipeline; x_MA: the micro-batches'
     first-stage inputs; target_M: their targets. Other mesh axes shard what they shard outside.
     first_fn(head_params, x) -> the first stage's input (e.g. embedding tokens), run per
-    micro-batch on the first stage, its parameter gradients added to head_grads.
+    micro-batch on the first stage, its parameter gradients added to head_grads. keep_residuals:
+    store the stage forward's residuals instead of recomputing it in the backward (module docstring).
     """
     n_ranks = mesh.shape["pipeline"]
     if n_ranks != schedule.n_ranks:
@@ -256,6 +291,9 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
             state0["dx"] = jnp.zeros_like(x_MA)
         at = lambda slot: jax.tree.map(lambda p: p[slot], params)
         no_msg = jnp.zeros(h.shape, h.dtype)
+        if keep_residuals:  # traced here, in the context the stages run in (nested shard_maps differ outside)
+            layout = residual_layout(stage_io, at(0), no_msg)
+            state0["residuals"] = [jnp.zeros((ticks.n_stash,) + r.shape, r.dtype) for r in layout.stored]
         add = lambda tree, more: jax.tree.map(jnp.add, tree, more)
 
         def forward(state, op):
@@ -264,7 +302,14 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
                 x = jnp.where(first, x_MA[mb], state["inbox"][op[INBOX]])
             else:
                 x = jax.lax.cond(first, lambda: first_fn(head_params, x_MA[mb]), lambda: state["inbox"][op[INBOX]])
-            (y, stage_loss), stats = stage_io(at(slot), x)
+            if keep_residuals:
+                stage_params = at(slot)
+                (y, stage_loss), vjp_fn, stats = jax.vjp(stage_io, stage_params, x, has_aux=True)
+                stored, param_at = _split_residuals(vjp_fn, stage_params)
+                assert param_at == layout.param_at, "the stage's residuals differ from their traced layout"
+                state = dict(state, residuals=[pool.at[op[STASH]].set(r) for pool, r in zip(state["residuals"], stored)])
+            else:
+                (y, stage_loss), stats = stage_io(at(slot), x)
 
             def close(y):  # the last stage: the head's loss, its gradients and the y cotangent
                 head = jax.value_and_grad(lambda hp, y: loss_fn(hp, y, target_M[mb]), argnums=(0, 1), has_aux=True)
@@ -285,9 +330,17 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         def cotangent(state, op):
             return state["cot"][op[COT]], jnp.ones((), jnp.float32)
 
+        def stored_vjp(state, op):  # the forward's vjp function, from its pooled residuals
+            params, stored = jax.tree.leaves(at(op[SLOT])), iter(pool[op[STASH]] for pool in state["residuals"])
+            leaves = [next(stored) if i is None else params[i] for i in layout.param_at]
+            return jax.tree.unflatten(layout.treedef, leaves)
+
         def input_grad(state, op):
-            _, vjp, _ = jax.vjp(lambda x: stage_io(at(op[SLOT]), x), state["stash"][op[STASH]], has_aux=True)
-            (dx,) = vjp(cotangent(state, op))
+            if keep_residuals:
+                _, dx = stored_vjp(state, op)(cotangent(state, op))  # the parameters' part is dead code here
+            else:
+                _, vjp, _ = jax.vjp(lambda x: stage_io(at(op[SLOT]), x), state["stash"][op[STASH]], has_aux=True)
+                (dx,) = vjp(cotangent(state, op))
             mb, first = op[MB], op[FIRST] == 1
             if first_fn is None:
                 return dict(state, dx=state["dx"].at[mb].set(jnp.where(first, dx, state["dx"][mb]))), dx
@@ -300,8 +353,11 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
             return dict(state, head_grads=add(state["head_grads"], d_head)), dx
 
         def weight_grad(state, op):
-            _, vjp, _ = jax.vjp(lambda p: stage_io(p, state["stash"][op[STASH]]), at(op[SLOT]), has_aux=True)
-            (dp,) = vjp(cotangent(state, op))
+            if keep_residuals:
+                dp, _ = stored_vjp(state, op)(cotangent(state, op))
+            else:
+                _, vjp, _ = jax.vjp(lambda p: stage_io(p, state["stash"][op[STASH]]), at(op[SLOT]), has_aux=True)
+                (dp,) = vjp(cotangent(state, op))
             return dict(state, grads=jax.tree.map(lambda g, d: g.at[op[SLOT]].add(d), state["grads"], dp)), no_msg
 
         def full_backward(state, op):
