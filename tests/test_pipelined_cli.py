@@ -5,7 +5,7 @@ import pytest
 
 from tests.test_train_cli import SMALL, dsv3, losses, stop_and_resume
 
-STEPS = 24
+STEPS = 12
 CHANGES = {"model.n_layers=2": "model.n_layers=5",  # 4 MoE layers: 2 stages
            "train.batch_size=4": "train.batch_size=16"}  # 4 micro-batches of 4 rows: 1 per batch shard
 COMPOSED = [CHANGES.get(a, a) for a in SMALL] + [

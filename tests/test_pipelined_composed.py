@@ -1,0 +1,123 @@
+"""The pipeline composed with data, tensor and expert parallelism on 8 host devices: every schedule
+gives the single-device loss and gradients; the compiled loop keeps a micro-batch's rows split and its
+collectives inside a pipeline rank; each rank stores only its stages."""
+
+import dataclasses
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from dsv3_jax.config import Config, MeshConfig, TrainConfig
+from dsv3_jax.parallel.mesh import make_mesh
+from dsv3_jax.parallel.pipeline.executor import tick_table
+from dsv3_jax.parallel.pipeline.schedules import make_schedule
+from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.train.state import create_train_state
+from dsv3_jax.train.step import make_loss_and_grads, make_train_step
+from dsv3_jax.validate import validate
+from tests.conftest import need_devices, tiny_model_config
+
+pytestmark = pytest.mark.multidevice
+
+# Composed meshes: the pipeline over 2 ranks, and inside each stage the batch over data x expert
+# (or expert alone) and the experts over expert, heads / FFN over tensor.
+COMPOSED = {"data2-pipeline2-expert2": dict(data=2, pipeline=2, expert=2),
+            "pipeline2-tensor2-expert2": dict(pipeline=2, tensor=2, expert=2)}
+
+
+@pytest.fixture(scope="module")
+def composed_reference():
+    """16 rows: 4 micro-batches of 4 rows, one row per batch shard on data=2 x expert=2. No MTP here
+    (the MTP modules on the last stage are checked by test_pipelined_training.py's train step)."""
+    model = tiny_model_config(n_layers=5, first_k_dense=1, mtp_depth=0)  # 4 MoE layers: 2 or 4 stages
+    config = Config(model=model, train=TrainConfig(batch_size=16, seq_len=16, warmup_steps=1, microbatches=4))
+    graphdef, _, state = create_train_state(config, 0)
+    tokens = jax.random.randint(jax.random.key(1), (16, 17), 0, model.vocab_size)
+    (loss, _), grads = jax.jit(make_loss_and_grads(config, graphdef))(state.params, state.routing_bias, tokens)
+    return config, graphdef, state, tokens, loss, grads
+
+
+def _composed_step(composed_reference, mesh_name, schedule, option=None):
+    config, graphdef, state, tokens, _, _ = composed_reference
+    train = dataclasses.replace(config.train, pipeline_schedule=schedule, pipeline_keep_residuals=option is not None)
+    config = dataclasses.replace(config, mesh=MeshConfig(**COMPOSED[mesh_name]), train=train)
+    validate(config)
+    mesh = make_mesh(config.mesh)
+    params, bias = jax.device_put((state.params, state.routing_bias), RULES.tree((state.params, state.routing_bias),
+                                                                                 mesh))
+    fn = jax.jit(make_loss_and_grads(config, graphdef, pipeline_mesh=mesh))
+    with jax.set_mesh(mesh):
+        return mesh, fn, (params, bias, tokens)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb1p", "dualpipe", "dualpipev", "zb1p+keep_residuals"])
+@pytest.mark.parametrize("mesh_name", COMPOSED)
+def test_composed_pipeline_gradients_equal_the_single_device_step(composed_reference, mesh_name, schedule):
+    """Loss and every gradient leaf, every element, within 1e-5 of that leaf's largest entry."""
+    need_devices(8)
+    _, _, _, _, want_loss, want_grads = composed_reference
+    mesh, fn, args = _composed_step(composed_reference, mesh_name, *schedule.split("+"))
+    with jax.set_mesh(mesh):
+        (loss, _), grads = fn(*args)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    # The stack's gradients come back stage-owned, like its parameters.
+    stack_grad = grads["moe_layers"]["ffn"]["w_gate_EDF"][...]
+    assert stack_grad.sharding.spec[0] == "pipeline"
+    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want_grads)):
+        scale = float(np.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def test_composed_pipeline_splits_microbatch_rows_and_keeps_collectives_in_the_pipeline_rank(composed_reference):
+    """The compiled step: the pipeline loop's activation buffers (stored inputs, received activations
+    and cotangents; no activation of all micro-batches) hold on each device 1 of a micro-batch's 4
+    rows (split over data x expert); every collective-permute moves along the pipeline axis only (a
+    mesh-wide one inside a stage's branch would wait forever for ranks running another branch)."""
+    need_devices(8)
+    mesh, fn, args = _composed_step(composed_reference, "data2-pipeline2-expert2", "dualpipe")
+    with jax.set_mesh(mesh):
+        hlo = fn.lower(*args).compile().as_text()
+    (loop,) = [line for line in hlo.splitlines() if " while(" in line and '(rank_program)/shard_map/while"' in line]
+    carry = loop.split(" while(")[0]
+    one_row = sorted(int(n) for n in re.findall(r"f32\[(\d+),1,16,32\]", carry))  # [entries, rows, T, D]
+    ticks = tick_table(make_schedule("dualpipe", 2, 4))
+    assert one_row == sorted([ticks.n_stash, ticks.n_inbox, ticks.n_cot])
+    # Every attention score block [rows, heads, T, T] (the dense, MoE and MTP layers all run in stages):
+    # one row per device, never the micro-batch's 4.
+    assert "f32[1,2,16,16]" in hlo and "f32[4,2,16,16]" not in hlo
+    pipeline_coordinate = {d.id: c[-1] for c, d in np.ndenumerate(mesh.devices)}
+    others = {d.id: c[:-1] for c, d in np.ndenumerate(mesh.devices)}
+    pairs = [tuple(map(int, p)) for group in re.findall(r"source_target_pairs=\{(.*?)\}\}", hlo)
+             for p in re.findall(r"\{?(\d+),(\d+)", group)]
+    assert pairs and all(others[a] == others[b] for a, b in pairs)
+    assert any(pipeline_coordinate[a] != pipeline_coordinate[b] for a, b in pairs)
+
+
+def test_each_pipeline_rank_stores_and_updates_only_its_stages(composed_reference):
+    """Per-device bytes of the MoE stack's parameters and AdamW moments, from `addressable_shards`:
+    half on (data=2, pipeline=2, expert=2) of what (data=2, expert=2) holds; the rest of the model
+    (embedding, dense layer, head, MTP) is replicated over the pipeline. One train step keeps it so.
+    (Storage follows the sharding rules whatever the schedule; 1F1B compiles fastest.)"""
+    need_devices(8)
+    config = dataclasses.replace(composed_reference[0], train=dataclasses.replace(
+        composed_reference[0].train, pipeline_schedule="1f1b"))
+
+    def stack_bytes(mesh_sizes, step=False):
+        cfg = dataclasses.replace(config, mesh=MeshConfig(**mesh_sizes))
+        mesh = make_mesh(cfg.mesh)
+        graphdef, optimizer, state = create_train_state(cfg, 0, mesh)
+        if step:
+            fn = jax.jit(make_train_step(cfg, graphdef, optimizer, mesh if cfg.mesh.pipeline > 1 else None))
+            with jax.set_mesh(mesh):
+                state, _ = fn(state, jax.device_put(composed_reference[3], RULES.batch(mesh)))
+        leaves = jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]
+        per_device = lambda keep: sum(leaf.addressable_shards[0].data.nbytes for path, leaf in leaves
+                                      if keep("moe_layers" in jax.tree_util.keystr(path)))
+        return per_device(lambda stack: stack), per_device(lambda stack: not stack)
+
+    stack_pp, rest_pp = stack_bytes(dict(data=2, pipeline=2, expert=2), step=True)
+    stack_flat, rest_flat = stack_bytes(dict(data=2, expert=2))
+    assert stack_pp * 2 == stack_flat
+    assert rest_pp == rest_flat
