@@ -30,9 +30,9 @@ the backward (once for the input gradient, once more for the weight gradient: th
 three times, about 5/3 of the unpipelined FLOPs); with `keep_residuals` the forward's `jax.vjp`
 residuals are pooled instead (the stage's parameters among them are not copied) and the backward
 pieces only run the transposed computation: the FLOPs of the unpipelined step for the memory of
-every layer's intermediates at the schedule's peak. With `first_fn` (the embedding and dense layers) the first stage builds
-its input from the micro-batch's tokens and sends the input's gradient on into `first_fn`'s
-parameters, so no activation of the whole batch exists anywhere.
+every layer's intermediates at the schedule's peak. With `first_fn` (the embedding and dense
+layers) the first stage builds its input from the micro-batch's tokens and sends the input's
+gradient on into `first_fn`'s parameters, so no activation of the whole batch exists anywhere.
 """
 
 from __future__ import annotations
