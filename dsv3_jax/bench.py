@@ -111,9 +111,18 @@ def peak_tflops(device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k.lower() in kind.lower()), None)
 
 
-def bench_train(config: Config, steps: int = 5) -> list[dict]:
+def measured_matmul_peak(dtype, n: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of one large square `jnp.dot` in `dtype` on the default device: the peak that means
+    something on any machine (a CPU has no vendor figure here; plain XLA may not reach the vendor's)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    return 2 * n ** 3 / _timed(lambda: dot(a, a), repeats)
+
+
+def bench_train(config: Config, steps: int = 5, peak_matmul_n: int = 2048) -> list[dict]:
     """Train-step throughput on random tokens: tokens/s, model FLOP/s (6 x activated matmul
-    weights per token + attention, forward and backward) and MFU against the device's bf16 peak."""
+    weights per token + attention, forward and backward), MFU against the device's bf16 peak, and
+    the fraction of a large `jnp.dot`'s FLOP/s in the model's dtype measured in the same run."""
     from dsv3_jax.info import model_info
     from dsv3_jax.train.state import create_train_state
     from dsv3_jax.train.step import make_train_step
@@ -133,6 +142,8 @@ def bench_train(config: Config, steps: int = 5) -> list[dict]:
     flops_per_token = 3 * model_info(config.model, seq_len=tc.seq_len)["flops_per_token"]
     achieved = flops_per_token * tokens_per_step / seconds
     peak = peak_tflops(jax.devices()[0])
+    matmul_peak = measured_matmul_peak(jnp.dtype(config.model.dtype), peak_matmul_n)
     return [{"batch": tc.batch_size, "seq_len": tc.seq_len, "fp8": config.model.fp8, "dtype": config.model.dtype,
              "step_ms": 1e3 * seconds, "tokens_per_s": tokens_per_step / seconds, "model_TFLOP/s": achieved / 1e12,
-             "MFU": (achieved / 1e12 / peak) if peak else "n/a (unknown peak)"}]
+             "MFU": (achieved / 1e12 / peak) if peak else "n/a (unknown peak)",
+             "jnp.dot_TFLOP/s": matmul_peak / 1e12, "of_jnp.dot": achieved / matmul_peak}]
