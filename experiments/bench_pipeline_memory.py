@@ -39,8 +39,9 @@ READING = """Reading: DualPipe's and 1F1B's temporaries do not change from 2P to
 hold the schedule's peak in-flight chunks (Table 2: PP+1 = 3 for DualPipe, PP = 2 for 1F1B), sized
 from the tick table. GPipe's grow with its peak, which is every micro-batch. The unpipelined step
 grows with the batch because it keeps every layer's residuals for the backward, where each
-pipeline stage by default keeps only its input and recomputes its forward (for the input gradient
-and again for the weight gradient, about 5/3 of the unpipelined FLOPs). With
+pipeline stage by default keeps only its input and recomputes its forward (once per full backward,
+about 4/3 of the unpipelined FLOPs; for the input and again for the weight gradient where a schedule
+splits them, about 5/3; counted from the chunks, not timed). With
 `train.pipeline_keep_residuals=true` a stage keeps its forward's residuals instead (no recomputed
 forward: the unpipelined FLOPs); its temporaries are then those residuals for the schedule's peak
 chunks, still flat in the number of micro-batches. DualPipe needs more than 1F1B

@@ -92,6 +92,11 @@ def test_composed_pipeline_splits_microbatch_rows_and_keeps_collectives_in_the_p
     pairs = [tuple(map(int, p)) for group in re.findall(r"source_target_pairs=\{(.*?)\}\}", hlo)
              for p in re.findall(r"\{?(\d+),(\d+)", group)]
     assert pairs and all(others[a] == others[b] for a, b in pairs)
+    # Inside the stages the experts stay expert-parallel: no all-gather rebuilds an expert weight
+    # (w_gate / w_up [.., 8 experts, 32, 16], w_down [.., 8, 16, 32]); each device holds 4 experts.
+    gathered = re.findall(r"= f32\[([\d,]+)\]\S* all-gather\(", hlo)
+    assert not any(shape.endswith(("8,32,16", "8,16,32")) for shape in gathered)
+    assert re.search(r"f32\[2,4,32,16\]", hlo)  # a stage's 2 layers x the device's 4 experts
     assert any(pipeline_coordinate[a] != pipeline_coordinate[b] for a, b in pairs)
 
 

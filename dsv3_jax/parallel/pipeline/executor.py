@@ -6,7 +6,8 @@ forward of one micro-batch and a full backward of another, fused into one progra
 overlap one's all-to-all with the other's compute), chosen with `lax.switch`. Results travel
 with `ppermute` to the neighbours at the end of the tick (DualPipeV's turn at the bottom of the V
 stays on the rank). Backward for inputs and for weights are separate `jax.vjp` pieces that
-recompute the stage forward from its stored input, so W can run ticks after I (zero bubble).
+recompute the stage forward from its stored input, so W can run ticks after I (zero bubble); a
+full backward B recomputes it once for both.
 
 Composition. The `shard_map` is manual over `pipeline` only: inside a stage the data, fsdp,
 tensor and expert axes stay automatic (GSPMD), and the MoE's own expert-parallel `shard_map`
@@ -23,16 +24,17 @@ step and sends their gradients back, where they are summed into the owner's (Dua
 copies of a stage stay equal because they are one stored stage).
 
 Buffers. Stored stage inputs, received activations and received cotangents live in per-rank pools
-sized to the schedule's peak (intervals from the tick table, coloured greedily), not one entry
-per micro-batch: memory grows with the schedule's in-flight count (Table 2), not with the
-number of micro-batches. By default a stage keeps only its input and recomputes its forward in
-the backward (once for the input gradient, once more for the weight gradient: the forward runs
-three times, about 5/3 of the unpipelined FLOPs); with `keep_residuals` the forward's `jax.vjp`
-residuals are pooled instead (the stage's parameters among them are not copied) and the backward
-pieces only run the transposed computation: the FLOPs of the unpipelined step for the memory of
-every layer's intermediates at the schedule's peak. With `first_fn` (the embedding and dense
-layers) the first stage builds its input from the micro-batch's tokens and sends the input's
-gradient on into `first_fn`'s parameters, so no activation of the whole batch exists anywhere.
+sized to the schedule's peak (intervals from the tick table, coloured greedily), not one entry per
+micro-batch: memory grows with the schedule's in-flight count (Table 2), not with the number of
+micro-batches. By default a stage keeps only its input and recomputes its forward in the backward:
+the forward runs twice per micro-batch with a full backward B (about 4/3 of the unpipelined FLOPs,
+counting a backward as two forwards) and three times when the backward is split into I and W (about
+5/3). With `keep_residuals` the forward's `jax.vjp` residuals are pooled instead (the stage's
+parameters among them are not copied) and the backward pieces only run the transposed computation:
+the FLOPs of the unpipelined step for the memory of every layer's intermediates at the schedule's
+peak. With `first_fn` (the embedding and dense layers) the first stage builds its input from the
+micro-batch's tokens and sends the input's gradient on into `first_fn`'s parameters, so no
+activation of the whole batch exists anywhere.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax.parallel.pipeline.schedules import Op, Schedule
+from dsv3_jax.parallel.pipeline.schedules import Op, Schedule, dependencies, finished
 from dsv3_jax.parallel.sharding import RULES
 
 KINDS = {"F": 1, "B": 2, "I": 3, "W": 4}  # 0: idle
@@ -109,17 +111,6 @@ def tick_table(schedule: Schedule) -> TickTable:
     units = [_units(ops) for ops in schedule.ranks]
     pointer, placed = [0] * P, []  # placed: (tick, rank, unit)
 
-    def deps(op: Op):
-        if op.kind == "F":
-            return [("F", op.mb, op.stage - 1, op.direction)] if op.stage else []
-        if op.kind == "W":
-            return [("I", op.mb, op.stage, op.direction)]
-        return [("F", op.mb, op.stage, op.direction)] + ([("B", op.mb, op.stage + 1, op.direction)]
-                                                         if op.stage < S - 1 else [])
-
-    def finished(key):  # a full backward and an input-backward both release the previous stage
-        return done.get(key, done.get(("I",) + key[1:]) if key[0] == "B" else None)
-
     t = 0
     while any(p < len(u) for p, u in zip(pointer, units)):
         ran = []
@@ -127,7 +118,7 @@ def tick_table(schedule: Schedule) -> TickTable:
             if pointer[r] == len(units[r]):
                 continue
             unit = units[r][pointer[r]]
-            if all((d := finished(k)) is not None and d < t for op in unit for k in deps(op)):
+            if all((d := finished(done, k)) is not None and d < t for op in unit for k in dependencies(op, S)):
                 ran.append((r, unit))
                 pointer[r] += 1
         if not ran:
@@ -150,8 +141,8 @@ def tick_table(schedule: Schedule) -> TickTable:
         stash[r].append((tick, backward, (stage, d, mb)))
         if stage > 0:
             inbox[r].append((done[("F", mb, stage - 1, d)] + 0.5, tick, (stage, d, mb)))
-        first_read = finished(("B", mb, stage, d))
-        written = tick if stage == S - 1 else finished(("B", mb, stage + 1, d)) + 0.5
+        first_read = finished(done, ("B", mb, stage, d))
+        written = tick if stage == S - 1 else finished(done, ("B", mb, stage + 1, d)) + 0.5
         cot[r].append((written, max(backward, first_read), (stage, d, mb)))
     pools = [[_pack(per_rank) for per_rank in pool] for pool in (stash, inbox, cot)]
     entry = lambda pool, r, key: pools[pool][r][0].get(key, 0)
@@ -307,7 +298,7 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
                 (y, stage_loss), vjp_fn, stats = jax.vjp(stage_io, stage_params, x, has_aux=True)
                 stored, param_at = _split_residuals(vjp_fn, stage_params)
                 assert param_at == layout.param_at, "the stage's residuals differ from their traced layout"
-                state = dict(state, residuals=[pool.at[op[STASH]].set(r) for pool, r in zip(state["residuals"], stored)])
+                state = dict(state, residuals=[buf.at[op[STASH]].set(r) for buf, r in zip(state["residuals"], stored)])
             else:
                 (y, stage_loss), stats = stage_io(at(slot), x)
 
@@ -331,16 +322,17 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
             return state["cot"][op[COT]], jnp.ones((), jnp.float32)
 
         def stored_vjp(state, op):  # the forward's vjp function, from its pooled residuals
-            params, stored = jax.tree.leaves(at(op[SLOT])), iter(pool[op[STASH]] for pool in state["residuals"])
+            params, stored = jax.tree.leaves(at(op[SLOT])), iter(buf[op[STASH]] for buf in state["residuals"])
             leaves = [next(stored) if i is None else params[i] for i in layout.param_at]
             return jax.tree.unflatten(layout.treedef, leaves)
 
-        def input_grad(state, op):
+        def stage_grads(state, op):  # (d params, d input) of the stage from one vjp; XLA drops an unused half
             if keep_residuals:
-                _, dx = stored_vjp(state, op)(cotangent(state, op))  # the parameters' part is dead code here
-            else:
-                _, vjp, _ = jax.vjp(lambda x: stage_io(at(op[SLOT]), x), state["stash"][op[STASH]], has_aux=True)
-                (dx,) = vjp(cotangent(state, op))
+                return stored_vjp(state, op)(cotangent(state, op))
+            _, vjp, _ = jax.vjp(stage_io, at(op[SLOT]), state["stash"][op[STASH]], has_aux=True)
+            return vjp(cotangent(state, op))
+
+        def take_dx(state, op, dx):  # the input gradient: sent on, or (first stage) into first_fn / dx_MA
             mb, first = op[MB], op[FIRST] == 1
             if first_fn is None:
                 return dict(state, dx=state["dx"].at[mb].set(jnp.where(first, dx, state["dx"][mb]))), dx
@@ -352,18 +344,18 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
             d_head = jax.lax.cond(first, into_first_fn, lambda dx: jax.tree.map(jnp.zeros_like, head_params), dx)
             return dict(state, head_grads=add(state["head_grads"], d_head)), dx
 
-        def weight_grad(state, op):
-            if keep_residuals:
-                dp, _ = stored_vjp(state, op)(cotangent(state, op))
-            else:
-                _, vjp, _ = jax.vjp(lambda p: stage_io(p, state["stash"][op[STASH]]), at(op[SLOT]), has_aux=True)
-                (dp,) = vjp(cotangent(state, op))
-            return dict(state, grads=jax.tree.map(lambda g, d: g.at[op[SLOT]].add(d), state["grads"], dp)), no_msg
+        def take_dp(state, op, dp):
+            return dict(state, grads=jax.tree.map(lambda g, d: g.at[op[SLOT]].add(d), state["grads"], dp))
 
-        def full_backward(state, op):
-            state, dx = input_grad(state, op)
-            state, _ = weight_grad(state, op)
-            return state, dx
+        def input_grad(state, op):  # I: the forward recomputed (or its residuals read) for d input only
+            return take_dx(state, op, stage_grads(state, op)[1])
+
+        def weight_grad(state, op):  # W: again, for d params only
+            return take_dp(state, op, stage_grads(state, op)[0]), no_msg
+
+        def full_backward(state, op):  # B: one recomputation (or one read) for both
+            dp, dx = stage_grads(state, op)
+            return take_dx(take_dp(state, op, dp), op, dx)
 
         # Each branch: (state, ops [2, 9]) -> (state, (forward side's message, backward side's message)).
         def single(fn, side):

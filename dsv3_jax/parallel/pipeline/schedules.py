@@ -192,6 +192,25 @@ def _cost(op: Op, costs: Costs) -> float:
     return {"F": costs.F, "B": costs.B, "I": costs.B - costs.W, "W": costs.W}[op.kind]
 
 
+def dependencies(op: Op, n_stages: int) -> list[tuple]:
+    """The chunks `op` waits for, as (kind, mb, stage, direction): a forward the previous stage's
+    forward; a backward its own forward and the next stage's backward; W its own input-backward."""
+    if op.kind == "F":
+        return [("F", op.mb, op.stage - 1, op.direction)] if op.stage > 0 else []
+    if op.kind == "W":
+        return [("I", op.mb, op.stage, op.direction)]
+    later = [] if op.stage == n_stages - 1 else [("B", op.mb, op.stage + 1, op.direction)]
+    return [("F", op.mb, op.stage, op.direction)] + later
+
+
+def finished(done: dict, key: tuple):
+    """When chunk `key` finished in `done` (None if not yet): a full backward and an input-backward
+    both release the previous stage."""
+    if key[0] == "B":
+        return done.get(key, done.get(("I",) + key[1:]))
+    return done.get(key)
+
+
 def simulate(schedule: Schedule, costs: Costs = Costs()) -> Timeline:
     """Run every rank's ops in order, each as soon as its rank is free and its inputs exist
     (forward needs the previous stage's forward, backward the next stage's backward and its own
@@ -218,18 +237,6 @@ def simulate(schedule: Schedule, costs: Costs = Costs()) -> Timeline:
     if split != {(m, s, d) for k, m, s, d in seen if k == "W"}:
         raise ValueError(f"{schedule.name}: every deferred backward needs exactly one W")
 
-    def deps(op: Op):
-        if op.kind == "F":
-            return [("F", op.mb, op.stage - 1, op.direction)] if op.stage > 0 else []
-        if op.kind == "W":
-            return [("I", op.mb, op.stage, op.direction)]
-        later = [] if op.stage == S - 1 else [("B", op.mb, op.stage + 1, op.direction)]
-        return [("F", op.mb, op.stage, op.direction)] + later
-
-    def finished(key):  # a full backward and an input-backward both release the previous stage
-        if key[0] == "B":
-            return done.get(key, done.get(("I",) + key[1:]))
-        return done.get(key)
 
     pointer, clock = [0] * len(schedule.ranks), [0.0] * len(schedule.ranks)
     start, end, busy = {}, {}, [0.0] * len(schedule.ranks)
@@ -242,7 +249,7 @@ def simulate(schedule: Schedule, costs: Costs = Costs()) -> Timeline:
                 continue
             op = ops[i]
             group = [op, ops[i + 1]] if op.overlap and i + 1 < len(ops) else [op]
-            times = [finished(d) for o in group for d in deps(o)]
+            times = [finished(done, d) for o in group for d in dependencies(o, S)]
             if any(t is None for t in times):
                 continue
             t0 = max([clock[r], *times])
