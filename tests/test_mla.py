@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dsv3_jax.model.layers import attention_mask, dot_product_attention
 from dsv3_jax.model.mla import MLA
 from dsv3_jax.model.rope import inv_frequencies, rope_tables, softmax_scale
 from tests.conftest import tiny_model_config
@@ -50,12 +51,13 @@ def _mla_np(m: MLA, cfg, x):
     return np.einsum("thv,hvd->td", o, W(m.w_o))  # eq. 11
 
 
-@pytest.mark.parametrize("q_lora_rank, yarn", [(16, 1.0), (0, 1.0), (16, 8.0)])
-def test_mla_matches_eq_1_to_11(q_lora_rank, yarn):
+# T = 300: three query chunks of causal attention (layers.CAUSAL_CHUNK = 128), the last one short.
+@pytest.mark.parametrize("q_lora_rank, yarn, T", [(16, 1.0, 9), (0, 1.0, 9), (16, 8.0, 9), (16, 1.0, 300)])
+def test_mla_matches_eq_1_to_11(q_lora_rank, yarn, T):
     cfg = tiny_model_config(q_lora_rank=q_lora_rank, yarn_factor=yarn, original_max_position=4)
     m = MLA(cfg, nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (1, 9, cfg.d_model))
-    cos, sin = rope_tables(cfg, jnp.arange(9)[None])
+    x = jax.random.normal(jax.random.key(1), (1, T, cfg.d_model))
+    cos, sin = rope_tables(cfg, jnp.arange(T)[None])
     got = np.asarray(m(x, cos, sin))[0]
     np.testing.assert_allclose(got, _mla_np(m, cfg, np.asarray(x[0], np.float64)), rtol=1e-4, atol=1e-6)
     assert hasattr(m, "w_q") == (q_lora_rank == 0)
@@ -70,3 +72,20 @@ def test_mla_is_causal():
     y1 = m(x.at[:, 6].add(1.0), cos, sin)
     np.testing.assert_array_equal(y0[:, :6], y1[:, :6])
     assert not np.allclose(y0[:, 6:], y1[:, 6:])
+
+
+def test_causal_chunks_give_the_gradients_of_the_full_score_matrix():
+    """Chunked causal attention (queries skip the keys after their chunk) against the same attention
+    over the whole masked score matrix, with packed segments, values and gradients, at T = 300."""
+    B, T, H, K, V = 2, 300, 2, 12, 8
+    k = jax.random.split(jax.random.key(5), 4)
+    q, kk, v = (jax.random.normal(key, (B, T, H, d)) for key, d in zip(k[:3], (K, K, V)))
+    segments = jnp.cumsum(jax.random.bernoulli(k[3], 0.01, (B, T)), axis=1)
+    mask = attention_mask(T, segments)
+    r = jax.random.normal(jax.random.key(6), (B, T, H, V))
+    loss = lambda causal: jax.value_and_grad(
+        lambda q, kk, v: jnp.sum(dot_product_attention(q, kk, v, mask, 0.3, causal) * r), argnums=(0, 1, 2))
+    (got, got_grads), (want, want_grads) = loss(True)(q, kk, v), loss(False)(q, kk, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

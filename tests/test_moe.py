@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from dsv3_jax.model.moe import MoE
@@ -33,16 +34,19 @@ def _naive_moe(moe: MoE, cfg, x_ND):
     return out
 
 
-def test_moe_equals_naive_per_token_loop():
+# 14 tokens x 3 experts: sorted, grouped (blocked on CPU); 2 tokens (6 <= 8 experts, decoding):
+# each assignment through its gathered expert weights.
+@pytest.mark.parametrize("B, T", [(2, 7), (1, 2)])
+def test_moe_equals_naive_per_token_loop(B, T):
     cfg = tiny_model_config(n_routed_experts=8, top_k=3, n_group=4, topk_group=2, n_shared_experts=2)
     moe = MoE(cfg, nnx.Rngs(0))
     moe.router.bias_E[...] = jax.random.normal(jax.random.key(9), (8,)) * 0.05
     moe.router.centroids_DE[...] = moe.router.centroids_DE[...] * 20  # spread the scores
-    x_BTD = jax.random.normal(jax.random.key(1), (2, 7, cfg.d_model))
+    x_BTD = jax.random.normal(jax.random.key(1), (B, T, cfg.d_model))
     y_BTD, stats = moe(x_BTD)
     expected = _naive_moe(moe, cfg, x_BTD.reshape(-1, cfg.d_model))
     np.testing.assert_allclose(np.asarray(y_BTD).reshape(-1, cfg.d_model), expected, rtol=2e-4, atol=2e-5)
-    assert float(stats.expert_load.sum()) == 2 * 7 * 3
+    assert float(stats.expert_load.sum()) == B * T * 3
 
 
 def test_moe_is_dropless_under_total_imbalance():
@@ -56,12 +60,13 @@ def test_moe_is_dropless_under_total_imbalance():
                                rtol=2e-4, atol=2e-5)
 
 
-def test_moe_gradients_match_naive_dense_computation():
-    """Grads through ragged_dot equal grads of a dense masked formulation (small E only)."""
+@pytest.mark.parametrize("T", [6, 3])  # 12 assignments: grouped; 6 <= 8 experts: per assignment
+def test_moe_gradients_match_naive_dense_computation(T):
+    """Grads through the grouped SwiGLU equal grads of a dense masked formulation (small E only)."""
     cfg = tiny_model_config(n_group=1, topk_group=1)
     moe = MoE(cfg, nnx.Rngs(3))
     graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
-    x_BTD = jax.random.normal(jax.random.key(4), (1, 6, cfg.d_model))
+    x_BTD = jax.random.normal(jax.random.key(4), (1, T, cfg.d_model))
 
     def loss_sorted(p):
         return jnp.sum(nnx.merge(graphdef, p, rest)(x_BTD)[0] ** 2)
@@ -69,10 +74,10 @@ def test_moe_gradients_match_naive_dense_computation():
     def loss_dense(p):
         m = nnx.merge(graphdef, p, rest)
         routing, _ = m.router(x_BTD)
-        x = x_BTD.reshape(6, -1)
+        x = x_BTD.reshape(T, -1)
         h = jax.nn.silu(jnp.einsum("nd,edf->nef", x, m.w_gate_EDF[...])) * jnp.einsum("nd,edf->nef", x, m.w_up_EDF[...])
         y_NED = jnp.einsum("nef,efd->ned", h, m.w_down_EFD[...])
-        w_NE = jnp.zeros((6, cfg.n_routed_experts)).at[routing.token_M, routing.expert_M].add(routing.gate_M)
+        w_NE = jnp.zeros((T, cfg.n_routed_experts)).at[routing.token_M, routing.expert_M].add(routing.gate_M)
         return jnp.sum((jnp.einsum("ned,ne->nd", y_NED, w_NE) + m.shared(x)) ** 2)
 
     g1, g2 = jax.grad(loss_sorted)(params), jax.grad(loss_dense)(params)

@@ -71,9 +71,11 @@ def test_yarn_angles_and_logits_at_long_context_match_float64():
     cfg = get_preset("deepseek-v3-671b").model
     positions = np.array([0, 1, 4095, 4096, 32767, 65536, 131071, 163838, 163839])
     exact = positions[:, None].astype(np.float64) * inv_frequencies(cfg)  # [P, R/2], float64
-    cos, sin = (np.asarray(t, np.float64) for t in rope_tables(cfg, jnp.asarray(positions)))
-    np.testing.assert_allclose(cos, np.cos(exact), atol=2e-6)
-    np.testing.assert_allclose(sin, np.sin(exact), atol=2e-6)
+    # Traced positions (device fp32) and positions known when tracing (host float64, then constants).
+    for given in (jnp.asarray(positions), positions):
+        cos, sin = (np.asarray(t, np.float64) for t in rope_tables(cfg, given))
+        np.testing.assert_allclose(cos, np.cos(exact), atol=2e-6)
+        np.testing.assert_allclose(sin, np.sin(exact), atol=2e-6)
 
     # Attention logits q_R . k_R between far-apart positions, through apply_rope, against numpy.
     rng = np.random.default_rng(0)

@@ -35,8 +35,10 @@ class Block(nnx.Module):
         """The block and its router statistics (None for a dense block); the output is constrained to
         the activation layout of parallel/sharding.py (a no-op without a mesh). `segment_ids_BT`
         keeps packed examples from attending to each other (see MLA.__call__)."""
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, segment_ids_BT)
-        x_BTD, stats = self._ffn(x_BTD, token_ids_BT)
+        with jax.named_scope("attention"):  # named scopes label profiles and HLO op names (as in bench_vs_hf)
+            x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, segment_ids_BT)
+        with jax.named_scope("ffn"):
+            x_BTD, stats = self._ffn(x_BTD, token_ids_BT)
         return constrain(x_BTD, HIDDEN_BTD), stats
 
     def cached(self, x_BTD: Array, cos: Array, sin: Array, cache: tuple[Array, Array], positions_BT: Array,
@@ -73,11 +75,12 @@ def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs
     return stacked
 
 
-def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, remat: bool = False):
+def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, remat: bool = False, unroll_layers: int = 0):
     """lax.scan of `step(layer, carry, x) -> (carry, y)` over the layers of a stacked module.
 
     The module is split once; each iteration merges its own slice of the state (pure, no
     hidden mutation), so the same code runs under jit, grad, shard_map and pipeline stages.
+    A stack of at most `unroll_layers` layers is unrolled (`model.unroll_layers`).
     """
     graphdef, state = nnx.split(stack)
 
@@ -87,16 +90,17 @@ def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, remat: bool = 
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    return jax.lax.scan(body, carry, (state, xs))
+    n_layers = jax.tree.leaves(state)[0].shape[0]
+    return jax.lax.scan(body, carry, (state, xs), unroll=n_layers <= unroll_layers)
 
 
-def run_blocks(stack: nnx.Module, x_BTD: Array, cos: Array, sin: Array, remat: bool,
+def run_blocks(stack: nnx.Module, x_BTD: Array, cos: Array, sin: Array, cfg: ModelConfig,
                token_ids_BT: Array | None = None, segment_ids_BT: Array | None = None
                ) -> tuple[Array, RouterStats | None]:
     """Apply a stack of Blocks in order (the whole stack, or a pipeline stage's slice of it); returns
     the output and the per-layer router stats stacked on axis 0 (None for dense blocks)."""
     return scan_stack(stack, lambda block, x, _: block(x, cos, sin, token_ids_BT, segment_ids_BT), x_BTD,
-                      remat=remat)
+                      remat=cfg.remat, unroll_layers=cfg.unroll_layers)
 
 
 def run_blocks_cached(stack: nnx.Module, x_BTD: Array, cos: Array, sin: Array, cache: tuple[Array, Array],

@@ -69,7 +69,7 @@ def from_blocks(y_BRN: Array, layout: BlockLayout) -> Array:
     return y_BRN.reshape(-1, y_BRN.shape[-1])[layout.destination_M]
 
 
-def _block_gemm(fp8_backend: Fp8Backend | None):
+def block_gemm(fp8_backend: Fp8Backend | None):
     """(a [R, K], b [K, N]) -> fp32 [R, N]."""
     if fp8_backend is None:
         return lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
@@ -92,8 +92,8 @@ def _per_expert(x_BRK: Array, w_EKN: Array, layout: BlockLayout, fp8_backend: Fp
     """y_b = x_b @ w[expert_b]; FP8 on "pallas": one grouped kernel launch for all blocks."""
     if fp8_backend == "pallas":
         return fp8_grouped_pallas(x_BRK, w_EKN, layout.expert_B)
-    block_gemm = _block_gemm(fp8_backend)
-    return _each_block(lambda e, x_RK: block_gemm(x_RK, w_EKN[e]), layout, (ROWS, w_EKN.shape[2]), x_BRK)
+    gemm = block_gemm(fp8_backend)
+    return _each_block(lambda e, x_RK: gemm(x_RK, w_EKN[e]), layout, (ROWS, w_EKN.shape[2]), x_BRK)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -112,11 +112,11 @@ def _blocked_bwd(fp8_backend, residuals, dy_BRN):
     if fp8_backend is None:  # plain GEMMs take their operands in the forward's dtype
         dy_BRN = dy_BRN.astype(x_BRK.dtype)
     dx_BRK = _per_expert(dy_BRN, jnp.swapaxes(w_EKN, 1, 2), layout, fp8_backend)  # Dgrad
-    block_gemm = _block_gemm(fp8_backend)
+    gemm = block_gemm(fp8_backend)
 
     def wgrad(dw_EKN, xs):  # Wgrad: x_b^T @ dy_b, added to the block's expert (in place)
         b, e, x_RK, dy_RN = xs
-        dw_KN = jax.lax.cond(b < layout.used_blocks, lambda: block_gemm(x_RK.T, dy_RN),
+        dw_KN = jax.lax.cond(b < layout.used_blocks, lambda: gemm(x_RK.T, dy_RN),
                              lambda: jnp.zeros(w_EKN.shape[1:], jnp.float32))
         return dw_EKN.at[e].add(dw_KN), None
 

@@ -106,6 +106,40 @@ def cache_mask(slots: int, positions_BT: Array) -> Array:
     return jnp.arange(slots)[None, None, :] <= positions_BT[:, :, None]
 
 
+CAUSAL_CHUNK = 128  # query rows per chunk of causal training attention (`dot_product_attention`)
+
+
+def dot_product_attention(q_BTHK: Array, k_BSHK: Array, v_BSHV: Array, mask_BTS: Array, scale: float,
+                          causal: bool = False) -> Array:
+    """softmax(scale q.k, masked) v per head, scores in fp32; out [B, T, H, Vh] in v's dtype.
+
+    Two savings over the textbook form, both exact in real arithmetic:
+    - `causal` (query t is key t, training on whole sequences): queries [t0, t0 + CAUSAL_CHUNK) are
+      scored against keys [0, t0 + CAUSAL_CHUNK) only, skipping the upper triangle of the score
+      matrix (a quarter of the scores at T = 2 chunks, 3/8 at 4);
+    - the softmax's division is applied to the [B, T, H, Vh] output, not the [B, H, T, S] scores.
+    On XLA:CPU, fwd + bwd of `tiny`'s attention (T = 256) took about 30% less time this way.
+    """
+    T = q_BTHK.shape[1]
+    if not causal or T <= CAUSAL_CHUNK:
+        return _attend(q_BTHK, k_BSHK, v_BSHV, mask_BTS, scale)
+    outs = [_attend(q_BTHK[:, t0:t0 + CAUSAL_CHUNK], k_BSHK[:, :t0 + CAUSAL_CHUNK], v_BSHV[:, :t0 + CAUSAL_CHUNK],
+                    mask_BTS[:, t0:t0 + CAUSAL_CHUNK, :t0 + CAUSAL_CHUNK], scale) for t0 in range(0, T, CAUSAL_CHUNK)]
+    return jnp.concatenate(outs, axis=1)
+
+
+def _attend(q_BTHK: Array, k_BSHK: Array, v_BSHV: Array, mask_BTS: Array, scale: float) -> Array:
+    logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
+    logits_BHTS = jnp.where(mask_BTS[:, None], logits_BHTS * scale, -jnp.inf)
+    peak_BHT1 = jnp.max(logits_BHTS, axis=-1, keepdims=True)
+    peak_BHT1 = jnp.where(jnp.isfinite(peak_BHT1), peak_BHT1, 0.0)  # a fully masked row gives zeros
+    unnorm_BHTS = jnp.exp(logits_BHTS - jax.lax.stop_gradient(peak_BHT1))
+    total_BTH1 = jnp.sum(unnorm_BHTS, axis=-1).transpose(0, 2, 1)[..., None]
+    out_BTHV = jnp.einsum("bhts,bshv->bthv", unnorm_BHTS.astype(v_BSHV.dtype), v_BSHV,
+                          preferred_element_type=jnp.float32)
+    return (out_BTHV / jnp.maximum(total_BTH1, 1e-30)).astype(v_BSHV.dtype)
+
+
 def masked_softmax(logits: Array, mask: Array) -> Array:
     """fp32 softmax with masked entries at -inf (rows fully masked give zeros, not NaN)."""
     logits = jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)

@@ -24,7 +24,8 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.layers import Linear, RMSNorm, attention_mask, cache_mask, masked_softmax
+from dsv3_jax.model.layers import (Linear, RMSNorm, attention_mask, cache_mask, dot_product_attention,
+                                   masked_softmax)
 from dsv3_jax.model.rope import apply_rope, softmax_scale
 
 
@@ -60,22 +61,18 @@ class MLA(nnx.Module):
         return self.kv_norm(ckv_BTC), apply_rope(k_rope_BTR, cos, sin)
 
     def attend_expanded(self, q_nope_BTHN: Array, q_rope_BTHR: Array, ckv_BSC: Array, k_rope_BSR: Array,
-                        mask_BTS: Array) -> Float[Array, "B T D"]:
-        """Attention with per-head K/V rebuilt from the latent (the training path)."""
+                        mask_BTS: Array, causal: bool = False) -> Float[Array, "B T D"]:
+        """Attention with per-head K/V rebuilt from the latent (the training path). `causal`: query t
+        is key t (training on a whole sequence), so no query needs the keys after its chunk."""
         k_nope_BSHN = self.w_uk(ckv_BSC)
         v_BSHV = self.w_uv(ckv_BSC)
         # One contraction over N + R, the shared k_R broadcast to every head (eq. 7-10): the same sum
         # as q_nope.k_nope + q_rope.k_R, but XLA:CPU ran the separate head-less "bthr,bsr" contraction
         # and its backward slowly (the attention core alone: fwd+bwd about 2x faster this way, tiny, T=256).
-        q_BTHK = jnp.concatenate([q_nope_BTHN, q_rope_BTHR], axis=-1)
+        q_BTHK = jnp.concatenate([q_nope_BTHN, q_rope_BTHR], axis=-1).astype(k_nope_BSHN.dtype)
         k_rope_BSHR = jnp.broadcast_to(k_rope_BSR[:, :, None], k_nope_BSHN.shape[:3] + k_rope_BSR.shape[-1:])
         k_BSHK = jnp.concatenate([k_nope_BSHN, k_rope_BSHR.astype(k_nope_BSHN.dtype)], axis=-1)
-        logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK.astype(k_BSHK.dtype), k_BSHK,
-                                 preferred_element_type=jnp.float32)
-        probs_BHTS = masked_softmax(logits_BHTS * self.scale, mask_BTS[:, None])
-        out_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS.astype(v_BSHV.dtype), v_BSHV,
-                              preferred_element_type=jnp.float32).astype(v_BSHV.dtype)
-        return self.w_o(out_BTHV)
+        return self.w_o(dot_product_attention(q_BTHK, k_BSHK, v_BSHV, mask_BTS, self.scale, causal))
 
     def attend_absorbed(self, q_nope_BTHN: Array, q_rope_BTHR: Array, ckv_BSC: Array, k_rope_BSR: Array,
                         mask_BTS: Array) -> Float[Array, "B T D"]:
@@ -133,4 +130,5 @@ class MLA(nnx.Module):
         (packed examples), a token attends only to earlier tokens of its own segment."""
         q_nope, q_rope = self.queries(x_BTD, cos, sin)
         ckv_BTC, k_rope_BTR = self.latent_kv(x_BTD, cos, sin)
-        return self.attend_expanded(q_nope, q_rope, ckv_BTC, k_rope_BTR, attention_mask(x_BTD.shape[1], segment_ids_BT))
+        return self.attend_expanded(q_nope, q_rope, ckv_BTC, k_rope_BTR, attention_mask(x_BTD.shape[1], segment_ids_BT),
+                                    causal=True)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -62,7 +63,7 @@ class DeepSeekV3(nnx.Module):
         stays inside a segment) and `positions_BT` restarting at 0 in each segment."""
         B, T = tokens_BT.shape
         if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+            positions_BT = np.arange(T)[None]  # known when tracing: the rope tables become constants
         cos, sin = rope_tables(self.cfg, positions_BT)
         h_BTD = self.embed_and_dense(tokens_BT, cos, sin, segment_ids_BT)
         h_BTD, moe_stats = self.moe_stack(h_BTD, cos, sin, tokens_BT, segment_ids_BT)
@@ -76,7 +77,7 @@ class DeepSeekV3(nnx.Module):
         """Token embedding, then the first_k_dense dense layers."""
         h_BTD = constrain(self.embed(tokens_BT), HIDDEN_BTD)
         if self.dense_layers is not None:
-            h_BTD, _ = run_blocks(self.dense_layers, h_BTD, cos, sin, self.cfg.remat, segment_ids_BT=segment_ids_BT)
+            h_BTD, _ = run_blocks(self.dense_layers, h_BTD, cos, sin, self.cfg, segment_ids_BT=segment_ids_BT)
         return h_BTD
 
     def moe_stack(self, h_BTD: Array, cos: Array, sin: Array, token_ids_BT: Array | None = None,
@@ -84,7 +85,7 @@ class DeepSeekV3(nnx.Module):
         """The MoE layers (a pipeline runs `run_blocks` on its stages' slices of this stack instead)."""
         if self.moe_layers is None:
             return h_BTD, None
-        return run_blocks(self.moe_layers, h_BTD, cos, sin, self.cfg.remat, token_ids_BT, segment_ids_BT)
+        return run_blocks(self.moe_layers, h_BTD, cos, sin, self.cfg, token_ids_BT, segment_ids_BT)
 
     def head_and_mtp(self, h_BTD: Array, tokens_BT: Int[Array, "B T"], cos: Array, sin: Array,
                      with_mtp: bool = True, segment_ids_BT: Array | None = None
@@ -102,7 +103,7 @@ class DeepSeekV3(nnx.Module):
             return h_next, (h_normed, layer_stats)
 
         # The main model's final hidden state (before its final norm) is h^0 (eq. 21).
-        _, (h_normed_PBTD, mtp_stats) = scan_stack(self.mtp, depth_step, h_BTD, ahead_PBT, cfg.remat)
+        _, (h_normed_PBTD, mtp_stats) = scan_stack(self.mtp, depth_step, h_BTD, ahead_PBT, cfg.remat, cfg.unroll_layers)
         return logits_BTV, self.logits(h_normed_PBTD), mtp_stats
 
     # Cached decoding ------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dsv3_jax.config import Config, ConfigError
@@ -76,7 +77,7 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
     def loss_and_grads(params, routing_bias, tokens_BS):
         B, S = tokens_BS.shape
         T, b = S - 1, B // n_mb
-        cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (b, T)))
+        cos, sin = rope_tables(cfg, np.arange(T)[None])
 
         # The model's own pieces: `embed_and_dense` on the first stage, the MoE stack in stages, and
         # `head_and_mtp` on the last stage, each from a model merged without the stages' weights.
@@ -95,7 +96,7 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
             return model_without_stack(rest).embed_and_dense(tokens_bS[:, :-1], cos, sin)
 
         def stage_fn(stage, x_bTD):
-            y_bTD, stats = run_blocks(nnx.merge(stack_graphdef, *stage), x_bTD, cos, sin, cfg.remat)
+            y_bTD, stats = run_blocks(nnx.merge(stack_graphdef, *stage), x_bTD, cos, sin, cfg)
             return y_bTD, balancing.loss(stats) / n_mb, stats
 
         def loss_fn(rest, y_bTD, tokens_bS):
