@@ -1,10 +1,12 @@
+import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from dsv3_jax.config import TrainConfig
 from dsv3_jax.model.model import DeepSeekV3
 from dsv3_jax.model.routing import RoutingBias
-from dsv3_jax.train.optim import decay_mask, lr_schedule
+from dsv3_jax.train.optim import clip_by_global_norm, decay_mask, lr_schedule
 from tests.conftest import tiny_model_config
 
 
@@ -28,3 +30,16 @@ def test_weight_decay_only_on_matrices_and_bias_is_not_optimised():
     assert not by_name["moe_layers/attn_norm/scale"] and not by_name["final_norm/scale"]
     assert not any("bias_E" in name for name in by_name)
     assert nnx.to_flat_state(nnx.state(model, RoutingBias))  # it exists, outside the Params
+
+
+def test_clip_by_global_norm_equals_optax_with_or_without_a_given_norm():
+    """The clip that takes the train step's gradient norm clips as optax does (same empty state)."""
+    grads = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([-4.0, 0.5])}
+    for max_norm in (100.0, 2.0):  # not clipped, clipped (the norm is 8.5)
+        want, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+        ours = clip_by_global_norm(max_norm)
+        for given in (None, optax.tree.norm(grads)):
+            got, state = ours.update(grads, ours.init(grads), grad_norm=given)
+            assert state == optax.clip_by_global_norm(max_norm).init(grads)
+            for key in grads:
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-6)

@@ -58,3 +58,15 @@ def test_steps_reduce_loss_on_a_repeated_batch(setup):
         state, metrics = step(state, tokens)
         losses.append(float(metrics["lm_loss"]))
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the lr itself, in fp32
+def test_weights_overflowed_by_a_huge_lr_are_counted_though_loss_and_gradients_are_finite():
+    """What `check_finite` cannot see from the loss and gradient norm: the update itself overflowing."""
+    config = Config(model=tiny_model_config(n_layers=2, mtp_depth=0),
+                    train=TrainConfig(batch_size=2, seq_len=16, lr=1e39, warmup_steps=0, grad_clip=0.0))
+    graphdef, optimizer, state = create_train_state(config, 0)
+    tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, config.model.vocab_size)
+    _, metrics = jax.jit(make_train_step(config, graphdef, optimizer))(state, tokens)
+    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+    assert int(metrics["nonfinite_state"]) > 0

@@ -32,7 +32,7 @@ from dsv3_jax.infer.generate import generate_with_logprobs
 from dsv3_jax.model.routing import Balancing
 from dsv3_jax.post.rewards import REWARDS
 from dsv3_jax.post.tasks import Problem, Task
-from dsv3_jax.train.step import count_nonfinite, max_violation, update_routing_bias
+from dsv3_jax.train.step import max_violation, nonfinite_weights, update_routing_bias
 
 
 def group_advantages(rewards_NG: np.ndarray, min_std: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
@@ -163,12 +163,12 @@ def make_grpo_fns(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gradi
             return parts.loss + balancing.loss(stats.moe_layers), (parts, stats)
 
         (_, (parts, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, grad_norm=grad_norm)
         params = optax.apply_updates(state.params, freeze(updates, "mtp"))
         routing_bias = update_routing_bias(state.routing_bias, stats, balancing)
         metrics = {"loss": parts.loss, "kl": parts.kl, "clip_fraction": parts.clip_fraction,
-                   "grad_norm": optax.tree.norm(grads),
-                   "nonfinite_state": count_nonfinite((params, routing_bias, opt_state))}
+                   "grad_norm": grad_norm, "nonfinite_state": nonfinite_weights(params, routing_bias)}
         if stats.moe_layers is not None:
             metrics["max_vio"] = max_violation(stats.moe_layers.expert_load).mean()
         return state.replace(params=params, routing_bias=routing_bias, opt_state=opt_state), metrics

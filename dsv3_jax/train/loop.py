@@ -260,8 +260,8 @@ def check_finite(metrics: dict, step: int, checkpointer: Checkpointer, run_dir: 
                                                                "grad_norm") if k in metrics)
     last = checkpointer.latest_step()
     where = f"last good checkpoint: step {last}" if last is not None else "no checkpoint was saved yet"
-    raise NonFiniteLoss(f"non-finite training state at step {step} ({parts}, {nonfinite:,} non-finite weights or "
-                        f"optimizer values after the update; not saved); {where} in {run_dir / 'checkpoints'}; see "
+    raise NonFiniteLoss(f"non-finite training state at step {step} ({parts}, {nonfinite:,} non-finite weights "
+                        f"after the update; not saved); {where} in {run_dir / 'checkpoints'}; see "
                         f"{run_dir / 'metrics.jsonl'} and try a lower train.lr")
 
 

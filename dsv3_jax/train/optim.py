@@ -41,9 +41,22 @@ def decay_mask(params: nnx.State) -> nnx.State:
     return jax.tree.map(is_matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax.clip_by_global_norm (the same empty state, so checkpoints are unchanged) that takes the
+    gradients' norm when the train step has it already (`update(..., grad_norm=)`): one pass over
+    the gradients instead of two (`small` train step on XLA:CPU: about 90 ms of 2.7 s)."""
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransformationExtraArgs:
     return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+        clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
         optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
                     mask=decay_mask(params), mu_dtype=jnp.bfloat16 if cfg.bf16_moments else None),
     )

@@ -82,11 +82,11 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
 
     def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         (_, (parts, stats)), grads = loss_and_grads(state.params, state.routing_bias, batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, grad_norm=grad_norm)
         params = optax.apply_updates(state.params, updates)
         routing_bias = update_routing_bias(state.routing_bias, stats, balancing)
-        metrics = {"loss": parts.total, "lm_loss": parts.lm, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state.step)}
+        metrics = {"loss": parts.total, "lm_loss": parts.lm, "grad_norm": grad_norm, "lr": schedule(state.step)}
         if stats.moe_layers is not None or stats.mtp is not None:
             metrics["balance_loss"] = parts.balance
         if stats.moe_layers is not None:
@@ -97,13 +97,21 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
             metrics["capacity_dropped"] = stats.moe_layers.capacity_dropped.mean()
         if config.model.mtp_depth:
             metrics["mtp_loss"] = parts.mtp
-        # A state is saved only when this is 0 (train/loop.py): a finite loss can come with a NaN
-        # gradient, and finite gradients times a huge lr can still overflow the weights.
-        metrics["nonfinite_state"] = count_nonfinite((params, routing_bias, opt_state))
+        metrics["nonfinite_state"] = nonfinite_weights(params, routing_bias)
         new_state = state.replace(params=params, routing_bias=routing_bias, opt_state=opt_state, step=state.step + 1)
         return new_state, metrics
 
     return train_step
+
+
+def nonfinite_weights(params, routing_bias) -> jax.Array:
+    """Non-finite values among the updated weights. A state is saved only when this is 0 and the
+    loss and gradient norm are finite (train/loop.py `check_finite`): a finite loss can come with
+    a NaN gradient, and finite gradients times a huge lr can still overflow the weights. The AdamW
+    moments need no pass of their own: from finite moments, m' = b1 m + (1 - b1) g and
+    v' = b2 v + (1 - b2) g^2 are finite whenever the gradient norm is (every g^2 then is), and the
+    moments start at 0 (skipping them saves a read of 2/3 of the state: ~75 ms of a `small` step)."""
+    return count_nonfinite((params, routing_bias))
 
 
 def count_nonfinite(tree) -> jax.Array:
