@@ -129,7 +129,7 @@ def bench_train(config: Config, steps: int = 5, peak_matmul_n: int = 2048) -> li
 
     tc = config.train
     graphdef, optimizer, state = create_train_state(config, 0)
-    step = jax.jit(make_train_step(config, graphdef, optimizer))
+    step = jax.jit(make_train_step(config, graphdef, optimizer), donate_argnums=0)  # as `dsv3 train` runs it
     tokens = jax.random.randint(jax.random.key(0), (tc.batch_size, tc.seq_len + 1), 0, config.model.vocab_size)
     holder = {"state": state}
 
