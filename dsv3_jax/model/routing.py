@@ -38,6 +38,7 @@ from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ConfigError, ModelConfig, TrainConfig
 from dsv3_jax.model.layers import dtype_of, param
+from dsv3_jax.parallel.sharding import per_batch_shard
 
 
 class RoutingBias(nnx.Variable):
@@ -137,10 +138,13 @@ def route(logits_NE: Float[Array, "N E"], bias_E: Float[Array, "E"], cfg: ModelC
     norm_topk_prob = cfg.norm_topk_prob if norm_topk_prob is None else norm_topk_prob
     scores_NE = affinities(logits_NE, score_func)
     biased_NE = scores_NE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
-    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
-        keep_NE = group_mask(biased_NE, cfg.n_group, cfg.topk_group, score_func)
-        biased_NE = jnp.where(keep_NE, biased_NE, -jnp.inf)
-    _, expert_idx_NK = jax.lax.top_k(biased_NE, cfg.top_k)
+
+    def select(biased_NE):  # per token: the best groups, then the top-K experts within them
+        if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+            biased_NE = jnp.where(group_mask(biased_NE, cfg.n_group, cfg.topk_group, score_func), biased_NE, -jnp.inf)
+        return jax.lax.top_k(biased_NE, cfg.top_k)[1]
+
+    expert_idx_NK = per_batch_shard(select, biased_NE)
     gates_NK = jnp.take_along_axis(scores_NE, expert_idx_NK, axis=-1)
     if norm_topk_prob:
         gates_NK = gates_NK / (gates_NK.sum(-1, keepdims=True) + 1e-20)
@@ -180,7 +184,7 @@ class SwitchRouter:
     def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
         probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
         biased = probs_NE + jax.lax.stop_gradient(bias_E)
-        _, expert_idx_NK = jax.lax.top_k(biased, cfg.top_k)
+        expert_idx_NK = per_batch_shard(lambda b: jax.lax.top_k(b, cfg.top_k)[1], biased)
         gates_NK = jnp.take_along_axis(probs_NE, expert_idx_NK, axis=-1)
         if cfg.top_k > 1:
             gates_NK = gates_NK / gates_NK.sum(-1, keepdims=True)
