@@ -35,7 +35,7 @@ class Block(nnx.Module):
         """The block and its router statistics (None for a dense block); the output is constrained to
         the activation layout of parallel/sharding.py (a no-op without a mesh). `segment_ids_BT`
         keeps packed examples from attending to each other (see MLA.__call__)."""
-        with jax.named_scope("attention"):  # named scopes label profiles and HLO op names (as in bench_vs_hf)
+        with jax.named_scope("attention"):  # named scopes label profiles and HLO op names
             x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, segment_ids_BT)
         with jax.named_scope("ffn"):
             x_BTD, stats = self._ffn(x_BTD, token_ids_BT)

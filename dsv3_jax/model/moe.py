@@ -51,7 +51,7 @@ def routed_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_EDF: Arra
 
     With no more assignments than experts (decoding a few tokens) each assignment instead takes its
     expert's weights directly: M weight gathers move less than one grouped pass over all E experts
-    (`small` preset, batch-1 decode step on XLA:CPU: 120 -> 25 ms)."""
+    (`small` preset, batch-1 decode step on XLA:CPU: 120 -> 17 ms)."""
     E = w_gate_EDF.shape[0]
     if routing.expert_M.shape[0] <= E and fp8_backend is None:
         return per_assignment_experts(x_ND, routing, w_gate_EDF, w_up_EDF, w_down_EFD)
@@ -62,7 +62,6 @@ def routed_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_EDF: Arra
     y_MD = grouped_swiglu(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, impl, fp8_backend).astype(jnp.float32)
     y_MD = y_MD * routing.gate_M[order_M, None].astype(jnp.float32)
     return jnp.zeros(x_ND.shape, jnp.float32).at[token_M].add(y_MD).astype(x_ND.dtype)
-
 
 
 def per_assignment_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_EDF: Array, w_up_EDF: Array,
