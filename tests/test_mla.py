@@ -74,12 +74,15 @@ def test_mla_is_causal():
     assert not np.allclose(y0[:, 6:], y1[:, 6:])
 
 
-def test_causal_chunks_give_the_gradients_of_the_full_score_matrix():
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # MLA / MHA, GQA, MQA
+def test_causal_chunks_give_the_gradients_of_the_full_score_matrix(kv_heads):
     """Chunked causal attention (queries skip the keys after their chunk) against the same attention
-    over the whole masked score matrix, with packed segments, values and gradients, at T = 300."""
-    B, T, H, K, V = 2, 300, 2, 12, 8
+    over the whole masked score matrix, with packed segments, values and gradients, at T = 300; and
+    shared K/V heads against each query head given its own copy of them."""
+    B, T, H, K, V = 2, 300, 4, 12, 8
     k = jax.random.split(jax.random.key(5), 4)
-    q, kk, v = (jax.random.normal(key, (B, T, H, d)) for key, d in zip(k[:3], (K, K, V)))
+    q = jax.random.normal(k[0], (B, T, H, K))
+    kk, v = (jax.random.normal(key, (B, T, kv_heads, d)) for key, d in zip(k[1:3], (K, V)))
     segments = jnp.cumsum(jax.random.bernoulli(k[3], 0.01, (B, T)), axis=1)
     mask = attention_mask(T, segments)
     r = jax.random.normal(jax.random.key(6), (B, T, H, V))
@@ -89,3 +92,6 @@ def test_causal_chunks_give_the_gradients_of_the_full_score_matrix():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    copies = lambda x: jnp.repeat(x, H // kv_heads, axis=2)  # query head h reads K/V head h // (H / G)
+    np.testing.assert_allclose(dot_product_attention(q, kk, v, mask, 0.3, True),
+                               dot_product_attention(q, copies(kk), copies(v), mask, 0.3, True), rtol=1e-5, atol=1e-6)

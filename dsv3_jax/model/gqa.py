@@ -17,7 +17,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.layers import Linear, attention_mask, cache_mask, masked_softmax
+from dsv3_jax.model.layers import Linear, attention_mask, cache_mask, dot_product_attention
 from dsv3_jax.model.rope import apply_rope, softmax_scale
 
 
@@ -42,16 +42,12 @@ class GroupedQueryAttention(nnx.Module):
         return (self._rope_last(self.w_q(x_BTD), cos, sin), self._rope_last(self.w_k(x_BTD), cos, sin),
                 self.w_v(x_BTD))
 
-    def attend(self, q_BTHK: Array, k_BSGK: Array, v_BSGV: Array, mask_BTS: Array) -> Float[Array, "B T D"]:
-        B, T, H, K = q_BTHK.shape
-        G = k_BSGK.shape[2]
-        q_BTGQK = q_BTHK.reshape(B, T, G, H // G, K)
-        logits_BGQTS = jnp.einsum("btgqk,bsgk->bgqts", q_BTGQK, k_BSGK.astype(q_BTHK.dtype),
-                                  preferred_element_type=jnp.float32)
-        probs_BGQTS = masked_softmax(logits_BGQTS * self.scale, mask_BTS[:, None, None])
-        out_BTGQV = jnp.einsum("bgqts,bsgv->btgqv", probs_BGQTS.astype(q_BTHK.dtype), v_BSGV.astype(q_BTHK.dtype),
-                               preferred_element_type=jnp.float32).astype(q_BTHK.dtype)
-        return self.w_o(out_BTGQV.reshape(B, T, H, -1))
+    def attend(self, q_BTHK: Array, k_BSGK: Array, v_BSGV: Array, mask_BTS: Array, causal: bool = False
+               ) -> Float[Array, "B T D"]:
+        dtype = q_BTHK.dtype
+        out_BTHV = dot_product_attention(q_BTHK, k_BSGK.astype(dtype), v_BSGV.astype(dtype), mask_BTS, self.scale,
+                                         causal)
+        return self.w_o(out_BTHV)
 
     def cached(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array, cache: tuple[Array, Array],
                positions_BT: Array, mode: str = "absorbed") -> tuple[Float[Array, "B T D"], tuple[Array, Array]]:
@@ -70,5 +66,5 @@ class GroupedQueryAttention(nnx.Module):
                  segment_ids_BT: Array | None = None) -> Float[Array, "B T D"]:
         """Causal self-attention over the whole sequence (segments as in MLA.__call__)."""
         q_BTHK, k_BTGK, v_BTGV = self.project(x_BTD, cos, sin)
-        return self.attend(q_BTHK, k_BTGK, v_BTGV, attention_mask(x_BTD.shape[1], segment_ids_BT))
+        return self.attend(q_BTHK, k_BTGK, v_BTGV, attention_mask(x_BTD.shape[1], segment_ids_BT), causal=True)
 

@@ -113,10 +113,8 @@ class MLA(nnx.Module):
             k_cache = first.at[rows_B1, positions_BT].set(k_BTHK.astype(first.dtype))
             v_cache = second.at[rows_B1, positions_BT].set(self.w_uv(ckv_BTC).astype(second.dtype))
             q_BTHK = jnp.concatenate([q_nope, q_rope], axis=-1)
-            logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_cache.astype(q_BTHK.dtype),
-                                     preferred_element_type=jnp.float32)
-            probs_BHTS = masked_softmax(logits_BHTS * self.scale, mask_BTS[:, None])
-            out_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_cache.astype(jnp.float32)).astype(x_BTD.dtype)
+            out_BTHV = dot_product_attention(q_BTHK, k_cache.astype(q_BTHK.dtype), v_cache.astype(q_BTHK.dtype),
+                                             mask_BTS, self.scale)
             return self.w_o(out_BTHV), (k_cache, v_cache)
         ckv_cache = first.at[rows_B1, positions_BT].set(ckv_BTC.astype(first.dtype))
         k_rope_cache = second.at[rows_B1, positions_BT].set(k_rope_BTR.astype(second.dtype))
