@@ -100,7 +100,8 @@ def test_incomplete_multi_process_flags_are_refused(flags, message, tmp_path):
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker-killed", "coordinator-killed"])
 def test_a_dead_peer_stops_the_other_and_the_checkpoints_restore(one_process_run, tmp_path, victim):
     """kill -9 one of the two processes mid-run: the other exits non-zero within seconds, saying
-    so (process 0's death is reported by JAX's own runtime, which aborts before Python can speak);
+    so (process 0's death may instead be reported by JAX's own runtime, which then aborts before
+    Python can speak: a race between a failing collective and its coordination client);
     after a worker's death the checkpoints on disk restore in a one-process run on 8 devices, which
     repeats the logged losses of the steps after its checkpoint."""
     run, steps = tmp_path / "two", 40
@@ -112,11 +113,12 @@ def test_a_dead_peer_stops_the_other_and_the_checkpoints_restore(one_process_run
     survivor = procs[1 - victim]
     assert survivor.wait(timeout=60) != 0, _tail(tmp_path)
     console = (tmp_path / f"process{1 - victim}.log").read_text()
+    ours = re.search(r"dsv3: error: (a collective with another process failed|process 1 of 2 stopped responding)"
+                     r".*start every process again with --resume", console)
     if victim == 1:
-        assert re.search(r"dsv3: error: (a collective with another process failed|process 1 of 2 stopped responding)"
-                         r".*start every process again with --resume", console), console[-2000:]
-    else:
-        assert "another task died" in console, console[-2000:]
+        assert ours, console[-2000:]
+    else:  # whichever notices first: a collective failing (our message) or JAX's coordination client
+        assert ours or "another task died" in console, console[-2000:]
     logged = dict(losses(run))
     assert max(logged) < steps, "the run finished before the kill: nothing was tested"
     if victim == 0:
