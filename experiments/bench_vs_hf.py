@@ -64,8 +64,9 @@ system time per 133 ms step. With transparent huge pages set to `always` (a mach
 once and restored) the faults fell to 399 and the step to 118 ms; four steps inside one compiled call
 (a `lax.scan` over four batches) amortise them too: 110 ms per step. (2) Attention at tiny's shapes
 (d_model 128, T 256) is ~40% of the step: its fwd+bwd takes 4.2 ms per layer in isolation with a hot
-cache, ~13 ms inside the step. HF's eager step has neither cost in the same form (PyTorch's allocator
-reuses freed blocks; SDPA's CPU kernel fuses causal attention).
+cache, ~13 ms inside the step. HF's eager step has neither cost in the same form: measured the same way
+(getrusage over 10 steps), it takes 8,705 minor faults and 14 ms of system time per step against our
+45,848 and 76 ms (PyTorch's allocator reuses freed blocks), and SDPA's CPU kernel fuses causal attention.
 """
 BATCH, SEQ = 8, 256
 PROMPT, NEW_TOKENS = 64, 64
