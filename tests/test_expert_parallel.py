@@ -164,6 +164,9 @@ def test_expert_parallel_train_step_equals_single_device(sizes, whole_step):
     # for top_k (GSPMD did, so every device routed the whole batch).
     gathered = [line for line in hlo.splitlines() if "all-gather(" in line and "top_k" in line]
     assert not gathered, gathered[:2]
+    rows = {int(re.search(r"f32\[(\d+),", line).group(1)) for line in hlo.splitlines()
+            if "top_k" in line and ('custom_call_target="TopK"' in line or " sort(" in line)}
+    assert rows == {tokens.shape[0] * (tokens.shape[1] - 1) // RULES.shards("batch", dict(mesh.shape))}, rows
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     scale = max(float(abs(g).max()) for g in jax.tree.leaves(want_grads))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grads, want_grads)

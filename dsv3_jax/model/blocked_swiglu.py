@@ -2,13 +2,12 @@
 
     y_b = (silu(x_b W_gate[e_b]) * (x_b W_up[e_b])) W_down[e_b]      for each 128-row block b of expert e_b
 
-Three grouped GEMMs (`grouped_gemm.py`) would each lay the rows out in blocks and loop over every
-block (skipping padding blocks with a `cond`), and their backward passes loop three times more.
-Here the forward is one loop over the used blocks only (a while loop whose trip count is the
-used-block count: no per-block branch), keeping each block's gate and up products for the
-backward, and the backward is one more loop: per block the six GEMMs (Dgrad of all three, Wgrad
-of all three, the weight gradients added into the block's expert). On the `tiny` preset's train
-step the routed experts' fwd + bwd fell from 30.6 to 21.4 ms on XLA:CPU (experiments/results/bench_vs_hf.md).
+Three grouped GEMMs (`grouped_gemm.py`) would each lay the rows out in blocks and loop over them,
+and their backward passes would loop six times more. Here the forward is one loop over the used
+blocks (`over_used_blocks`), keeping each block's gate and up products for the backward, and the
+backward is one more loop: per block the six GEMMs (Dgrad and Wgrad of all three, the weight
+gradients added into the block's expert). On the `tiny` preset's train step the routed experts'
+fwd + bwd fell from 30.6 to 21.4 ms on XLA:CPU (experiments/results/bench_vs_hf.md).
 
 Rows past sum(group_sizes) (expert-parallel receive buffers end in them) land in blocks after
 the used ones: they give zeros and get zero gradients, as with `jax.lax.ragged_dot`.
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import Fp8Backend
-from dsv3_jax.model.grouped_gemm import block_gemm, block_layout, from_blocks, to_blocks
+from dsv3_jax.model.grouped_gemm import block_gemm, block_layout, from_blocks, over_used_blocks, to_blocks
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -41,18 +40,16 @@ def _forward(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, fp8_backend)
     n_blocks, rows, D = x_BRD.shape
     F = w_gate_EDF.shape[2]
 
-    def block(b, carry):
+    def block(b, e, carry):
         y_BRD, gate_BRF, up_BRF = carry
-        e, x_RD = layout.expert_B[b], x_BRD[b]
+        x_RD = x_BRD[b]
         gate_RF, up_RF = gemm(x_RD, w_gate_EDF[e]), gemm(x_RD, w_up_EDF[e])
         y_RD = gemm((jax.nn.silu(gate_RF) * up_RF).astype(x_MD.dtype), w_down_EFD[e])
         return y_BRD.at[b].set(y_RD), gate_BRF.at[b].set(gate_RF), up_BRF.at[b].set(up_RF)
 
     zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
-    # A dynamic trip count (the used blocks): XLA lowers it to a while loop, no per-block branch.
-    y_BRD, gate_BRF, up_BRF = jax.lax.fori_loop(0, layout.used_blocks, block,
-                                                (zeros(n_blocks, rows, D), zeros(n_blocks, rows, F),
-                                                 zeros(n_blocks, rows, F)))
+    y_BRD, gate_BRF, up_BRF = over_used_blocks(layout, block, (zeros(n_blocks, rows, D), zeros(n_blocks, rows, F),
+                                                               zeros(n_blocks, rows, F)))
     return from_blocks(y_BRD, layout), (x_BRD, gate_BRF, up_BRF, w_gate_EDF, w_up_EDF, w_down_EFD, layout)
 
 
@@ -62,9 +59,9 @@ def _bwd(fp8_backend, residuals, dy_MD):
     dtype = x_BRD.dtype  # plain GEMMs take their operands in the forward's dtype
     dy_BRD = to_blocks(dy_MD.astype(dtype) if fp8_backend is None else dy_MD, layout)
 
-    def block(b, carry):
+    def block(b, e, carry):
         dx_BRD, dw_gate_EDF, dw_up_EDF, dw_down_EFD = carry
-        e, x_RD, dy_RD = layout.expert_B[b], x_BRD[b], dy_BRD[b]
+        x_RD, dy_RD = x_BRD[b], dy_BRD[b]
         gate_RF, up_RF = gate_BRF[b], up_BRF[b]
         sigmoid_RF = jax.nn.sigmoid(gate_RF)
         silu_RF = gate_RF * sigmoid_RF
@@ -79,9 +76,8 @@ def _bwd(fp8_backend, residuals, dy_MD):
                 dw_down_EFD.at[e].add(gemm(h_RF.T, dy_RD)))
 
     zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
-    dx_BRD, dw_gate, dw_up, dw_down = jax.lax.fori_loop(
-        0, layout.used_blocks, block, (jnp.zeros(x_BRD.shape, dtype), zeros(w_gate_EDF), zeros(w_up_EDF),
-                                       zeros(w_down_EFD)))
+    dx_BRD, dw_gate, dw_up, dw_down = over_used_blocks(
+        layout, block, (jnp.zeros(x_BRD.shape, dtype), zeros(w_gate_EDF), zeros(w_up_EDF), zeros(w_down_EFD)))
     return (from_blocks(dx_BRD, layout), None, dw_gate.astype(w_gate_EDF.dtype), dw_up.astype(w_up_EDF.dtype),
             dw_down.astype(w_down_EFD.dtype))
 

@@ -5,8 +5,8 @@
 Two implementations (`impl`):
 - "ragged_dot": XLA's primitive; TPU and GPU lower it to grouped kernels.
 - "blocked": every expert's rows are padded to a multiple of 128, so each 128-row block belongs
-  to one expert; a `lax.scan` runs one (128 x K) @ (K x N) GEMM per block against its expert's
-  weight and skips the padding-only blocks at the end. XLA:CPU lowers ragged_dot densely (every
+  to one expert; a loop over the used blocks (`over_used_blocks`) runs one (128 x K) @ (K x N) GEMM
+  per block against its expert's weight (the padding-only blocks at the end are never visited). XLA:CPU lowers ragged_dot densely (every
   row against every expert, E times the FLOPs: 11x slower than "blocked" at the `small` preset's
   expert shapes, 3.6x at `tiny`'s; experiments/results/grouped_gemm_cpu.md), so "auto" is
   "blocked" on CPU and "ragged_dot" elsewhere.
@@ -76,24 +76,22 @@ def block_gemm(fp8_backend: Fp8Backend | None):
     return lambda a, b: fp8_gemm(a, b, fp8_backend)
 
 
-def _each_block(fn, layout: BlockLayout, out_shape: tuple[int, ...], *blocks: Array) -> Array:
-    """Stack fn(expert_b, *blocks[b]) over blocks; zeros for the padding-only blocks at the end."""
-
-    def body(_, xs):
-        b, e, *args = xs
-        return None, jax.lax.cond(b < layout.used_blocks, lambda: fn(e, *args),
-                                  lambda: jnp.zeros(out_shape, jnp.float32))
-
-    return jax.lax.scan(body, None, (jnp.arange(layout.expert_B.shape[0]), layout.expert_B, *blocks))[1]
+def over_used_blocks(layout: BlockLayout, body, init):
+    """`init` carried through body(b, expert_b, carry) for the used blocks b = 0 .. used_blocks - 1:
+    a while loop whose trip count is the used-block count, so the padding-only blocks at the end
+    cost nothing and no block needs a branch."""
+    return jax.lax.fori_loop(0, layout.used_blocks, lambda b, carry: body(b, layout.expert_B[b], carry), init)
 
 
 def _per_expert(x_BRK: Array, w_EKN: Array, layout: BlockLayout, fp8_backend: Fp8Backend | None
                 ) -> Float[Array, "B R N"]:
-    """y_b = x_b @ w[expert_b]; FP8 on "pallas": one grouped kernel launch for all blocks."""
+    """y_b = x_b @ w[expert_b] (zeros for padding-only blocks); FP8 on "pallas": one grouped kernel
+    launch for all blocks."""
     if fp8_backend == "pallas":
         return fp8_grouped_pallas(x_BRK, w_EKN, layout.expert_B)
     gemm = block_gemm(fp8_backend)
-    return _each_block(lambda e, x_RK: gemm(x_RK, w_EKN[e]), layout, (ROWS, w_EKN.shape[2]), x_BRK)
+    y_BRN = jnp.zeros(x_BRK.shape[:2] + w_EKN.shape[2:], jnp.float32)
+    return over_used_blocks(layout, lambda b, e, y_BRN: y_BRN.at[b].set(gemm(x_BRK[b], w_EKN[e])), y_BRN)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -114,14 +112,9 @@ def _blocked_bwd(fp8_backend, residuals, dy_BRN):
     dx_BRK = _per_expert(dy_BRN, jnp.swapaxes(w_EKN, 1, 2), layout, fp8_backend)  # Dgrad
     gemm = block_gemm(fp8_backend)
 
-    def wgrad(dw_EKN, xs):  # Wgrad: x_b^T @ dy_b, added to the block's expert (in place)
-        b, e, x_RK, dy_RN = xs
-        dw_KN = jax.lax.cond(b < layout.used_blocks, lambda: gemm(x_RK.T, dy_RN),
-                             lambda: jnp.zeros(w_EKN.shape[1:], jnp.float32))
-        return dw_EKN.at[e].add(dw_KN), None
-
-    blocks = (jnp.arange(layout.expert_B.shape[0]), layout.expert_B, x_BRK, dy_BRN)
-    dw_EKN = jax.lax.scan(wgrad, jnp.zeros(w_EKN.shape, jnp.float32), blocks)[0]
+    # Wgrad: x_b^T @ dy_b, added to the block's expert (in place).
+    dw_EKN = over_used_blocks(layout, lambda b, e, dw_EKN: dw_EKN.at[e].add(gemm(x_BRK[b].T, dy_BRN[b])),
+                              jnp.zeros(w_EKN.shape, jnp.float32))
     return dx_BRK.astype(x_BRK.dtype), dw_EKN.astype(w_EKN.dtype), None
 
 

@@ -26,7 +26,7 @@ from dsv3_jax.model.grouped_gemm import grouped_matmul, resolve_impl
 from dsv3_jax.model.layers import MLP, dtype_of, param
 from dsv3_jax.model.routing import Router, RouterStats, Routing, is_token_choice, router_for
 from dsv3_jax.parallel.expert import (batch_parallel_mesh, batch_parallel_routed_experts, expert_parallel_mesh,
-                                      expert_parallel_routed_experts)
+                                      expert_parallel_routed_experts, gated_sum)
 
 
 def grouped_swiglu(x_MD: Float[Array, "M D"], group_sizes_E: Int[Array, "E"], w_gate_EDF: Array,
@@ -59,9 +59,8 @@ def routed_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_EDF: Arra
     token_M = routing.token_M[order_M]
     x_MD = jnp.take(x_ND, token_M, axis=0)
     group_sizes_E = jnp.bincount(routing.expert_M, length=E).astype(jnp.int32)
-    y_MD = grouped_swiglu(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, impl, fp8_backend).astype(jnp.float32)
-    y_MD = y_MD * routing.gate_M[order_M, None].astype(jnp.float32)
-    return jnp.zeros(x_ND.shape, jnp.float32).at[token_M].add(y_MD).astype(x_ND.dtype)
+    y_MD = grouped_swiglu(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, impl, fp8_backend)
+    return gated_sum(y_MD, routing.gate_M[order_M], token_M, x_ND.shape[0]).astype(x_ND.dtype)
 
 
 def per_assignment_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_EDF: Array, w_up_EDF: Array,
@@ -71,9 +70,8 @@ def per_assignment_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_E
     e_M = routing.expert_M
     dot = lambda a, w: jnp.einsum("md,mdf->mf", a, w, preferred_element_type=jnp.float32)
     h_MF = (jax.nn.silu(dot(x_MD, w_gate_EDF[e_M])) * dot(x_MD, w_up_EDF[e_M])).astype(x_ND.dtype)
-    y_MD = dot(h_MF, w_down_EFD[e_M]).astype(x_ND.dtype).astype(jnp.float32)
-    y_MD = y_MD * routing.gate_M[:, None].astype(jnp.float32)
-    return jnp.zeros(x_ND.shape, jnp.float32).at[routing.token_M].add(y_MD).astype(x_ND.dtype)
+    y_MD = dot(h_MF, w_down_EFD[e_M]).astype(x_ND.dtype)
+    return gated_sum(y_MD, routing.gate_M, routing.token_M, x_ND.shape[0]).astype(x_ND.dtype)
 
 
 class MoE(nnx.Module):

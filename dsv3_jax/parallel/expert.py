@@ -132,13 +132,17 @@ def plan_dispatch(expert_nK, gate_nK, ep: int, local_E: int, capacity: int) -> D
     return Dispatch(token_PC, expert_PCJ, gate_PCJ, count_P, jnp.sum(~kept_nK).astype(jnp.float32))
 
 
+def gated_sum(y_MD: jax.Array, gate_M: jax.Array, row_M: jax.Array, n_rows: int) -> jax.Array:
+    """Per row, the sum over its assignments m of gate_m x y_m (eq. 12's routed term), fp32 [n_rows, D]."""
+    y_MD = y_MD.astype(jnp.float32) * gate_M[:, None].astype(jnp.float32)
+    return jnp.zeros((n_rows, y_MD.shape[1]), jnp.float32).at[row_M].add(y_MD)
+
+
 def _rows_through_experts(x_RD, expert_RJ, gate_RJ, weights, experts):
     """Each row through its (up to J) local experts, gated and summed: one output row per input row."""
     R, J = expert_RJ.shape
     row_M = jnp.arange(R * J) // J
-    y_MD = experts(x_RD[row_M], expert_RJ.reshape(-1), *weights).astype(jnp.float32)
-    y_MD = y_MD * gate_RJ.reshape(-1, 1).astype(jnp.float32)
-    return jnp.zeros((R, x_RD.shape[1]), jnp.float32).at[row_M].add(y_MD)
+    return gated_sum(experts(x_RD[row_M], expert_RJ.reshape(-1), *weights), gate_RJ.reshape(-1), row_M, R)
 
 
 def _a2a(x_nD, expert_nK, gate_nK, *weights, ep, experts, capacity, axis, ragged):

@@ -237,7 +237,6 @@ def simulate(schedule: Schedule, costs: Costs = Costs()) -> Timeline:
     if split != {(m, s, d) for k, m, s, d in seen if k == "W"}:
         raise ValueError(f"{schedule.name}: every deferred backward needs exactly one W")
 
-
     pointer, clock = [0] * len(schedule.ranks), [0.0] * len(schedule.ranks)
     start, end, busy = {}, {}, [0.0] * len(schedule.ranks)
     remaining = sum(len(ops) for ops in schedule.ranks)
