@@ -456,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from dsv3_jax.host_memory import keep_step_memory
+
+    keep_step_memory()  # before JAX starts its threads
     args = build_parser().parse_args(argv)
     if getattr(args, "host_devices", None) is not None:
         if args.host_devices < 1:

@@ -206,6 +206,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.hf_worker:
         return hf_worker()
+    from dsv3_jax.host_memory import keep_step_memory
+
+    keep_step_memory()  # as the `dsv3` command does; before JAX starts
     if not Path(args.hf_python).exists():
         sys.exit(f"--hf-python {args.hf_python} does not exist; make the side environment first (see the docstring)")
     started = time.time()

@@ -13,6 +13,10 @@ for _flag in (_HOST_DEVICES, _FAST_COMPILE):
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
+from dsv3_jax.host_memory import keep_step_memory
+
+keep_step_memory()  # as the `dsv3` command does (dsv3_jax/host_memory.py); before JAX starts
+
 import dataclasses
 from pathlib import Path
 

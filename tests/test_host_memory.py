@@ -1,0 +1,50 @@
+"""keep_step_memory: the second execution of a program with a large scratch buffer reuses the
+first one's pages instead of faulting in fresh ones (counted by the kernel, getrusage)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dsv3_jax.host_memory import cpu_backend_expected
+
+_PROBE = r"""
+import json, resource, sys
+from dsv3_jax.host_memory import keep_step_memory
+applied = keep_step_memory()
+import jax, jax.numpy as jnp
+# x x^T summed by rows: the 4096 x 4096 fp32 product (64 MiB) lives in XLA:CPU's scratch buffer
+# between the matmul and the reduction.
+f = jax.jit(lambda x: jnp.sum(jnp.tanh(x @ x.T), axis=0))
+x = jnp.linspace(0.0, 1.0, 4096 * 64).reshape(4096, 64)
+jax.block_until_ready(f(x))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    jax.block_until_ready(f(x))
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+print(json.dumps({"applied": applied, "faults": faults}))
+"""
+
+
+def _probe(setting: str) -> dict:
+    env = {**os.environ, "DSV3_KEEP_STEP_MEMORY": setting, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_a_steps_scratch_memory_is_reused_not_faulted_in_again():
+    kept, default = _probe("1"), _probe("0")
+    assert kept["applied"] and not default["applied"]
+    product_pages = 4096 * 4096 * 4 / 4096
+    assert default["faults"] > 0.25 * product_pages, default  # glibc maps fresh pages per execution
+    assert kept["faults"] < 0.01 * product_pages, (kept, default)
+
+
+def test_only_the_cpu_backend_is_tuned(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert not cpu_backend_expected()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert cpu_backend_expected()
