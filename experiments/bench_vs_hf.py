@@ -50,23 +50,27 @@ At 65a4495 (after the single q.k contraction of session 8: 217 -> 191 ms): tiny 
 | rope cos/sin for positions known when tracing computed on the host (constants): XLA had fused cos/sin into every consumer, per head, per layer | `model/rope.py` | q/k concat fusions 1.0 -> 0.4 ms each |
 | one gradient-norm pass (the clip takes the step's norm) and the non-finite check on the updated weights only | `train/optim.py`, `train/step.py` | small step 2.62 -> 2.49 s |
 | decoding: few assignments (<= E) take their experts' gathered weights; cached decoding keeps the rolled scan | `model/moe.py`, `model/block.py` | small batch-1 decode step 62 -> 7.4 ms (120 ms with the fused loop and unrolled layers before this fix) |
+| projections' VJP written out (`layers.linear_product`): JAX's rule forms dW as (dy^T x)^T, which XLA:CPU ran as an Eigen product on a transposed copy of dy (the output head's Wgrad alone: 20 ms, against 3 ms as x^T dy) | `model/layers.py` | tiny step 134 -> ~113 ms (session 10, one-process A/B) |
+| attention's VJP written out, flash-style: keeps q, k, v, the output and each row's log-sum-exp and recomputes the softmax, each gradient product in the orientation XLA:CPU runs fast | `model/layers.py` | with the above: tiny step 134 -> 108 ms (alternating processes) |
+| glibc malloc keeps XLA:CPU's per-step scratch buffer (179 MiB at tiny, 2.4 GiB at small) mapped between steps instead of a fresh `mmap` per step (`host_memory.keep_step_memory`, applied by the `dsv3` commands that train and by this bench) | `host_memory.py` | tiny step 108 -> 85 ms (46,000 page faults per step -> 0); small 2.33 -> 1.96 s |
+| routed experts' backward: every per-block GEMM as [R, K] x [K, N], operands transposed once outside the loop (a transposed operand inside made XLA:CPU use Eigen instead of YNNPACK) | `model/blocked_swiglu.py` | tiny backward loop 5.1 -> 3.5 ms per layer; step 81-83 -> 74-75 ms |
 
 Tried and not kept (measured): causal chunks of 64 (no gain over 128); a `lax.map` over batch rows to keep
 each row's scores in cache (131 -> 147 ms); rematerialising the attention core (no change); padding rows
 into blocks with a gather instead of a scatter into zeros (no measurable change); XLA:CPU flags (thunk
 runtime off, xnnpack off, parallel codegen split 4, vector width 512: no change; fast math: 152 ms, slower);
-one batched einsum over blocks with gathered expert weights (session 8: small fwd 70 -> 158 ms).
+one batched einsum over blocks with gathered expert weights (session 8: small fwd 70 -> 158 ms);
+session 10: XLA:CPU's concurrency- or memory-optimised scheduler, other YNNPACK fusion sets, oneDNN,
+single-threaded Eigen (no gain beyond noise, or slower: memory-optimised 134 ms, dots in Eigen 148-166 ms);
+attention in a [B, H, T, K] layout (MLA layer fwd+bwd 6.9 -> 8.7 ms); no causal chunks with the new VJP
+(6.2 -> 7.4 ms).
 
-What is left on `tiny`: (1) page faults. XLA:CPU maps the step's whole temp buffer (179 MB at tiny,
-`compiled.memory_analysis()`) fresh on every execution and unmaps it after (strace: one mmap / munmap of
-exactly that size per step; glibc's malloc settings do not reach it): 45,848 minor faults and 76 ms of
-system time per 133 ms step. With transparent huge pages set to `always` (a machine setting, measured
-once and restored) the faults fell to 399 and the step to 118 ms; four steps inside one compiled call
-(a `lax.scan` over four batches) amortise them too: 110 ms per step. (2) Attention at tiny's shapes
-(d_model 128, T 256) is ~40% of the step: its fwd+bwd takes 4.2 ms per layer in isolation with a hot
-cache, ~13 ms inside the step. HF's eager step has neither cost in the same form: measured the same way
-(getrusage over 10 steps), it takes 8,705 minor faults and 14 ms of system time per step against our
-45,848 and 76 ms (PyTorch's allocator reuses freed blocks), and SDPA's CPU kernel fuses causal attention.
+How the slow products were found: in a `jax.profiler` trace of the step, an Eigen product (an HLO `dot`
+that is not a `ynn_fusion`) shows as a short event followed by a gap in which no op runs; its work is
+in that gap (the output head's Wgrad: an 18 ms gap). Timing each `dot` of the compiled HLO alone, with
+its shapes and dimension numbers, ranks them; a product whose operand is contracted along its leading
+dimension inside a loop, or whose cotangent XLA transposed into a copy, was the slow kind.
+
 """
 BATCH, SEQ = 8, 256
 PROMPT, NEW_TOKENS = 64, 64
@@ -206,9 +210,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.hf_worker:
         return hf_worker()
-    from dsv3_jax.host_memory import keep_step_memory
+    if "train" in args.what:
+        from dsv3_jax.host_memory import keep_step_memory
 
-    keep_step_memory()  # as the `dsv3` command does; before JAX starts
+        keep_step_memory()  # as `dsv3 train` does; before JAX starts
     if not Path(args.hf_python).exists():
         sys.exit(f"--hf-python {args.hf_python} does not exist; make the side environment first (see the docstring)")
     started = time.time()
@@ -254,7 +259,9 @@ transformers {versions['transformers']}. fp32 on both sides.
 train: batch {BATCH} x {SEQ} tokens, MTP off, AdamW + clipping; forward: the same batch, logits only;
 decode: greedy, batch 1, {PROMPT}-token prompt, {NEW_TOKENS} new tokens, prefill included (tok_s = new tokens/s).
 Figures: medians over {args.rounds} alternating rounds of each round's median of {args.repeats} repeats
-(decode: {max(1, args.repeats // 2)}); `speed-up` = HF time / our time.
+(decode: {max(1, args.repeats // 2)}); `speed-up` = HF time / our time. Our side runs with
+`host_memory.keep_step_memory()`, as `dsv3 train` does, when the train step is measured; decoding is then
+~10% slower than under glibc's defaults, which `dsv3 generate` keeps.
 
 {markdown_table(rows)}
 

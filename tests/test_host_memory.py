@@ -48,3 +48,13 @@ def test_only_the_cpu_backend_is_tuned(monkeypatch):
     assert not cpu_backend_expected()
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert cpu_backend_expected()
+
+
+@pytest.mark.parametrize("argv, keeps", [
+    (["train"], True), (["sft"], True), (["grpo"], True), (["bench", "train"], True),
+    (["bench", "decode"], False), (["generate", "--run-dir", "r", "--prompt", "x"], False), (["info"], False),
+])
+def test_the_commands_that_train_keep_step_memory(argv, keeps):
+    from dsv3_jax.cli import build_parser, runs_train_steps
+
+    assert runs_train_steps(build_parser().parse_args(argv)) == keeps
