@@ -84,8 +84,8 @@ def linear_product(x: Array, w: Array, n_in: int) -> Float[Array, "..."]:
 
     The VJP is JAX's own (same products, same dtypes), written out so that each gradient is
     one product in the orientation XLA:CPU runs fast: JAX's rule forms dW as (dy^T x)^T, which
-    XLA:CPU turned into an Eigen product with a transposed copy of dy; the output head's Wgrad
-    alone took ~20 ms of `tiny`'s ~115 ms train step, against ~3 ms as x^T dy.
+    XLA:CPU turned into an Eigen product with a transposed copy of dy: the output head's Wgrad
+    alone took ~20 ms of `tiny`'s 134 ms train step, against ~3 ms as x^T dy.
     """
     return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
                                preferred_element_type=jnp.float32)
@@ -188,7 +188,7 @@ def _attend(q: Array, k_BSGK: Array, v_BSGV: Array, mask_BTS: Array, scale: floa
     The VJP keeps q, k, v, the output and each row's log-sum-exp, and recomputes the softmax from
     them (as flash attention does), instead of JAX's residuals of every [B, H, T, S] intermediate;
     each gradient product is written in the orientation XLA:CPU runs fast. `tiny`'s train step:
-    ~6% faster (experiments/results/bench_vs_hf.md)."""
+    89 -> 82 ms (one-process A/B, experiments/results/bench_vs_hf.md)."""
     return _attend_fwd(q, k_BSGK, v_BSGV, mask_BTS, scale)[0]
 
 
