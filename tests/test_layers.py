@@ -39,12 +39,16 @@ def _plain_attention(q, k, v, mask, scale):
     return jnp.einsum("bhts,bshv->bthv", probs, v)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # MLA / MHA, GQA, MQA
-@pytest.mark.parametrize("causal", [True, False])
-def test_attention_vjp_is_the_plain_softmaxs(kv_heads, causal):
+@pytest.mark.parametrize("kv_heads, causal, dtype", [
+    (4, True, jnp.float32), (2, True, jnp.float32), (1, True, jnp.float32),  # MLA / MHA, GQA, MQA
+    (4, False, jnp.float32), (2, False, jnp.float32), (1, False, jnp.float32),
+    (4, True, jnp.bfloat16), (1, False, jnp.bfloat16),
+])
+def test_attention_vjp_is_the_plain_softmaxs(kv_heads, causal, dtype):
     """The recompute-from-log-sum-exp VJP of `dot_product_attention` against autodiff of the
     textbook formula: packed segments, T = 300 (three causal chunks), and one query row that sees
-    no key at all (zeros out, zero gradients, no NaN)."""
+    no key at all (zeros out, zero gradients, no NaN). bf16: against the fp32 formula on the same
+    bf16 inputs (scores and softmax stay fp32; products and gradients round to bf16)."""
     B, T, H, K, V = 2, 300, 4, 12, 8
     k = jax.random.split(jax.random.key(5), 5)
     q = jax.random.normal(k[0], (B, T, H, K))
@@ -52,11 +56,19 @@ def test_attention_vjp_is_the_plain_softmaxs(kv_heads, causal):
     segments = jnp.cumsum(jax.random.bernoulli(k[3], 0.01, (B, T)), axis=1)
     mask = attention_mask(T, segments).at[1, 200].set(False)
     r = jax.random.normal(k[4], (B, T, H, V))
-    loss = lambda f: jax.value_and_grad(lambda q, kk, v: jnp.sum(f(q, kk, v, mask, 0.3) * r), argnums=(0, 1, 2))
+    q, kk, v = (a.astype(dtype) for a in (q, kk, v))
+    loss = lambda f: jax.value_and_grad(
+        lambda q, kk, v: jnp.sum(f(q, kk, v, mask, 0.3).astype(jnp.float32) * r), argnums=(0, 1, 2))
     got, got_grads = loss(lambda *a: dot_product_attention(*a, causal=causal))(q, kk, v)
-    want, want_grads = loss(_plain_attention)(q, kk, v)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    want, want_grads = loss(_plain_attention)(*(a.astype(jnp.float32) for a in (q, kk, v)))
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == jnp.float32 else dict(rtol=3e-2, atol=3e-2)
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    else:  # elementwise: the summed loss cancels too much to compare at bf16's precision
+        out = dot_product_attention(q, kk, v, mask, 0.3, causal)
+        np.testing.assert_allclose(np.asarray(out, np.float32), _plain_attention(
+            *(a.astype(jnp.float32) for a in (q, kk, v)), mask, 0.3), atol=3e-2)
     for g, w in zip(got_grads, want_grads):
-        assert np.isfinite(g).all()
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+        assert g.dtype == dtype and np.isfinite(np.asarray(g, np.float32)).all()
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, **tol)
     np.testing.assert_array_equal(got_grads[0][1, 200], 0.0)
