@@ -68,7 +68,7 @@ attention in a [B, H, T, K] layout (MLA layer fwd+bwd 6.9 -> 8.7 ms); no causal 
 How the slow products were found: in a `jax.profiler` trace of the step, an Eigen product (an HLO `dot`
 that is not a `ynn_fusion`) shows as a short event followed by a gap in which no op runs; its work is
 in that gap (the output head's Wgrad: an 18 ms gap). Timing each `dot` of the compiled HLO alone, with
-its shapes and dimension numbers, ranks them; a product whose operand is contracted along its leading
+its shapes and dimension numbers, ranks them (`experiments/profile_dots.py`); a product whose operand is contracted along its leading
 dimension inside a loop, or whose cotangent XLA transposed into a copy, was the slow kind.
 
 """
