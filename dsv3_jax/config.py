@@ -213,9 +213,15 @@ class DataConfig:
     fim_rate: float = 0.1  # report §4.1: FIM at rate 0.1, PSM form
     val_fraction: float = 0.02  # share of documents held out for validation
     shuffle_seed: int = 0
+    # The training documents split into this many shards (document i -> shard i mod shards), each
+    # packed and shuffled on its own; every global batch takes batch_size / shards rows from each
+    # shard, in shard order. A process reads, tokenises and packs only the shards whose rows land on
+    # its devices, so a run's batches are the same on any number of processes (data/pipeline.py).
+    shards: int = 1
 
     def __post_init__(self) -> None:
         _require(isinstance(self.source, str) and self.source != "", "data.source must be stdlib, synthetic or a path")
+        _require(isinstance(self.shards, int) and self.shards >= 1, f"data.shards={self.shards} must be an integer >= 1")
         _require(self.max_bytes > 0, f"data.max_bytes={self.max_bytes} must be > 0")
         _require(0.0 <= self.fim_rate <= 1.0, f"data.fim_rate={self.fim_rate} must be in [0, 1]")
         _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction={self.val_fraction} must be in (0, 0.5)")
@@ -337,6 +343,11 @@ class Config:
     def __post_init__(self) -> None:
         _require(self.train.seq_len <= self.model.max_seq_len,
                  f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}")
+        _require(self.train.batch_size % self.data.shards == 0,
+                 f"data.shards={self.data.shards} must divide train.batch_size={self.train.batch_size}")
+        _require(self.data.shards == 1 or self.train.objective == "pretrain",
+                 f"data.shards={self.data.shards} is for pretraining; train.objective={self.train.objective} "
+                 "reads its own data: use data.shards=1")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

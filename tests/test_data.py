@@ -3,11 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from dsv3_jax.config import apply_overrides, get_preset
+from dsv3_jax.config import ConfigError, apply_overrides, get_preset
 from dsv3_jax.data.corpus import load_documents, stdlib_files
 from dsv3_jax.data.fim import encode_document, fim_split, reassemble
 from dsv3_jax.data.packing import pack
-from dsv3_jax.data.pipeline import build_data, train_iterator
+from dsv3_jax.data.pipeline import ShardedBatches, build_data, shards_for_rows, train_iterator
 from dsv3_jax.data.tokenizer import EOS, FIM_BEGIN, train_tokenizer
 from dsv3_jax.errors import UsageError
 
@@ -99,3 +99,59 @@ def test_jsonl_and_glob_sources(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "first doc"}\n{"text": "second doc"}\n')
     (tmp_path / "b.txt").write_text("third doc")
     assert load_documents(str(tmp_path / "*"), 10_000) == ["first doc", "second doc", "third doc"]
+
+
+def test_sharded_data_gives_each_process_its_rows_of_the_same_batches():
+    """data.shards = 4: a process that builds only shards [2, 3] (the second of two processes) gets
+    exactly rows [8, 16) of every global batch of 16 that one process building all shards gets, and
+    resumes from the saved state like it."""
+    config = apply_overrides(get_preset("tiny"), ["data.source=synthetic", "train.seq_len=32", "model.vocab_size=512",
+                                                  "data.shards=4", "train.batch_size=16"])
+    whole = build_data(config)
+    second = build_data(config, shards=shards_for_rows(8, 16, 16, 4))
+    assert sorted(whole.train_shards) == [0, 1, 2, 3] and sorted(second.train_shards) == [2, 3]
+    for shard in (2, 3):
+        np.testing.assert_array_equal(second.train_shards[shard], whole.train_shards[shard])
+    # Without FIM the shards hold exactly the unsharded pipeline's tokens (EOS, also the padding, aside).
+    no_fim = lambda shards: apply_overrides(config, ["data.fim_rate=0", f"data.shards={shards}"])
+    eos = whole.tokenizer.token_to_id(EOS)
+    counts = lambda data: np.bincount(np.concatenate([w.ravel() for w in data.train_shards.values()]),
+                                      minlength=512)[np.arange(512) != eos]
+    np.testing.assert_array_equal(counts(build_data(no_fim(4))), counts(build_data(no_fim(1))))
+    everything = ShardedBatches(whole.train_shards, 16, 4, seed=0)
+    mine = ShardedBatches(second.train_shards, 16, 4, seed=0)
+    batches = [next(everything) for _ in range(3)]
+    for batch in batches:
+        assert batch.shape == (16, 33)
+        np.testing.assert_array_equal(next(mine), batch[8:])
+    state = json.loads(json.dumps(mine.get_state()))
+    assert state == everything.get_state()
+    expected = next(everything)[8:]
+    again = ShardedBatches(second.train_shards, 16, 4, seed=0)
+    again.set_state(state)
+    np.testing.assert_array_equal(next(again), expected)
+
+
+def test_one_data_shard_is_the_plain_iterator():
+    config = apply_overrides(get_preset("tiny"), ["data.source=synthetic", "train.seq_len=32", "model.vocab_size=512"])
+    data = build_data(config)
+    sharded, plain = ShardedBatches(data.train_shards, 4, 1, seed=0), train_iterator(data.train_windows, 4, seed=0)
+    for _ in range(3):
+        np.testing.assert_array_equal(next(sharded), next(plain))
+    assert sharded.get_state() == plain.get_state()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.shards=3"], "data.shards=3 must divide train.batch_size=16"),
+    (["data.shards=0"], "data.shards=0 must be an integer >= 1"),
+    (["data.shards=2", "train.objective=sft"], "data.shards=2 is for pretraining"),
+])
+def test_bad_data_shards_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(get_preset("tiny"), overrides)
+
+
+def test_rows_that_split_a_data_shard_are_refused():
+    assert shards_for_rows(0, 16, 16, 4) == [0, 1, 2, 3]
+    with pytest.raises(UsageError, match=r"holds rows \[6, 12\) of each batch of 16, which splits data shards of 4 rows"):
+        shards_for_rows(6, 12, 16, 4)

@@ -3,6 +3,13 @@
 Validation holds out whole documents (the last `val_fraction` of a seeded document shuffle).
 The training iterator is a grain `DatasetIterator`; its `get_state()` is a small JSON-able dict
 saved with every checkpoint, so `--resume` continues on exactly the next batch.
+
+With `data.shards` = S > 1 the training documents are split into S shards (document i of the
+shuffled training set goes to shard i mod S), each tokenised, packed and shuffled on its own, and a
+global batch is batch_size / S rows of each shard in shard order. A process builds only the shards
+whose rows land on its devices (`shards_for_rows`) and yields only those rows (`ShardedBatches`);
+the batches are the same whatever the number of processes. The tokenizer, when trained here rather
+than given (`data.tokenizer`), still reads every document, as does validation (held out whole).
 """
 
 from __future__ import annotations
@@ -24,8 +31,14 @@ from dsv3_jax.errors import UsageError
 @dataclass
 class Data:
     tokenizer: Tokenizer
-    train_windows: np.ndarray  # [n, seq_len + 1] int32
+    train_shards: dict[int, np.ndarray]  # shard -> its windows [n, seq_len + 1] int32: the shards this process reads
     val_windows: np.ndarray
+
+    @property
+    def train_windows(self) -> np.ndarray:
+        """The training windows of a one-shard pipeline."""
+        (windows,) = self.train_shards.values()
+        return windows
 
 
 def get_tokenizer(config: Config, docs: list[str], run_dir: Path | None) -> Tokenizer:
@@ -52,7 +65,8 @@ def _tokenise(docs: list[str], tokenizer: Tokenizer, fim_rate: float, seed: int)
     return list(dataset)
 
 
-def build_data(config: Config, run_dir: Path | None = None) -> Data:
+def build_data(config: Config, run_dir: Path | None = None, shards: list[int] | None = None) -> Data:
+    """Tokenizer, the training windows of `shards` (default: all of data.shards) and the validation windows."""
     docs = load_documents(config.data.source, config.data.max_bytes)
     tokenizer = get_tokenizer(config, docs, run_dir)
     order = np.random.default_rng(config.data.shuffle_seed).permutation(len(docs))
@@ -65,8 +79,16 @@ def build_data(config: Config, run_dir: Path | None = None) -> Data:
     window = config.train.seq_len + 1
     eos = tokenizer.token_to_id(EOS)
     seed = config.data.shuffle_seed
-    train = pack(_tokenise(train_docs, tokenizer, config.data.fim_rate, seed), window, eos)
-    val = pack(_tokenise(val_docs, tokenizer, 0.0, seed + 1), window, eos)
+    n_shards = config.data.shards
+    train = {shard: pack(_tokenise(train_docs[shard::n_shards], tokenizer, config.data.fim_rate, seed + shard),
+                         window, eos)
+             for shard in (range(n_shards) if shards is None else shards)}
+    for shard, windows in train.items():
+        if len(windows) < config.train.batch_size // n_shards:
+            raise UsageError(f"data shard {shard} of {n_shards} has {len(windows)} windows of {window} tokens, fewer than "
+                             f"the {config.train.batch_size // n_shards} rows it gives each batch; use fewer data.shards "
+                             "or more data")
+    val = pack(_tokenise(val_docs, tokenizer, 0.0, seed + n_shards), window, eos)
     return Data(tokenizer, train, val)
 
 
@@ -77,6 +99,40 @@ def train_iterator(windows: np.ndarray, batch_size: int, seed: int):
     dataset = (grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
                .batch(batch_size, drop_remainder=True))
     return iter(dataset.to_iter_dataset())
+
+
+def shards_for_rows(first_row: int, end_row: int, batch_size: int, n_shards: int) -> list[int]:
+    """The data shards whose rows of a global batch are rows [first_row, end_row) (a process's rows)."""
+    rows = batch_size // n_shards
+    if first_row % rows or end_row % rows:
+        raise UsageError(f"this process holds rows [{first_row}, {end_row}) of each batch of {batch_size}, which "
+                         f"splits data shards of {rows} rows (data.shards={n_shards}); make data.shards a multiple "
+                         "of the number of processes")
+    return list(range(first_row // rows, end_row // rows))
+
+
+class ShardedBatches:
+    """This process's rows of every global batch: batch_size / data.shards shuffled rows from each
+    shard it reads, in shard order. The shards advance together, so any one's grain state (a batch
+    index) is all of theirs: the saved state is the same as one shard's, and the same on every process.
+    With one shard this is `train_iterator` itself."""
+
+    def __init__(self, train_shards: dict[int, np.ndarray], batch_size: int, n_shards: int, seed: int):
+        self._iterators = [train_iterator(windows, batch_size // n_shards, seed + shard)
+                           for shard, windows in sorted(train_shards.items())]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return np.concatenate([next(iterator) for iterator in self._iterators])
+
+    def get_state(self) -> dict:
+        return self._iterators[0].get_state()
+
+    def set_state(self, state: dict) -> None:
+        for iterator in self._iterators:
+            iterator.set_state(state)
 
 
 def val_batches(windows: np.ndarray, batch_size: int, n_batches: int) -> list[np.ndarray]:

@@ -117,7 +117,7 @@ def build_sft_data(config: Config, run_dir: Path | None = None) -> Data:
     except ValueError as e:
         raise UsageError(f"SFT data {config.data.source!r}: {e}; raise train.seq_len (<= model.max_seq_len="
                          f"{config.model.max_seq_len}) or shorten the prompts") from None
-    return Data(tokenizer, train, val)
+    return Data(tokenizer, {0: train}, val)
 
 
 def sft_config(base_dir: str | Path, data: str | Path, overrides: list[str]) -> Config:

@@ -22,7 +22,7 @@ import numpy as np
 
 from dsv3_jax.checkpoint import Checkpointer
 from dsv3_jax.config import Config, config_from_json
-from dsv3_jax.data.pipeline import build_data, train_iterator, val_batches
+from dsv3_jax.data.pipeline import ShardedBatches, build_data, shards_for_rows, val_batches
 from dsv3_jax.errors import UsageError
 from dsv3_jax.parallel.distributed import any_process, barrier, is_main
 from dsv3_jax.parallel.mesh import make_mesh
@@ -111,12 +111,16 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     tc = config.train
     if tc.objective == "grpo":
         raise UsageError(f"{str(run_dir)!r} is a GRPO run: continue it with dsv3 grpo --run-dir {run_dir} --resume")
-    data = (build_sft_data if tc.objective == "sft" else build_data)(config, run_dir if resume else None)
     mesh = make_mesh(config.mesh) if config.mesh.n_devices > 1 else None
+    shards = shards_for_rows(*_rows_of_this_process(config, mesh), tc.batch_size, config.data.shards)
+    if tc.objective == "sft":
+        data = build_sft_data(config, run_dir if resume else None)
+    else:
+        data = build_data(config, run_dir if resume else None, shards)
     graphdef, optimizer, state = create_train_state(config, tc.seed, mesh)  # sharded from the start
     if tc.init_from and not (resume and has_checkpoint(run_dir)):
         state = init_from_run(state, config)  # fine-tuning starts from the base run's weights
-    iterator = train_iterator(data.train_windows, tc.batch_size, config.data.shuffle_seed)
+    iterator = ShardedBatches(data.train_shards, tc.batch_size, config.data.shards, config.data.shuffle_seed)
     barrier("checked")  # every process has checked the run directory before process 0 writes to it
 
     main = is_main()
@@ -155,7 +159,9 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
         for path in (metrics_path, router_path):
             path.unlink(missing_ok=True)
 
-    train_step, eval_step, state, place_batch = _compile(config, graphdef, optimizer, state, mesh)
+    train_step, eval_step, state, place_batch, place_rows = _compile(config, graphdef, optimizer, state, mesh)
+    # The iterator yields whole global batches when this process reads every data shard, else its rows.
+    place_train = place_batch if len(data.train_shards) == config.data.shards else place_rows
     if main:
         write_atomic(run_dir / "config.json", config.to_json())
     val_set = [place_batch(b) for b in val_batches(data.val_windows, tc.batch_size, tc.eval_batches)]
@@ -168,7 +174,7 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
         with StopSignals() as stop, _appender(metrics_path, main) as metrics_file, \
                 _appender(router_path, main) as router_file:
             for step in range(start + 1, tc.steps + 1):
-                batch = place_batch(next(iterator))
+                batch = place_train(next(iterator))
                 t0 = time.perf_counter()
                 state, metrics = train_step(state, batch)
                 metrics = _host(metrics)
@@ -201,6 +207,20 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
     return status
 
 
+def _rows_of_this_process(config: Config, mesh) -> tuple[int, int]:
+    """[first, end) rows of each global batch that land on this process's devices."""
+    B = config.train.batch_size
+    if mesh is None:
+        return 0, B
+    rows = {index[0].indices(B)[:2] for index in
+            RULES.batch(mesh).addressable_devices_indices_map((B, config.train.seq_len + 1)).values()}
+    first, end = min(r[0] for r in rows), max(r[1] for r in rows)
+    if sum(e - f for f, e in rows) != end - first:
+        raise UsageError(f"this process's devices hold rows {sorted(rows)} of each batch, not one block: "
+                         "data.shards > 1 needs each process's batch rows to be contiguous")
+    return first, end
+
+
 def _appender(path: Path, main: bool):
     """The run's append-only log on process 0; a sink elsewhere."""
     return open(path if main else os.devnull, "a")
@@ -213,7 +233,7 @@ def _compile(config: Config, graphdef, optimizer, state, mesh):
     eval_step = make_eval_step(config, graphdef)
     if mesh is None:
         return (jax.jit(make_train_step(config, graphdef, optimizer), donate_argnums=0), jax.jit(eval_step), state,
-                lambda batch: batch)
+                lambda batch: batch, lambda rows: rows)
     # mesh.pipeline > 1: the MoE stack runs through train.pipeline_schedule (train/pipelined.py).
     train_step = make_train_step(config, graphdef, optimizer, pipeline_mesh=mesh if config.mesh.pipeline > 1 else None)
     state_shardings, batch_sharded = RULES.tree(state, mesh), RULES.batch(mesh)
@@ -233,7 +253,10 @@ def _compile(config: Config, graphdef, optimizer, state, mesh):
     def place(batch: np.ndarray) -> jax.Array:  # each process fills only its own devices' rows
         return jax.make_array_from_callback(batch.shape, batch_sharded, lambda index: batch[index])
 
-    return in_mesh(train), in_mesh(evaluate), state, place
+    def place_rows(rows: np.ndarray) -> jax.Array:  # this process's rows only (data.shards, `ShardedBatches`)
+        return jax.make_array_from_process_local_data(batch_sharded, rows, (config.train.batch_size,) + rows.shape[1:])
+
+    return in_mesh(train), in_mesh(evaluate), state, place, place_rows
 
 
 def _evaluate(eval_step, state, val_set: list[jax.Array]) -> dict[str, float]:
