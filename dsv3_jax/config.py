@@ -215,8 +215,8 @@ class DataConfig:
     shuffle_seed: int = 0
     # The training documents split into this many shards (document i -> shard i mod shards), each
     # packed and shuffled on its own; every global batch takes batch_size / shards rows from each
-    # shard, in shard order. A process reads, tokenises and packs only the shards whose rows land on
-    # its devices, so a run's batches are the same on any number of processes (data/pipeline.py).
+    # shard, in shard order. A process tokenises and packs only the shards whose rows land on its
+    # devices, so a run's batches are the same on any number of processes (data/pipeline.py).
     shards: int = 1
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ from tests.test_train_cli import SMALL, losses, wait_for
 
 STEPS = 8
 MESH = ["--mesh", "data=2,expert=4", "--set", "train.batch_size=8", "--set", "train.checkpoint_every=2",
-        "--set", "data.shards=2",  # each process reads, tokenises and packs only its own half of the documents
+        "--set", "data.shards=2",  # each process tokenises and packs only its own half of the documents
         "--set", "train.eval_every=4"]
 
 

@@ -6,10 +6,12 @@ saved with every checkpoint, so `--resume` continues on exactly the next batch.
 
 With `data.shards` = S > 1 the training documents are split into S shards (document i of the
 shuffled training set goes to shard i mod S), each tokenised, packed and shuffled on its own, and a
-global batch is batch_size / S rows of each shard in shard order. A process builds only the shards
-whose rows land on its devices (`shards_for_rows`) and yields only those rows (`ShardedBatches`);
-the batches are the same whatever the number of processes. The tokenizer, when trained here rather
-than given (`data.tokenizer`), still reads every document, as does validation (held out whole).
+global batch is batch_size / S rows of each shard in shard order. A process tokenises and packs
+only the shards whose rows land on its devices (`shards_for_rows`) and yields only those rows
+(`ShardedBatches`); the batches are the same whatever the number of processes. Every process still
+reads the corpus's text: the split follows a seeded shuffle of all documents, validation holds out
+whole documents from all of them, and a tokenizer trained here (not given by `data.tokenizer`)
+learns from all of them.
 """
 
 from __future__ import annotations
