@@ -221,7 +221,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(isinstance(self.source, str) and self.source != "", "data.source must be stdlib, synthetic or a path")
-        _require(isinstance(self.shards, int) and self.shards >= 1, f"data.shards={self.shards} must be an integer >= 1")
+        _require(isinstance(self.shards, int) and self.shards >= 1,
+                 f"data.shards={self.shards} must be an integer >= 1")
         _require(self.max_bytes > 0, f"data.max_bytes={self.max_bytes} must be > 0")
         _require(0.0 <= self.fim_rate <= 1.0, f"data.fim_rate={self.fim_rate} must be in [0, 1]")
         _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction={self.val_fraction} must be in (0, 0.5)")

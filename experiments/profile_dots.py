@@ -109,8 +109,9 @@ def main() -> None:
     rows.sort(key=lambda row: -row["total_ms"])
     total = sum(row["total_ms"] for row in rows)
     table = markdown_table(rows[:args.top])
-    text = (f"Products of `{args.preset}`'s train step (batch {args.batch} x {args.seq_len}, MTP off) timed alone on "
-            f"{jax.devices()[0].platform}: {len(rows)} forms, {sum(forms.values())} products, {total:.1f} ms in all.\n\n"
+    text = (f"Products of `{args.preset}`'s train step (batch {args.batch} x {args.seq_len}, MTP off) timed alone "
+            f"on {jax.devices()[0].platform}: {len(rows)} forms, {sum(forms.values())} products, {total:.1f} ms in all."
+            "\n\n"
             f"{table}\n")
     print(text)
     if args.out:

@@ -153,5 +153,5 @@ def test_bad_data_shards_are_refused(overrides, message):
 
 def test_rows_that_split_a_data_shard_are_refused():
     assert shards_for_rows(0, 16, 16, 4) == [0, 1, 2, 3]
-    with pytest.raises(UsageError, match=r"holds rows \[6, 12\) of each batch of 16, which splits data shards of 4 rows"):
+    with pytest.raises(UsageError, match=r"rows \[6, 12\) of each batch of 16, which splits data shards of 4 rows"):
         shards_for_rows(6, 12, 16, 4)

@@ -33,7 +33,7 @@ from dsv3_jax.errors import UsageError
 @dataclass
 class Data:
     tokenizer: Tokenizer
-    train_shards: dict[int, np.ndarray]  # shard -> its windows [n, seq_len + 1] int32: the shards this process reads
+    train_shards: dict[int, np.ndarray]  # the shards this process reads: shard -> windows [n, seq_len + 1]
     val_windows: np.ndarray
 
     @property
@@ -87,9 +87,9 @@ def build_data(config: Config, run_dir: Path | None = None, shards: list[int] | 
              for shard in (range(n_shards) if shards is None else shards)}
     for shard, windows in train.items():
         if len(windows) < config.train.batch_size // n_shards:
-            raise UsageError(f"data shard {shard} of {n_shards} has {len(windows)} windows of {window} tokens, fewer than "
-                             f"the {config.train.batch_size // n_shards} rows it gives each batch; use fewer data.shards "
-                             "or more data")
+            raise UsageError(f"data shard {shard} of {n_shards} has {len(windows)} windows of {window} tokens, "
+                             f"fewer than the {config.train.batch_size // n_shards} rows it gives each batch; use "
+                             "fewer data.shards or more data")
     val = pack(_tokenise(val_docs, tokenizer, 0.0, seed + n_shards), window, eos)
     return Data(tokenizer, train, val)
 

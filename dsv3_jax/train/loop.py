@@ -112,7 +112,9 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     if tc.objective == "grpo":
         raise UsageError(f"{str(run_dir)!r} is a GRPO run: continue it with dsv3 grpo --run-dir {run_dir} --resume")
     mesh = make_mesh(config.mesh) if config.mesh.n_devices > 1 else None
-    shards = shards_for_rows(*_rows_of_this_process(config, mesh), tc.batch_size, config.data.shards)
+    # data.shards > 1: this process builds only the shards whose rows land on its devices.
+    shards = (shards_for_rows(*_rows_of_this_process(config, mesh), tc.batch_size, config.data.shards)
+              if config.data.shards > 1 else None)
     if tc.objective == "sft":
         data = build_sft_data(config, run_dir if resume else None)
     else:
