@@ -257,3 +257,18 @@ def test_router_stats_plot_has_one_labelled_axis_per_quantity(tmp_path, monkeypa
     report.write_report(tmp_path)
     axes = figures["router_stats.png"].axes
     assert [ax.get_ylabel() for ax in axes] == ["entropy (nats)", "fraction"]
+
+
+def test_only_process_0_probes_the_lock(tmp_path, monkeypatch):
+    """Every process of a multi-process run checks the run before starting; if all of them probed
+    the lock, two probes at the same moment saw each other as a live holder (seen: process 0 of a
+    resumed 2-process run refused its own run). Process 0 alone probes and holds it."""
+    import dsv3_jax.train.loop as loop
+
+    config = small_config()
+    with RunLock(tmp_path):  # stands for the other process's probe at that moment
+        monkeypatch.setattr(loop, "is_main", lambda: False)
+        assert loop.checked_run_config(config, tmp_path, resume=False) is not None
+        monkeypatch.setattr(loop, "is_main", lambda: True)
+        with pytest.raises(UsageError, match="in use by another dsv3 process"):
+            loop.checked_run_config(config, tmp_path, resume=False)

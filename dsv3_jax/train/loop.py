@@ -99,7 +99,8 @@ def checked_run_config(config: Config, run_dir: Path, resume: bool) -> Config:
     `train` and the GRPO loop."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--run-dir {str(run_dir)!r} is a file, not a directory")
-    RunLock.check_free(run_dir)
+    if is_main():  # process 0 alone takes the lock; two processes probing at once saw each other as its holder
+        RunLock.check_free(run_dir)
     return validate(resolve_run_config(config, run_dir, resume))
 
 
