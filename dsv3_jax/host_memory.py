@@ -11,7 +11,7 @@ execution runs on a worker thread, whose malloc arena cannot hold it either (non
 `mmap` (M_MMAP_MAX 0), and keeps freed memory instead of returning it to the system (no trim):
 the next step reuses the last step's pages. Train step on the 2-core CPU machine, batch 8 x 256:
 `tiny` 108 -> 85 ms (46,000 page faults per step -> 0), `small` 2.33 -> 1.96 s
-(experiments/results/bench_vs_hf.md). The cost: freed memory stays in the process's footprint,
+(experiments/results/host_memory.md). The cost: freed memory stays in the process's footprint,
 which grows by about one more scratch buffer and then stays flat (`tiny`: 1.53 GB resident after
 50 steps against 1.28 GB without, both unchanged at 200), and threads share one malloc lock, which
 costs many small executions: `tiny`'s greedy decoding (64 tokens, one dispatch each) ~10% slower.

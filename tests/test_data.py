@@ -110,6 +110,8 @@ def test_sharded_data_gives_each_process_its_rows_of_the_same_batches():
     whole = build_data(config)
     second = build_data(config, shards=shards_for_rows(8, 16, 16, 4))
     assert sorted(whole.train_shards) == [0, 1, 2, 3] and sorted(second.train_shards) == [2, 3]
+    nbytes = lambda data: sum(w.nbytes for w in data.train_shards.values())
+    assert nbytes(second) < 0.7 * nbytes(whole)  # the second process holds about half the packed tokens
     for shard in (2, 3):
         np.testing.assert_array_equal(second.train_shards[shard], whole.train_shards[shard])
     # Without FIM the shards hold exactly the unsharded pipeline's tokens (EOS, also the padding, aside).
