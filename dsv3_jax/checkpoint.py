@@ -1,5 +1,10 @@
 """orbax checkpoints of a run: train state + data iterator state (+ the resolved config beside).
 
+A checkpoint does not depend on the mesh that wrote it: every restore is given a target built for
+the mesh it runs on now (`restore_target`: the sharding rules of parallel/sharding.py applied to the
+abstract state), and orbax reads into each device only the slices of its own shards. The writer's
+mesh is metadata (config.json, mesh_changes.jsonl), never a requirement.
+
 Saves are atomic (orbax writes a temporary directory and renames it when complete), so a
 process killed mid-save leaves the previous checkpoint as the latest good one. Restoring a
 directory that is not one of ours raises `UsageError` and touches nothing; `restore_newest_good`
@@ -21,6 +26,25 @@ from dsv3_jax.errors import UsageError
 
 class DamagedCheckpoint(UsageError):
     """A checkpoint whose files cannot be read (as opposed to one written by another model)."""
+
+
+class PlacementError(UsageError):
+    """A sound checkpoint that could not be placed on this mesh: never "damaged", never set aside."""
+
+
+def restore_target(abstract_state: Any, mesh=None) -> Any:
+    """`abstract_state` (shapes and dtypes) as a restore target for `mesh`, the mesh this process runs
+    on now (None: this process's first device): jax.ShapeDtypeStruct leaves carrying the
+    NamedSharding the sharding rules give them on it, so orbax reads into each device only its own
+    shards, whatever mesh wrote the checkpoint."""
+    from dsv3_jax.parallel.mesh import MESH_AXES, make_mesh
+    from dsv3_jax.parallel.sharding import RULES
+
+    if mesh is None:
+        mesh = make_mesh(dict.fromkeys(MESH_AXES, 1), jax.local_devices()[:1])
+    shardings = RULES.tree(abstract_state, mesh)
+    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                        abstract_state, shardings)
 
 
 class Checkpointer:
@@ -50,11 +74,15 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise UsageError(f"no checkpoint found in {str(self.directory)!r}")
+        _require_shardings(abstract_state)
         self._check_compatible(abstract_state, step)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except Exception as e:
+            if _is_placement_error(e):  # the files are sound: they did not fit the target given
+                raise PlacementError(f"checkpoint {step} in {str(self.directory)!r} could not be placed on this "
+                                     f"mesh: {_first_line(e)}") from None
             raise DamagedCheckpoint(f"checkpoint {step} in {str(self.directory)!r} is damaged: {_first_line(e)}") \
                 from None
         return restored.state, restored.data, step
@@ -112,6 +140,21 @@ class Checkpointer:
         self.manager.close()
 
 
+def _require_shardings(abstract_state: Any) -> None:
+    """Every leaf of a restore target names where it goes (`restore_target`). Without shardings orbax
+    falls back to the writer's devices, which this process may not have."""
+    missing = [_path_name(path) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
+               if getattr(leaf, "sharding", None) is None]
+    if missing:
+        raise ValueError(f"restore target without shardings for {', '.join(missing[:3])}"
+                         f"{' ...' if len(missing) > 3 else ''}: build it with checkpoint.restore_target")
+
+
+def _is_placement_error(error: Exception) -> bool:
+    """orbax's complaints about the target's devices or shardings, as opposed to unreadable files."""
+    return "topology mismatch" in str(error).lower()
+
+
 def _first_line(error: Exception) -> str:
     """The gist of an orbax / TensorStore error: its first line, without the C++ source locations."""
     text = str(error).strip()
@@ -130,8 +173,9 @@ def _path_name(path: tuple) -> str:
     return ".".join(parts)
 
 
-def load_trained(run_dir: Path, with_tokenizer: bool = True):
-    """(config, model with the latest checkpoint's weights, tokenizer) of a run directory."""
+def load_trained(run_dir: Path, with_tokenizer: bool = True, mesh=None):
+    """(config, model with the latest checkpoint's weights, tokenizer) of a run directory, placed on
+    `mesh` (None: this process's first device), whatever mesh the run was trained on."""
     from flax import nnx
 
     from dsv3_jax.config import config_from_json
@@ -149,7 +193,7 @@ def load_trained(run_dir: Path, with_tokenizer: bool = True):
         # frozen reference. The same fields as a dict restore it without importing the GRPO loop.
         abstract = {"policy": abstract, "reference": abstract.params, "reference_bias": abstract.routing_bias}
     checkpointer = Checkpointer(run_dir / "checkpoints", read_only=True)
-    state, _, _ = checkpointer.restore(abstract)
+    state, _, _ = checkpointer.restore(restore_target(abstract, mesh))
     checkpointer.close()
     if config.train.objective == "grpo":
         state = state["policy"]

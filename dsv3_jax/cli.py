@@ -57,21 +57,18 @@ def _load_config(args: argparse.Namespace):
 
     saved = Path(args.run_dir) / "config.json" if getattr(args, "resume", False) and args.run_dir else None
     if saved is not None and saved.is_file():
-        # --resume starts from the run's own config; options given with it are checked against it.
-        if args.preset or args.config:
-            raise UsageError("--resume continues the run with its saved config.json; drop --preset / --config "
-                             "(options that may change on resume: --steps and the --set train.* listed in the README)")
+        # --resume starts from the run's own config (a --preset / --config given must match it; the
+        # mesh may change): train/loop.py resume_start and resolve_run_config.
+        from dsv3_jax.train.loop import resume_start
+
         try:
-            config = config_from_json(saved.read_text())
+            saved_config = config_from_json(saved.read_text())
         except ConfigError as e:
             raise UsageError(f"--resume: {str(saved)!r} cannot be read as a dsv3 config: {e}") from None
-    elif getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise UsageError(f"--config file {args.config!r} does not exist")
-        config = config_from_json(path.read_text())
+        given = _preset_or_config(args) if args.preset or args.config else None
+        config = resume_start(saved_config, given, new_mesh=bool(getattr(args, "mesh", None)))
     else:
-        config = get_preset(args.preset or "tiny")
+        config = _preset_or_config(args)
     overrides = list(args.set or [])
     if getattr(args, "steps", None) is not None:
         overrides.append(f"train.steps={args.steps}")
@@ -89,6 +86,17 @@ def _load_config(args: argparse.Namespace):
         except ValueError as e:
             raise UsageError(str(e)) from None
     return validate(apply_overrides(config, overrides))
+
+
+def _preset_or_config(args: argparse.Namespace):
+    from dsv3_jax.config import config_from_json
+
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"--config file {args.config!r} does not exist")
+        return config_from_json(path.read_text())
+    return get_preset(args.preset or "tiny")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -279,6 +287,32 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst}")
 
 
+def cmd_compile(args: argparse.Namespace) -> None:
+    from dsv3_jax.compile import CompileFailure, as_json, compile_step, kernel_lowering, report_lines
+    from dsv3_jax.parallel.mesh import mesh_overrides
+    from dsv3_jax.targets import parse_target
+
+    target = parse_target(args.target)
+    try:
+        config = apply_overrides(get_preset(args.preset), (args.set or []) + mesh_overrides(args.mesh or ""))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    kernels = kernel_lowering(target) if args.kernels else None
+    try:
+        report = compile_step(config, target, args.what, fp8=args.fp8, schedule=args.schedule)
+    except CompileFailure as e:
+        print(f"dsv3: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    if args.json:
+        print(json.dumps({**as_json(report), **({"pallas_kernels": kernels} if kernels is not None else {})}))
+        return
+    lines = report_lines(report)
+    for row in kernels or []:
+        calls = ", ".join(f"{kind}: {n}" for kind, n in row["custom_calls"].items()) or "no kernel custom call"
+        lines.append(f"- Pallas `{row['kernel']}`: " + (f"does not lower: {row['error']}" if row["error"] else calls))
+    print("\n".join(lines))
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     import dataclasses
 
@@ -449,6 +483,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
 
+    comp = sub.add_parser("compile", help="compile the real step for a TPU / GPU target from any host: bytes per "
+                          "device, collectives, kernels")
+    comp.add_argument("--target", required=True, help="tpu-v5p:2x2x1, tpu-v4:2x2x1, tpu-v5e:2x2, tpu-v6e:2x2, h100x8, "
+                      "h100x16/2 (16 GPUs on 2 hosts), h800x8, h200x8, a100x8, b200x8")
+    comp.add_argument("--preset", default="tiny", help=f"one of: {presets} (default tiny)")
+    comp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.batch_size=32")
+    comp.add_argument("--mesh", help="e.g. data=2,expert=4 (at most the target's devices)")
+    comp.add_argument("--what", default="train", help="train (default), pipeline (mesh.pipeline > 1) or decode")
+    comp.add_argument("--schedule", help="--what pipeline: gpipe, 1f1b, zb1p, dualpipe or dualpipev "
+                      "(default: the config's train.pipeline_schedule)")
+    comp.add_argument("--fp8", action="store_true", help="FP8 GEMMs through the Pallas kernels (report §3.3)")
+    comp.add_argument("--kernels", action="store_true", help="also compile each Pallas kernel alone for the target")
+    comp.add_argument("--json", action="store_true", help="print one JSON object")
+    comp.set_defaults(func=cmd_compile)
+
     report = sub.add_parser("report", help="PNG plots from a run's metrics")
     report.add_argument("--run-dir", required=True, help="a run directory; plots are (re)written into it")
     report.set_defaults(func=cmd_report)
@@ -464,6 +513,10 @@ def runs_train_steps(args: argparse.Namespace) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.func is cmd_compile:
+        # Compiling for a target needs no local accelerator: keep JAX on the host CPU (an installed
+        # CUDA / TPU plugin would otherwise try, and fail, to open devices this host does not have).
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if runs_train_steps(args):
         from dsv3_jax.host_memory import keep_step_memory
 

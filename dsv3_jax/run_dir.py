@@ -1,7 +1,8 @@
 """A run directory's bookkeeping: one writer at a time, logs that survive a kill, atomic files.
 
 Layout: config.json, tokenizer.json, metrics.jsonl, router.jsonl, checkpoints/ (orbax), plots,
-.lock (the writer's PID), damaged_checkpoints/ (checkpoints that failed to restore, set aside).
+.lock (the writer's PID), damaged_checkpoints/ (checkpoints that failed to restore, set aside),
+mesh_changes.jsonl (one line per resume onto another mesh or number of processes).
 """
 
 from __future__ import annotations
@@ -59,6 +60,19 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     if path.exists():
         kept = [r for r in read_jsonl(path) if r["step"] <= last_step]
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def record_layout_change(run_dir: Path, step: int, before: dict | None, now: dict) -> None:
+    """A line in `mesh_changes.jsonl` when a run resumes at `step` on another layout than the one its
+    checkpoint was written on (`before`; None for checkpoints that predate the record). Lines of
+    earlier resumes from this same step (whose steps are being redone) are replaced."""
+    path = Path(run_dir) / "mesh_changes.jsonl"
+    truncate_jsonl(path, step - 1)
+    if before is None or before == now:
+        return
+    line = json.dumps({"step": step, "from": before, "to": now})
+    with open(path, "a") as log:
+        log.write(line + "\n")
 
 
 class RunLock:

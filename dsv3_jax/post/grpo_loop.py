@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.checkpoint import Checkpointer
+from dsv3_jax.checkpoint import Checkpointer, restore_target
 from dsv3_jax.config import Config, apply_overrides, config_from_json
 from dsv3_jax.data.tokenizer import load_tokenizer
 from dsv3_jax.errors import UsageError
@@ -95,7 +95,7 @@ def _run(config: Config, run_dir: Path, resume: bool, progress: bool, tokenizer,
     reporter = ProgressReporter(enabled=progress, total=tc.steps)
     start = 0
     if resume and checkpointer.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        abstract = restore_target(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
         state, _, start = checkpointer.restore_newest_good(abstract, run_dir / "damaged_checkpoints",
                                                            say=reporter.warn)
         truncate_jsonl(metrics_path, start)

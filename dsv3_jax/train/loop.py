@@ -20,15 +20,15 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dsv3_jax.checkpoint import Checkpointer
-from dsv3_jax.config import Config, config_from_json
+from dsv3_jax.checkpoint import Checkpointer, restore_target
+from dsv3_jax.config import Config, MeshConfig, config_from_json
 from dsv3_jax.data.pipeline import ShardedBatches, build_data, shards_for_rows, val_batches
 from dsv3_jax.errors import UsageError
 from dsv3_jax.parallel.distributed import any_process, barrier, is_main
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.post.sft import build_sft_data, init_from_run
-from dsv3_jax.run_dir import RunLock, StopSignals, truncate_jsonl, write_atomic
+from dsv3_jax.run_dir import RunLock, StopSignals, record_layout_change, truncate_jsonl, write_atomic
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_eval_step, make_train_step, max_violation
 from dsv3_jax.validate import validate
@@ -36,6 +36,9 @@ from dsv3_jax.validate import validate
 # TrainConfig fields that `--resume` may change; any other difference from the saved config.json
 # is refused (the README lists these).
 RESUMABLE_TRAIN_FIELDS = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+# How a step is laid out on devices, not what it computes: `--resume` may change these with the mesh
+# (a checkpoint restores onto any mesh, checkpoint.restore_target).
+LAYOUT_TRAIN_FIELDS = ("pipeline_schedule", "microbatches", "pipeline_keep_residuals")
 
 
 class NonFiniteLoss(UsageError):
@@ -63,9 +66,19 @@ def has_run(run_dir: Path) -> bool:
     return (run_dir / "config.json").exists() or has_checkpoint(run_dir)
 
 
+def resume_start(saved: Config, given: Config | None, new_mesh: bool) -> Config:
+    """What `--resume`'s options apply to: the saved config, or the `given` one (a --preset or
+    --config repeated from the run's first command; checked against the saved one later, in
+    `resolve_run_config`). Its mesh is the saved one unless `new_mesh` (a --mesh given), in which case
+    it starts from one device: `--mesh expert=2` on resume means that mesh, not the saved one plus it."""
+    start = saved if given is None else given
+    return dataclasses.replace(start, mesh=MeshConfig() if new_mesh else saved.mesh)
+
+
 def resolve_run_config(config: Config, run_dir: Path, resume: bool) -> Config:
     """The config of this run: the given one for a new run; on resume the saved one, with the
-    given values of RESUMABLE_TRAIN_FIELDS, and refused if the given config differs in any other field."""
+    given values of RESUMABLE_TRAIN_FIELDS, the given mesh and LAYOUT_TRAIN_FIELDS, and refused if the
+    given config differs in any other field (equal values are accepted silently)."""
     saved_path = run_dir / "config.json"
     if not resume:
         if has_run(run_dir):
@@ -78,14 +91,14 @@ def resolve_run_config(config: Config, run_dir: Path, resume: bool) -> Config:
         saved = config_from_json(saved_path.read_text())
     except Exception as e:
         raise UsageError(f"--resume: {str(saved_path)!r} cannot be read as a dsv3 config: {e}") from None
-    changes = {name: getattr(config.train, name) for name in RESUMABLE_TRAIN_FIELDS}
-    resumed = dataclasses.replace(saved, train=dataclasses.replace(saved.train, **changes))
+    changes = {name: getattr(config.train, name) for name in RESUMABLE_TRAIN_FIELDS + LAYOUT_TRAIN_FIELDS}
+    resumed = dataclasses.replace(saved, train=dataclasses.replace(saved.train, **changes), mesh=config.mesh)
     conflicts = _differences(resumed, config)
     if conflicts:
-        raise UsageError(f"--resume continues the run with its saved config; these options differ from it: "
-                         f"{'; '.join(conflicts[:6])}{' ...' if len(conflicts) > 6 else ''} (only train."
-                         f"{', train.'.join(RESUMABLE_TRAIN_FIELDS)} may change on resume; start a new --run-dir "
-                         "for the rest)")
+        raise UsageError(f"--resume continues the run with its saved config; these options differ from it (saved "
+                         f"-> given): {'; '.join(conflicts[:6])}{' ...' if len(conflicts) > 6 else ''} (only the "
+                         f"mesh and train.{', train.'.join(RESUMABLE_TRAIN_FIELDS + LAYOUT_TRAIN_FIELDS)} may change "
+                         "on resume; start a new --run-dir for the rest)")
     return resumed
 
 
@@ -149,15 +162,19 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
     metrics_path, router_path = run_dir / "metrics.jsonl", run_dir / "router.jsonl"
     reporter = ProgressReporter(enabled=progress and main, total=tc.steps)
     start = 0
+    layout = run_layout(config)
     if resume and checkpointer.latest_step() is not None:
-        # Restored straight into the state's shardings (each device reads its own shards).
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        # Restored straight into this mesh's shardings (each device reads its own shards), whatever
+        # mesh wrote the checkpoint.
+        abstract = restore_target(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), mesh)
         state, data_state, start = checkpointer.restore_newest_good(abstract, run_dir / "damaged_checkpoints",
                                                                     say=reporter.warn)
+        written_on = data_state.pop("written_on", None)  # metadata: any mesh restores (restore_target)
         iterator.set_state(data_state)
         if main:
             truncate_jsonl(metrics_path, start)
             truncate_jsonl(router_path, start)
+            record_layout_change(run_dir, start, written_on, layout)
     elif main:  # a new run, or a resumed one killed before its first checkpoint: start clean
         for path in (metrics_path, router_path):
             path.unlink(missing_ok=True)
@@ -197,7 +214,7 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
                 reporter.update(step, record)
                 stopping = any_process(bool(stop.received))  # all processes stop after the same step
                 if step % tc.checkpoint_every == 0 or step == tc.steps or stopping:
-                    checkpointer.save(step, state, iterator.get_state())
+                    checkpointer.save(step, state, {**iterator.get_state(), "written_on": layout})
                 if stopping:
                     status = reporter.stopped(stop.received[0] if stop.received else signal.SIGTERM, step, run_dir,
                                               "sft" if tc.objective == "sft" else "train")
@@ -208,6 +225,12 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
         from dsv3_jax.report import write_report
         write_report(run_dir)
     return status
+
+
+def run_layout(config: Config) -> dict:
+    """Where this run's steps run: the mesh's axis sizes and the number of processes (recorded with
+    each checkpoint; a resume onto another one is logged in mesh_changes.jsonl)."""
+    return {"mesh": dataclasses.asdict(config.mesh), "processes": jax.process_count()}
 
 
 def _rows_of_this_process(config: Config, mesh) -> tuple[int, int]:
