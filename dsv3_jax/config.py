@@ -330,6 +330,10 @@ class MeshConfig:
     def n_devices(self) -> int:
         return self.data * self.fsdp * self.tensor * self.expert * self.pipeline
 
+    def sizes(self) -> dict[str, int]:
+        """{axis: size} for every mesh axis, in the mesh's order."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:

@@ -13,12 +13,14 @@ from dsv3_jax.model.routing import check_routing
 from dsv3_jax.parallel.expert import check_dispatch
 from dsv3_jax.parallel.mesh import require_devices
 from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.platform import platform_of
 from dsv3_jax.post.tasks import TASKS
 from dsv3_jax.train.pipelined import check_pipeline_config
 
 
-def validate(config: Config) -> Config:
-    """`config` if a run can be built from it, else ConfigError."""
+def validate(config: Config, devices=None) -> Config:
+    """`config` if a run can be built from it on `devices` (default: this host's; `dsv3 compile`
+    passes the target's), else ConfigError."""
     if config.model.n_moe_layers > 0 or config.model.mtp_depth > 0:
         check_routing(config.model)
     sizes = {axis: getattr(config.mesh, axis) for axis in RULES.mesh_axes("batch")}
@@ -26,9 +28,9 @@ def validate(config: Config) -> Config:
     if config.train.batch_size % batch_shards:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by "
                           f"{' x '.join(f'mesh.{a}' for a in sizes)} = {batch_shards}")
-    require_devices(config.mesh)  # before anything is built or written
+    devices = require_devices(config.mesh, devices)  # before anything is built or written
     if config.mesh.expert > 1 and config.model.n_routed_experts:
-        _check_expert_parallel(config)
+        _check_expert_parallel(config, platform_of(devices[0]))
     if config.train.objective == "grpo":
         if config.grpo.task not in TASKS:
             raise ConfigError(f"grpo.task={config.grpo.task!r} is not a registered task; choose one of: "
@@ -43,7 +45,7 @@ def validate(config: Config) -> Config:
     return config
 
 
-def _check_expert_parallel(config: Config) -> None:
+def _check_expert_parallel(config: Config, platform: str) -> None:
     cfg, ep = config.model, config.mesh.expert
     if cfg.expert_dispatch == "gspmd":
         return
@@ -54,6 +56,6 @@ def _check_expert_parallel(config: Config) -> None:
     if cfg.n_routed_experts % ep:
         raise ConfigError(f"model.n_routed_experts={cfg.n_routed_experts} must be divisible by mesh.expert={ep}")
     try:
-        check_dispatch(cfg.expert_dispatch)
+        check_dispatch(cfg.expert_dispatch, platform)
     except ValueError as e:
         raise ConfigError(str(e)) from None

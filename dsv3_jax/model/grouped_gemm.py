@@ -9,7 +9,9 @@ Two implementations (`impl`):
   per block against its expert's weight (the padding-only blocks at the end are never visited). XLA:CPU lowers ragged_dot densely (every
   row against every expert, E times the FLOPs: 11x slower than "blocked" at the `small` preset's
   expert shapes, 3.6x at `tiny`'s; experiments/results/grouped_gemm_cpu.md), so "auto" is
-  "blocked" on CPU and "ragged_dot" elsewhere.
+  "blocked" when the program is built for CPU and "ragged_dot" for GPU / TPU (the platform of the
+  mesh in context, `dsv3_jax/platform.py`: a step compiled for a TPU target from a CPU host gets
+  "ragged_dot").
 
 The block layout is also what the FP8 recipe needs for experts (report §3.3): Wgrad quantizes
 x^T in 1x128 tiles along tokens, and with 128-row blocks no tile straddles two experts.
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import Fp8Backend, GroupedGemmImpl
+from dsv3_jax.platform import current_platform
 from dsv3_jax.quant.fp8 import fp8_gemm, fp8_grouped_pallas
 
 ROWS = 128  # rows per block: the FP8 tile length along tokens (report §3.3)
@@ -125,7 +128,7 @@ def resolve_impl(impl: GroupedGemmImpl) -> str:
     if impl not in IMPLS:
         raise ValueError(f"grouped GEMM impl {impl!r} must be one of {IMPLS}")
     if impl == "auto":
-        return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+        return "blocked" if current_platform() == "cpu" else "ragged_dot"
     return impl
 
 

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.platform import Platform, current_platform
 
 # (rows sorted by expert [R, D], group sizes [E_local], w_gate, w_up, w_down) -> [R, D]
 ExpertsFn = Callable[..., jax.Array]
@@ -65,10 +66,11 @@ def batch_parallel_mesh():
     return mesh
 
 
-def check_dispatch(dispatch: str, backend: str | None = None) -> None:
-    """ValueError when `dispatch` cannot run on this backend (ragged_all_to_all is GPU/TPU only)."""
-    backend = backend or jax.default_backend()
-    if dispatch == "ragged" and backend == "cpu":
+def check_dispatch(dispatch: str, platform: Platform | None = None) -> None:
+    """ValueError when `dispatch` cannot run on `platform` (default: the one the program is built for;
+    ragged_all_to_all is GPU/TPU only)."""
+    platform = platform or current_platform()
+    if dispatch == "ragged" and platform == "cpu":
         raise ValueError("model.expert_dispatch=ragged needs a GPU or TPU (XLA:CPU has no ragged_all_to_all); "
                          "use model.expert_dispatch=a2a, the portable all-to-all")
 

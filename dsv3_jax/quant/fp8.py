@@ -9,7 +9,8 @@ master weights and gradients stay fp32/bf16; only GEMM operands are e4m3.
 
 Backends: "xla" quantizes with the pure-jnp references and runs one fp32 GEMM over the dequantized
 e4m3 operands (`dequantized_matmul`: the promoted sum within fp32 rounding; what CPU training
-uses); "pallas" runs the Pallas kernels (interpret mode on CPU, Triton on GPU).
+uses); "pallas" runs the Pallas kernels (interpret mode in programs built for CPU; Mosaic on TPU,
+Mosaic GPU on GPU).
 Dimensions that are not multiples of 128 are zero-padded up to the next multiple (zeros add
 nothing to a dot product and get their own, unused, scales); the `tiny` preset therefore runs
 FP8 GEMMs on padded 128-wide operands.
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import Fp8Backend
+from dsv3_jax.platform import current_platform
 from pallas_kernels import BLOCK
 from pallas_kernels.fp8_gemm import block_scaled_matmul, dequantized_matmul
 from pallas_kernels.fp8_grouped_gemm import grouped_block_scaled_matmul
@@ -41,9 +43,15 @@ def _pad_to(x: jax.Array, axis: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
+def _interpret() -> bool:
+    """Pallas kernels run in interpret mode only in programs built for CPU (the platform of the
+    mesh in context, not the host: a program compiled for a TPU target gets the Mosaic kernels)."""
+    return current_platform() == "cpu"
+
+
 def _ops(backend: str):
     if backend == "pallas":
-        on_cpu = jax.default_backend() == "cpu"
+        on_cpu = _interpret()
         return (functools.partial(quantize_rows, interpret=on_cpu), functools.partial(quantize_blocks, interpret=on_cpu),
                 functools.partial(block_scaled_matmul, interpret=on_cpu))
     if backend == "xla":
@@ -96,5 +104,5 @@ def fp8_grouped_pallas(x_BRK: jax.Array, w_EKN: jax.Array, expert_B: jax.Array) 
     quantize_rows_fn, quantize_blocks_fn, _ = _ops("pallas")
     qx, sx = quantize_rows_fn(_pad_to(x_BRK.reshape(B * R, -1).astype(jnp.float32), 1))
     qw, sw = jax.vmap(quantize_blocks_fn)(_pad_to(_pad_to(w_EKN.astype(jnp.float32), 1), 2))
-    out = grouped_block_scaled_matmul(qx, sx, qw, sw, expert_B, interpret=jax.default_backend() == "cpu")
+    out = grouped_block_scaled_matmul(qx, sx, qw, sw, expert_B, interpret=_interpret())
     return out[:, :N].reshape(B, R, N)

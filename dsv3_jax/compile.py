@@ -1,0 +1,266 @@
+"""`dsv3 compile`: the real train / pipeline / decode step, compiled for a TPU or GPU target from any host.
+
+The step is the one `dsv3 train` runs (same config, same sharding rules, same implementation
+choices), built from abstract shapes on the target's compile-only devices (`dsv3_jax/targets.py`)
+under `jax.set_mesh`, so every choice that depends on the platform sees the target's
+(`dsv3_jax/platform.py`), not this host's. Nothing is allocated; the compiled program's
+`memory_analysis()`, optimized HLO and `cost_analysis()` are what the real devices would run:
+
+- bytes per device: arguments, outputs, temporaries, total against the device's memory;
+- collectives in the optimized HLO with their bytes (`dsv3_jax/hlo_stats.py`);
+- kernels: Pallas custom calls (Mosaic TPU / Mosaic GPU / Triton) and GPU library calls, and the
+  loops and `ragged-dot`s that show which grouped-GEMM path was taken;
+- compile seconds and the FLOPs the backend's cost model reports (per device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax import hlo_stats
+from dsv3_jax.config import Config, MeshConfig, apply_overrides
+from dsv3_jax.errors import UsageError
+from dsv3_jax.infer.cache import init_caches
+from dsv3_jax.parallel.mesh import make_mesh
+from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.targets import Target
+from dsv3_jax.train.state import abstract_train_state
+from dsv3_jax.train.step import make_train_step
+from dsv3_jax.validate import validate
+
+WHATS = ("train", "pipeline", "decode")
+
+
+class CompileFailure(Exception):
+    """The program does not compile for the target (one line: what failed and why)."""
+
+
+@dataclasses.dataclass
+class CompileReport:
+    target: str
+    what: str
+    mesh: dict[str, int]
+    fp8: bool
+    devices: int  # devices the mesh uses
+    device_kind: str
+    memory: dict[str, int]  # per device: argument, output, alias, temporary, total, device
+    collectives: dict[str, dict[str, int]]
+    kernels: dict[str, int]
+    ops: dict[str, int]  # of the optimized HLO
+    program: dict[str, int]  # of the lowered program: the implementation choices (hlo_stats.program_ops)
+    compile_s: float
+    flops: float | None  # per device, from the backend's cost model where it has one
+    schedule: str | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.memory["total"] <= self.memory["device"]
+
+
+def target_config(config: Config, what: str, fp8: bool, schedule: str | None = None) -> Config:
+    """`config` as `what` compiles it: --fp8 runs the Pallas kernels (the accelerator path)."""
+    if what not in WHATS:
+        raise UsageError(f"--what {what!r} must be one of {', '.join(WHATS)}")
+    overrides = ["model.fp8=true", "model.fp8_backend=pallas"] if fp8 else []
+    if schedule:
+        overrides.append(f"train.pipeline_schedule={schedule}")
+    try:
+        config = apply_overrides(config, overrides)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if what == "pipeline" and config.mesh.pipeline == 1:
+        raise UsageError("--what pipeline needs a mesh with pipeline > 1, e.g. --mesh data=2,pipeline=2,expert=2")
+    if what != "pipeline" and config.mesh.pipeline > 1:
+        raise UsageError(f"--what {what} runs without a pipeline: use --what pipeline for mesh.pipeline="
+                         f"{config.mesh.pipeline}")
+    return config
+
+
+def _train_program(config: Config, mesh, pipelined: bool):
+    graphdef, optimizer, state = abstract_train_state(config)
+    shardings = RULES.tree(state, mesh)
+    tc = config.train
+    batch = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1), np.int32)
+    step = jax.jit(make_train_step(config, graphdef, optimizer, pipeline_mesh=mesh if pipelined else None),
+                   in_shardings=(shardings, RULES.batch(mesh)), out_shardings=(shardings, RULES.sharding((), mesh)),
+                   donate_argnums=0)
+    return step, (state, batch)
+
+
+def _decode_program(config: Config, mesh):
+    """One cached decode step (absorbed MLA, report §2.1.1) of train.batch_size rows against a
+    latent cache of model.max_seq_len slots."""
+    graphdef, _, state = abstract_train_state(config)
+    weights = (state.params, state.routing_bias)
+    B, S = config.train.batch_size, config.model.max_seq_len
+    caches = jax.eval_shape(lambda: init_caches(config.model, B, S, "absorbed", jnp.bfloat16))
+    cache_sharding = lambda a: RULES.sharding((None, "batch") + (None,) * (a.ndim - 2), mesh, a.shape)
+    tokens = jax.ShapeDtypeStruct((B, 1), np.int32)
+
+    def decode(weights, caches, tokens_BT, positions_BT):
+        return nnx.merge(graphdef, *weights).decode(tokens_BT, positions_BT, caches, "absorbed")
+
+    step = jax.jit(decode, in_shardings=(RULES.tree(weights, mesh), jax.tree.map(cache_sharding, caches),
+                                         RULES.batch(mesh), RULES.batch(mesh)), donate_argnums=1)
+    return step, (weights, caches, tokens, tokens)
+
+
+@contextlib.contextmanager
+def _no_persistent_cache():
+    """Compile-only devices have no client to load a cached executable with (JAX warns and
+    recompiles), and their programs are not worth storing: keep them out of the cache."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+def _memory(compiled, device_bytes: int) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    argument, output, alias, temp = (int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
+                                     int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))
+    # Donated outputs alias their arguments: counted once.
+    return {"argument": argument, "output": output, "alias": alias, "temporary": temp,
+            "total": argument + output - alias + temp, "device": device_bytes}
+
+
+def _flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend has a cost model
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    flops = cost.get("flops") if isinstance(cost, dict) else None
+    return float(flops) if flops and flops > 0 else None
+
+
+def compile_step(config: Config, target: Target, what: str = "train", fp8: bool = False,
+                 schedule: str | None = None, devices: list | None = None) -> CompileReport:
+    """Compile `what` of `config` for `target` (its compile-only devices, or `devices` given)."""
+    config = target_config(config, what, fp8, schedule)
+    devices = target.devices() if devices is None else devices
+    need = config.mesh.n_devices
+    if need > len(devices):
+        raise UsageError(f"the mesh {_mesh_text(config)} needs {need} devices but {target.name} has {len(devices)}")
+    validate(config, devices)
+    mesh = make_mesh(config.mesh, devices)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh), _no_persistent_cache():
+        try:
+            step, args = _decode_program(config, mesh) if what == "decode" else \
+                _train_program(config, mesh, pipelined=what == "pipeline")
+            lowered = step.lower(*args)
+            compiled = lowered.compile()
+        except (UsageError, ValueError) as e:
+            raise UsageError(str(e)) from None
+        except Exception as e:
+            raise CompileFailure(_why(e, target, fp8)) from None
+    compile_s = time.perf_counter() - start
+    text = compiled.as_text()
+    return CompileReport(
+        target=target.name, what=what, mesh={a: n for a, n in config.mesh.sizes().items() if n > 1} or {"data": 1},
+        fp8=fp8, devices=need, device_kind=devices[0].device_kind,
+        memory=_memory(compiled, target.memory_per_device(len(devices))), collectives=hlo_stats.collectives(text),
+        kernels=hlo_stats.kernels(text), ops=hlo_stats.op_counts(text),
+        program=hlo_stats.program_ops(lowered.as_text()), compile_s=compile_s, flops=_flops(compiled),
+        schedule=config.train.pipeline_schedule if what == "pipeline" else None)
+
+
+def _mesh_text(config: Config) -> str:
+    return ",".join(f"{a}={n}" for a, n in config.mesh.sizes().items() if n > 1) or "data=1"
+
+
+def _why(error: Exception, target: Target, fp8: bool) -> str:
+    """One line: which Pallas kernel failed to lower for the target (when --fp8), or the compiler's error."""
+    gist = _first_line(error)
+    if fp8:
+        for kernel in kernel_lowering(target):
+            if kernel["error"]:
+                return f"the FP8 step does not compile for {target.name}: Pallas kernel {kernel['kernel']} " \
+                       f"does not lower: {kernel['error']}"
+    return f"does not compile for {target.name}: {gist}"
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+# Each Pallas kernel alone at a shape of the recipe (report §3.3: 1x128 tiles, 128x128 blocks):
+# name -> (function(interpret) -> jitted callable, abstract arguments).
+def _kernel_cases(m: int = 256, k: int = 1024, n: int = 256, experts: int = 4) -> dict[str, tuple[Any, tuple]]:
+    from pallas_kernels import BLOCK
+    from pallas_kernels.fp8_gemm import block_scaled_matmul
+    from pallas_kernels.fp8_grouped_gemm import grouped_block_scaled_matmul
+    from pallas_kernels.fp8_quant import quantize_blocks, quantize_rows
+
+    f32, e4m3 = jnp.float32, jnp.float8_e4m3fn
+    spec = jax.ShapeDtypeStruct
+    return {
+        "quantize_rows": (lambda i: lambda x: quantize_rows(x, interpret=i), (spec((m, k), f32),)),
+        "quantize_blocks": (lambda i: lambda w: quantize_blocks(w, interpret=i), (spec((k, n), f32),)),
+        "block_scaled_matmul": (lambda i: lambda *a: block_scaled_matmul(*a, interpret=i),
+                                (spec((m, k), e4m3), spec((m, k // BLOCK), f32), spec((k, n), e4m3),
+                                 spec((k // BLOCK, n // BLOCK), f32))),
+        "grouped_block_scaled_matmul": (lambda i: lambda *a: grouped_block_scaled_matmul(*a, interpret=i),
+                                        (spec((m, k), e4m3), spec((m, k // BLOCK), f32), spec((experts, k, n), e4m3),
+                                         spec((experts, k // BLOCK, n // BLOCK), f32), spec((m // BLOCK,), jnp.int32))),
+    }
+
+
+def kernel_lowering(target: Target, devices: list | None = None) -> list[dict]:
+    """Every Pallas kernel compiled alone for one device of the target (`interpret=False`):
+    [{"kernel", "custom_calls": {kind: n}, "error": None or the first line of why it does not lower}]."""
+    devices = target.devices() if devices is None else devices
+    mesh = make_mesh(MeshConfig(), devices[:1])
+    one_device = RULES.sharding((), mesh)
+    rows = []
+    for name, (make, args) in _kernel_cases().items():
+        row = {"kernel": name, "custom_calls": {}, "error": None}
+        try:
+            with jax.set_mesh(mesh), _no_persistent_cache():  # Mosaic TPU lowering asks the mesh in context for the device kind
+                fn = jax.jit(make(False), in_shardings=(one_device,) * len(args))
+                row["custom_calls"] = hlo_stats.kernels(fn.lower(*args).compile().as_text())
+        except Exception as e:
+            row["error"] = _first_line(e)
+        rows.append(row)
+    return rows
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+def report_lines(report: CompileReport) -> list[str]:
+    """The human-readable report (markdown)."""
+    m = report.memory
+    fit = "fits" if report.fits else f"does NOT fit by {_gib(m['total'] - m['device'])}"
+    mesh = ",".join(f"{a}={n}" for a, n in report.mesh.items())
+    lines = [f"## {report.what}{' (fp8)' if report.fp8 else ''} on {report.target} ({report.devices} x "
+             f"{report.device_kind}), mesh {mesh}" + (f", schedule {report.schedule}" if report.schedule else ""), "",
+             f"compiled in {report.compile_s:.1f} s" + (f"; {report.flops / 1e12:.3f} TFLOP per device (cost model)"
+                                                         if report.flops else ""), "",
+             "| per device | bytes |", "|---|---|"]
+    lines += [f"| {k} | {_gib(m[k])} |" for k in ("argument", "output", "alias", "temporary")]
+    lines += [f"| **total** | **{_gib(m['total'])}** of {_gib(m['device'])}: {fit} |", "",
+              "| collective | count | bytes per device |", "|---|---|---|"]
+    lines += [f"| {name} | {c['count']} | {c['bytes']:,} |" for name, c in report.collectives.items()]
+    kernels = ", ".join(f"{kind}: {n}" for kind, n in report.kernels.items()) or "none"
+    ops = ", ".join(f"{op}: {n}" for op, n in report.ops.items())
+    program = ", ".join(f"{op}: {n}" for op, n in report.program.items())
+    lines += ["", f"kernels (custom calls): {kernels}", f"optimized HLO ops: {ops}", f"lowered program ops: {program}"]
+    return lines
+
+
+def as_json(report: CompileReport) -> dict:
+    return {**dataclasses.asdict(report), "fits": report.fits}

@@ -1,0 +1,95 @@
+"""What an optimized HLO program does, read from its text: collectives (count, bytes) and kernels.
+
+Counts are of instructions in the program text: a collective inside a loop body (a pipeline tick,
+a rolled layer scan) counts once however often it runs. Bytes are each collective's result per
+device (for `*-start` / `*-done` pairs, the `-done`'s result), so an all-gather counts what it
+gathers and a reduce-scatter what it keeps.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+
+COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce",
+               "collective-permute")
+# custom-call targets of kernels. A Pallas kernel's call carries "pallas_call" in its op_name; XLA:TPU
+# also emits Mosaic kernels of its own (ragged-dot), and XLA:GPU calls cuBLAS / cuDNN.
+KERNEL_BACKENDS = {"tpu_custom_call": "Mosaic TPU", "mosaic_gpu": "Mosaic GPU", "mosaic_gpu_v2": "Mosaic GPU",
+                   "__gpu$xla.gpu.triton": "Triton"}
+_LIBRARY_PREFIXES = {"__cublas": "cuBLAS", "__cudnn": "cuDNN"}
+PALLAS = "(Pallas)"
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e4m3fnuz": 1,
+                "f8e5m2fnuz": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5}
+_INSTRUCTION = re.compile(r"=\s*(?P<shape>\(.*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+(?P<op>[a-z][a-z0-9-]*)\(")
+_ARRAY = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
+_CUSTOM_CALL = re.compile(r'%(?P<name>[\w.-]+) = .*custom_call_target="(?P<target>[^"]+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string: "f32[8,128]{1,0}" or a tuple "(bf16[2,4], s32[])"."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape):
+        total += _DTYPE_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
+    return int(total)
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{collective: {"count", "bytes"}} for every kind in COLLECTIVES (zeros included)."""
+    out = {name: {"count": 0, "bytes": 0} for name in COLLECTIVES}
+    for match in _INSTRUCTION.finditer(hlo_text):
+        op, shape = match.group("op"), match.group("shape")
+        base = op.removesuffix("-start").removesuffix("-done")
+        if base not in out:
+            continue
+        if not op.endswith("-done"):
+            out[base]["count"] += 1
+        if not op.endswith("-start"):
+            out[base]["bytes"] += shape_bytes(shape)
+    return out
+
+
+def op_counts(hlo_text: str, ops: tuple[str, ...] = ("while", "ragged-dot", "dot", "custom-call")) -> dict[str, int]:
+    counts = collections.Counter(m.group("op") for m in _INSTRUCTION.finditer(hlo_text))
+    return {op: counts.get(op, 0) for op in ops}
+
+
+def kernels(hlo_text: str) -> dict[str, int]:
+    """{kernel kind: custom calls}: "Mosaic TPU (Pallas)", "Mosaic GPU (Pallas)", "Triton (Pallas)" for
+    this package's kernels; "Mosaic TPU (XLA ragged-dot)" for XLA's own; "cuBLAS", "cuDNN"."""
+    out: collections.Counter = collections.Counter()
+    for line in hlo_text.splitlines():
+        match = _CUSTOM_CALL.search(line)
+        if match is None:
+            continue
+        target, op_name = match.group("target"), _OP_NAME.search(line)
+        op_name = op_name.group(1) if op_name else ""
+        if target in KERNEL_BACKENDS:
+            backend = KERNEL_BACKENDS[target]
+            if "pallas_call" in op_name:
+                out[f"{backend} {PALLAS}"] += 1
+            else:
+                out[f"{backend} (XLA {re.sub(r'[.0-9]+$', '', match.group('name'))})"] += 1
+            continue
+        for prefix, kind in _LIBRARY_PREFIXES.items():
+            if target.startswith(prefix):
+                out[kind] += 1
+    return dict(out)
+
+
+def pallas_calls(hlo_text: str) -> int:
+    return sum(n for kind, n in kernels(hlo_text).items() if kind.endswith(PALLAS))
+
+
+def program_ops(stablehlo_text: str) -> dict[str, int]:
+    """Ops of the lowered (pre-optimization) program that show which implementation was chosen:
+    `ragged_dot` (grouped GEMM on GPU/TPU), `while` (CPU's blocked grouped GEMM loops, interpret-mode
+    Pallas, pipeline ticks, rolled layer scans), `ragged_all_to_all`, `pallas_call`s by backend."""
+    return {"ragged_dot": len(re.findall(r"\bchlo\.ragged_dot\b|\bstablehlo\.ragged_dot\b", stablehlo_text)),
+            "ragged_all_to_all": len(re.findall(r"ragged_all_to_all", stablehlo_text)),
+            "while": len(re.findall(r"\bstablehlo\.while\b", stablehlo_text)),
+            "tpu_custom_call": len(re.findall(r"@tpu_custom_call\b", stablehlo_text)),
+            "mosaic_gpu": len(re.findall(r"@mosaic_gpu", stablehlo_text))}
