@@ -1,6 +1,11 @@
 """`dsv3 train` on a composed pipeline mesh (data=2, pipeline=2, expert=2; DualPipe): it trains,
-checkpoints the stage-owned state, and after SIGTERM `--resume` continues with identical losses."""
+checkpoints the stage-owned state, and after SIGTERM `--resume` continues with identical losses; the
+run moves off the pipeline and back onto it with the same losses."""
 
+import json
+import shutil
+
+import numpy as np
 import pytest
 
 from tests.test_train_cli import SMALL, dsv3, losses, stop_and_resume
@@ -10,6 +15,10 @@ CHANGES = {"model.n_layers=2": "model.n_layers=5",  # 4 MoE layers: 2 stages
            "train.batch_size=4": "train.batch_size=16"}  # 4 micro-batches of 4 rows: 1 per batch shard
 COMPOSED = [CHANGES.get(a, a) for a in SMALL] + [
     "--set", "train.microbatches=4", "--set", "train.checkpoint_every=2", "--set", "train.pipeline_schedule=dualpipe",
+    "--set", "train.keep_checkpoints=3",
+    # The lr schedule does not depend on train.steps (constant after warm-up), so a run resumed with a
+    # smaller --steps and then the full one takes the straight run's steps.
+    "--set", "train.decay_start_fraction=1.0",
     "--mesh", "data=2,pipeline=2,expert=2", "--host-devices", "8"]
 
 
@@ -21,6 +30,23 @@ def test_composed_pipeline_run_resumes_exactly(tmp_path):
 
     stop_and_resume(tmp_path / "term", STEPS, COMPOSED)  # stage-owned state restored to its ranks
     assert losses(tmp_path / "term") == losses(straight)
+
+    # pipeline=2 -> none -> pipeline=2: the stage-owned stack is the same [L, ...] array on any mesh
+    # (its layer axis split over pipeline ranks or not), so checkpoint 8 restores off the pipeline,
+    # and that run's checkpoint 10 back onto it.
+    moved = tmp_path / "moved"
+    shutil.copytree(straight, moved)
+    for step in (10, 12):
+        shutil.rmtree(moved / "checkpoints" / str(step))
+    out = dsv3("train", "--steps", "10", "--run-dir", str(moved), "--resume", *COMPOSED, "--mesh", "data=2,expert=2",
+               "--host-devices", "4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = dsv3("train", "--steps", str(STEPS), "--run-dir", str(moved), "--resume", *COMPOSED)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [step for step, _ in losses(moved)] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([loss for _, loss in losses(moved)], [loss for _, loss in losses(straight)], rtol=1e-5)
+    changes = [(c["step"], c["to"]["mesh"]["pipeline"]) for c in map(json.loads, open(moved / "mesh_changes.jsonl"))]
+    assert changes == [(8, 1), (10, 2)]
 
 
 @pytest.mark.parametrize("changes, message", [
