@@ -345,7 +345,18 @@ def cmd_plan(args: argparse.Namespace) -> None:
                     matmul_efficiency=args.matmul_efficiency, fused_attention=args.fused_attention,
                     padded_dispatch=not args.dropless_dispatch)
     check_layout(layout)
-    rows = report_rows(layout, plan(layout))
+    planned = plan(layout)
+    rows = report_rows(layout, planned)
+    if args.compile:  # the compiler's figures for the same step on a real target, beside the estimate
+        from dsv3_jax.compile import CompileFailure, compile_step, planned_vs_compiled
+        from dsv3_jax.targets import parse_target
+
+        try:
+            report = compile_step(config, parse_target(args.compile), "pipeline" if config.mesh.pipeline > 1 else "train",
+                                  fp8=args.fp8)
+        except CompileFailure as e:
+            raise UsageError(f"--compile {args.compile}: {e}") from None
+        rows += planned_vs_compiled(planned, report, config)
     if args.json:
         print(json.dumps(dict(rows)))
         return
@@ -480,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dropless-dispatch", action="store_true",
                       help="count the experts' K real rows per token, not this package's padded all-to-all buffers")
     plan.add_argument("--matmul-efficiency", type=float, default=0.5, help="achieved / peak GEMM FLOP/s (0.5)")
+    plan.add_argument("--compile", metavar="TARGET", help="also compile the step for TARGET (as dsv3 compile "
+                      "--target) and print the compiler's bytes per device beside the estimate")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
 
@@ -513,7 +526,7 @@ def runs_train_steps(args: argparse.Namespace) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.func is cmd_compile:
+    if args.func is cmd_compile or getattr(args, "compile", None):
         # Compiling for a target needs no local accelerator: keep JAX on the host CPU (an installed
         # CUDA / TPU plugin would otherwise try, and fail, to open devices this host does not have).
         os.environ.setdefault("JAX_PLATFORMS", "cpu")

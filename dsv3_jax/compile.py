@@ -53,6 +53,7 @@ class CompileReport:
     device_kind: str
     memory: dict[str, int]  # per device: argument, output, alias, temporary, total, device
     collectives: dict[str, dict[str, int]]
+    largest: list[dict]  # the largest collectives, with the op that issued them
     kernels: dict[str, int]
     ops: dict[str, int]  # of the optimized HLO
     program: dict[str, int]  # of the lowered program: the implementation choices (hlo_stats.program_ops)
@@ -161,9 +162,9 @@ def compile_step(config: Config, target: Target, what: str = "train", fp8: bool 
                 _train_program(config, mesh, pipelined=what == "pipeline")
             lowered = step.lower(*args)
             compiled = lowered.compile()
-        except (UsageError, ValueError) as e:
-            raise UsageError(str(e)) from None
-        except Exception as e:
+        except UsageError:
+            raise
+        except Exception as e:  # tracing, lowering (a Pallas block rule) or XLA: one line
             raise CompileFailure(_why(e, target, fp8)) from None
     compile_s = time.perf_counter() - start
     text = compiled.as_text()
@@ -171,6 +172,7 @@ def compile_step(config: Config, target: Target, what: str = "train", fp8: bool 
         target=target.name, what=what, mesh={a: n for a, n in config.mesh.sizes().items() if n > 1} or {"data": 1},
         fp8=fp8, devices=need, device_kind=devices[0].device_kind,
         memory=_memory(compiled, target.memory_per_device(len(devices))), collectives=hlo_stats.collectives(text),
+        largest=hlo_stats.largest_collectives(text),
         kernels=hlo_stats.kernels(text), ops=hlo_stats.op_counts(text),
         program=hlo_stats.program_ops(lowered.as_text()), compile_s=compile_s, flops=_flops(compiled),
         schedule=config.train.pipeline_schedule if what == "pipeline" else None)
@@ -237,6 +239,22 @@ def kernel_lowering(target: Target, devices: list | None = None) -> list[dict]:
     return rows
 
 
+def planned_vs_compiled(planned, report: CompileReport, config: Config) -> list[tuple[str, str]]:
+    """`dsv3 plan --compile`: the planner's per-device state and temporaries beside the compiler's
+    (state: the step's arguments less the token batch; temporaries: gradients + activations)."""
+    tc = config.train
+    batch_bytes = tc.batch_size * (tc.seq_len + 1) * 4 // RULES.shards("batch", config.mesh.sizes())
+    compiled_state = report.memory["argument"] - batch_bytes
+    planned_temps = planned.grads + planned.activations
+    on = f"{report.target} ({report.what})"
+    return [(f"compiled on {on}: state (arguments less the batch)", _gib(compiled_state)),
+            ("planned state / compiled", f"{planned.state / max(compiled_state, 1):.2f}"),
+            (f"compiled on {on}: temporaries", _gib(report.memory["temporary"])),
+            ("planned gradients + activations / compiled temporaries",
+             f"{planned_temps / max(report.memory['temporary'], 1):.2f}"),
+            (f"compiled on {on}: total per device", f"{_gib(report.memory['total'])} of {_gib(report.memory['device'])}")]
+
+
 def _gib(n: float) -> str:
     return f"{n / 2 ** 30:.2f} GiB"
 
@@ -255,6 +273,7 @@ def report_lines(report: CompileReport) -> list[str]:
     lines += [f"| **total** | **{_gib(m['total'])}** of {_gib(m['device'])}: {fit} |", "",
               "| collective | count | bytes per device |", "|---|---|---|"]
     lines += [f"| {name} | {c['count']} | {c['bytes']:,} |" for name, c in report.collectives.items()]
+    lines += [f"- largest: {c['kind']} {c['shape']} from `{c['op'][-90:]}`" for c in report.largest]
     kernels = ", ".join(f"{kind}: {n}" for kind, n in report.kernels.items()) or "none"
     ops = ", ".join(f"{op}: {n}" for op, n in report.ops.items())
     program = ", ".join(f"{op}: {n}" for op, n in report.program.items())

@@ -52,6 +52,24 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def largest_collectives(hlo_text: str, n: int = 3) -> list[dict]:
+    """The n collectives with the largest results: kind, bytes, shape and the op that issued them
+    (its op_name: which part of the model the traffic belongs to)."""
+    found = []
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.search(line)
+        if match is None:
+            continue
+        op = match.group("op")
+        base = op.removesuffix("-start").removesuffix("-done")
+        if base in COLLECTIVES and not op.endswith("-start"):
+            op_name = _OP_NAME.search(line)
+            found.append({"kind": base, "bytes": shape_bytes(match.group("shape")),
+                          "shape": match.group("shape").split("{")[0],
+                          "op": op_name.group(1) if op_name else ""})
+    return sorted(found, key=lambda c: -c["bytes"])[:n]
+
+
 def op_counts(hlo_text: str, ops: tuple[str, ...] = ("while", "ragged-dot", "dot", "custom-call")) -> dict[str, int]:
     counts = collections.Counter(m.group("op") for m in _INSTRUCTION.finditer(hlo_text))
     return {op: counts.get(op, 0) for op in ops}

@@ -88,6 +88,7 @@ class Target:
             return jax.devices("cpu")
         try:
             if self.platform == "tpu":
+                _quiet_compile_only_libtpu()
                 shape = "x".join(map(str, self.topology))
                 return list(topologies.get_topology_desc(topology_name=f"{self.kind}:{shape}", platform="tpu").devices)
             os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check on a CPU host
@@ -105,6 +106,17 @@ class Target:
         if self.platform == "cpu":
             return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // n_devices
         return GPUS[self.kind].memory_bytes
+
+
+def _quiet_compile_only_libtpu() -> None:
+    """In a process that runs on the host CPU only (JAX_PLATFORMS=cpu: `dsv3 compile`, the tests),
+    libtpu just compiles: let several such processes load it (its lockfile guards real chips) and
+    skip the TPU VM metadata queries that fail, loudly, off a TPU VM."""
+    if os.environ.get("JAX_PLATFORMS") != "cpu":
+        return  # a real TPU host: leave libtpu's own setup alone
+    for name, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
+                        ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0")):
+        os.environ.setdefault(name, value)
 
 
 def parse_target(text: str) -> Target:
