@@ -1,6 +1,7 @@
 """Multi-host training reproduced on one machine: 2 `dsv3 train` processes on 127.0.0.1, 4 host
 devices each, joined by jax.distributed (gloo collectives), against 1 process with 8 host devices."""
 
+import json
 import re
 import signal
 import socket
@@ -132,3 +133,7 @@ def test_a_dead_peer_stops_the_other_and_the_checkpoints_restore(one_process_run
     assert sorted(after) == list(range(1, steps + 1))
     overlap = [s for s in logged if s in after and s > 2]
     np.testing.assert_allclose([after[s] for s in overlap], [logged[s] for s in overlap], rtol=1e-6)
+    # 2 processes -> 1 on the same mesh: the checkpoint's layout was 2 processes, the resume's 1.
+    changes = [json.loads(line) for line in (run / "mesh_changes.jsonl").read_text().splitlines()]
+    assert [(c["from"]["processes"], c["to"]["processes"], c["to"]["mesh"]["expert"]) for c in changes] == [(2, 1, 4)]
+    assert changes[0]["step"] % 2 == 0 and changes[0]["step"] <= max(logged)  # the checkpoint it resumed from
