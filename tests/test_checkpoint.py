@@ -182,3 +182,25 @@ def test_only_really_damaged_checkpoints_are_called_damaged(tmp_path):
                                    say=said.append)
         assert not said
     reader.close()
+
+
+def test_fine_tuning_starts_from_a_run_trained_on_another_mesh(straight, tmp_path):
+    """sft / grpo --from: the base run's weights read onto the fine-tuning run's mesh (expert=2 here,
+    from a (data=2, expert=2) checkpoint), equal to the weights read onto one device."""
+    import dataclasses
+
+    from dsv3_jax.config import config_from_json
+    from dsv3_jax.post.sft import init_from_run
+
+    need_devices(2)
+    run = preempted(straight, tmp_path / "run")
+    base = config_from_json((run / "config.json").read_text())
+    config = dataclasses.replace(base, mesh=MeshConfig(expert=2),
+                                 train=dataclasses.replace(base.train, objective="sft", init_from=str(run)))
+    mesh = make_mesh(config.mesh)
+    state = init_from_run(create_train_state(config, 0, mesh)[2], config, mesh)
+    _, on_one, _ = load_trained(run, with_tokenizer=False)
+    experts = state.params["moe_layers"]["ffn"]["w_gate_EDF"].get_value()
+    assert len(experts.sharding.device_set) == 2 and not experts.sharding.is_fully_replicated
+    np.testing.assert_array_equal(experts, on_one.moe_layers.ffn.w_gate_EDF.get_value())
+    np.testing.assert_array_equal(state.params["embed"]["table_VD"].get_value(), on_one.embed.table_VD.get_value())

@@ -145,9 +145,10 @@ def sft_config(base_dir: str | Path, data: str | Path, overrides: list[str]) -> 
     return apply_overrides(Config(model=base.model, train=train, data=data_config), overrides)
 
 
-def init_from_run(state, config: Config):
-    """`state` with the weights and routing bias of the latest checkpoint of `train.init_from`
-    (the optimizer's moments are zeros either way, so they stay as initialised)."""
+def init_from_run(state, config: Config, mesh=None):
+    """`state` with the weights and routing bias of the latest checkpoint of `train.init_from`, read
+    onto `mesh` (the run's; None: one device) whatever mesh the base run was trained on (the
+    optimizer's moments are zeros either way, so they stay as initialised)."""
     from flax import nnx
 
     from dsv3_jax.checkpoint import load_trained
@@ -159,6 +160,6 @@ def init_from_run(state, config: Config):
     if base_config is None or base_config.model != config.model:
         raise UsageError(f"train.init_from={str(base_dir)!r} is not a run of this model (model.* must equal the "
                          "base run's config.json)")
-    _, model, _ = load_trained(base_dir, with_tokenizer=False)
+    _, model, _ = load_trained(base_dir, with_tokenizer=False, mesh=mesh)
     _, params, routing_bias = nnx.split(model, nnx.Param, RoutingBias)
     return state.replace(params=params, routing_bias=routing_bias)

@@ -135,7 +135,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         data = build_data(config, run_dir if resume else None, shards)
     graphdef, optimizer, state = create_train_state(config, tc.seed, mesh)  # sharded from the start
     if tc.init_from and not (resume and has_checkpoint(run_dir)):
-        state = init_from_run(state, config)  # fine-tuning starts from the base run's weights
+        state = init_from_run(state, config, mesh)  # fine-tuning starts from the base run's weights
     iterator = ShardedBatches(data.train_shards, tc.batch_size, config.data.shards, config.data.shuffle_seed)
     barrier("checked")  # every process has checked the run directory before process 0 writes to it
 
