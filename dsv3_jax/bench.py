@@ -14,6 +14,7 @@ from dsv3_jax.config import Config
 from dsv3_jax.infer.cache import MODES, bytes_per_token, init_caches
 from dsv3_jax.infer.generate import _decode
 from dsv3_jax.model.model import DeepSeekV3
+from dsv3_jax.platform import platform_of
 
 
 def _timed(fn, repeats: int) -> float:
@@ -71,7 +72,7 @@ def bench_fp8(m: int, k: int, ns: list[int], backends: list[str], repeats: int =
     from dsv3_jax.model.grouped_gemm import grouped_matmul
 
     rows = []
-    on_cpu = jax.default_backend() == "cpu"
+    platform = platform_of(jax.devices()[0])  # the benchmark runs on this machine's default device
     for n in ns:
         a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
         b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
@@ -85,7 +86,7 @@ def bench_fp8(m: int, k: int, ns: list[int], backends: list[str], repeats: int =
         qb, sb = quantize_blocks_ref(b)
         for backend in backends:
             if backend == "pallas":
-                fn = jax.jit(lambda *xs: block_scaled_matmul(*xs, interpret=on_cpu))
+                fn = jax.jit(lambda *xs: block_scaled_matmul(*xs, platform=platform))
             else:
                 fn = jax.jit(dequantized_matmul)
             t = _timed(lambda: fn(qa, sa, qb, sb), repeats)

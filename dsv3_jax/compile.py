@@ -199,7 +199,7 @@ def _first_line(error: Exception) -> str:
 
 
 # Each Pallas kernel alone at a shape of the recipe (report §3.3: 1x128 tiles, 128x128 blocks):
-# name -> (function(interpret) -> jitted callable, abstract arguments).
+# name -> (function(platform) -> jitted callable, abstract arguments).
 def _kernel_cases(m: int = 256, k: int = 1024, n: int = 256, experts: int = 4) -> dict[str, tuple[Any, tuple]]:
     from pallas_kernels import BLOCK
     from pallas_kernels.fp8_gemm import block_scaled_matmul
@@ -209,12 +209,12 @@ def _kernel_cases(m: int = 256, k: int = 1024, n: int = 256, experts: int = 4) -
     f32, e4m3 = jnp.float32, jnp.float8_e4m3fn
     spec = jax.ShapeDtypeStruct
     return {
-        "quantize_rows": (lambda i: lambda x: quantize_rows(x, interpret=i), (spec((m, k), f32),)),
-        "quantize_blocks": (lambda i: lambda w: quantize_blocks(w, interpret=i), (spec((k, n), f32),)),
-        "block_scaled_matmul": (lambda i: lambda *a: block_scaled_matmul(*a, interpret=i),
+        "quantize_rows": (lambda p: lambda x: quantize_rows(x, platform=p), (spec((m, k), f32),)),
+        "quantize_blocks": (lambda p: lambda w: quantize_blocks(w, platform=p), (spec((k, n), f32),)),
+        "block_scaled_matmul": (lambda p: lambda *a: block_scaled_matmul(*a, platform=p),
                                 (spec((m, k), e4m3), spec((m, k // BLOCK), f32), spec((k, n), e4m3),
                                  spec((k // BLOCK, n // BLOCK), f32))),
-        "grouped_block_scaled_matmul": (lambda i: lambda *a: grouped_block_scaled_matmul(*a, interpret=i),
+        "grouped_block_scaled_matmul": (lambda p: lambda *a: grouped_block_scaled_matmul(*a, platform=p),
                                         (spec((m, k), e4m3), spec((m, k // BLOCK), f32), spec((experts, k, n), e4m3),
                                          spec((experts, k // BLOCK, n // BLOCK), f32), spec((m // BLOCK,), jnp.int32))),
     }
@@ -231,7 +231,7 @@ def kernel_lowering(target: Target, devices: list | None = None) -> list[dict]:
         row = {"kernel": name, "custom_calls": {}, "error": None}
         try:
             with jax.set_mesh(mesh), _no_persistent_cache():  # Mosaic TPU lowering asks the mesh in context for the device kind
-                fn = jax.jit(make(False), in_shardings=(one_device,) * len(args))
+                fn = jax.jit(make(target.platform), in_shardings=(one_device,) * len(args))
                 row["custom_calls"] = hlo_stats.kernels(fn.lower(*args).compile().as_text())
         except Exception as e:
             row["error"] = _first_line(e)

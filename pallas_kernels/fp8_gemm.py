@@ -3,8 +3,9 @@ accumulation precision"): out = sum_k (a_k @ b_k) * s_a[:, k] * s_b[k, n], where
 the e4m3 operands' k-th 128-wide slices, each partial product is formed with fp32 accumulation,
 and the scales are applied to that 128-deep partial before it joins the fp32 accumulator.
 
-`block_scaled_matmul` is the Pallas kernel: one program per (block_m x 128) output tile,
-looping over K in steps of 128. `block_scaled_matmul_ref` is the pure-jnp reference (what the
+`block_scaled_matmul` is the Pallas kernel: on TPU a grid over (M, N, K) tiles with K last, an fp32
+VMEM accumulator and the scales applied per 128-deep step; on GPU (Triton) one program per
+(block_m x 128) output tile looping over K in steps of 128. `block_scaled_matmul_ref` is the pure-jnp reference (what the
 `xla` backend runs as `dequantized_matmul`, the same sum in one fp32 GEMM). `limited_accumulation_matmul` emulates a tensor core whose accumulator keeps
 only ~14 mantissa bits, with and without promotion, to show why promotion matters.
 """
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import BLOCK
+from pallas_kernels import BLOCK, compiler_params, variant
 from pallas_kernels.fp8_quant import dequantize_blocks, dequantize_rows
 
 
@@ -43,37 +44,104 @@ def dequantized_matmul(a_MK: jax.Array, scale_a_MKb: jax.Array, b_KN: jax.Array,
     return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def _gemm_kernel(a_ref, sa_ref, b_ref, sb_ref, o_ref, *, n_kblocks):
+def _gemm_loop_kernel(a_ref, sa_ref, b_ref, sb_ref, o_ref, *, n_kblocks):
+    """GPU (Triton) variant: one program per (block_m x 128) output tile, looping over K."""
     def body(k, acc):
         a = a_ref[:, pl.ds(k * BLOCK, BLOCK)]
         b = b_ref[pl.ds(k * BLOCK, BLOCK), :]
         partial = jnp.dot(a, b, preferred_element_type=jnp.float32)  # fp8 x fp8 -> fp32 (wgmma on Hopper)
         sa = sa_ref[:, pl.ds(k, 1)]  # [bm, 1]
         sb = sb_ref[pl.ds(k, 1), :]  # [1, 1]: this output tile's 128 columns share one weight block
-        return acc + partial * sa * sb  # promotion: scaled partial joins the fp32 accumulator
+        return acc + partial * sa * sb  # promotion: the scaled partial joins the fp32 accumulator
 
     acc = jax.lax.fori_loop(0, n_kblocks, body, jnp.zeros(o_ref.shape, jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "block_m"))
-def block_scaled_matmul(a_MK, scale_a_MKb, b_KN, scale_b_KbNb, out_dtype=jnp.float32, interpret: bool = True,
-                        block_m: int = 128):
+def tile_scale_column(sa_ref, k) -> jax.Array:
+    """Column k of a [bm, K/128] block of tile scales, as [bm, 1]: a masked lane sum, since Mosaic
+    slices lanes only at static offsets (and the block holds all of K/128 to meet the (8, 128) rule)."""
+    sa = sa_ref[...]
+    lane = jax.lax.broadcasted_iota(jnp.int32, sa.shape, 1)
+    return jnp.sum(jnp.where(lane == k, sa, 0.0), axis=1, keepdims=True)
+
+
+def block_scale_row(sb_ref, index, n_col_blocks: int) -> jax.Array:
+    """[1, 128 * n_col_blocks]: each 128-column block's weight scale sb_ref[*index, c] (from SMEM)."""
+    *lead, first = index
+    cols = [jnp.full((1, BLOCK), sb_ref[(*lead, first + c)], jnp.float32) for c in range(n_col_blocks)]
+    return cols[0] if n_col_blocks == 1 else jnp.concatenate(cols, axis=1)
+
+
+def promote(acc_ref, a, b, sa_col, sb_row, k, o_ref) -> None:
+    """One 128-deep step of the TPU variant: the fp32 partial a @ b, scaled by its tiles' scales,
+    joins the fp32 VMEM accumulator (report §3.3.2: promotion every N_C = 128); the last K step
+    writes the tile. e4m3 tiles enter the MXU as bf16 (exact: e4m3 values are bf16 values), as
+    TPUs before v7 have no FP8 matrix unit."""
+    @pl.when(k == 0)
+    def _():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    partial = jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    acc_ref[...] += partial * sa_col * sb_row
+
+    @pl.when(k == pl.num_programs(2) - 1)
+    def _():
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
+def _gemm_grid_kernel(a_ref, sa_ref, b_ref, sb_ref, o_ref, acc_ref, *, n_col_blocks):
+    """TPU (Mosaic) variant: grid (M / bm, N / bn, K / 128), K last and sequential."""
+    j, k = pl.program_id(1), pl.program_id(2)
+    promote(acc_ref, a_ref[...], b_ref[...], tile_scale_column(sa_ref, k),
+            block_scale_row(sb_ref, (k, j * n_col_blocks), n_col_blocks), k, o_ref)
+
+
+def gemm_block_n(N: int, block_n: int) -> int:
+    """The widest multiple of 128 up to block_n that divides N."""
+    block_n = min(block_n, N)
+    while N % block_n:
+        block_n -= BLOCK
+    return block_n
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "platform", "interpret", "block_m", "block_n"))
+def block_scaled_matmul(a_MK, scale_a_MKb, b_KN, scale_b_KbNb, out_dtype=jnp.float32, platform: str = "cpu",
+                        interpret: bool | None = None, block_m: int = 128, block_n: int = 256):
+    """a @ b of e4m3 operands with 1x128 / 128x128 scales, fp32 promotion every 128 of K.
+    M need not be a multiple of block_m (the last row block is partial); K and N are multiples of 128."""
     M, K = a_MK.shape
     N = b_KN.shape[1]
     if K % BLOCK or N % BLOCK:
         raise ValueError(f"block_scaled_matmul needs K={K} and N={N} to be multiples of {BLOCK}")
+    kind, interpret = variant(platform, interpret)
     block_m = min(block_m, M)
+    if kind == "gpu":
+        return pl.pallas_call(
+            functools.partial(_gemm_loop_kernel, n_kblocks=K // BLOCK),
+            out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
+            grid=(pl.cdiv(M, block_m), N // BLOCK),
+            in_specs=[pl.BlockSpec((block_m, K), lambda i, j: (i, 0)),
+                      pl.BlockSpec((block_m, K // BLOCK), lambda i, j: (i, 0)),
+                      pl.BlockSpec((K, BLOCK), lambda i, j: (0, j)),
+                      pl.BlockSpec((K // BLOCK, 1), lambda i, j: (0, j))],
+            out_specs=pl.BlockSpec((block_m, BLOCK), lambda i, j: (i, j)),
+            compiler_params=compiler_params(kind), interpret=interpret,
+        )(a_MK, scale_a_MKb, b_KN, scale_b_KbNb)
+    from jax.experimental.pallas import tpu as pltpu
+
+    block_n = gemm_block_n(N, block_n)
     return pl.pallas_call(
-        functools.partial(_gemm_kernel, n_kblocks=K // BLOCK),
+        functools.partial(_gemm_grid_kernel, n_col_blocks=block_n // BLOCK),
         out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
-        grid=(pl.cdiv(M, block_m), N // BLOCK),
-        in_specs=[pl.BlockSpec((block_m, K), lambda i, j: (i, 0)),
-                  pl.BlockSpec((block_m, K // BLOCK), lambda i, j: (i, 0)),
-                  pl.BlockSpec((K, BLOCK), lambda i, j: (0, j)),
-                  pl.BlockSpec((K // BLOCK, 1), lambda i, j: (0, j))],
-        out_specs=pl.BlockSpec((block_m, BLOCK), lambda i, j: (i, j)),
-        interpret=interpret,
+        grid=(pl.cdiv(M, block_m), N // block_n, K // BLOCK),
+        in_specs=[pl.BlockSpec((block_m, BLOCK), lambda i, j, k: (i, k)),
+                  pl.BlockSpec((block_m, K // BLOCK), lambda i, j, k: (i, 0)),  # all of K/128: fetched once per i
+                  pl.BlockSpec((BLOCK, block_n), lambda i, j, k: (k, j)),
+                  pl.BlockSpec(memory_space=pltpu.SMEM)],  # weight-block scalars
+        out_specs=pl.BlockSpec((block_m, block_n), lambda i, j, k: (i, j)),
+        scratch_shapes=[pltpu.VMEM((block_m, block_n), jnp.float32)],
+        compiler_params=compiler_params(kind, "parallel", "parallel", "arbitrary"), interpret=interpret,
     )(a_MK, scale_a_MKb, b_KN, scale_b_KbNb)
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import BLOCK, E4M3_MAX
+from pallas_kernels import BLOCK, E4M3_MAX, compiler_params, variant
 
 FP8 = jnp.float8_e4m3fn
 _TINY = 1e-12  # an all-zero tile gets a tiny scale instead of a division by zero
@@ -63,44 +63,97 @@ def dequantize_blocks(q_KN: jax.Array, scale_KbNb: jax.Array) -> jax.Array:
 
 # Kernels ---------------------------------------------------------------------------------------
 
-def _rows_kernel(x_ref, q_ref, s_ref, *, pow2):
+def _rows_tile_kernel(x_ref, q_ref, s_ref, *, pow2):
+    """GPU (Triton) variant: one program per (block_m x 128) tile."""
     tile = x_ref[...].astype(jnp.float32)  # [bm, 128]: one tile per row
     scale = _scale(jnp.max(jnp.abs(tile), axis=1, keepdims=True), pow2)
     q_ref[...] = (tile / scale).astype(q_ref.dtype)
     s_ref[...] = scale
 
 
-@functools.partial(jax.jit, static_argnames=("pow2", "interpret", "block_m"))
-def quantize_rows(x_MK: jax.Array, pow2: bool = False, interpret: bool = True, block_m: int = 128):
+def _rows_kernel(x_ref, q_ref, s_ref, *, pow2, n_kblocks):
+    """TPU (Mosaic) variant: one program per block_m rows and all of K, so the scale block
+    [bm, K/128] spans its array's last dim ((8, 128) rule); the 1x128 tiles are visited in turn."""
+    def tile(c, scales):
+        cols = pl.ds(pl.multiple_of(c * BLOCK, BLOCK), BLOCK)
+        x = x_ref[:, cols].astype(jnp.float32)
+        scale = _scale(jnp.max(jnp.abs(x), axis=1, keepdims=True), pow2)  # [bm, 1]
+        q_ref[:, cols] = (x / scale).astype(q_ref.dtype)
+        lane = jax.lax.broadcasted_iota(jnp.int32, scales.shape, 1)
+        return jnp.where(lane == c, scale, scales)
+
+    s_ref[...] = jax.lax.fori_loop(0, n_kblocks, tile, jnp.zeros(s_ref.shape, jnp.float32))
+
+
+def rows_block_m(M: int, K: int, block_m: int) -> int:
+    """Rows per TPU program: a multiple of 32 (e4m3's (32, 128) VMEM tile) whose fp32 input block
+    stays within 2 MiB (K = 7168: 64 rows), or all of M when it is smaller."""
+    fit = max(32, (2 * 2 ** 20 // (4 * K)) // 32 * 32)
+    return M if M <= min(block_m, fit) else min(block_m, fit)
+
+
+@functools.partial(jax.jit, static_argnames=("pow2", "platform", "interpret", "block_m"))
+def quantize_rows(x_MK: jax.Array, pow2: bool = False, platform: str = "cpu", interpret: bool | None = None,
+                  block_m: int = 128):
     _check(x_MK, (1,))
     M, K = x_MK.shape
-    block_m = min(block_m, M)
+    kind, interpret = variant(platform, interpret)
+    out_shape = (jax.ShapeDtypeStruct((M, K), FP8), jax.ShapeDtypeStruct((M, K // BLOCK), jnp.float32))
+    if kind == "gpu":
+        block_m = min(block_m, M)
+        return pl.pallas_call(
+            functools.partial(_rows_tile_kernel, pow2=pow2), out_shape=out_shape,
+            grid=(pl.cdiv(M, block_m), K // BLOCK),
+            in_specs=[pl.BlockSpec((block_m, BLOCK), lambda i, k: (i, k))],
+            out_specs=(pl.BlockSpec((block_m, BLOCK), lambda i, k: (i, k)),
+                       pl.BlockSpec((block_m, 1), lambda i, k: (i, k))),
+            compiler_params=compiler_params(kind), interpret=interpret,
+        )(x_MK)
+    block_m = rows_block_m(M, K, block_m)
     return pl.pallas_call(
-        functools.partial(_rows_kernel, pow2=pow2),
-        out_shape=(jax.ShapeDtypeStruct((M, K), FP8), jax.ShapeDtypeStruct((M, K // BLOCK), jnp.float32)),
-        grid=(pl.cdiv(M, block_m), K // BLOCK),
-        in_specs=[pl.BlockSpec((block_m, BLOCK), lambda i, k: (i, k))],
-        out_specs=(pl.BlockSpec((block_m, BLOCK), lambda i, k: (i, k)), pl.BlockSpec((block_m, 1), lambda i, k: (i, k))),
-        interpret=interpret,
+        functools.partial(_rows_kernel, pow2=pow2, n_kblocks=K // BLOCK), out_shape=out_shape,
+        grid=(pl.cdiv(M, block_m),),
+        in_specs=[pl.BlockSpec((block_m, K), lambda i: (i, 0))],
+        out_specs=(pl.BlockSpec((block_m, K), lambda i: (i, 0)), pl.BlockSpec((block_m, K // BLOCK), lambda i: (i, 0))),
+        compiler_params=compiler_params(kind, "parallel"), interpret=interpret,
     )(x_MK)
 
 
-def _blocks_kernel(w_ref, q_ref, s_ref, *, pow2):
+def _blocks_tile_kernel(w_ref, q_ref, s_ref, *, pow2):
+    """GPU (Triton) variant: the block's scale written as a (1, 1) block."""
     block = w_ref[...].astype(jnp.float32)  # [128, 128]
     scale = _scale(jnp.max(jnp.abs(block)), pow2)
     q_ref[...] = (block / scale).astype(q_ref.dtype)
     s_ref[...] = jnp.full((1, 1), scale, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("pow2", "interpret"))
-def quantize_blocks(w_KN: jax.Array, pow2: bool = False, interpret: bool = True):
+def _blocks_kernel(w_ref, q_ref, s_ref, *, pow2):
+    """TPU (Mosaic) variant: the block's scale is one scalar of the [K/128, N/128] scales, which
+    live in SMEM (a (1, 1) VMEM block would break the (8, 128) rule)."""
+    block = w_ref[...].astype(jnp.float32)
+    scale = _scale(jnp.max(jnp.abs(block)), pow2)
+    q_ref[...] = (block / scale).astype(q_ref.dtype)
+    s_ref[pl.program_id(0), pl.program_id(1)] = scale
+
+
+@functools.partial(jax.jit, static_argnames=("pow2", "platform", "interpret"))
+def quantize_blocks(w_KN: jax.Array, pow2: bool = False, platform: str = "cpu", interpret: bool | None = None):
     _check(w_KN, (0, 1))
     K, N = w_KN.shape
+    kind, interpret = variant(platform, interpret)
+    out_shape = (jax.ShapeDtypeStruct((K, N), FP8), jax.ShapeDtypeStruct((K // BLOCK, N // BLOCK), jnp.float32))
+    tile = pl.BlockSpec((BLOCK, BLOCK), lambda i, j: (i, j))
+    if kind == "gpu":
+        return pl.pallas_call(
+            functools.partial(_blocks_tile_kernel, pow2=pow2), out_shape=out_shape, grid=(K // BLOCK, N // BLOCK),
+            in_specs=[tile], out_specs=(tile, pl.BlockSpec((1, 1), lambda i, j: (i, j))),
+            compiler_params=compiler_params(kind), interpret=interpret,
+        )(w_KN)
+    from jax.experimental.pallas import tpu as pltpu
+
     return pl.pallas_call(
-        functools.partial(_blocks_kernel, pow2=pow2),
-        out_shape=(jax.ShapeDtypeStruct((K, N), FP8), jax.ShapeDtypeStruct((K // BLOCK, N // BLOCK), jnp.float32)),
-        grid=(K // BLOCK, N // BLOCK),
-        in_specs=[pl.BlockSpec((BLOCK, BLOCK), lambda i, j: (i, j))],
-        out_specs=(pl.BlockSpec((BLOCK, BLOCK), lambda i, j: (i, j)), pl.BlockSpec((1, 1), lambda i, j: (i, j))),
-        interpret=interpret,
+        functools.partial(_blocks_kernel, pow2=pow2), out_shape=out_shape, grid=(K // BLOCK, N // BLOCK),
+        in_specs=[tile], out_specs=(tile, pl.BlockSpec(memory_space=pltpu.SMEM)),
+        # Sequential: every program writes into the one SMEM scale array.
+        compiler_params=compiler_params(kind, "arbitrary", "arbitrary"), interpret=interpret,
     )(w_KN)

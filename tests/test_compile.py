@@ -1,9 +1,8 @@
 """`dsv3 compile`: steps built for TPU / GPU targets from this CPU host, and the platform-driven choices.
 
 Compile-only TPU devices come from libtpu (the `tpu` extra), GPUs from the CUDA plugin (`cuda12`);
-tests of a target whose compiler is not installed are skipped with that reason. Pallas kernels
-that do not lower yet for a target are strict expected failures: they turn into failures (XPASS)
-the day they lower, so the mark must then go.
+tests of a target whose compiler is not installed are skipped with that reason. Every Pallas
+kernel must lower for both (Mosaic TPU; Triton on GPU) and appear as its custom call.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import pytest
 
 from conftest import cli_env, tiny_model_config
 from dsv3_jax import hlo_stats
-from dsv3_jax.compile import CompileFailure, compile_step, kernel_lowering
+from dsv3_jax.compile import compile_step, kernel_lowering
 from dsv3_jax.config import apply_overrides, get_preset
 from dsv3_jax.errors import UsageError
 from dsv3_jax.targets import GPUS, gpu_target_config, parse_target
@@ -93,11 +92,12 @@ def test_choices_follow_the_mesh_in_context_not_the_host():
 
 
 @needs_tpu
-@pytest.mark.xfail(strict=True, raises=CompileFailure,
-                   reason="FP8 Pallas kernels do not lower for TPU yet (scale blocks break the (8, 128) rule)")
 def test_fp8_train_step_compiles_for_tpu_with_the_pallas_kernels():
+    """--fp8 on a TPU mesh: the Pallas kernels are Mosaic calls, each run per device (a Pallas call
+    cannot be partitioned by GSPMD), and no interpret-mode loop over a kernel's grid is left."""
     r = compile_step(_config("mesh.expert=4"), parse_target(TPU), fp8=True)
-    assert hlo_stats.PALLAS in "".join(r.kernels)
+    assert r.kernels.get(f"Mosaic TPU {hlo_stats.PALLAS}", 0) > 0 and r.program["tpu_custom_call"] > 0
+    assert r.collectives["all-to-all"]["count"] > 0 and r.collectives["all-gather"]["count"] == 0
 
 
 @needs_tpu
@@ -108,11 +108,7 @@ def test_decode_step_compiles_for_tpu_with_the_latent_cache_sharded_by_batch():
     assert r.collectives["all-gather"]["count"] == 0
 
 
-# Each Pallas kernel alone, for each target: strict xfail while it does not lower (issue: FP8 kernels).
-_TPU_NOT_YET = {"quantize_rows": "(8, 128) rule", "quantize_blocks": "(8, 128) rule",
-                "block_scaled_matmul": "(8, 128) rule", "grouped_block_scaled_matmul": "rank-1 block rule"}
-_GPU_NOT_YET = {"quantize_rows": "No support for axes", "quantize_blocks": "128-bit async copies",
-                "block_scaled_matmul": "shared memory", "grouped_block_scaled_matmul": "shared memory"}
+KERNELS = ("quantize_rows", "quantize_blocks", "block_scaled_matmul", "grouped_block_scaled_matmul")
 
 
 @pytest.fixture(scope="module")
@@ -131,17 +127,15 @@ def _lowers(row: dict, backend: str) -> None:
 
 
 @needs_tpu
-@pytest.mark.parametrize("kernel", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=why))
-                                    for k, why in _TPU_NOT_YET.items()])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_pallas_kernel_lowers_for_tpu(tpu_kernels, kernel):
     _lowers(tpu_kernels[kernel], "Mosaic TPU")
 
 
 @needs_gpu
-@pytest.mark.parametrize("kernel", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=why))
-                                    for k, why in _GPU_NOT_YET.items()])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_pallas_kernel_lowers_for_gpu(gpu_kernels, kernel):
-    _lowers(gpu_kernels[kernel], "Mosaic GPU")
+    _lowers(gpu_kernels[kernel], "Triton")
 
 
 @needs_gpu

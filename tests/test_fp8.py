@@ -28,18 +28,25 @@ def with_outliers(key, shape, rows=(), cols=(), scale=100.0):
     return x.at[:, jnp.array(cols, int)].multiply(scale) if cols else x
 
 
+# Both kernel variants on CPU: the TPU one (Mosaic: K grid, VMEM accumulator, SMEM scalars) and the
+# GPU one (Triton: a K loop per output tile), each in interpret mode.
+VARIANTS = [pytest.param(dict(platform="cpu"), id="tpu-variant"),
+            pytest.param(dict(platform="gpu", interpret=True), id="gpu-variant")]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("pow2", [False, True])
-def test_quantization_kernels_equal_their_references(pow2):
-    x = with_outliers(jax.random.key(0), (256, 384), rows=(3,), cols=(200,))
-    q, s = quantize_rows(x, pow2=pow2)
+def test_quantization_kernels_equal_their_references(pow2, variant):
+    x = with_outliers(jax.random.key(0), (200, 384), rows=(3,), cols=(200,))  # 200 rows: off the 128 grid
+    q, s = quantize_rows(x, pow2=pow2, **variant)
     q_ref, s_ref = quantize_rows_ref(x, pow2=pow2)
     np.testing.assert_array_equal(q.astype(jnp.float32), q_ref.astype(jnp.float32))
     np.testing.assert_array_equal(s, s_ref)
-    assert s.shape == (256, 3)  # one scale per row per 128 columns
+    assert s.shape == (200, 3)  # one scale per row per 128 columns
     if not pow2:
         np.testing.assert_allclose(s[3, 0], jnp.abs(x[3, :128]).max() / 448, rtol=1e-6)
     w = with_outliers(jax.random.key(1), (384, 256), rows=(7,))
-    qw, sw = quantize_blocks(w, pow2=pow2)
+    qw, sw = quantize_blocks(w, pow2=pow2, **variant)
     qw_ref, sw_ref = quantize_blocks_ref(w, pow2=pow2)
     np.testing.assert_array_equal(qw.astype(jnp.float32), qw_ref.astype(jnp.float32))
     np.testing.assert_array_equal(sw, sw_ref)
@@ -50,14 +57,32 @@ def test_quantization_kernels_equal_their_references(pow2):
     assert np.max(np.abs(dequantize_rows(q, s) - x) / np.repeat(s * 448, 128, 1)) <= 2 ** -4
 
 
-def test_gemm_kernel_equals_reference():
+def assert_summation_order_only(got, want):
+    """FP32 results of the same e4m3 operands and scales: only the order of the fp32 sums differs."""
+    want = np.asarray(want, np.float64)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n", [384, 512])  # TPU tiles of 128 columns (384) and of 256 (two scales per tile)
+def test_gemm_kernel_equals_reference(variant, n):
+    a = jax.random.normal(jax.random.key(2), (200, 640)).at[5, 300].set(1e4)  # an outlier in one 1x128 tile
+    b = jax.random.normal(jax.random.key(3), (640, n))
+    qa, sa = quantize_rows_ref(a)
+    qb, sb = quantize_blocks_ref(b)
+    want = block_scaled_matmul_ref(qa, sa, qb, sb)
+    assert_summation_order_only(block_scaled_matmul(qa, sa, qb, sb, **variant), want)
+    # Every tile's scale matters: one dropped (set to 1) is caught far above the tolerance.
+    dropped = block_scaled_matmul(qa, sa.at[7, 2].set(1.0), qb, sb, **variant)
+    assert np.abs(np.asarray(dropped) - np.asarray(want))[7].max() > 1e-3 * np.abs(np.asarray(want)).max()
+
+
+def test_xla_backend_computes_the_same_sum_in_one_gemm():
     a = jax.random.normal(jax.random.key(2), (256, 512))
     b = jax.random.normal(jax.random.key(3), (512, 384))
     qa, sa = quantize_rows_ref(a)
     qb, sb = quantize_blocks_ref(b)
-    np.testing.assert_allclose(block_scaled_matmul(qa, sa, qb, sb), block_scaled_matmul_ref(qa, sa, qb, sb),
-                               rtol=1e-5, atol=1e-4)
-    # ... and the xla backend's one-GEMM form (dequantized operands, fp32 over all of K) is the same sum.
+    # The xla backend's one-GEMM form (dequantized operands, fp32 over all of K) is the same sum.
     got = dequantized_matmul(qa, sa, qb, sb)
     np.testing.assert_allclose(got, block_scaled_matmul_ref(qa, sa, qb, sb), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got, dequantize_rows(qa, sa) @ dequantize_blocks(qb, sb), rtol=1e-5, atol=1e-4)
@@ -201,24 +226,28 @@ def test_odd_shapes_are_padded_and_kernels_refuse_them_clearly():
                             jnp.ones((1, 1)))
 
 
-def test_grouped_kernel_equals_reference():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_grouped_kernel_equals_reference(variant):
     from pallas_kernels.fp8_grouped_gemm import grouped_block_scaled_matmul, grouped_block_scaled_matmul_ref
 
     from dsv3_jax.model.grouped_gemm import block_layout, to_blocks
 
     x = jax.random.normal(jax.random.key(17), (300, 256))
-    w = jax.random.normal(jax.random.key(18), (4, 256, 128))
-    layout = block_layout(jnp.array([100, 0, 130, 70]), 300)  # groups of any size, padded to 128-row blocks
+    w = jax.random.normal(jax.random.key(18), (4, 256, 512))
+    layout = block_layout(jnp.array([100, 0, 130, 70]), 300)  # ragged groups, one empty, padded to 128-row blocks
     qa, sa = quantize_rows_ref(to_blocks(x, layout).reshape(-1, 256))
     qw, sw = jax.vmap(quantize_blocks_ref)(w)
-    got = grouped_block_scaled_matmul(qa, sa, qw, sw, layout.expert_B)
-    np.testing.assert_allclose(got, grouped_block_scaled_matmul_ref(qa, sa, qw, sw, layout.expert_B), rtol=1e-5,
-                               atol=1e-4)
+    used = int(layout.used_blocks)
+    got = grouped_block_scaled_matmul(qa, sa, qw, sw, layout.expert_B, layout.used_blocks, **variant)
+    want = grouped_block_scaled_matmul_ref(qa, sa, qw, sw, layout.expert_B)
+    assert_summation_order_only(got[:used * 128], want[:used * 128])
+    if variant.get("platform") == "cpu":  # the TPU variant skips padding-only blocks: they are zeros
+        assert used < layout.expert_B.shape[0] and not np.any(np.asarray(got[used * 128:]))
     # Block b used expert_B[b]'s weights: its rows equal the dense reference with that weight.
     b = 2  # the second block of expert 2 (expert 0 fills block 0, expert 1 has none)
     dense = block_scaled_matmul_ref(qa[b * 128:(b + 1) * 128], sa[b * 128:(b + 1) * 128], qw[2], sw[2])
     assert int(layout.expert_B[b]) == 2
-    np.testing.assert_allclose(got[b * 128:(b + 1) * 128], dense, rtol=1e-5, atol=1e-4)
+    assert_summation_order_only(got[b * 128:(b + 1) * 128], dense)
 
 
 def test_fp8_model_trains(tiny_cfg):

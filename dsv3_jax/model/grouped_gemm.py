@@ -91,7 +91,7 @@ def _per_expert(x_BRK: Array, w_EKN: Array, layout: BlockLayout, fp8_backend: Fp
     """y_b = x_b @ w[expert_b] (zeros for padding-only blocks); FP8 on "pallas": one grouped kernel
     launch for all blocks."""
     if fp8_backend == "pallas":
-        return fp8_grouped_pallas(x_BRK, w_EKN, layout.expert_B)
+        return fp8_grouped_pallas(x_BRK, w_EKN, layout.expert_B, layout.used_blocks)
     gemm = block_gemm(fp8_backend)
     y_BRN = jnp.zeros(x_BRK.shape[:2] + w_EKN.shape[2:], jnp.float32)
     return over_used_blocks(layout, lambda b, e, y_BRN: y_BRN.at[b].set(gemm(x_BRK[b], w_EKN[e])), y_BRN)

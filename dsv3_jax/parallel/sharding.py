@@ -119,13 +119,18 @@ RULES = ShardingRules(LOGICAL_RULES)
 constrain = RULES.constrain
 
 
-def per_batch_shard(fn, *arrays_N: jax.Array):
+def per_batch_shard(fn, *arrays_N: jax.Array, replicated: tuple = ()):
     """`fn` of arrays whose leading dim is tokens (or rows), run by each batch shard on its own rows
     (a shard_map over the batch axes of the mesh in context); called directly without one. For
     functions computed row by row that GSPMD does not partition: left to it, `lax.top_k` over the
-    experts all-gathers every token's scores to every device, and each device routes the whole batch."""
+    experts all-gathers every token's scores to every device, and each device routes the whole batch.
+
+    `replicated`: arguments every shard sees whole (a weight: gathered on the way in, its gradient
+    summed over the shards on the way back), passed to `fn` after the rows. Also how Pallas kernels
+    run under a mesh: Mosaic calls cannot be partitioned by GSPMD, only called per device."""
     mesh = jax.sharding.get_abstract_mesh()
     rows = RULES.spec(("batch",), (arrays_N[0].shape[0],), mesh) if not mesh.empty else PartitionSpec()
     if all(s is None for s in rows):
-        return fn(*arrays_N)
-    return jax.shard_map(fn, mesh=mesh, in_specs=rows, out_specs=rows, check_vma=False)(*arrays_N)
+        return fn(*arrays_N, *replicated)
+    specs = (rows,) * len(arrays_N) + (PartitionSpec(),) * len(replicated)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=rows, check_vma=False)(*arrays_N, *replicated)

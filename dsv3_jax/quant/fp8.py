@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import Fp8Backend
+from dsv3_jax.parallel.sharding import per_batch_shard
 from dsv3_jax.platform import current_platform
 from pallas_kernels import BLOCK
 from pallas_kernels.fp8_gemm import block_scaled_matmul, dequantized_matmul
@@ -49,11 +50,16 @@ def _interpret() -> bool:
     return current_platform() == "cpu"
 
 
+def _platform() -> str:
+    return current_platform()
+
+
 def _ops(backend: str):
     if backend == "pallas":
-        on_cpu = _interpret()
-        return (functools.partial(quantize_rows, interpret=on_cpu), functools.partial(quantize_blocks, interpret=on_cpu),
-                functools.partial(block_scaled_matmul, interpret=on_cpu))
+        # Each kernel's variant follows the platform the program is built for (interpret on CPU).
+        platform = _platform()
+        return (functools.partial(quantize_rows, platform=platform), functools.partial(quantize_blocks, platform=platform),
+                functools.partial(block_scaled_matmul, platform=platform))
     if backend == "xla":
         return quantize_rows_ref, quantize_blocks_ref, dequantized_matmul
     raise ValueError(f"fp8 backend {backend!r} must be one of {BACKENDS}")
@@ -73,14 +79,24 @@ def fp8_gemm(a_MK: jax.Array, b_KN: jax.Array, backend: Fp8Backend) -> jax.Array
     return gemm(qa, sa, qb, sb)[:M, :N]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def fp8_matmul(x_MK: jax.Array, w_KN: jax.Array, backend: Fp8Backend = "xla") -> jax.Array:
-    """y = x @ w, all three GEMMs (forward and both gradients) in block-scaled FP8."""
+    """y = x @ w, all three GEMMs (forward and both gradients) in block-scaled FP8.
+
+    On "pallas" under a mesh each device runs the kernels on its own rows (Pallas calls cannot be
+    partitioned by GSPMD): rows stay split over the batch axes, w is seen whole, and dW, a sum over
+    tokens, is summed over the shards by the shard_map's transpose."""
+    if backend == "pallas":
+        return per_batch_shard(lambda x, w: _fp8_matmul(x, w, backend), x_MK, replicated=(w_KN,))
+    return _fp8_matmul(x_MK, w_KN, backend)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_matmul(x_MK: jax.Array, w_KN: jax.Array, backend: Fp8Backend) -> jax.Array:
     return fp8_gemm(x_MK, w_KN, backend).astype(x_MK.dtype)
 
 
 def _fwd(x_MK, w_KN, backend):
-    return fp8_matmul(x_MK, w_KN, backend), (x_MK, w_KN)
+    return _fp8_matmul(x_MK, w_KN, backend), (x_MK, w_KN)
 
 
 def _bwd(backend, residuals, dy_MN):
@@ -91,10 +107,10 @@ def _bwd(backend, residuals, dy_MN):
     return dx_MK.astype(x_MK.dtype), dw_KN.astype(w_KN.dtype)
 
 
-fp8_matmul.defvjp(_fwd, _bwd)
+_fp8_matmul.defvjp(_fwd, _bwd)
 
 
-def fp8_grouped_pallas(x_BRK: jax.Array, w_EKN: jax.Array, expert_B: jax.Array) -> jax.Array:
+def fp8_grouped_pallas(x_BRK: jax.Array, w_EKN: jax.Array, expert_B: jax.Array, used_blocks=None) -> jax.Array:
     """All 128-row blocks through the grouped Pallas kernel in one launch: [B, 128, K] -> fp32 [B, 128, N].
 
     Routed experts reach this through `model/grouped_gemm.py`'s block layout (every 128-row block
@@ -104,5 +120,5 @@ def fp8_grouped_pallas(x_BRK: jax.Array, w_EKN: jax.Array, expert_B: jax.Array) 
     quantize_rows_fn, quantize_blocks_fn, _ = _ops("pallas")
     qx, sx = quantize_rows_fn(_pad_to(x_BRK.reshape(B * R, -1).astype(jnp.float32), 1))
     qw, sw = jax.vmap(quantize_blocks_fn)(_pad_to(_pad_to(w_EKN.astype(jnp.float32), 1), 2))
-    out = grouped_block_scaled_matmul(qx, sx, qw, sw, expert_B, interpret=_interpret())
+    out = grouped_block_scaled_matmul(qx, sx, qw, sw, expert_B, used_blocks, platform=_platform())
     return out[:, :N].reshape(B, R, N)
