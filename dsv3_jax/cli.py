@@ -299,7 +299,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
         raise UsageError(str(e)) from None
     kernels = kernel_lowering(target) if args.kernels else None
     try:
-        report = compile_step(config, target, args.what, fp8=args.fp8, schedule=args.schedule)
+        report = compile_step(config, target, args.what, fp8=args.fp8, schedule=args.schedule, overlap=args.overlap)
     except CompileFailure as e:
         print(f"dsv3: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
@@ -508,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: the config's train.pipeline_schedule)")
     comp.add_argument("--fp8", action="store_true", help="FP8 GEMMs through the Pallas kernels (report §3.3)")
     comp.add_argument("--kernels", action="store_true", help="also compile each Pallas kernel alone for the target")
+    comp.add_argument("--overlap", action="store_true", help="per asynchronous collective: the compute the schedule "
+                      "places between its start and done, and the bytes that can hide behind it (an estimate)")
     comp.add_argument("--json", action="store_true", help="print one JSON object")
     comp.set_defaults(func=cmd_compile)
 

@@ -60,6 +60,7 @@ class CompileReport:
     compile_s: float
     flops: float | None  # per device, from the backend's cost model where it has one
     schedule: str | None = None
+    overlap: dict | None = None  # per collective kind: what the schedule can hide (`overlap_summary`)
 
     @property
     def fits(self) -> bool:
@@ -145,8 +146,30 @@ def _flops(compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+# Peaks and links for the overlap estimate (parallel/plan.py's table), by target kind.
+_OVERLAP_HARDWARE = {"h100": "h100", "h800": "h800", "h200": "h100", "v5p": "tpu-v5p"}
+
+
+def overlap_summary(windows: list[dict], hardware) -> dict[str, dict]:
+    """Per collective kind: asynchronous windows, their bytes, the windows with compute scheduled
+    inside, and the bytes "hidden": those of windows whose compute takes at least the transfer's own
+    time (dot FLOPs at the device's bf16 peak against bytes over its intra-host link). An estimate
+    from the schedule, not a timing: real kernels run below peak and links share bandwidth."""
+    out = {}
+    for w in windows:
+        row = out.setdefault(w["kind"], {"windows": 0, "bytes": 0, "with_compute": 0, "bytes_hidden": 0})
+        row["windows"] += 1
+        row["bytes"] += w["bytes"]
+        row["with_compute"] += w["flops_between"] > 0
+        if w["flops_between"] / hardware.bf16_flops >= w["bytes"] / hardware.node_link_bytes_per_s:
+            row["bytes_hidden"] += w["bytes"]
+    for row in out.values():
+        row["fraction_hidden"] = row["bytes_hidden"] / max(row["bytes"], 1)
+    return out
+
+
 def compile_step(config: Config, target: Target, what: str = "train", fp8: bool = False,
-                 schedule: str | None = None, devices: list | None = None) -> CompileReport:
+                 schedule: str | None = None, devices: list | None = None, overlap: bool = False) -> CompileReport:
     """Compile `what` of `config` for `target` (its compile-only devices, or `devices` given)."""
     config = target_config(config, what, fp8, schedule)
     devices = target.devices() if devices is None else devices
@@ -175,7 +198,18 @@ def compile_step(config: Config, target: Target, what: str = "train", fp8: bool 
         largest=hlo_stats.largest_collectives(text),
         kernels=hlo_stats.kernels(text), ops=hlo_stats.op_counts(text),
         program=hlo_stats.program_ops(lowered.as_text()), compile_s=compile_s, flops=_flops(compiled),
-        schedule=config.train.pipeline_schedule if what == "pipeline" else None)
+        schedule=config.train.pipeline_schedule if what == "pipeline" else None,
+        overlap=_overlap(text, target) if overlap else None)
+
+
+def _overlap(hlo_text: str, target: Target) -> dict:
+    from dsv3_jax.parallel.plan import HARDWARE
+
+    windows = hlo_stats.async_windows(hlo_text)
+    key = _OVERLAP_HARDWARE.get(target.kind)
+    if key is None:  # no peak / link figures for this target: the windows' compute only
+        return {"windows": len(windows), "with_compute": sum(w["flops_between"] > 0 for w in windows)}
+    return overlap_summary(windows, HARDWARE[key])
 
 
 def _mesh_text(config: Config) -> str:
@@ -278,6 +312,13 @@ def report_lines(report: CompileReport) -> list[str]:
     ops = ", ".join(f"{op}: {n}" for op, n in report.ops.items())
     program = ", ".join(f"{op}: {n}" for op, n in report.program.items())
     lines += ["", f"kernels (custom calls): {kernels}", f"optimized HLO ops: {ops}", f"lowered program ops: {program}"]
+    if report.overlap and all(isinstance(v, dict) for v in report.overlap.values()):
+        lines += ["", "| asynchronous collective | windows | with compute inside | bytes | bytes hidden (estimate) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {kind} | {r['windows']} | {r['with_compute']} | {r['bytes']:,} | {r['fraction_hidden']:.1%} |"
+                  for kind, r in report.overlap.items()]
+    elif report.overlap:
+        lines += ["", f"asynchronous collectives: {report.overlap}"]
     return lines
 
 

@@ -23,7 +23,10 @@ PALLAS = "(Pallas)"
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e4m3fnuz": 1,
                 "f8e5m2fnuz": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
                 "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5}
-_INSTRUCTION = re.compile(r"=\s*(?P<shape>\(.*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+(?P<op>[a-z][a-z0-9-]*)\(")
+# "%name = SHAPE op(": SHAPE an array or a (possibly nested) tuple, e.g. ((s32[2]), s32[2]) for an async start.
+_SHAPE = r"(?:\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)"
+_INSTRUCTION = re.compile(rf"=\s*(?P<shape>{_SHAPE})\s+(?P<op>[a-z][a-z0-9-]*)\(")
+_NAMED = re.compile(rf"^\s*(?:ROOT\s+)?%(?P<name>[\w.-]+)\s*=\s*(?P<shape>{_SHAPE})\s+(?P<op>[a-z][a-z0-9-]*)\((?P<args>[^)]*)")
 _ARRAY = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
 _CUSTOM_CALL = re.compile(r'%(?P<name>[\w.-]+) = .*custom_call_target="(?P<target>[^"]+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -111,3 +114,101 @@ def program_ops(stablehlo_text: str) -> dict[str, int]:
             "while": len(re.findall(r"\bstablehlo\.while\b", stablehlo_text)),
             "tpu_custom_call": len(re.findall(r"@tpu_custom_call\b", stablehlo_text)),
             "mosaic_gpu": len(re.findall(r"@mosaic_gpu", stablehlo_text))}
+
+
+# Asynchronous collectives and what the schedule puts beside them -------------------------------
+
+ASYNC = ("all-to-all", "collective-permute", "all-reduce", "all-gather", "reduce-scatter", "ragged-all-to-all")
+_CALLED = re.compile(r"(?:calls|body|to_apply|condition|true_computation|false_computation)=%([\w.-]+)"
+                     r"|branch_computations=\{([^}]*)\}")
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    """{computation name: its instruction lines, in schedule order} of an HLO module's text."""
+    out, current = {}, None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{") and "%" in line:
+            current = line.split("%", 1)[1].split()[0].split("(")[0]
+            out[current] = []
+        elif line.startswith("}"):
+            current = None
+        elif current is not None and line.strip():
+            out[current].append(line)
+    return out
+
+
+def _dims(shape: str) -> list[int]:
+    match = _ARRAY.search(shape)
+    return [int(d) for d in match.group(2).split(",") if d] if match else []
+
+
+def _dot_flops(line: str, out_shape: str, shapes: dict[str, str], args: str) -> float:
+    """2 x output elements x contracted elements of a `dot` (contracting dims of its lhs)."""
+    lhs = args.split(",")[0].strip().split()[-1].lstrip("%")
+    contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", line)
+    lhs_dims = _dims(shapes.get(lhs, ""))
+    k = math.prod(lhs_dims[int(i)] for i in contracting.group(1).split(",") if i) if contracting and lhs_dims else 1
+    return 2.0 * math.prod(_dims(out_shape)) * k
+
+
+def computation_flops(computations: dict[str, list[str]]) -> dict[str, float]:
+    """Dot FLOPs of each computation, the computations it calls (fusions, loop bodies counted once,
+    branches) included."""
+    memo: dict[str, float] = {}
+
+    def flops(name: str, depth: int = 0) -> float:
+        if name in memo or depth > 64:
+            return memo.get(name, 0.0)
+        lines = computations.get(name, [])
+        shapes = {m.group("name"): m.group("shape") for m in map(_NAMED.match, lines) if m}
+        total = 0.0
+        for line in lines:
+            m = _NAMED.match(line)
+            if m and m.group("op") == "dot":
+                total += _dot_flops(line, m.group("shape"), shapes, m.group("args"))
+            total += sum(flops(c, depth + 1) for c in _called(line))
+        memo[name] = total
+        return total
+
+    for name in computations:
+        flops(name)
+    return memo
+
+
+def _called(line: str) -> list[str]:
+    names = []
+    for single, branches in _CALLED.findall(line):
+        names += [single] if single else [b.strip().lstrip("%") for b in branches.split(",") if b.strip()]
+    return names
+
+
+def async_windows(hlo_text: str) -> list[dict]:
+    """Every asynchronous collective of a scheduled module: its kind, bytes, where it was issued
+    (op_name) and the dot FLOPs of the instructions the schedule placed between its start and its
+    done (fusions and called computations included): the compute that can run while it moves."""
+    computations = _computations(hlo_text)
+    flops = computation_flops(computations)
+    out = []
+    for lines in computations.values():
+        parsed = [_NAMED.match(line) for line in lines]
+        shapes = {m.group("name"): m.group("shape") for m in parsed if m}
+        for i, m in enumerate(parsed):
+            if not m or not m.group("op").endswith("-start") or m.group("op").removesuffix("-start") not in ASYNC:
+                continue
+            for j in range(i + 1, len(lines)):
+                done = parsed[j]
+                if done and done.group("op").endswith("-done") and re.search(rf"%{re.escape(m.group('name'))}\b",
+                                                                             done.group("args")):
+                    break
+            else:
+                continue
+            between = 0.0
+            for line, p in zip(lines[i + 1:j], parsed[i + 1:j]):
+                if p and p.group("op") == "dot":
+                    between += _dot_flops(line, p.group("shape"), shapes, p.group("args"))
+                between += sum(flops.get(c, 0.0) for c in _called(line))
+            op_name = _OP_NAME.search(lines[i])
+            out.append({"kind": m.group("op").removesuffix("-start"), "bytes": shape_bytes(done.group("shape")),
+                        "flops_between": between, "ops_between": j - i - 1,
+                        "op": op_name.group(1) if op_name else ""})
+    return out

@@ -192,3 +192,29 @@ def test_hlo_stats_count_collectives_with_their_bytes():
     assert c["all-reduce"] == {"count": 1, "bytes": 2 * 4 + 4}
     assert c["reduce-scatter"] == {"count": 0, "bytes": 0}
     assert hlo_stats.kernels(text) == {"Mosaic TPU (Pallas)": 1, "cuBLAS": 1}
+
+
+def test_async_windows_see_the_compute_scheduled_between_start_and_done():
+    text = """
+%fused_dot (p0: f32[64,32], p1: f32[32,16]) -> f32[64,16] {
+  %parameter_0 = f32[64,32]{1,0} parameter(0)
+  %parameter_1 = f32[32,16]{1,0} parameter(1)
+  ROOT %dot.1 = f32[64,16]{1,0} dot(%parameter_0, %parameter_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: f32[64,32], b: f32[32,16], x: f32[8,128]) -> f32[8,128] {
+  %a = f32[64,32]{1,0} parameter(0)
+  %b = f32[32,16]{1,0} parameter(1)
+  %x = f32[8,128]{1,0} parameter(2)
+  %all-to-all-start = ((f32[8,128]{1,0}), f32[8,128]{1,0}) all-to-all-start(%x), metadata={op_name="jit(f)/dispatch"}
+  %fusion = f32[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot
+  %all-to-all-done = f32[8,128]{1,0} all-to-all-done(%all-to-all-start)
+  %all-reduce-start = f32[8,128]{1,0} all-reduce-start(%all-to-all-done)
+  ROOT %all-reduce-done = f32[8,128]{1,0} all-reduce-done(%all-reduce-start)
+}
+"""
+    windows = {w["kind"]: w for w in hlo_stats.async_windows(text)}
+    assert windows["all-to-all"]["flops_between"] == 2 * 64 * 16 * 32 and windows["all-to-all"]["bytes"] == 8 * 128 * 4
+    assert windows["all-to-all"]["op"] == "jit(f)/dispatch"
+    assert windows["all-reduce"]["flops_between"] == 0  # nothing scheduled inside it
+    assert hlo_stats.collectives(text)["all-to-all"] == {"count": 1, "bytes": 8 * 128 * 4}  # nested-tuple start
