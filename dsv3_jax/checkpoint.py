@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from dsv3_jax.errors import UsageError
+from dsv3_jax.errors import UsageError, first_line
 
 
 class DamagedCheckpoint(UsageError):
@@ -82,8 +82,8 @@ class Checkpointer:
         except Exception as e:
             if _is_placement_error(e):  # the files are sound: they did not fit the target given
                 raise PlacementError(f"checkpoint {step} in {str(self.directory)!r} could not be placed on this "
-                                     f"mesh: {_first_line(e)}") from None
-            raise DamagedCheckpoint(f"checkpoint {step} in {str(self.directory)!r} is damaged: {_first_line(e)}") \
+                                     f"mesh: {first_line(e)}") from None
+            raise DamagedCheckpoint(f"checkpoint {step} in {str(self.directory)!r} is damaged: {first_line(e)}") \
                 from None
         return restored.state, restored.data, step
 
@@ -124,7 +124,7 @@ class Checkpointer:
                              for path, meta in jax.tree_util.tree_leaves_with_path(stored)}
         except Exception as e:
             raise DamagedCheckpoint(f"checkpoint {step} in {str(self.directory)!r} is damaged or not a dsv3 "
-                                    f"checkpoint: {_first_line(e)}") from None
+                                    f"checkpoint: {first_line(e)}") from None
         ours = {_path_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)}
         missing = sorted(set(ours) - set(stored_shapes))
         unexpected = sorted(set(stored_shapes) - set(ours))
@@ -153,13 +153,6 @@ def _require_shardings(abstract_state: Any) -> None:
 def _is_placement_error(error: Exception) -> bool:
     """orbax's complaints about the target's devices or shardings, as opposed to unreadable files."""
     return "topology mismatch" in str(error).lower()
-
-
-def _first_line(error: Exception) -> str:
-    """The gist of an orbax / TensorStore error: its first line, without the C++ source locations."""
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line.split(" [source locations=")[0][:240]
 
 
 def _path_name(path: tuple) -> str:

@@ -27,7 +27,7 @@ from flax import nnx
 
 from dsv3_jax import hlo_stats
 from dsv3_jax.config import Config, MeshConfig, apply_overrides
-from dsv3_jax.errors import UsageError
+from dsv3_jax.errors import UsageError, first_line
 from dsv3_jax.infer.cache import init_caches
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.sharding import RULES
@@ -218,18 +218,13 @@ def _mesh_text(config: Config) -> str:
 
 def _why(error: Exception, target: Target, fp8: bool) -> str:
     """One line: which Pallas kernel failed to lower for the target (when --fp8), or the compiler's error."""
-    gist = _first_line(error)
+    gist = first_line(error)
     if fp8:
         for kernel in kernel_lowering(target):
             if kernel["error"]:
                 return f"the FP8 step does not compile for {target.name}: Pallas kernel {kernel['kernel']} " \
                        f"does not lower: {kernel['error']}"
     return f"does not compile for {target.name}: {gist}"
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 # Each Pallas kernel alone at a shape of the recipe (report §3.3: 1x128 tiles, 128x128 blocks):
@@ -268,7 +263,7 @@ def kernel_lowering(target: Target, devices: list | None = None) -> list[dict]:
                 fn = jax.jit(make(target.platform), in_shardings=(one_device,) * len(args))
                 row["custom_calls"] = hlo_stats.kernels(fn.lower(*args).compile().as_text())
         except Exception as e:
-            row["error"] = _first_line(e)
+            row["error"] = first_line(e, 300)
         rows.append(row)
     return rows
 

@@ -101,10 +101,6 @@ def kernels(hlo_text: str) -> dict[str, int]:
     return dict(out)
 
 
-def pallas_calls(hlo_text: str) -> int:
-    return sum(n for kind, n in kernels(hlo_text).items() if kind.endswith(PALLAS))
-
-
 def program_ops(stablehlo_text: str) -> dict[str, int]:
     """Ops of the lowered (pre-optimization) program that show which implementation was chosen:
     `ragged_dot` (grouped GEMM on GPU/TPU), `while` (CPU's blocked grouped GEMM loops, interpret-mode

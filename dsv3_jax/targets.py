@@ -19,7 +19,7 @@ import math
 import os
 import re
 
-from dsv3_jax.errors import UsageError
+from dsv3_jax.errors import UsageError, first_line
 
 GiB = 1024 ** 3
 
@@ -96,7 +96,7 @@ class Target:
             return list(topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(GPUS[self.kind]),
                                                      topology=f"1x{hosts}x{per_host}").devices)
         except Exception as e:  # a missing plugin surfaces as assorted errors; say what to install
-            raise UsageError(f"cannot build {self.name} devices ({_first_line(e)}); the {self.platform.upper()} compiler "
+            raise UsageError(f"cannot build {self.name} devices ({first_line(e, 200)}); the {self.platform.upper()} compiler "
                              f"comes with the `{self.extra}` extra: uv run --extra {self.extra} dsv3 compile ...") from None
 
     def memory_per_device(self, n_devices: int) -> int:
@@ -154,8 +154,3 @@ def gpu_target_config(gpu: Gpu) -> str:
     body = "\n".join(f"  {k}: {v}" for k, v in fields.items())
     return (f"gpu_device_info {{\n{body}\n  cuda_compute_capability {{ major: {major} minor: {minor} }}\n}}\n"
             f'platform_name: "CUDA"\ndnn_version_info {{ major: 9 minor: 8 }}\ndevice_description_str: "{gpu.name}"\n')
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]

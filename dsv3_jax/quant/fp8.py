@@ -44,20 +44,11 @@ def _pad_to(x: jax.Array, axis: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-def _interpret() -> bool:
-    """Pallas kernels run in interpret mode only in programs built for CPU (the platform of the
-    mesh in context, not the host: a program compiled for a TPU target gets the Mosaic kernels)."""
-    return current_platform() == "cpu"
-
-
-def _platform() -> str:
-    return current_platform()
-
-
 def _ops(backend: str):
     if backend == "pallas":
-        # Each kernel's variant follows the platform the program is built for (interpret on CPU).
-        platform = _platform()
+        # Each kernel's variant follows the platform the program is built for (the mesh in context,
+        # not the host): interpret mode on CPU, Mosaic for TPU, Triton for GPU.
+        platform = current_platform()
         return (functools.partial(quantize_rows, platform=platform), functools.partial(quantize_blocks, platform=platform),
                 functools.partial(block_scaled_matmul, platform=platform))
     if backend == "xla":
@@ -120,5 +111,5 @@ def fp8_grouped_pallas(x_BRK: jax.Array, w_EKN: jax.Array, expert_B: jax.Array, 
     quantize_rows_fn, quantize_blocks_fn, _ = _ops("pallas")
     qx, sx = quantize_rows_fn(_pad_to(x_BRK.reshape(B * R, -1).astype(jnp.float32), 1))
     qw, sw = jax.vmap(quantize_blocks_fn)(_pad_to(_pad_to(w_EKN.astype(jnp.float32), 1), 2))
-    out = grouped_block_scaled_matmul(qx, sx, qw, sw, expert_B, used_blocks, platform=_platform())
+    out = grouped_block_scaled_matmul(qx, sx, qw, sw, expert_B, used_blocks, platform=current_platform())
     return out[:, :N].reshape(B, R, N)
