@@ -24,7 +24,9 @@ from dsv3_jax.errors import UsageError
 from dsv3_jax.targets import GPUS, gpu_target_config, parse_target
 
 HAS_TPU_COMPILER = importlib.util.find_spec("libtpu") is not None
-HAS_GPU_COMPILER = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+# The plugin's own package (not jax_plugins.xla_cuda12: find_spec of a submodule raises when the
+# namespace package jax_plugins is absent, which is every machine without the extra).
+HAS_GPU_COMPILER = importlib.util.find_spec("jax_cuda12_plugin") is not None
 needs_tpu = pytest.mark.skipif(not HAS_TPU_COMPILER, reason="needs the `tpu` extra (libtpu): uv run --extra tpu pytest")
 needs_gpu = pytest.mark.skipif(not HAS_GPU_COMPILER, reason="needs the `cuda12` extra (4.4 GB): uv run --extra cuda12 pytest")
 TPU, GPU = "tpu-v5p:2x2x1", "h100x8"

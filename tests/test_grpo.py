@@ -118,8 +118,9 @@ def test_rollout_logprobs_are_the_policys_own(tiny_base_run):
 
 
 # Measured over seeds 0..5 (12 steps, lr 1e-2): the mean reward of the last 4 steps minus the first
-# 4 was 0.059..0.198 (seeds 0, 1, 2: 0.189, 0.198, 0.133). Asserted > 0.03 on three seeds.
-@pytest.mark.parametrize("seed", [0, 1, 2])
+# 4 was 0.059..0.198 (seeds 0, 1, 2: 0.189, 0.198, 0.133). Asserted > 0.03 on one seed (each costs
+# ~35 s on 2 cores; experiments/grpo_arithmetic.py measures GRPO over seeds).
+@pytest.mark.parametrize("seed", [1])
 def test_grpo_raises_a_toy_reward(tiny_base_run, tmp_path, seed):
     assert grpo(_toy_config(tiny_base_run, seed, 12), tmp_path / "run", progress=False) == 0
     rewards = [json.loads(line)["reward_mean"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
