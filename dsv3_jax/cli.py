@@ -288,7 +288,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
-    from dsv3_jax.compile import CompileFailure, as_json, compile_step, kernel_lowering, report_lines
+    from dsv3_jax.compile import (REPORT_KERNEL_SHAPES, CompileFailure, as_json, compile_step, kernel_lines,
+                                  kernel_lowering, report_lines)
     from dsv3_jax.parallel.mesh import mesh_overrides
     from dsv3_jax.targets import parse_target
 
@@ -297,7 +298,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
         config = apply_overrides(get_preset(args.preset), (args.set or []) + mesh_overrides(args.mesh or ""))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    kernels = kernel_lowering(target) if args.kernels else None
+    kernels = kernel_lowering(target, shapes=REPORT_KERNEL_SHAPES) if args.kernels else None
     try:
         report = compile_step(config, target, args.what, fp8=args.fp8, schedule=args.schedule, overlap=args.overlap)
     except CompileFailure as e:
@@ -307,9 +308,9 @@ def cmd_compile(args: argparse.Namespace) -> None:
         print(json.dumps({**as_json(report), **({"pallas_kernels": kernels} if kernels is not None else {})}))
         return
     lines = report_lines(report)
-    for row in kernels or []:
-        calls = ", ".join(f"{kind}: {n}" for kind, n in row["custom_calls"].items()) or "no kernel custom call"
-        lines.append(f"- Pallas `{row['kernel']}`: " + (f"does not lower: {row['error']}" if row["error"] else calls))
+    if kernels is not None:
+        lines += ["", "Each Pallas kernel alone at the report's shapes (M 4096, K 7168, N 2048 / 18432; 8 experts):",
+                  ""] + kernel_lines(kernels)
     print("\n".join(lines))
 
 
@@ -507,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--schedule", help="--what pipeline: gpipe, 1f1b, zb1p, dualpipe or dualpipev "
                       "(default: the config's train.pipeline_schedule)")
     comp.add_argument("--fp8", action="store_true", help="FP8 GEMMs through the Pallas kernels (report §3.3)")
-    comp.add_argument("--kernels", action="store_true", help="also compile each Pallas kernel alone for the target")
+    comp.add_argument("--kernels", action="store_true", help="also compile each Pallas kernel alone for the target at the report's shapes, with its on-chip blocks and bytes")
     comp.add_argument("--overlap", action="store_true", help="per asynchronous collective: the compute the schedule "
                       "places between its start and done, and the bytes that can hide behind it (an estimate)")
     comp.add_argument("--json", action="store_true", help="print one JSON object")

@@ -249,23 +249,59 @@ def _kernel_cases(m: int = 256, k: int = 1024, n: int = 256, experts: int = 4) -
     }
 
 
-def kernel_lowering(target: Target, devices: list | None = None) -> list[dict]:
-    """Every Pallas kernel compiled alone for one device of the target (`interpret=False`):
-    [{"kernel", "custom_calls": {kind: n}, "error": None or the first line of why it does not lower}]."""
+# The report's shapes (issue 30, DeepGEMM's table): M 4096 tokens, K 7168 (d_model), N 2048 (an
+# expert's FFN width) and 18432 (the dense FFN); the grouped GEMM over 8 local experts.
+REPORT_KERNEL_SHAPES = ((4096, 7168, 2048, 8), (4096, 7168, 18432, 8))
+UNIT_KERNEL_SHAPES = ((256, 1024, 256, 4),)
+
+
+def kernel_lowering(target: Target, devices: list | None = None,
+                    shapes: tuple[tuple[int, int, int, int], ...] = UNIT_KERNEL_SHAPES) -> list[dict]:
+    """Every Pallas kernel compiled alone for one device of the target (`interpret=False`) at each
+    (M, K, N, experts) of `shapes`: [{"kernel", "shape", "custom_calls": {kind: n}, "error": None or
+    the first line of why it does not lower, "footprint": on-chip blocks and bytes}]."""
+    from pallas_kernels.footprint import footprint
+
     devices = target.devices() if devices is None else devices
     mesh = make_mesh(MeshConfig(), devices[:1])
     one_device = RULES.sharding((), mesh)
-    rows = []
-    for name, (make, args) in _kernel_cases().items():
-        row = {"kernel": name, "custom_calls": {}, "error": None}
-        try:
-            with jax.set_mesh(mesh), _no_persistent_cache():  # Mosaic TPU lowering asks the mesh in context for the device kind
-                fn = jax.jit(make(target.platform), in_shardings=(one_device,) * len(args))
-                row["custom_calls"] = hlo_stats.kernels(fn.lower(*args).compile().as_text())
-        except Exception as e:
-            row["error"] = first_line(e, 300)
-        rows.append(row)
+    rows, seen = [], set()
+    for m, k, n, experts in shapes:
+        for name, (make, args) in _kernel_cases(m, k, n, experts).items():
+            if (name, *(a.shape for a in args)) in seen:  # quantize_rows does not depend on N
+                continue
+            seen.add((name, *(a.shape for a in args)))
+            row = {"kernel": name, "platform": target.platform, "shape": [list(a.shape) for a in args],
+                   "custom_calls": {}, "error": None, "footprint": None}
+            try:
+                with jax.set_mesh(mesh), _no_persistent_cache():  # Mosaic TPU lowering asks the mesh in context for the device kind
+                    fn = jax.jit(make(target.platform), in_shardings=(one_device,) * len(args))
+                    row["footprint"] = footprint(fn, *args)
+                    row["custom_calls"] = hlo_stats.kernels(fn.lower(*args).compile().as_text())
+            except Exception as e:
+                row["error"] = first_line(e, 300)
+            rows.append(row)
     return rows
+
+
+def kernel_lines(rows: list[dict]) -> list[str]:
+    """`dsv3 compile --kernels`: one table row per kernel and shape."""
+    lines = ["| Pallas kernel | operands | lowers to | grid | blocks | VMEM (double-buffered) | SMEM |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        calls = ", ".join(f"{kind}: {n}" for kind, n in row["custom_calls"].items()) or "-"
+        lowered = f"does not lower: {row['error']}" if row["error"] else calls
+        shapes = " ".join("x".join(map(str, s)) for s in row["shape"])
+        for call in row["footprint"] or [{}]:
+            blocks = ", ".join(f"{'x'.join(map(str, s))} {d}{' (' + sp + ')' if sp != 'blocked' else ''}"
+                               for s, d, sp in call.get("blocks", []))
+            grid = "x".join(map(str, call.get("grid", ()))) or "-"
+            if row["platform"] == "gpu":  # Triton: blocks are windows in global memory, not on-chip buffers
+                onchip = "- | -"
+            else:
+                onchip = f"{call.get('vmem_bytes', 0) / 2 ** 10:,.0f} KiB | {call.get('smem_bytes', 0):,} B"
+            lines.append(f"| `{row['kernel']}` | {shapes} | {lowered} | {grid} | {blocks or '-'} | {onchip} |")
+    return lines
 
 
 def planned_vs_compiled(planned, report: CompileReport, config: Config) -> list[tuple[str, str]]:

@@ -221,3 +221,20 @@ ENTRY %main (a: f32[64,32], b: f32[32,16], x: f32[8,128]) -> f32[8,128] {
     assert windows["all-to-all"]["op"] == "jit(f)/dispatch"
     assert windows["all-reduce"]["flops_between"] == 0  # nothing scheduled inside it
     assert hlo_stats.collectives(text)["all-to-all"] == {"count": 1, "bytes": 8 * 128 * 4}  # nested-tuple start
+
+
+def test_kernel_footprint_is_read_from_the_kernel_refs():
+    """On-chip bytes of the TPU GEMM (no compile): 2 buffers of each blocked operand (Mosaic's
+    pipeline) + the fp32 accumulator, the weight-block scales in SMEM; by hand for bm 128, bn 256."""
+    from pallas_kernels.footprint import footprint
+    from pallas_kernels.fp8_gemm import block_scaled_matmul
+
+    m, k, n = 256, 1024, 512
+    f32, e4m3 = np.float32, jax.numpy.float8_e4m3fn
+    args = (jax.ShapeDtypeStruct((m, k), e4m3), jax.ShapeDtypeStruct((m, k // 128), f32),
+            jax.ShapeDtypeStruct((k, n), e4m3), jax.ShapeDtypeStruct((k // 128, n // 128), f32))
+    (call,) = footprint(lambda *a: block_scaled_matmul(*a, platform="tpu"), *args)
+    bm, bn = 128, 256
+    blocked = bm * 128 + bm * (k // 128) * 4 + 128 * bn + bm * bn * 4  # a tile, its scales, b tile, output
+    assert call["grid"] == (m // bm, n // bn, k // 128)
+    assert call["vmem_bytes"] == 2 * blocked + bm * bn * 4 and call["smem_bytes"] == (k // 128) * (n // 128) * 4
