@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dsv3_jax.config import ConfigError, apply_overrides, get_preset
 from dsv3_jax.errors import UsageError
+from dsv3_jax.host_platform import default_to_cpu_without_accelerator
 
 
 def _fail(message: str) -> None:
@@ -533,6 +534,7 @@ def main(argv: list[str] | None = None) -> None:
         # Compiling for a target needs no local accelerator: keep JAX on the host CPU (an installed
         # CUDA / TPU plugin would otherwise try, and fail, to open devices this host does not have).
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    default_to_cpu_without_accelerator()
     if runs_train_steps(args):
         from dsv3_jax.host_memory import keep_step_memory
 

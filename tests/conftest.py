@@ -1,5 +1,4 @@
 import os
-from pathlib import Path
 
 # Several host devices for multi-device tests; must be set before jax initialises. Added to any
 # XLA_FLAGS already set (replacing them would drop the user's flags; keeping them must not drop ours).
@@ -14,13 +13,11 @@ for _flag in (_HOST_DEVICES, _FAST_COMPILE):
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
-# The suite runs on the host CPU. With the `tpu` / `cuda12` extras installed, JAX would otherwise also
-# try to open TPU / GPU backends this machine lacks (noise, and a failed CUDA backend breaks the
-# compile-only GPU topologies that tests/test_compile.py builds). A machine with a real accelerator
-# keeps JAX's default, so `pytest -m gpu` there runs on the GPU.
-_HAS_ACCELERATOR = any(Path("/dev").glob("nvidia[0-9]*")) or any(Path("/dev").glob("accel[0-9]*"))
-if not _HAS_ACCELERATOR:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite runs on the host CPU unless the machine has an accelerator (then `pytest -m gpu` runs on
+# it): as the `dsv3` command decides (dsv3_jax/host_platform.py), before JAX starts.
+from dsv3_jax.host_platform import default_to_cpu_without_accelerator
+
+default_to_cpu_without_accelerator()
 
 from dsv3_jax.host_memory import keep_step_memory
 

@@ -60,3 +60,15 @@ def test_the_commands_that_train_keep_step_memory(argv, keeps):
     from dsv3_jax.cli import build_parser, runs_train_steps
 
     assert runs_train_steps(build_parser().parse_args(argv)) == keeps
+
+
+def test_jax_platforms_defaults_to_cpu_only_on_a_host_without_accelerators(monkeypatch):
+    from dsv3_jax import host_platform
+
+    for has_accelerator, user, want in ((False, None, "cpu"), (True, None, None), (False, "tpu", "tpu")):
+        monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+        if user:
+            monkeypatch.setenv("JAX_PLATFORMS", user)
+        monkeypatch.setattr(host_platform, "host_has_accelerator", lambda: has_accelerator)
+        host_platform.default_to_cpu_without_accelerator()
+        assert os.environ.get("JAX_PLATFORMS") == want, (has_accelerator, user)
