@@ -49,7 +49,7 @@ def _grouped_grid_kernel(expert_ref, used_ref, a_ref, sa_ref, b_ref, sb_ref, o_r
     @pl.when(i < used_ref[0])
     def _():
         promote(acc_ref, a_ref[...], b_ref[...], tile_scale_column(sa_ref, k),
-                block_scale_row(sb_ref, (expert_ref[i], k, j * n_col_blocks), n_col_blocks), k, o_ref)
+                block_scale_row(sb_ref, (0, k * n_col_blocks), n_col_blocks), k, o_ref)
 
     @pl.when((i >= used_ref[0]) & (k == pl.num_programs(2) - 1))
     def _():
@@ -88,17 +88,26 @@ def grouped_block_scaled_matmul(a_PK, scale_a_PKb, b_EKN, scale_b_EKbNb, expert_
 
     used = jnp.full((1,), B if used_blocks is None else used_blocks, jnp.int32)
     block_n = gemm_block_n(N, block_n)
+    n_col_blocks = block_n // BLOCK
+    # [E, K/128, N/128] -> [E, N/bn, 1, K/128 * bn/128]: row (e, j) holds the scales one N tile of
+    # expert e needs, K step by K step.
+    scale_b_EJ1S = scale_b_EKbNb.reshape(E, K // BLOCK, N // block_n, n_col_blocks).transpose(0, 2, 1, 3).reshape(
+        E, N // block_n, 1, (K // BLOCK) * n_col_blocks)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,  # expert_B and used: in SMEM before the grid runs, read by the index maps
         grid=(B, N // block_n, K // BLOCK),
         in_specs=[pl.BlockSpec((BLOCK, BLOCK), lambda i, j, k, e, u: (i, k)),
                   pl.BlockSpec((BLOCK, K // BLOCK), lambda i, j, k, e, u: (i, 0)),
                   pl.BlockSpec((None, BLOCK, block_n), lambda i, j, k, e, u: (e[i], k, j)),
-                  pl.BlockSpec(memory_space=pltpu.SMEM)],
+                  # Only this block's expert and N tile of the weight scales (K/128 x bn/128 scalars,
+                  # one row: the (8, 128) rule holds for SMEM blocks too), not every expert's: 8
+                  # experts at N 18432 would put 258 KB of scales in SMEM.
+                  pl.BlockSpec((None, None, 1, (K // BLOCK) * n_col_blocks), lambda i, j, k, e, u: (e[i], j, 0, 0),
+                               memory_space=pltpu.SMEM)],
         out_specs=pl.BlockSpec((BLOCK, block_n), lambda i, j, k, e, u: (i, j)),
         scratch_shapes=[pltpu.VMEM((BLOCK, block_n), jnp.float32)])
     return pl.pallas_call(
-        functools.partial(_grouped_grid_kernel, n_col_blocks=block_n // BLOCK),
+        functools.partial(_grouped_grid_kernel, n_col_blocks=n_col_blocks),
         out_shape=jax.ShapeDtypeStruct((P, N), out_dtype), grid_spec=grid_spec,
         compiler_params=compiler_params(kind, "parallel", "parallel", "arbitrary"), interpret=interpret,
-    )(expert_B, used, a_PK, scale_a_PKb, b_EKN, scale_b_EKbNb)
+    )(expert_B, used, a_PK, scale_a_PKb, b_EKN, scale_b_EJ1S)

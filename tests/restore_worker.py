@@ -50,8 +50,13 @@ def _bytes_read() -> int:
     raise RuntimeError("no rchar in /proc/self/io")
 
 
-def _reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := current resident set
+def _reset_peak_rss() -> bool:
+    """Linux: VmHWM := the current resident set (False where the kernel does not allow it)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def save(directory: Path, port: int, process_id: int) -> None:
@@ -89,7 +94,7 @@ def restore(directory: Path, port: int, process_id: int, replicated: bool) -> No
         everywhere = NamedSharding(mesh, PartitionSpec())
         target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=everywhere), target)
     reader = Checkpointer(directory, read_only=True)
-    _reset_peak_rss()
+    peak_reset = _reset_peak_rss()
     before, read_before = _peak_rss_bytes(), _bytes_read()
     restored, _, _ = reader.restore(target)
     jax.block_until_ready(restored)
@@ -100,7 +105,7 @@ def restore(directory: Path, port: int, process_id: int, replicated: bool) -> No
     fresh, _ = sharded_init(config, 0, mesh)
     equal = all(np.array_equal(a.data, b.data) for x, y in zip(leaves, jax.tree.leaves(fresh()))
                 for a, b in zip(x.addressable_shards, y.addressable_shards)) if not replicated else None
-    print(json.dumps({"whole": sum(leaf.nbytes for leaf in leaves), "local": local, "rise": rise, "read": read,
+    print(json.dumps({"whole": sum(leaf.nbytes for leaf in leaves), "local": local, "rise": rise, "peak_reset": peak_reset, "read": read,
                       "equal": equal}), flush=True)
     distributed.barrier("restore-worker-done")
 

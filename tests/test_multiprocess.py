@@ -184,8 +184,11 @@ def test_each_process_reads_only_its_own_shards(tmp_path):
     sharded = _workers("restore", directory)
     whole = sharded[0]["whole"]
     assert whole > 400e6
+    replicated = _workers("restore", directory, "--replicated")
     for result in sharded:
         assert result["equal"] and result["local"] < 0.51 * whole, result
-        assert result["read"] < 0.6 * on_disk and result["rise"] < whole, (result, on_disk)
-    replicated = _workers("restore", directory, "--replicated")
-    assert all(r["read"] > 0.9 * on_disk and r["rise"] > 1.2 * whole for r in replicated), (replicated, on_disk)
+        assert result["read"] < 0.6 * on_disk, (result, on_disk)
+    assert all(r["read"] > 0.9 * on_disk for r in replicated), (replicated, on_disk)
+    # Peak memory where the kernel lets a process reset its high-water mark (/proc/self/clear_refs).
+    assert all(r["rise"] < whole for r in sharded if r["peak_reset"]), sharded
+    assert all(r["rise"] > 1.2 * whole for r in replicated if r["peak_reset"]), replicated
