@@ -268,9 +268,10 @@ def kernel_lowering(target: Target, devices: list | None = None,
     rows, seen = [], set()
     for m, k, n, experts in shapes:
         for name, (make, args) in _kernel_cases(m, k, n, experts).items():
-            if (name, *(a.shape for a in args)) in seen:  # quantize_rows does not depend on N
+            key = (name, tuple(a.shape for a in args))
+            if key in seen:  # quantize_rows does not depend on N
                 continue
-            seen.add((name, *(a.shape for a in args)))
+            seen.add(key)
             row = {"kernel": name, "platform": target.platform, "shape": [list(a.shape) for a in args],
                    "custom_calls": {}, "error": None, "footprint": None}
             try:

@@ -238,3 +238,19 @@ def test_kernel_footprint_is_read_from_the_kernel_refs():
     blocked = bm * 128 + bm * (k // 128) * 4 + 128 * bn + bm * bn * 4  # a tile, its scales, b tile, output
     assert call["grid"] == (m // bm, n // bn, k // 128)
     assert call["vmem_bytes"] == 2 * blocked + bm * bn * 4 and call["smem_bytes"] == (k // 128) * (n // 128) * 4
+
+
+def test_grouped_kernel_holds_one_tiles_weight_scales_in_smem():
+    """The grouped TPU GEMM's SMEM: the scalar-prefetched expert ids and used-block count once, and
+    only its (expert, N tile) row of weight scales, double-buffered, whatever the expert count or N."""
+    from pallas_kernels.footprint import footprint
+    from pallas_kernels.fp8_grouped_gemm import grouped_block_scaled_matmul
+
+    e4m3, f32 = jax.numpy.float8_e4m3fn, np.float32
+    for experts, n in ((4, 512), (8, 2048)):
+        m, k = 256, 1024
+        args = (jax.ShapeDtypeStruct((m, k), e4m3), jax.ShapeDtypeStruct((m, k // 128), f32),
+                jax.ShapeDtypeStruct((experts, k, n), e4m3), jax.ShapeDtypeStruct((experts, k // 128, n // 128), f32),
+                jax.ShapeDtypeStruct((m // 128,), np.int32))
+        (call,) = footprint(lambda *a: grouped_block_scaled_matmul(*a, platform="tpu"), *args)
+        assert call["smem_bytes"] == (m // 128 + 1) * 4 + 2 * (k // 128) * (256 // 128) * 4, (experts, n, call)
