@@ -30,7 +30,9 @@ from dsv3_jax.config import Config, MeshConfig, apply_overrides
 from dsv3_jax.errors import UsageError, first_line
 from dsv3_jax.infer.cache import init_caches
 from dsv3_jax.parallel.mesh import make_mesh
+from dsv3_jax.parallel.pipeline.executor import BACKWARD_CHUNK, FORWARD_CHUNK
 from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.platform import compiler_options
 from dsv3_jax.targets import Target
 from dsv3_jax.train.state import abstract_train_state
 from dsv3_jax.train.step import make_train_step
@@ -60,7 +62,9 @@ class CompileReport:
     compile_s: float
     flops: float | None  # per device, from the backend's cost model where it has one
     schedule: str | None = None
+    target_platform: str = "cpu"
     overlap: dict | None = None  # per collective kind: what the schedule can hide (`overlap_summary`)
+    hlo: str = dataclasses.field(default="", repr=False)  # the optimized, scheduled HLO (not in --json)
 
     @property
     def fits(self) -> bool:
@@ -146,26 +150,47 @@ def _flops(compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+PAIR_SCOPES = (FORWARD_CHUNK, BACKWARD_CHUNK)  # the name scopes of an F&B pair's two chunks
 # Peaks and links for the overlap estimate (parallel/plan.py's table), by target kind.
 _OVERLAP_HARDWARE = {"h100": "h100", "h800": "h800", "h200": "h100", "v5p": "tpu-v5p"}
 
 
-def overlap_summary(windows: list[dict], hardware) -> dict[str, dict]:
-    """Per collective kind: asynchronous windows, their bytes, the windows with compute scheduled
-    inside, and the bytes "hidden": those of windows whose compute takes at least the transfer's own
-    time (dot FLOPs at the device's bf16 peak against bytes over its intra-host link). An estimate
-    from the schedule, not a timing: real kernels run below peak and links share bandwidth."""
-    out = {}
+def overlap_summary(windows: list[dict], hardware=None) -> dict:
+    """What the schedule can hide, from `hlo_stats.async_windows` of a scheduled program.
+
+    by_kind: per collective kind, its asynchronous windows, their bytes, the windows with compute
+    scheduled inside and the bytes "hidden": those of windows whose compute takes at least the
+    transfer's own time (dot FLOPs at the device's bf16 peak against bytes over its intra-host
+    link). An estimate from the schedule, not a timing: real kernels run below peak and links share
+    bandwidth. Without `hardware` (no figures for the target) only the counts.
+    pair: DualPipe's F&B pairs (report §3.2.1, Figure 4): the all-to-alls each chunk of a pair
+    issues, and those with the OTHER chunk's GEMMs inside their window (the overlap DualPipe is
+    for), with the bytes that compute hides; zeros for a schedule without pairs."""
+    def hides(w, flops):
+        return hardware is not None and flops / hardware.bf16_flops >= w["bytes"] / hardware.node_link_bytes_per_s
+
+    by_kind: dict[str, dict] = {}
     for w in windows:
-        row = out.setdefault(w["kind"], {"windows": 0, "bytes": 0, "with_compute": 0, "bytes_hidden": 0})
+        row = by_kind.setdefault(w["kind"], {"windows": 0, "bytes": 0, "with_compute": 0, "bytes_hidden": 0})
         row["windows"] += 1
         row["bytes"] += w["bytes"]
         row["with_compute"] += w["flops_between"] > 0
-        if w["flops_between"] / hardware.bf16_flops >= w["bytes"] / hardware.node_link_bytes_per_s:
-            row["bytes_hidden"] += w["bytes"]
-    for row in out.values():
-        row["fraction_hidden"] = row["bytes_hidden"] / max(row["bytes"], 1)
-    return out
+        row["bytes_hidden"] += w["bytes"] if hides(w, w["flops_between"]) else 0
+    for row in by_kind.values():
+        row["fraction_hidden"] = row["bytes_hidden"] / max(row["bytes"], 1) if hardware is not None else None
+    pair = {"all_to_alls": 0, "bytes": 0, "with_other_chunk": 0, "bytes_with_other_chunk": 0,
+            "bytes_hidden_by_other_chunk": 0, "other_chunk_flops": 0.0}
+    for w in windows:
+        if w["kind"] not in ("all-to-all", "ragged-all-to-all") or w.get("scope") is None:
+            continue
+        other = sum(f for scope, f in w["flops_by_scope"].items() if scope not in (None, w["scope"]))
+        pair["all_to_alls"] += 1
+        pair["bytes"] += w["bytes"]
+        pair["with_other_chunk"] += other > 0
+        pair["bytes_with_other_chunk"] += w["bytes"] if other > 0 else 0
+        pair["bytes_hidden_by_other_chunk"] += w["bytes"] if other > 0 and hides(w, other) else 0
+        pair["other_chunk_flops"] += other
+    return {"by_kind": by_kind, "pair": pair}
 
 
 def compile_step(config: Config, target: Target, what: str = "train", fp8: bool = False,
@@ -184,7 +209,7 @@ def compile_step(config: Config, target: Target, what: str = "train", fp8: bool 
             step, args = _decode_program(config, mesh) if what == "decode" else \
                 _train_program(config, mesh, pipelined=what == "pipeline")
             lowered = step.lower(*args)
-            compiled = lowered.compile()
+            compiled = lowered.compile(compiler_options=compiler_options(target.platform))
         except UsageError:
             raise
         except Exception as e:  # tracing, lowering (a Pallas block rule) or XLA: one line
@@ -198,18 +223,16 @@ def compile_step(config: Config, target: Target, what: str = "train", fp8: bool 
         largest=hlo_stats.largest_collectives(text),
         kernels=hlo_stats.kernels(text), ops=hlo_stats.op_counts(text),
         program=hlo_stats.program_ops(lowered.as_text()), compile_s=compile_s, flops=_flops(compiled),
-        schedule=config.train.pipeline_schedule if what == "pipeline" else None,
-        overlap=_overlap(text, target) if overlap else None)
+        schedule=config.train.pipeline_schedule if what == "pipeline" else None, target_platform=target.platform,
+        overlap=_overlap(text, target) if overlap else None, hlo=text)
 
 
 def _overlap(hlo_text: str, target: Target) -> dict:
     from dsv3_jax.parallel.plan import HARDWARE
 
-    windows = hlo_stats.async_windows(hlo_text)
+    windows = hlo_stats.async_windows(hlo_text, PAIR_SCOPES)
     key = _OVERLAP_HARDWARE.get(target.kind)
-    if key is None:  # no peak / link figures for this target: the windows' compute only
-        return {"windows": len(windows), "with_compute": sum(w["flops_between"] > 0 for w in windows)}
-    return overlap_summary(windows, HARDWARE[key])
+    return overlap_summary(windows, HARDWARE[key] if key else None)
 
 
 def _mesh_text(config: Config) -> str:
@@ -321,6 +344,11 @@ def planned_vs_compiled(planned, report: CompileReport, config: Config) -> list[
             (f"compiled on {on}: total per device", f"{_gib(report.memory['total'])} of {_gib(report.memory['device'])}")]
 
 
+def _options_text(platform: str) -> str:
+    options = compiler_options(platform)
+    return ", ".join(f"--{k}={str(v).lower()}" for k, v in options.items()) or "none needed (XLA's defaults)"
+
+
 def _gib(n: float) -> str:
     return f"{n / 2 ** 30:.2f} GiB"
 
@@ -332,6 +360,7 @@ def report_lines(report: CompileReport) -> list[str]:
     mesh = ",".join(f"{a}={n}" for a, n in report.mesh.items())
     lines = [f"## {report.what}{' (fp8)' if report.fp8 else ''} on {report.target} ({report.devices} x "
              f"{report.device_kind}), mesh {mesh}" + (f", schedule {report.schedule}" if report.schedule else ""), "",
+             f"compiler options: {_options_text(report.target_platform)}", "",
              f"compiled in {report.compile_s:.1f} s" + (f"; {report.flops / 1e12:.3f} TFLOP per device (cost model)"
                                                          if report.flops else ""), "",
              "| per device | bytes |", "|---|---|"]
@@ -344,15 +373,21 @@ def report_lines(report: CompileReport) -> list[str]:
     ops = ", ".join(f"{op}: {n}" for op, n in report.ops.items())
     program = ", ".join(f"{op}: {n}" for op, n in report.program.items())
     lines += ["", f"kernels (custom calls): {kernels}", f"optimized HLO ops: {ops}", f"lowered program ops: {program}"]
-    if report.overlap and all(isinstance(v, dict) for v in report.overlap.values()):
+    if report.overlap:
         lines += ["", "| asynchronous collective | windows | with compute inside | bytes | bytes hidden (estimate) |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {kind} | {r['windows']} | {r['with_compute']} | {r['bytes']:,} | {r['fraction_hidden']:.1%} |"
-                  for kind, r in report.overlap.items()]
-    elif report.overlap:
-        lines += ["", f"asynchronous collectives: {report.overlap}"]
+        lines += [f"| {kind} | {r['windows']} | {r['with_compute']} | {r['bytes']:,} | "
+                  + (f"{r['fraction_hidden']:.1%} |" if r["fraction_hidden"] is not None else "- |")
+                  for kind, r in report.overlap["by_kind"].items()]
+        p = report.overlap["pair"]
+        if p["all_to_alls"]:
+            lines += ["", f"F&B pairs: {p['with_other_chunk']} of their {p['all_to_alls']} all-to-alls have the other "
+                          f"chunk's GEMMs inside ({p['bytes_with_other_chunk']:,} of {p['bytes']:,} bytes; "
+                          f"{p['other_chunk_flops'] / 1e9:.1f} GFLOP); hidden by it: {p['bytes_hidden_by_other_chunk']:,} bytes"]
     return lines
 
 
 def as_json(report: CompileReport) -> dict:
-    return {**dataclasses.asdict(report), "fits": report.fits}
+    out = {**dataclasses.asdict(report), "fits": report.fits}
+    del out["hlo"]
+    return out

@@ -147,6 +147,55 @@ def _dot_flops(line: str, out_shape: str, shapes: dict[str, str], args: str) -> 
     return 2.0 * math.prod(_dims(out_shape)) * k
 
 
+_GEMM_CONTRACTING = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
+
+
+def _gemm_call_flops(line: str, out_shape: str, shapes: dict[str, str], args: str) -> float:
+    """A library GEMM (cuBLAS custom call, as XLA:GPU emits dots it does not fuse): 2 x output
+    elements x the lhs's contracting elements read from its backend config."""
+    if "__cublas" not in line:
+        return 0.0
+    lhs = args.split(",")[0].strip().split()[-1].lstrip("%")
+    contracting, lhs_dims = _GEMM_CONTRACTING.search(line), _dims(shapes.get(lhs, ""))
+    if not contracting or not lhs_dims:
+        return 0.0
+    k = math.prod(lhs_dims[int(i.strip(' "'))] for i in contracting.group(1).split(",") if i.strip(' "'))
+    return 2.0 * math.prod(_dims(out_shape)) * k
+
+
+_DIM_LABELS = re.compile(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)")
+_WINDOW_SIZE = re.compile(r"window=\{size=([0-9x]+)")
+_GROUPS = re.compile(r"feature_group_count=([0-9]+)")
+
+
+def _convolution_flops(line: str, out_shape: str, shapes: dict[str, str], args: str) -> float:
+    """XLA:TPU writes dots as convolutions (`dim_labels=bf_io->bf`): 2 x output elements x the
+    lhs's feature dimension x the window, over the feature groups."""
+    labels = _DIM_LABELS.search(line)
+    lhs_dims = _dims(shapes.get(args.split(",")[0].strip().split()[-1].lstrip("%"), ""))
+    if not labels or not lhs_dims or "f" not in labels.group(1):
+        return 0.0
+    window = _WINDOW_SIZE.search(line)
+    taps = math.prod(int(d) for d in window.group(1).split("x")) if window else 1
+    groups = _GROUPS.search(line)
+    features = lhs_dims[labels.group(1).index("f")] // (int(groups.group(1)) if groups else 1)
+    return 2.0 * math.prod(_dims(out_shape)) * features * taps
+
+
+def _instruction_flops(line: str, m, shapes: dict[str, str]) -> float:
+    """Dot FLOPs of one instruction itself (a dot, a TPU convolution or a library GEMM call), not
+    of what it calls."""
+    if not m:
+        return 0.0
+    if m.group("op") == "dot":
+        return _dot_flops(line, m.group("shape"), shapes, m.group("args"))
+    if m.group("op") == "convolution":
+        return _convolution_flops(line, m.group("shape"), shapes, m.group("args"))
+    if m.group("op") == "custom-call":
+        return _gemm_call_flops(line, m.group("shape"), shapes, m.group("args"))
+    return 0.0
+
+
 def computation_flops(computations: dict[str, list[str]]) -> dict[str, float]:
     """Dot FLOPs of each computation, the computations it calls (fusions, loop bodies counted once,
     branches) included."""
@@ -159,9 +208,7 @@ def computation_flops(computations: dict[str, list[str]]) -> dict[str, float]:
         shapes = {m.group("name"): m.group("shape") for m in map(_NAMED.match, lines) if m}
         total = 0.0
         for line in lines:
-            m = _NAMED.match(line)
-            if m and m.group("op") == "dot":
-                total += _dot_flops(line, m.group("shape"), shapes, m.group("args"))
+            total += _instruction_flops(line, _NAMED.match(line), shapes)
             total += sum(flops(c, depth + 1) for c in _called(line))
         memo[name] = total
         return total
@@ -178,14 +225,22 @@ def _called(line: str) -> list[str]:
     return names
 
 
-def async_windows(hlo_text: str) -> list[dict]:
+def _scope(line: str, scopes: tuple[str, ...]) -> str | None:
+    op_name = _OP_NAME.search(line)
+    return next((s for s in scopes if op_name and s in op_name.group(1)), None)
+
+
+def async_windows(hlo_text: str, scopes: tuple[str, ...] = ()) -> list[dict]:
     """Every asynchronous collective of a scheduled module: its kind, bytes, where it was issued
-    (op_name) and the dot FLOPs of the instructions the schedule placed between its start and its
-    done (fusions and called computations included): the compute that can run while it moves."""
+    (op_name), the computation it is scheduled in, and the dot FLOPs of the instructions the
+    schedule placed between its start and its done (fusions and called computations included):
+    the compute that can run while it moves. With `scopes` (name scopes of the program), each
+    window also says which scope issued the collective and splits its FLOPs by the scope of the
+    instruction that holds them (`flops_by_scope`, None for unscoped ops)."""
     computations = _computations(hlo_text)
     flops = computation_flops(computations)
     out = []
-    for lines in computations.values():
+    for computation, lines in computations.items():
         parsed = [_NAMED.match(line) for line in lines]
         shapes = {m.group("name"): m.group("shape") for m in parsed if m}
         for i, m in enumerate(parsed):
@@ -198,13 +253,15 @@ def async_windows(hlo_text: str) -> list[dict]:
                     break
             else:
                 continue
-            between = 0.0
+            by_scope: dict[str | None, float] = {}
             for line, p in zip(lines[i + 1:j], parsed[i + 1:j]):
-                if p and p.group("op") == "dot":
-                    between += _dot_flops(line, p.group("shape"), shapes, p.group("args"))
-                between += sum(flops.get(c, 0.0) for c in _called(line))
+                here = _instruction_flops(line, p, shapes) + sum(flops.get(c, 0.0) for c in _called(line))
+                if here:
+                    scope = _scope(line, scopes)
+                    by_scope[scope] = by_scope.get(scope, 0.0) + here
             op_name = _OP_NAME.search(lines[i])
             out.append({"kind": m.group("op").removesuffix("-start"), "bytes": shape_bytes(done.group("shape")),
-                        "flops_between": between, "ops_between": j - i - 1,
-                        "op": op_name.group(1) if op_name else ""})
+                        "flops_between": sum(by_scope.values()), "ops_between": j - i - 1,
+                        "op": op_name.group(1) if op_name else "", "computation": computation,
+                        "scope": _scope(lines[i], scopes), "flops_by_scope": by_scope})
     return out

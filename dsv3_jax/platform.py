@@ -38,3 +38,19 @@ def current_platform() -> Platform:
     if device is not None:
         return platform_name(device.platform)
     return platform_of(jax.devices()[0])
+
+
+# XLA options a platform's compiler needs for a step's collectives to overlap its compute (report
+# §3.2.1: DualPipe's F&B pairs hide one chunk's all-to-all behind the other's GEMMs). XLA:TPU keeps
+# all-to-all synchronous unless asked; XLA:GPU makes collectives asynchronous and runs its
+# latency-hiding scheduler by default, so it needs nothing; XLA:CPU has no asynchronous collectives.
+COMPILER_OPTIONS: dict[str, dict[str, bool]] = {
+    "tpu": {"xla_tpu_enable_async_all_to_all": True},
+    "gpu": {},
+    "cpu": {},
+}
+
+
+def compiler_options(platform: Platform) -> dict[str, bool]:
+    """The options `jax.jit(..., compiler_options=...)` passes for `platform` (a fresh dict)."""
+    return dict(COMPILER_OPTIONS[platform_name(platform)])

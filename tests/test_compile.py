@@ -209,16 +209,20 @@ ENTRY %main (a: f32[64,32], b: f32[32,16], x: f32[8,128]) -> f32[8,128] {
   %a = f32[64,32]{1,0} parameter(0)
   %b = f32[32,16]{1,0} parameter(1)
   %x = f32[8,128]{1,0} parameter(2)
-  %all-to-all-start = ((f32[8,128]{1,0}), f32[8,128]{1,0}) all-to-all-start(%x), metadata={op_name="jit(f)/dispatch"}
-  %fusion = f32[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot
+  %all-to-all-start = ((f32[8,128]{1,0}), f32[8,128]{1,0}) all-to-all-start(%x), metadata={op_name="jit(f)/fwd/dispatch"}
+  %fusion = f32[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(f)/bwd/dot_general"}
+  %convolution = f32[64,16]{1,0} convolution(%a, %b), dim_labels=bf_io->bf, metadata={op_name="jit(f)/fwd/dot_general"}
+  %gemm = (f32[64,16]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(f)/bwd/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
   %all-to-all-done = f32[8,128]{1,0} all-to-all-done(%all-to-all-start)
   %all-reduce-start = f32[8,128]{1,0} all-reduce-start(%all-to-all-done)
   ROOT %all-reduce-done = f32[8,128]{1,0} all-reduce-done(%all-reduce-start)
 }
 """
-    windows = {w["kind"]: w for w in hlo_stats.async_windows(text)}
-    assert windows["all-to-all"]["flops_between"] == 2 * 64 * 16 * 32 and windows["all-to-all"]["bytes"] == 8 * 128 * 4
-    assert windows["all-to-all"]["op"] == "jit(f)/dispatch"
+    windows = {w["kind"]: w for w in hlo_stats.async_windows(text, scopes=("fwd", "bwd"))}
+    gemm = 2 * 64 * 16 * 32  # each of the fused dot, the TPU-style convolution and the cuBLAS call
+    assert windows["all-to-all"]["flops_between"] == 3 * gemm and windows["all-to-all"]["bytes"] == 8 * 128 * 4
+    assert windows["all-to-all"]["op"] == "jit(f)/fwd/dispatch" and windows["all-to-all"]["scope"] == "fwd"
+    assert windows["all-to-all"]["flops_by_scope"] == {"bwd": 2 * gemm, "fwd": gemm}
     assert windows["all-reduce"]["flops_between"] == 0  # nothing scheduled inside it
     assert hlo_stats.collectives(text)["all-to-all"] == {"count": 1, "bytes": 8 * 128 * 4}  # nested-tuple start
 

@@ -26,6 +26,7 @@ from dsv3_jax.data.pipeline import ShardedBatches, build_data, shards_for_rows, 
 from dsv3_jax.errors import UsageError
 from dsv3_jax.parallel.distributed import any_process, barrier, is_main
 from dsv3_jax.parallel.mesh import make_mesh
+from dsv3_jax.platform import compiler_options, platform_of
 from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.post.sft import build_sft_data, init_from_run
 from dsv3_jax.run_dir import RunLock, StopSignals, record_layout_change, truncate_jsonl, write_atomic
@@ -209,7 +210,7 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
                 if load is not None:
-                    router_file.write(json.dumps({"step": step, "expert_load": load.tolist()}) + "\n")
+                    router_file.write(json.dumps({"step": step, **layer_routing_stats(load)}) + "\n")
                     router_file.flush()
                 reporter.update(step, record)
                 stopping = any_process(bool(stop.received))  # all processes stop after the same step
@@ -247,6 +248,17 @@ def _rows_of_this_process(config: Config, mesh) -> tuple[int, int]:
     return first, end
 
 
+def layer_routing_stats(load_LE: np.ndarray) -> dict[str, list]:
+    """One router.jsonl line's per-layer statistics from the step's whole-batch loads [layers, E]:
+    the loads, MaxVio (max_i load_i / mean load - 1, the report's Figure 9 measure) and the entropy
+    (nats) of the load distribution over experts (log E when perfectly even)."""
+    load_LE = np.asarray(load_LE, np.float64)
+    share_LE = load_LE / np.maximum(load_LE.sum(-1, keepdims=True), 1e-12)
+    entropy_L = -np.sum(np.where(share_LE > 0, share_LE * np.log(np.maximum(share_LE, 1e-300)), 0.0), -1)
+    max_vio_L = load_LE.max(-1) / np.maximum(load_LE.mean(-1), 1e-12) - 1.0
+    return {"expert_load": load_LE.tolist(), "max_vio": max_vio_L.tolist(), "load_entropy": entropy_L.tolist()}
+
+
 def _appender(path: Path, main: bool):
     """The run's append-only log on process 0; a sink elsewhere."""
     return open(path if main else os.devnull, "a")
@@ -257,8 +269,11 @@ def _compile(config: Config, graphdef, optimizer, state, mesh):
     sharded by the logical-axis table and XLA partitions the step (parallel/sharding.py); with
     mesh.pipeline > 1 the MoE stack runs through the pipeline schedule."""
     eval_step = make_eval_step(config, graphdef)
+    # What the platform's compiler needs for collectives to overlap compute (platform.py).
+    options = compiler_options(platform_of((jax.devices() if mesh is None else mesh.devices.flat)[0]))
     if mesh is None:
-        return (jax.jit(make_train_step(config, graphdef, optimizer), donate_argnums=0), jax.jit(eval_step), state,
+        return (jax.jit(make_train_step(config, graphdef, optimizer), donate_argnums=0, compiler_options=options),
+                jax.jit(eval_step), state,
                 lambda batch: batch, lambda rows: rows)
     # mesh.pipeline > 1: the MoE stack runs through train.pipeline_schedule (train/pipelined.py).
     train_step = make_train_step(config, graphdef, optimizer, pipeline_mesh=mesh if config.mesh.pipeline > 1 else None)
@@ -267,7 +282,7 @@ def _compile(config: Config, graphdef, optimizer, state, mesh):
     # Metrics replicated, so every process can read them (an array on other hosts' devices cannot).
     replicated = RULES.sharding((), mesh)
     train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharded),
-                    out_shardings=(state_shardings, replicated), donate_argnums=0)
+                    out_shardings=(state_shardings, replicated), donate_argnums=0, compiler_options=options)
     evaluate = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharded), out_shardings=replicated)
 
     def in_mesh(step):  # the mesh in context lets layers that shard_map (expert all-to-all) find it

@@ -51,12 +51,22 @@ from dsv3_jax.parallel.sharding import RULES
 
 KINDS = {"F": 1, "B": 2, "I": 3, "W": 4}  # 0: idle
 PAIR = 5  # an F&B pair: forward on side 0, full backward on side 1
+# Name scopes of the pair's two chunks: they label the compiled program's ops (HLO op_name), which
+# is how `dsv3 compile --overlap` tells one chunk's collectives from the other's compute.
+FORWARD_CHUNK, BACKWARD_CHUNK = "pair_forward_chunk", "pair_backward_chunk"
 NONE, RIGHT, LEFT, SELF = 0, 1, 2, 3
 # One op's columns in the table: slot, micro-batch, first stage?, last stage?, where its result
 # goes (none / right / left / self), and buffer entries: its stored input, its received input
 # (F), its cotangent (F on the last stage writes it, B/I/W read it), the entry at the destination.
 SLOT, MB, FIRST, LAST, SEND, STASH, INBOX, COT, DEST = range(9)
 BUFFER_LAYOUT = (None, "batch", "seq", "act_embed")  # [entries, b, T, D]
+
+
+def pair_forward_reads(tick_state: dict, after_backward: dict) -> dict:
+    """The state an F&B pair's forward chunk reads: the one its tick started with, never the one
+    the pair's backward leaves (see `pair` in `pipeline_value_and_grad`). A function of its own so a
+    test can plant a dependency of the forward on the backward and watch the compiled overlap go."""
+    return tick_state
 
 
 def stage_slots(schedule: Schedule) -> list[list[tuple[int, int]]]:
@@ -364,10 +374,24 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
                 return state, (msg, no_msg) if side == 0 else (no_msg, msg)
             return run
 
-        def pair(state, ops):  # an F&B pair: one program, two independent chunks
-            state, y = forward(state, ops[0])
-            state, dx = full_backward(state, ops[1])
-            return state, (y, dx)
+        def pair(state, ops):
+            """An F&B pair (report §3.2.1, Figure 4): one program holding two independent chunks, so
+            the scheduler can run one chunk's dispatch / combine all-to-all under the other's
+            attention and MLP. Independent for real: the backward reads the state the tick started
+            with (the buffer entries it reads are never the ones the forward writes this tick:
+            `_pack` reuses an entry only after its last tick), and the two write disjoint fields
+            but the accumulators, which are summed at the end. Sequencing them through one state
+            made the backward's cotangent read wait for the forward's head (a false dependency)."""
+            with jax.named_scope(BACKWARD_CHUNK):  # its head gradients (first_fn's) from zero: added below
+                zero_head = jax.tree.map(jnp.zeros_like, state["head_grads"])
+                after_backward, dx = full_backward(dict(state, head_grads=zero_head), ops[1])
+            with jax.named_scope(FORWARD_CHUNK):
+                after_forward, y = forward(pair_forward_reads(state, after_backward), ops[0])
+            merged = dict(after_forward, grads=after_backward["grads"],
+                          head_grads=add(after_forward["head_grads"], after_backward["head_grads"]))
+            if first_fn is None:
+                merged["dx"] = after_backward["dx"]
+            return merged, (y, dx)
 
         branches = [lambda state, ops: (state, (no_msg, no_msg)), single(forward, 0), single(full_backward, 1),
                     single(input_grad, 1), single(weight_grad, 1), pair]
