@@ -57,6 +57,12 @@ Attention = Literal["mla", "mha", "gqa", "mqa"]  # model/mla.py; the others mode
 PipelineSchedule = Literal["gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"]  # parallel/pipeline/schedules.py
 
 
+# A plugin's hyperparameters: (name, value) pairs, hashable (the config is a static attribute of the
+# model's graph). Values are numbers, booleans or strings, typed by the plugin's `Args` fields.
+PluginArgs = tuple[tuple[str, Any], ...]
+ARGS_FIELDS = ("router_args", "balancer_args")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """DeepSeek-V3 architecture hyper-parameters (field names follow the report / HF config)."""
@@ -90,6 +96,11 @@ class ModelConfig:
     # Routing lab (model/routing.py): a registered router, and "+"-joined balancers.
     router: str = "deepseek_v3"
     balancer: str = "aux_free+sequence_loss"  # V3: sign-bias update + complementary sequence loss
+    # A plugin's own hyperparameters, checked against the fields of its `Args` dataclass when the
+    # config is validated: --set model.router_args.temperature=0.5, and per balancer
+    # --set model.balancer_args.NAME.FIELD=VALUE (stored as "NAME.FIELD").
+    router_args: PluginArgs = ()
+    balancer_args: PluginArgs = ()
     # RoPE + YaRN (report §4.3: factor 40, alpha=beta_slow 1, beta=beta_fast 32). yarn_factor 1 = off.
     rope_theta: float = 10000.0
     yarn_factor: float = 1.0
@@ -178,6 +189,13 @@ class ModelConfig:
     @property
     def balancer_names(self) -> list[str]:
         return [name.strip() for name in self.balancer.split("+") if name.strip()]
+
+    def args_of_balancer(self, name: str) -> PluginArgs:
+        """balancer_args' "NAME.FIELD" entries of balancer `name` (NAME as in model.balancer, or a
+        plugin's registered name after its "module:"), as (FIELD, value) pairs."""
+        names = {name, name.rpartition(":")[2]}
+        return tuple((key.rpartition(".")[2], value) for key, value in self.balancer_args
+                     if key.rpartition(".")[0] in names)
 
     # Derived sizes -------------------------------------------------------------------------
     @property
@@ -437,6 +455,19 @@ def _parse_value(key: str, text: str, annotation: Any) -> Any:
     raise ConfigError(f"{key}: cannot parse a value of type {annotation}")
 
 
+def _plugin_value(text: str) -> Any:
+    """A plugin hyperparameter from the command line: a boolean, an integer, a number, or else text
+    (its `Args` field's type is checked when the config is validated)."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -449,6 +480,15 @@ def _parse_path(obj: Any, path: list[str], text: str, full_key: str, changes: di
         raise ConfigError(f"unknown config key {full_key!r}; valid keys under "
                           f"{'.'.join(full_key.split('.')[:-len(path)]) or 'the top level'}: {', '.join(sorted(names))}")
     current = getattr(obj, head)
+    if head in ARGS_FIELDS:  # model.router_args.FIELD / model.balancer_args.NAME.FIELD
+        depth = 2 if head == "balancer_args" else 1  # NAME may hold dots (module.path:name): FIELD is the last part
+        if len(path) < depth + 1 or (depth == 1 and len(path) > 2):
+            form = "model.balancer_args.NAME.FIELD" if depth == 2 else "model.router_args.FIELD"
+            raise ConfigError(f"config key {full_key!r} must look like {form}=VALUE")
+        merged = dict(changes.get(head, current))
+        merged[".".join(path[1:])] = _plugin_value(text)
+        changes[head] = tuple(merged.items())
+        return
     if len(path) == 1:
         if dataclasses.is_dataclass(current):
             raise ConfigError(f"config key {full_key!r} is a section; set one of its fields, e.g. {full_key}.<field>=...")
@@ -498,6 +538,12 @@ def _from_dict(cls: type, data: dict, prefix: str) -> Any:
 def _json_value(key: str, value: Any, annotation: Any) -> Any:
     """A config file's value checked against the field's declared type (JSON has no int/float split:
     an integer is accepted for a float field)."""
+    if annotation == PluginArgs:  # an object {"field": value} (or the pairs config.json holds)
+        pairs = value.items() if isinstance(value, dict) else value
+        if not isinstance(pairs, (list, tuple, type({}.items()))) or \
+                not all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
+            raise ConfigError(f"{key} in the config file must be an object of name: value")
+        return tuple((str(k), v) for k, v in pairs)
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)

@@ -1,9 +1,11 @@
 """Each router and balancer of the routing lab: its defining property, and a train step with it."""
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +13,9 @@ import numpy as np
 import pytest
 
 from dsv3_jax.config import Config, ConfigError, TrainConfig
-from dsv3_jax.model.routing import (BALANCERS, ROUTERS, GlobalAuxLoss, ProportionalBiasBalancer, RouterZLoss,
-                                    SignBiasBalancer, check_routing, chosen_mask, expert_load)
+from dsv3_jax.model.routing import (BALANCERS, ROUTERS, Balancing, GlobalAuxLoss, ProportionalBiasBalancer,
+                                    RouterZLoss, SignBiasBalancer, check_balancer, check_routing, chosen_mask,
+                                    expert_load)
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_train_step
 from tests.conftest import cli_env, tiny_model_config
@@ -139,28 +142,106 @@ def test_every_router_and_balancer_trains_through_the_same_step(router, balancer
     assert (float(metrics["balance_loss"]) > 0) == has_loss
 
 
-def test_a_new_router_from_the_readme_works_with_dsv3_train(tmp_path):
-    (tmp_path / "my_routers.py").write_text(textwrap.dedent('''
-        import jax, jax.numpy as jnp
-        from dsv3_jax.model.routing import register_router, token_choice
+def _readme_plugin() -> str:
+    """The README's "Prototype a router" file, verbatim, plus a balancer with a misspelled method."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Prototype a router**"):]
+    code = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+    return code + textwrap.dedent('''
 
-        @register_router("top1_plus_random")
-        class Top1PlusRandom:
-            """Best expert by sigmoid score, plus one chosen by a hash of the token id."""
+        @register_balancer("misspelled")
+        class Misspelled:
+            def coefficient(self, train):
+                return 1.0
 
-            def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
-                scores_NE = jax.nn.sigmoid(logits_NE)
-                best_N = jnp.argmax(scores_NE + bias_E, axis=-1)
-                other_N = (best_N + 1 + token_ids_N % (cfg.n_routed_experts - 1)) % cfg.n_routed_experts
-                idx_NK = jnp.stack([best_N, other_N], axis=-1)
-                gates_NK = jnp.take_along_axis(scores_NE, idx_NK, axis=-1)
-                return token_choice(idx_NK, gates_NK, scores_NE, logits_NE)
-    '''))
+            def bias_updat(self, bias_LE, load_LE, rate):
+                return bias_LE
+    ''')
+
+
+PLUGIN = _readme_plugin()
+TINY_CLI = ["--data", "synthetic", "--quiet", "--set", "model.top_k=2", "--set", "model.n_layers=2",
+            "--set", "model.vocab_size=384", "--set", "train.batch_size=2", "--set", "train.seq_len=32"]
+
+
+def test_a_plugin_router_with_its_own_hyperparameter_and_a_loss_only_balancer_train_through_the_cli(tmp_path):
+    (tmp_path / "my_routers.py").write_text(PLUGIN)
     env = cli_env(PYTHONPATH=str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "dsv3_jax.cli", "train", "--steps", "3", "--data", "synthetic",
-                          "--quiet", "--run-dir", str(tmp_path / "run"), "--set", "model.router=my_routers:top1_plus_random",
-                          "--set", "model.top_k=2", "--set", "model.n_layers=2", "--set", "model.vocab_size=384",
-                          "--set", "train.batch_size=2", "--set", "train.seq_len=32"],
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "dsv3_jax.cli", "train", "--steps", "3", "--run-dir", str(run),
+                          "--set", "model.router=my_routers:softmax_temp", "--set", "model.router_args.temperature=0.5",
+                          "--set", "model.balancer=aux_free+my_routers:load_entropy",
+                          "--set", "model.balancer_args.load_entropy.alpha=0.25", *TINY_CLI],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 3
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    # Each balancer's coefficient and term by name; the loss-only one is the whole balance loss.
+    term = "balance/my_routers:load_entropy"
+    assert all(r["coefficient/my_routers:load_entropy"] == 0.25 and r["coefficient/aux_free"] == pytest.approx(1e-2)
+               for r in records)
+    assert all(r[term] > 0 and r[term] == pytest.approx(r["balance_loss"], rel=1e-6) for r in records)
+    assert "balance/aux_free" not in records[0]  # a bias-only balancer has no loss term
+    saved = json.loads((run / "config.json").read_text())["model"]
+    assert saved["router_args"] == [["temperature", 0.5]] and saved["balancer_args"] == [["load_entropy.alpha", 0.25]]
+    # router.jsonl: per layer (1 MoE layer) the loads, MaxVio and load entropy of each step.
+    router = [json.loads(line) for line in (run / "router.jsonl").read_text().splitlines()]
+    load = np.array(router[-1]["expert_load"][0])
+    assert router[-1]["max_vio"][0] == pytest.approx(load.max() / load.mean() - 1)
+    share = load[load > 0] / load.sum()
+    assert router[-1]["load_entropy"][0] == pytest.approx(-np.sum(share * np.log(share)))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.balancer=aux_free+my_routers:misspelled"],
+     "model.balancer='my_routers:misspelled': balancer 'my_routers:misspelled' defines bias_updat, which a balancer does not call"),
+    (["model.router=my_routers:softmax_temp", "model.router_args.temprature=0.5"],
+     "model.router_args.temprature: router 'my_routers:softmax_temp' has no hyperparameter 'temprature'; its Args: temperature"),
+    (["model.router=my_routers:softmax_temp", "model.router_args.temperature=hot"],
+     "model.router_args.temperature='hot': router 'my_routers:softmax_temp' declares it float"),
+    (["model.balancer_args.sequence_los.alpha=1"], "model.balancer_args.sequence_los.alpha: 'sequence_los' is not one of"),
+])
+def test_a_plugin_that_breaks_its_contract_is_one_line_and_exit_2_before_any_compile(tmp_path, overrides, message):
+    (tmp_path / "my_routers.py").write_text(PLUGIN)
+    run = tmp_path / "run"
+    args = [a for o in overrides for a in ("--set", o)]
+    out = subprocess.run([sys.executable, "-m", "dsv3_jax.cli", "train", "--steps", "3", "--run-dir", str(run),
+                          *args, *TINY_CLI], capture_output=True, text=True, env=cli_env(PYTHONPATH=str(tmp_path)),
+                         timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()  # nothing ran
+
+
+def test_a_bias_only_or_loss_only_balancer_needs_no_stub_of_the_other_method():
+    class LossOnly:
+        def coefficient(self, train):
+            return 1.0
+
+        def loss(self, routing, batch, seq, cfg):
+            return jnp.zeros(())
+
+    class Nothing:
+        def coefficient(self, train):
+            return 1.0
+
+    check_balancer("loss_only", LossOnly())
+    balancing = Balancing((("loss_only", LossOnly(), 1.0),))
+    np.testing.assert_array_equal(balancing.update_bias(jnp.ones((1, 4)), jnp.ones((1, 4))), 1.0)  # no bias step
+    with pytest.raises(ConfigError, match="neither loss.*nor bias_update"):
+        check_balancer("nothing", Nothing())
+
+
+def test_plugin_hyperparameters_parse_merge_and_survive_config_json():
+    from dsv3_jax.config import apply_overrides, config_from_json, get_preset
+
+    config = apply_overrides(get_preset("tiny"), ["model.router_args.temperature=0.5", "model.router_args.hard=true",
+                                                  "model.balancer_args.pkg.mod:ent.alpha=2", "model.router_args.temperature=0.7"])
+    assert config.model.router_args == (("temperature", 0.7), ("hard", True))  # a later value wins
+    assert config.model.args_of_balancer("pkg.mod:ent") == (("alpha", 2),)
+    assert config.model.args_of_balancer("other.mod:ent") == ()  # another module's "ent"
+    assert config_from_json(config.to_json()) == config  # and the model config stays hashable (a static of the graph)
+    hash(config.model)
+    with pytest.raises(ConfigError, match="must look like model.balancer_args.NAME.FIELD=VALUE"):
+        apply_overrides(config, ["model.balancer_args.alpha=1"])

@@ -24,7 +24,7 @@ from dsv3_jax.config import Fp8Backend, GroupedGemmImpl, ModelConfig
 from dsv3_jax.model.blocked_swiglu import blocked_swiglu
 from dsv3_jax.model.grouped_gemm import grouped_matmul, resolve_impl
 from dsv3_jax.model.layers import MLP, dtype_of, param
-from dsv3_jax.model.routing import Router, RouterStats, Routing, is_token_choice, router_for
+from dsv3_jax.model.routing import Router, RouterStats, Routing, configured_router, is_token_choice
 from dsv3_jax.parallel.expert import (batch_parallel_mesh, batch_parallel_routed_experts, expert_parallel_mesh,
                                       expert_parallel_routed_experts, gated_sum)
 
@@ -90,7 +90,7 @@ class MoE(nnx.Module):
         self.expert_dispatch = cfg.expert_dispatch
         self.capacity_factor = cfg.expert_capacity_factor
         # A group-limited router bounds the ranks a token reaches; others pick experts freely.
-        group_limited = getattr(router_for(cfg.router), "group_limited", False)
+        group_limited = getattr(configured_router(cfg), "group_limited", False)
         self.token_choice = is_token_choice(cfg)
         self.groups = (cfg.n_group, cfg.topk_group) if group_limited else (1, 1)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import typing
 from typing import Callable, NamedTuple, Protocol
 
 import jax
@@ -227,11 +228,45 @@ class HashRouter:
 # Balancers -------------------------------------------------------------------------------------
 
 class Balancer(Protocol):
+    """`coefficient` and at least one of `loss` / `bias_update`; a missing one does nothing
+    (checked when the config is: `check_balancer`)."""
+
     def coefficient(self, train: TrainConfig) -> float: ...  # its loss weight, or its bias step
 
     def loss(self, routing: Routing, batch: int, seq: int, cfg: ModelConfig) -> Float[Array, ""] | None: ...
 
     def bias_update(self, bias_LE: Array, load_LE: Array, rate: float) -> Array | None: ...
+
+
+BALANCER_METHODS = ("coefficient", "loss", "bias_update")
+
+
+def check_balancer(name: str, balancer) -> None:
+    """ConfigError unless `balancer` has a callable `coefficient` and a callable `loss` and/or
+    `bias_update`, and no public method that is none of these (a misspelling would be ignored)."""
+    public = [a for a in dir(balancer) if not a.startswith("_") and callable(getattr(balancer, a))
+              and not isinstance(getattr(balancer, a), type)]  # methods, not nested classes
+    unknown = [a for a in public if a not in BALANCER_METHODS]
+    if unknown:
+        raise ConfigError(f"balancer {name!r} defines {', '.join(unknown)}, which a balancer does not call; "
+                          f"its methods are {', '.join(BALANCER_METHODS)}")
+    if "coefficient" not in public:
+        raise ConfigError(f"balancer {name!r} has no coefficient(train) method (its loss weight or bias step)")
+    if "loss" not in public and "bias_update" not in public:
+        raise ConfigError(f"balancer {name!r} has neither loss(routing, batch, seq, cfg) nor "
+                          "bias_update(bias_LE, load_LE, rate): it would do nothing")
+
+
+def check_router(name: str, router) -> None:
+    """ConfigError unless `router` is callable as (logits_NE, bias_E, token_ids_N, cfg) -> Routing."""
+    if not callable(router):
+        raise ConfigError(f"router {name!r} is not callable: define __call__(self, logits_NE, bias_E, token_ids_N, cfg)")
+
+
+def balancer_loss(balancer: Balancer, routing: Routing, batch: int, seq: int, cfg: ModelConfig):
+    """The balancer's loss, or None when it defines none (a bias-only balancer)."""
+    loss = getattr(balancer, "loss", None)
+    return None if loss is None else loss(routing, batch, seq, cfg)
 
 
 BALANCERS: dict[str, Callable[[], Balancer]] = {}
@@ -322,26 +357,72 @@ class RouterZLoss(_NoBias):
         return jnp.mean(jax.nn.logsumexp(routing.logits_NE, axis=-1) ** 2)
 
 
-@functools.cache
-def router_for(name: str) -> RouterFn:
-    """The registered router `name`, built once."""
-    return resolve(ROUTERS, name, "router")()
+def _build(cls, name: str, kind: str, key: str, args: tuple):
+    """`cls()`, or `cls(cls.Args(**args))` for a plugin that declares its hyperparameters as an `Args`
+    dataclass (ConfigError naming the key for an undeclared field or a value of the wrong type)."""
+    declared = getattr(cls, "Args", None)
+    if declared is None:
+        if args:
+            raise ConfigError(f"{key}: {kind} {name!r} declares no hyperparameters (no Args dataclass), "
+                              f"got {', '.join(k for k, _ in args)}")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(declared)}
+    hints = typing.get_type_hints(declared)
+    values = {}
+    for field, value in args:
+        if field not in fields:
+            raise ConfigError(f"{key}.{field}: {kind} {name!r} has no hyperparameter {field!r}; "
+                              f"its Args: {', '.join(fields) or 'none'}")
+        want = hints.get(field)
+        ok = {float: (int, float), int: (int,), bool: (bool,), str: (str,)}.get(want)
+        if ok and (not isinstance(value, ok) or (want is not bool and isinstance(value, bool))):
+            raise ConfigError(f"{key}.{field}={value!r}: {kind} {name!r} declares it {want.__name__}")
+        values[field] = float(value) if want is float else value
+    return cls(declared(**values))
 
 
 @functools.cache
-def balancer_for(name: str) -> Balancer:
-    """The registered balancer `name`, built once."""
-    return resolve(BALANCERS, name, "balancer")()
+def router_for(name: str, args: tuple = ()) -> RouterFn:
+    """The registered router `name` with its hyperparameters (model.router_args), built once."""
+    return _build(resolve(ROUTERS, name, "router"), name, "router", "model.router_args", args)
+
+
+@functools.cache
+def balancer_for(name: str, args: tuple = ()) -> Balancer:
+    """The registered balancer `name` with its hyperparameters (model.balancer_args.NAME), built once."""
+    return _build(resolve(BALANCERS, name, "balancer"), name, "balancer", f"model.balancer_args.{name}", args)
+
+
+def configured_router(cfg: ModelConfig) -> RouterFn:
+    return router_for(cfg.router, cfg.router_args)
+
+
+def configured_balancer(cfg: ModelConfig, name: str) -> Balancer:
+    return balancer_for(name, cfg.args_of_balancer(name))
 
 
 def check_routing(cfg: ModelConfig) -> None:
-    """ConfigError unless model.router and every model.balancer name is registered (or importable)."""
-    for names, kind, build in (([cfg.router], "router", router_for), (cfg.balancer_names, "balancer", balancer_for)):
+    """ConfigError unless model.router and every model.balancer name is registered (or importable),
+    each satisfies its protocol, and their hyperparameters are fields of their Args."""
+    names = {n for name in cfg.balancer_names for n in (name, name.rpartition(":")[2])}
+    for key, _ in cfg.balancer_args:
+        if key.rpartition(".")[0] not in names:
+            raise ConfigError(f"model.balancer_args.{key}: {key.rpartition('.')[0]!r} is not one of the run's "
+                              f"balancers (model.balancer={cfg.balancer!r})")
+    for names, kind, build, check in (([cfg.router], "router", lambda _: configured_router(cfg), check_router),
+                                      (cfg.balancer_names, "balancer", lambda n: configured_balancer(cfg, n),
+                                       check_balancer)):
         for name in names:
             try:
-                build(name)
+                built = build(name)
             except (KeyError, ImportError) as e:
                 raise ConfigError(f"model.{kind}={name!r}: {str(e).strip(chr(39)).strip(chr(34))}") from None
+            except TypeError as e:  # a plugin whose constructor does not take its Args
+                raise ConfigError(f"model.{kind}={name!r}: cannot build it: {e}") from None
+            try:
+                check(name, built)
+            except ConfigError as e:
+                raise ConfigError(f"model.{kind}={name!r}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,7 +432,7 @@ class Balancing:
 
     @classmethod
     def from_config(cls, model: ModelConfig, train: TrainConfig) -> Balancing:
-        return cls(tuple((name, balancer_for(name), balancer_for(name).coefficient(train))
+        return cls(tuple((name, configured_balancer(model, name), configured_balancer(model, name).coefficient(train))
                          for name in model.balancer_names))
 
     def loss(self, stats: RouterStats | None) -> Float[Array, ""]:
@@ -364,10 +445,22 @@ class Balancing:
                 total = total + weight * stats.aux_losses[name].sum()
         return total
 
+    def terms(self, *stacks: RouterStats | None) -> dict[str, Float[Array, ""]]:
+        """Per balancer, by name: its coefficient ("coefficient/NAME") and, for one with a loss, its
+        term of the objective ("balance/NAME": coefficient x its loss summed over the stacks' layers)."""
+        out = {}
+        for name, _, weight in self.balancers:
+            out[f"coefficient/{name}"] = jnp.asarray(weight, jnp.float32)
+            losses = [s.aux_losses[name].sum() for s in stacks if s is not None and name in s.aux_losses]
+            if losses:
+                out[f"balance/{name}"] = weight * sum(losses)
+        return out
+
     def update_bias(self, bias_LE: Array, load_LE: Array) -> Array:
         """Every bias balancer's step in turn, from this step's whole-batch loads (eq. 16's bias)."""
         for _, balancer, rate in self.balancers:
-            new = balancer.bias_update(bias_LE, load_LE, rate)
+            update = getattr(balancer, "bias_update", None)
+            new = None if update is None else update(bias_LE, load_LE, rate)
             bias_LE = bias_LE if new is None else new
         return bias_LE
 
@@ -395,7 +488,7 @@ def router_entropy(scores_NE: Array) -> Float[Array, ""]:
 def is_token_choice(cfg: ModelConfig) -> bool:
     """Whether the configured router's assignment n * K + k belongs to token n (routers say otherwise
     with `token_choice = False`)."""
-    return getattr(router_for(cfg.router), "token_choice", True)
+    return getattr(configured_router(cfg), "token_choice", True)
 
 
 def resolve(registry: dict, name: str, kind: str):
@@ -427,8 +520,8 @@ class Router(nnx.Module):
         cfg = self.cfg
         logits_NE = jnp.dot(x_BTD.reshape(B * T, D).astype(jnp.float32), self.centroids_DE[...].astype(jnp.float32))
         token_ids_N = (token_ids_BT if token_ids_BT is not None else jnp.zeros((B, T), jnp.int32)).reshape(-1)
-        routing = router_for(cfg.router)(logits_NE, self.bias_E[...], token_ids_N, cfg)
-        losses = {name: balancer_for(name).loss(routing, B, T, cfg) for name in cfg.balancer_names}
+        routing = configured_router(cfg)(logits_NE, self.bias_E[...], token_ids_N, cfg)
+        losses = {name: balancer_loss(configured_balancer(cfg, name), routing, B, T, cfg) for name in cfg.balancer_names}
         stats = RouterStats(
             expert_load=expert_load(routing, cfg.n_routed_experts),
             router_entropy=router_entropy(routing.scores_NE),

@@ -89,6 +89,7 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
         metrics = {"loss": parts.total, "lm_loss": parts.lm, "grad_norm": grad_norm, "lr": schedule(state.step)}
         if stats.moe_layers is not None or stats.mtp is not None:
             metrics["balance_loss"] = parts.balance
+            metrics.update(balancing.terms(stats.moe_layers, stats.mtp))
         if stats.moe_layers is not None:
             metrics["max_vio"] = max_violation(stats.moe_layers.expert_load).mean()
             metrics["expert_load"] = stats.moe_layers.expert_load
