@@ -6,6 +6,7 @@ Bad input (config values, presets, paths, checkpoints) prints one line to stderr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -373,6 +374,24 @@ def cmd_plan(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def cmd_check_router(args: argparse.Namespace) -> None:
+    """The router contract (model/router_contract.py) on a registered or `module:name` router; exit 1
+    when a check fails."""
+    from dsv3_jax.model.router_contract import check_router, contract_config
+    from dsv3_jax.model.routing import check_routing
+
+    model = contract_config(get_preset(args.preset).model, args.router)
+    model = apply_overrides(dataclasses.replace(get_preset(args.preset), model=model), args.set or []).model
+    check_routing(model)  # unknown router / hyperparameter: one line, exit 2
+    checks = check_router(model)
+    for c in checks:
+        print(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}")
+    failed = [c.name for c in checks if not c.passed]
+    if failed:
+        print(f"{args.router}: {len(failed)} of {len(checks)} checks failed", file=sys.stderr)
+        sys.exit(1)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from dsv3_jax.report import write_report
 
@@ -514,6 +533,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "places between its start and done, and the bytes that can hide behind it (an estimate)")
     comp.add_argument("--json", action="store_true", help="print one JSON object")
     comp.set_defaults(func=cmd_compile)
+
+    check = sub.add_parser("check-router", help="the contract a router must keep (the suite's router tests) on "
+                                                 "a registered or module:name router")
+    check.add_argument("router", help="a registered name or module:name (imported, which registers it)")
+    check.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model config the checks start from")
+    check.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="config override, e.g. model.router_args.temperature=0.5")
+    check.add_argument("--host-devices", type=int, default=4, help="CPU devices for the sharded check (4)")
+    check.set_defaults(func=cmd_check_router)
 
     report = sub.add_parser("report", help="PNG plots from a run's metrics")
     report.add_argument("--run-dir", required=True, help="a run directory; plots are (re)written into it")

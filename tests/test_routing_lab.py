@@ -15,10 +15,11 @@ import pytest
 from dsv3_jax.config import Config, ConfigError, TrainConfig
 from dsv3_jax.model.routing import (BALANCERS, ROUTERS, Balancing, GlobalAuxLoss, ProportionalBiasBalancer,
                                     RouterZLoss, SignBiasBalancer, check_balancer, check_routing, chosen_mask,
-                                    expert_load)
+                                    expert_load, router_for, token_choice)
+from dsv3_jax.parallel.sharding import per_batch_shard
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_train_step
-from tests.conftest import cli_env, tiny_model_config
+from tests.conftest import cli_env, need_devices, tiny_model_config
 
 N, E = 48, 8
 
@@ -245,3 +246,81 @@ def test_plugin_hyperparameters_parse_merge_and_survive_config_json():
     hash(config.model)
     with pytest.raises(ConfigError, match="must look like model.balancer_args.NAME.FIELD=VALUE"):
         apply_overrides(config, ["model.balancer_args.alpha=1"])
+
+
+CONTRACT_ROUTERS = sorted(r for r in ROUTERS if ":" not in r)
+
+
+@pytest.mark.parametrize("name", CONTRACT_ROUTERS)
+def test_every_built_in_router_keeps_the_router_contract(name):
+    from dsv3_jax.model.router_contract import check_router, contract_config
+
+    need_devices(4)
+    checks = check_router(contract_config(tiny_model_config(), name))
+    assert any(c.name == "sharded == unsharded" and "skipped" not in c.detail for c in checks)
+    assert all(c.passed for c in checks), [c for c in checks if not c.passed]
+
+
+class _ClaimsNormalised:
+    """Softmax top-2 that claims gates summing to 1 but does not renormalise them (planted)."""
+
+    def gate_sum(self, cfg):
+        return 1.0
+
+    def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
+        probs_NE = jax.nn.softmax(logits_NE, axis=-1)
+        idx_NK = jax.lax.top_k(probs_NE, cfg.top_k)[1]
+        return token_choice(idx_NK, jnp.take_along_axis(probs_NE, idx_NK, -1), probs_NE, logits_NE)
+
+
+class _PerShardTopK:
+    """Each token's top-K among the experts, ranked against its own batch shard's mean affinity
+    (planted: a per-device statistic, so the routing changes with the sharding)."""
+
+    def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
+        def select(logits_nE):
+            centred = logits_nE - logits_nE.mean(0, keepdims=True)  # this shard's mean, not the batch's
+            return jax.lax.top_k(centred, cfg.top_k)[1]
+
+        idx_NK = per_batch_shard(select, logits_NE)
+        probs_NE = jax.nn.softmax(logits_NE, axis=-1)
+        gates_NK = jnp.take_along_axis(probs_NE, idx_NK, -1)
+        return token_choice(idx_NK, gates_NK, probs_NE, logits_NE)
+
+
+@pytest.mark.parametrize("planted, failing", [(_ClaimsNormalised, "gates sum to what the router claims"),
+                                              (_PerShardTopK, "sharded == unsharded")])
+def test_the_router_contract_fails_a_planted_router(monkeypatch, planted, failing):
+    from dsv3_jax.model.router_contract import check_router, contract_config
+
+    need_devices(4)
+    monkeypatch.setitem(ROUTERS, "planted", planted)
+    router_for.cache_clear()
+    checks = {c.name: c for c in check_router(contract_config(tiny_model_config(), "planted"))}
+    router_for.cache_clear()
+    assert not checks[failing].passed
+    assert [name for name, c in checks.items() if not c.passed] == [failing]  # only what was planted
+
+
+def test_dsv3_check_router_exits_1_on_a_broken_plugin_and_0_on_the_readme_one(tmp_path):
+    (tmp_path / "bad_router.py").write_text(textwrap.dedent("""
+        import jax, jax.numpy as jnp
+        from dsv3_jax.model.routing import register_router, token_choice
+
+        @register_router("same_expert_twice")
+        class SameExpertTwice:
+            def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
+                best_N = jnp.argmax(logits_NE, axis=-1)
+                idx_NK = jnp.stack([best_N] * cfg.top_k, axis=-1)
+                return token_choice(idx_NK, jnp.full(idx_NK.shape, 0.5), jax.nn.sigmoid(logits_NE), logits_NE)
+    """))
+    (tmp_path / "my_routers.py").write_text(PLUGIN)
+    env = cli_env(PYTHONPATH=str(tmp_path))
+    bad = subprocess.run([sys.executable, "-m", "dsv3_jax.cli", "check-router", "bad_router:same_expert_twice"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 1, bad.stderr
+    assert "FAIL  token choice: K distinct experts per token: 64 tokens got an expert twice" in bad.stdout
+    good = subprocess.run([sys.executable, "-m", "dsv3_jax.cli", "check-router", "my_routers:softmax_temp",
+                           "--set", "model.router_args.temperature=0.5"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert good.returncode == 0 and "FAIL" not in good.stdout and "PASS  sharded == unsharded" in good.stdout, good.stdout

@@ -160,6 +160,9 @@ class DeepSeekV3Router:
     `model.score_func=softmax` and `norm_topk_prob=false` this is DeepSeek-V2's router."""
     group_limited = True  # a token's experts lie in topk_group groups (bounds its expert-parallel fan-out)
 
+    def gate_sum(self, cfg):  # what each token's gates sum to (the router contract checks it)
+        return cfg.routed_scaling_factor if cfg.norm_topk_prob else None
+
     def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
         expert_idx_NK, gates_NK, scores_NE = route(logits_NE, bias_E, cfg)
         return token_choice(expert_idx_NK, gates_NK, scores_NE, logits_NE.astype(jnp.float32))
@@ -181,6 +184,9 @@ class DeepSeekV2Router:
 class SwitchRouter:
     """Switch / GShard-style (Fedus et al. 2021; Lepikhin et al. 2020): softmax over all experts,
     plain top-K, gates = the top-K probabilities renormalised to sum to 1 (top-1: the probability)."""
+
+    def gate_sum(self, cfg):
+        return 1.0 if cfg.top_k > 1 else None
 
     def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
         probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
@@ -214,6 +220,9 @@ class ExpertChoiceRouter:
 class HashRouter:
     """Hash routing baseline (Roller et al. 2021): a fixed hash of the token id picks K distinct
     experts; gates are 1/K. The router weights receive no gradient."""
+
+    def gate_sum(self, cfg):
+        return 1.0
 
     def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
         N, E = logits_NE.shape
