@@ -169,10 +169,10 @@ def test_a_plugin_router_with_its_own_hyperparameter_and_a_loss_only_balancer_tr
     (tmp_path / "my_routers.py").write_text(PLUGIN)
     env = cli_env(PYTHONPATH=str(tmp_path))
     run = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "dsv3_jax.cli", "train", "--steps", "3", "--run-dir", str(run),
-                          "--set", "model.router=my_routers:softmax_temp", "--set", "model.router_args.temperature=0.5",
-                          "--set", "model.balancer=aux_free+my_routers:load_entropy",
-                          "--set", "model.balancer_args.load_entropy.alpha=0.25", *TINY_CLI],
+    args = ["3", "--set", "model.router=my_routers:softmax_temp", "--set", "model.router_args.temperature=0.5",
+            "--set", "model.balancer=aux_free+my_routers:load_entropy",
+            "--set", "model.balancer_args.load_entropy.alpha=0.25", *TINY_CLI]
+    out = subprocess.run([sys.executable, "-m", "dsv3_jax.cli", "train", "--run-dir", str(run), "--steps", *args],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -191,6 +191,17 @@ def test_a_plugin_router_with_its_own_hyperparameter_and_a_loss_only_balancer_tr
     assert router[-1]["max_vio"][0] == pytest.approx(load.max() / load.mean() - 1)
     share = load[load > 0] / load.sum()
     assert router[-1]["load_entropy"][0] == pytest.approx(-np.sum(share * np.log(share)))
+
+    # The router's learned temperature is a parameter of the model: stopped after 2 steps and
+    # resumed, the run's third step is the uninterrupted run's.
+    resumed = tmp_path / "resumed"
+    for steps, more in (("2", []), ("3", ["--resume"])):
+        out = subprocess.run([sys.executable, "-m", "dsv3_jax.cli", "train", "--steps", steps, "--run-dir", str(resumed),
+                              *more, *args[1:]], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+    again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [1, 2, 3] and again[-1]["loss"] == records[-1]["loss"]
 
 
 @pytest.mark.parametrize("overrides, message", [

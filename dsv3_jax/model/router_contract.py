@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.routing import Routing, configured_router, is_token_choice
+from dsv3_jax.model.routing import Routing, call_router, configured_router, is_token_choice
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.sharding import RULES
 
@@ -55,7 +55,13 @@ def _equal(a: Routing, b: Routing) -> bool:
 
 def check_router(cfg: ModelConfig, devices: list | None = None) -> list[Check]:
     """Every check of the contract on `cfg.router` (see the module docstring); none raises."""
-    router = configured_router(cfg)
+    plugin = configured_router(cfg)
+    init = getattr(plugin, "init_params", None)
+    params = None if init is None else {k: jnp.asarray(v, jnp.float32) for k, v in init(cfg, jax.random.key(1)).items()}
+
+    def router(logits_NE, bias_E, token_ids_N, cfg, params=params):  # with its own parameters, if any
+        return call_router(plugin, logits_NE, bias_E, token_ids_N, cfg, params)
+
     logits_NE, bias_E, token_ids_N = _inputs(cfg)
     N, E, K = N_TOKENS, cfg.n_routed_experts, cfg.top_k
     checks: list[Check] = []
@@ -86,7 +92,7 @@ def check_router(cfg: ModelConfig, devices: list | None = None) -> list[Check]:
     check("well-formed Routing", well_formed)
     check("gates finite and >= 0", lambda: (bool(jnp.all(jnp.isfinite(routing.gate_M)) & jnp.all(routing.gate_M >= 0)),
                                             f"min gate {float(routing.gate_M.min()):.3g}"))
-    claimed = getattr(router, "gate_sum", None)
+    claimed = getattr(plugin, "gate_sum", None)
     total = None if claimed is None else claimed(cfg)
     if total is not None:
         def sums():
@@ -109,10 +115,13 @@ def check_router(cfg: ModelConfig, devices: list | None = None) -> list[Check]:
                                                         routing), "jax.jit(router) against eager"))
     check("deterministic", lambda: (_equal(router(logits_NE, bias_E, token_ids_N, cfg), routing), "called twice"))
 
-    def gradients():
+    def gradients():  # with respect to the logits and the router's own parameters
         weights_M = jax.random.normal(jax.random.key(7), routing.gate_M.shape)
-        grad = jax.grad(lambda l: jnp.sum(router(l, bias_E, token_ids_N, cfg).gate_M * weights_M))(logits_NE)
-        return bool(jnp.all(jnp.isfinite(grad))), f"|d gates / d logits| max {float(jnp.abs(grad).max()):.3g}"
+        objective = lambda l, p: jnp.sum(router(l, bias_E, token_ids_N, cfg, params=p).gate_M * weights_M)
+        grads = jax.grad(objective, argnums=(0, 1))(logits_NE, params)
+        finite = all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+        own = f"; own parameters: {', '.join(params)}" if params else ""
+        return finite, f"|d gates / d logits| max {float(jnp.abs(grads[0]).max()):.3g}{own}"
 
     check("finite gradients", gradients)
     devices = jax.devices() if devices is None else devices

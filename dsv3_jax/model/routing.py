@@ -512,6 +512,28 @@ def resolve(registry: dict, name: str, kind: str):
     return registry[name]
 
 
+class RouterParams(nnx.Module):
+    """A plugin router's own parameters, one Param per name (replicated: they are small)."""
+
+    def __init__(self, arrays: dict[str, Array]):
+        self.names = tuple(sorted(arrays))
+        for name in self.names:
+            value = jnp.asarray(arrays[name], jnp.float32)
+            setattr(self, name, nnx.Param(value, logical_axes=(None,) * value.ndim))
+
+    def values(self) -> dict[str, Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+def call_router(router, logits_NE, bias_E, token_ids_N, cfg, params: dict | None = None) -> Routing:
+    """A router's routing; one with `init_params` also gets its parameters (`params=`)."""
+    if getattr(router, "init_params", None) is None:
+        return router(logits_NE, bias_E, token_ids_N, cfg)
+    if params is None:
+        raise ValueError("this router has parameters of its own (init_params): pass them as params=")
+    return router(logits_NE, bias_E, token_ids_N, cfg, params=params)
+
+
 class Router(nnx.Module):
     """Centroids e_i and the routing bias b; runs the configured router and balancer losses."""
 
@@ -522,6 +544,10 @@ class Router(nnx.Module):
         self.centroids_DE = param(rngs, (cfg.d_model, cfg.n_routed_experts), ("embed", "router"),
                                   cfg.init_std, dtype_of(cfg.param_dtype))
         self.bias_E = RoutingBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), logical_axes=("router",))
+        # A plugin router's own parameters (`init_params(cfg, key) -> {name: array}`): Params of
+        # this layer, so they train, are stacked over layers and checkpoint with the model.
+        init = getattr(configured_router(cfg), "init_params", None)
+        self.own = None if init is None else RouterParams(init(cfg, rngs.params()))
 
     def __call__(self, x_BTD: Float[Array, "B T D"], token_ids_BT: Array | None = None
                  ) -> tuple[Routing, RouterStats]:
@@ -529,7 +555,8 @@ class Router(nnx.Module):
         cfg = self.cfg
         logits_NE = jnp.dot(x_BTD.reshape(B * T, D).astype(jnp.float32), self.centroids_DE[...].astype(jnp.float32))
         token_ids_N = (token_ids_BT if token_ids_BT is not None else jnp.zeros((B, T), jnp.int32)).reshape(-1)
-        routing = configured_router(cfg)(logits_NE, self.bias_E[...], token_ids_N, cfg)
+        routing = call_router(configured_router(cfg), logits_NE, self.bias_E[...], token_ids_N, cfg,
+                              None if self.own is None else self.own.values())
         losses = {name: balancer_loss(configured_balancer(cfg, name), routing, B, T, cfg) for name in cfg.balancer_names}
         stats = RouterStats(
             expert_load=expert_load(routing, cfg.n_routed_experts),
