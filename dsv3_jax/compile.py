@@ -155,6 +155,14 @@ PAIR_SCOPES = (FORWARD_CHUNK, BACKWARD_CHUNK)  # the name scopes of an F&B pair'
 _OVERLAP_HARDWARE = {"h100": "h100", "h800": "h800", "h200": "h100", "v5p": "tpu-v5p"}
 
 
+def other_chunk_flops(window: dict) -> float:
+    """FLOPs in an `async_windows` window from ops of another named scope than the one that issued
+    the collective (in an F&B pair: the other micro-batch's chunk); 0 for an unscoped collective."""
+    if window.get("scope") is None:
+        return 0.0
+    return sum(f for scope, f in window["flops_by_scope"].items() if scope not in (None, window["scope"]))
+
+
 def overlap_summary(windows: list[dict], hardware=None) -> dict:
     """What the schedule can hide, from `hlo_stats.async_windows` of a scheduled program.
 
@@ -183,7 +191,7 @@ def overlap_summary(windows: list[dict], hardware=None) -> dict:
     for w in windows:
         if w["kind"] not in ("all-to-all", "ragged-all-to-all") or w.get("scope") is None:
             continue
-        other = sum(f for scope, f in w["flops_by_scope"].items() if scope not in (None, w["scope"]))
+        other = other_chunk_flops(w)
         pair["all_to_alls"] += 1
         pair["bytes"] += w["bytes"]
         pair["with_other_chunk"] += other > 0
@@ -344,7 +352,8 @@ def planned_vs_compiled(planned, report: CompileReport, config: Config) -> list[
             (f"compiled on {on}: total per device", f"{_gib(report.memory['total'])} of {_gib(report.memory['device'])}")]
 
 
-def _options_text(platform: str) -> str:
+def options_text(platform: str) -> str:
+    """The compiler options `platform.py` sets for `platform`, as flags."""
     options = compiler_options(platform)
     return ", ".join(f"--{k}={str(v).lower()}" for k, v in options.items()) or "none needed (XLA's defaults)"
 
@@ -360,7 +369,7 @@ def report_lines(report: CompileReport) -> list[str]:
     mesh = ",".join(f"{a}={n}" for a, n in report.mesh.items())
     lines = [f"## {report.what}{' (fp8)' if report.fp8 else ''} on {report.target} ({report.devices} x "
              f"{report.device_kind}), mesh {mesh}" + (f", schedule {report.schedule}" if report.schedule else ""), "",
-             f"compiler options: {_options_text(report.target_platform)}", "",
+             f"compiler options: {options_text(report.target_platform)}", "",
              f"compiled in {report.compile_s:.1f} s" + (f"; {report.flops / 1e12:.3f} TFLOP per device (cost model)"
                                                          if report.flops else ""), "",
              "| per device | bytes |", "|---|---|"]

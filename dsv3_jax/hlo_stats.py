@@ -138,62 +138,39 @@ def _dims(shape: str) -> list[int]:
     return [int(d) for d in match.group(2).split(",") if d] if match else []
 
 
-def _dot_flops(line: str, out_shape: str, shapes: dict[str, str], args: str) -> float:
-    """2 x output elements x contracted elements of a `dot` (contracting dims of its lhs)."""
-    lhs = args.split(",")[0].strip().split()[-1].lstrip("%")
-    contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", line)
-    lhs_dims = _dims(shapes.get(lhs, ""))
-    k = math.prod(lhs_dims[int(i)] for i in contracting.group(1).split(",") if i) if contracting and lhs_dims else 1
-    return 2.0 * math.prod(_dims(out_shape)) * k
-
-
-_GEMM_CONTRACTING = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
-
-
-def _gemm_call_flops(line: str, out_shape: str, shapes: dict[str, str], args: str) -> float:
-    """A library GEMM (cuBLAS custom call, as XLA:GPU emits dots it does not fuse): 2 x output
-    elements x the lhs's contracting elements read from its backend config."""
-    if "__cublas" not in line:
-        return 0.0
-    lhs = args.split(",")[0].strip().split()[-1].lstrip("%")
-    contracting, lhs_dims = _GEMM_CONTRACTING.search(line), _dims(shapes.get(lhs, ""))
-    if not contracting or not lhs_dims:
-        return 0.0
-    k = math.prod(lhs_dims[int(i.strip(' "'))] for i in contracting.group(1).split(",") if i.strip(' "'))
-    return 2.0 * math.prod(_dims(out_shape)) * k
-
-
+_DOT_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([0-9,]*)\}")
+_GEMM_CONTRACTING = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')  # a cuBLAS call's backend config
 _DIM_LABELS = re.compile(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)")
 _WINDOW_SIZE = re.compile(r"window=\{size=([0-9x]+)")
 _GROUPS = re.compile(r"feature_group_count=([0-9]+)")
 
 
-def _convolution_flops(line: str, out_shape: str, shapes: dict[str, str], args: str) -> float:
-    """XLA:TPU writes dots as convolutions (`dim_labels=bf_io->bf`): 2 x output elements x the
-    lhs's feature dimension x the window, over the feature groups."""
-    labels = _DIM_LABELS.search(line)
-    lhs_dims = _dims(shapes.get(args.split(",")[0].strip().split()[-1].lstrip("%"), ""))
-    if not labels or not lhs_dims or "f" not in labels.group(1):
-        return 0.0
-    window = _WINDOW_SIZE.search(line)
-    taps = math.prod(int(d) for d in window.group(1).split("x")) if window else 1
-    groups = _GROUPS.search(line)
-    features = lhs_dims[labels.group(1).index("f")] // (int(groups.group(1)) if groups else 1)
-    return 2.0 * math.prod(_dims(out_shape)) * features * taps
+def _contracted(line: str, op: str, lhs_dims: list[int]) -> int | None:
+    """Elements each output element sums over, for the ops that multiply matrices: a `dot`; a
+    `convolution` (XLA:TPU writes dots as `dim_labels=bf_io->bf`: the lhs's feature dimension x the
+    window, over the feature groups); a cuBLAS custom call (dots XLA:GPU does not fuse). None else."""
+    if op == "convolution":
+        labels = _DIM_LABELS.search(line)
+        if not labels or "f" not in labels.group(1):
+            return None
+        window, groups = _WINDOW_SIZE.search(line), _GROUPS.search(line)
+        taps = math.prod(int(d) for d in window.group(1).split("x")) if window else 1
+        return lhs_dims[labels.group(1).index("f")] // (int(groups.group(1)) if groups else 1) * taps
+    found = _DOT_CONTRACTING.search(line) if op == "dot" else \
+        _GEMM_CONTRACTING.search(line) if op == "custom-call" and "__cublas" in line else None
+    if found is None:
+        return None if op != "dot" else 1
+    return math.prod(lhs_dims[int(i.strip(' "'))] for i in found.group(1).split(",") if i.strip(' "'))
 
 
 def _instruction_flops(line: str, m, shapes: dict[str, str]) -> float:
-    """Dot FLOPs of one instruction itself (a dot, a TPU convolution or a library GEMM call), not
-    of what it calls."""
-    if not m:
+    """Matmul FLOPs of one instruction itself (2 x output elements x contracted elements), not of
+    the computations it calls."""
+    if not m or m.group("op") not in ("dot", "convolution", "custom-call"):
         return 0.0
-    if m.group("op") == "dot":
-        return _dot_flops(line, m.group("shape"), shapes, m.group("args"))
-    if m.group("op") == "convolution":
-        return _convolution_flops(line, m.group("shape"), shapes, m.group("args"))
-    if m.group("op") == "custom-call":
-        return _gemm_call_flops(line, m.group("shape"), shapes, m.group("args"))
-    return 0.0
+    lhs_dims = _dims(shapes.get(m.group("args").split(",")[0].strip().split()[-1].lstrip("%"), ""))
+    k = _contracted(line, m.group("op"), lhs_dims) if lhs_dims else (1 if m.group("op") == "dot" else None)
+    return 0.0 if k is None else 2.0 * math.prod(_dims(m.group("shape"))) * k
 
 
 def computation_flops(computations: dict[str, list[str]]) -> dict[str, float]:

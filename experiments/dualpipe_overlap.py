@@ -42,10 +42,9 @@ CASES = {  # name -> (what, mesh, schedule)
 def run_case(target_name: str, case: str) -> dict:
     """One compile (in this process): the summary and the all-to-all windows."""
     from dsv3_jax import hlo_stats
-    from dsv3_jax.compile import PAIR_SCOPES, _OVERLAP_HARDWARE, compile_step, overlap_summary
+    from dsv3_jax.compile import PAIR_SCOPES, _OVERLAP_HARDWARE, compile_step, other_chunk_flops, overlap_summary
     from dsv3_jax.config import apply_overrides, get_preset
     from dsv3_jax.parallel.plan import HARDWARE
-    from dsv3_jax.platform import compiler_options
     from dsv3_jax.targets import parse_target
 
     what, mesh, schedule = CASES[case]
@@ -58,14 +57,14 @@ def run_case(target_name: str, case: str) -> dict:
     a2a = [w for w in windows if w["kind"] == "all-to-all"]
     rows = []
     for w in a2a:
-        own = w["flops_by_scope"].get(w["scope"], 0.0) if w["scope"] else w["flops_between"]
-        other = w["flops_between"] - own
+        other = other_chunk_flops(w)
+        own = w["flops_between"] - other
         rows.append({"computation": w["computation"], "scope": w["scope"], "bytes": w["bytes"],
                      "ops_between": w["ops_between"], "own_flops": own, "other_flops": other,
                      "transfer_s": w["bytes"] / hardware.node_link_bytes_per_s,
                      "compute_s": w["flops_between"] / hardware.bf16_flops})
     return {"target": target_name, "case": case, "compile_s": report.compile_s,
-            "options": compiler_options(target.platform), "summary": overlap_summary(windows, hardware),
+            "summary": overlap_summary(windows, hardware),
             "windows": rows, "temporary": report.memory["temporary"]}
 
 
@@ -147,9 +146,11 @@ def main() -> None:
              "above), so GPU FLOPs inside windows overstate the useful work.", ""]
     for target_name in args.targets:
         mine = [r for r in results if r["target"] == target_name]
-        options = next((r["options"] for r in mine if "options" in r), {})
-        flags = ", ".join(f"`--{k}={str(v).lower()}`" for k, v in options.items()) or "none (XLA's defaults)"
-        lines += [f"## {target_name}", "", f"compiler options set by the package: {flags}", "",
+        from dsv3_jax.compile import options_text
+        from dsv3_jax.targets import parse_target
+
+        lines += [f"## {target_name}", "", f"compiler options set by the package: "
+                                           f"{options_text(parse_target(target_name).platform)}", "",
                   "| case | all-to-alls | bytes | with compute inside | bytes hidden | windows with the other chunk's GEMMs | compile |",
                   "|---|---|---|---|---|---|---|"]
         lines += [_summary_row(r) for r in mine]

@@ -58,6 +58,12 @@ def test_train_step_for_tpu_moves_tokens_not_experts_and_uses_no_cpu_fallback(tp
     # Expert parallelism (report §3.2.2): tokens travel by all-to-all; no expert weight is gathered.
     assert r.collectives["all-to-all"]["count"] > 0 and r.collectives["all-to-all"]["bytes"] > 0
     assert r.collectives["all-gather"]["count"] == 0
+    # platform.py's TPU options reach the compiler: the token all-to-alls are asynchronous (start /
+    # done pairs the scheduler can put compute between; without the option XLA:TPU keeps all 8
+    # synchronous). Only the per-rank counts' exchange, with nothing to overlap, is made sync again.
+    synchronous = [hlo_stats.shape_bytes(m.group("shape")) for m in hlo_stats._INSTRUCTION.finditer(r.hlo)
+                   if m.group("op") == "all-to-all"]
+    assert r.hlo.count(" all-to-all-start(") >= 6 and all(size <= 64 for size in synchronous), synchronous
     # The grouped GEMM is ragged_dot (lowered by XLA:TPU to its Mosaic kernels), not CPU's blocked
     # loops: the optimized program has no loop at all.
     assert r.program["ragged_dot"] > 0 and r.ops["while"] == 0

@@ -133,8 +133,14 @@ def check_router(cfg: ModelConfig, devices: list | None = None) -> list[Check]:
             with jax.set_mesh(mesh):
                 run = jax.jit(lambda l, b, t: router(l, b, t, cfg), in_shardings=(rows, RULES.sharding((), mesh),
                                                                                    RULES.sharding(("batch",), mesh)))
-                got = run(logits_NE, bias_E, token_ids_N)
-            return _equal(jax.device_get(got), routing), f"tokens over expert={shards} against one device"
+                compiled = run.lower(logits_NE, bias_E, token_ids_N).compile()
+                got = compiled(logits_NE, bias_E, token_ids_N)
+            # The compiled program really holds N / shards tokens per device (else the check proves nothing).
+            per_device = compiled.input_shardings[0][0].shard_shape(logits_NE.shape)
+            if per_device[0] != N // shards:
+                return False, f"the tokens were not split: {per_device[0]} of {N} rows per device"
+            return _equal(jax.device_get(got), routing), \
+                f"tokens over expert={shards} ({per_device[0]} of {N} per device) against one device"
         check("sharded == unsharded", sharded)
     else:
         checks.append(Check("sharded == unsharded", True, "skipped: one device (dsv3 check-router --host-devices 4)"))

@@ -266,7 +266,7 @@ def check_balancer(name: str, balancer) -> None:
                           "bias_update(bias_LE, load_LE, rate): it would do nothing")
 
 
-def check_router(name: str, router) -> None:
+def check_router_callable(name: str, router) -> None:
     """ConfigError unless `router` is callable as (logits_NE, bias_E, token_ids_N, cfg) -> Routing."""
     if not callable(router):
         raise ConfigError(f"router {name!r} is not callable: define __call__(self, logits_NE, bias_E, token_ids_N, cfg)")
@@ -418,7 +418,7 @@ def check_routing(cfg: ModelConfig) -> None:
         if key.rpartition(".")[0] not in names:
             raise ConfigError(f"model.balancer_args.{key}: {key.rpartition('.')[0]!r} is not one of the run's "
                               f"balancers (model.balancer={cfg.balancer!r})")
-    for names, kind, build, check in (([cfg.router], "router", lambda _: configured_router(cfg), check_router),
+    for names, kind, build, check in (([cfg.router], "router", lambda _: configured_router(cfg), check_router_callable),
                                       (cfg.balancer_names, "balancer", lambda n: configured_balancer(cfg, n),
                                        check_balancer)):
         for name in names:

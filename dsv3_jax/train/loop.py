@@ -255,8 +255,8 @@ def layer_routing_stats(load_LE: np.ndarray) -> dict[str, list]:
     load_LE = np.asarray(load_LE, np.float64)
     share_LE = load_LE / np.maximum(load_LE.sum(-1, keepdims=True), 1e-12)
     entropy_L = -np.sum(np.where(share_LE > 0, share_LE * np.log(np.maximum(share_LE, 1e-300)), 0.0), -1)
-    max_vio_L = load_LE.max(-1) / np.maximum(load_LE.mean(-1), 1e-12) - 1.0
-    return {"expert_load": load_LE.tolist(), "max_vio": max_vio_L.tolist(), "load_entropy": entropy_L.tolist()}
+    return {"expert_load": load_LE.tolist(), "max_vio": np.asarray(max_violation(load_LE)).tolist(),
+            "load_entropy": entropy_L.tolist()}
 
 
 def _appender(path: Path, main: bool):
