@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.config import Config, ConfigError, TrainConfig
-from dsv3_jax.model.routing import (BALANCERS, ROUTERS, Balancing, GlobalAuxLoss, ProportionalBiasBalancer,
+from dsv3_jax.model.routing import (BALANCERS, ROUTERS, Balancing, GlobalAuxLoss, ProportionalBiasBalancer, register_router,
                                     RouterZLoss, SignBiasBalancer, check_balancer, check_routing, chosen_mask,
                                     expert_load, router_for, token_choice)
 from dsv3_jax.parallel.sharding import per_batch_shard
@@ -338,3 +338,59 @@ def test_dsv3_check_router_exits_1_on_a_broken_plugin_and_0_on_the_readme_one(tm
                            "--set", "model.router_args.temperature=0.5"], capture_output=True, text=True, env=env,
                           timeout=120)
     assert good.returncode == 0 and "FAIL" not in good.stdout and "PASS  sharded == unsharded" in good.stdout, good.stdout
+
+
+@register_router("test_noisy_topk")
+class _NoisyTopK:
+    """Exploration noise on the logits that anneals to 0 over 4 steps (uses key= and step=)."""
+
+    def __call__(self, logits_NE, bias_E, token_ids_N, cfg, key, step):
+        scale = 3.0 * jnp.maximum(0.0, 1.0 - step / 4.0)
+        noisy_NE = logits_NE + scale * jax.random.gumbel(key, logits_NE.shape)
+        idx_NK = jax.lax.top_k(noisy_NE + bias_E, cfg.top_k)[1]
+        probs_NE = jax.nn.softmax(logits_NE, -1)
+        return token_choice(idx_NK, jnp.take_along_axis(probs_NE, idx_NK, -1), probs_NE, logits_NE)
+
+
+def test_a_router_gets_a_key_per_layer_and_step_and_the_step_it_is_at():
+    from dsv3_jax.model.routing import RouterClock
+    from dsv3_jax.train.step import make_eval_step
+
+    config = Config(model=tiny_model_config(router="test_noisy_topk", n_layers=3, mtp_depth=0, n_group=1,
+                                            topk_group=1),
+                    train=TrainConfig(steps=5, batch_size=2, seq_len=16))
+    graphdef, optimizer, state = create_train_state(config, 0)
+    clocks = lambda s: [v.get_value() for v in jax.tree.leaves(s.routing_bias, is_leaf=lambda x: isinstance(x, RouterClock))
+                        if isinstance(v, RouterClock)]
+    (clock_L2,) = clocks(state)  # (seed, step) per MoE layer: 2 layers, distinct seeds, at step 0
+    assert clock_L2.shape == (2, 2) and clock_L2[0, 0] != clock_L2[1, 0] and list(clock_L2[:, 1]) == [0, 0]
+    tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, config.model.vocab_size)
+    evaluate = jax.jit(make_eval_step(config, graphdef))
+    loads = lambda s: np.asarray(evaluate(s, tokens)["expert_load"])
+    np.testing.assert_array_equal(loads(state), loads(state))  # the same clock: the same routing
+    step = jax.jit(make_train_step(config, graphdef, optimizer))
+    state, _ = step(state, tokens)
+    state, _ = step(state, tokens)
+    (after_L2,) = clocks(state)
+    np.testing.assert_array_equal(after_L2, clock_L2 + np.array([0, 2]))  # seeds kept, two steps taken
+    # Only the clock moves the routing here (no bias balancer, same weights): another step, another key.
+    moved = state.replace(routing_bias=jax.tree.map(
+        lambda v: v.replace(v.get_value().at[:, 1].add(1)) if isinstance(v, RouterClock) else v,
+        state.routing_bias, is_leaf=lambda x: isinstance(x, RouterClock)))
+    assert not np.array_equal(loads(moved), loads(state))
+    # At step 4 the noise has annealed away: the routing is the noiseless top-k, whatever the seed.
+    at_step = lambda s, n: s.replace(routing_bias=jax.tree.map(
+        lambda v: v.replace(v.get_value().at[:, 1].set(n).at[:, 0].add(n)) if isinstance(v, RouterClock) else v,
+        s.routing_bias, is_leaf=lambda x: isinstance(x, RouterClock)))
+    np.testing.assert_array_equal(loads(at_step(state, 4)), loads(at_step(state, 5)))
+    # A router that takes no key has no clock in its state.
+    plain = Config(model=tiny_model_config(n_layers=3, mtp_depth=0), train=config.train)
+    assert clocks(create_train_state(plain, 0)[2]) == []
+
+
+def test_a_router_that_takes_a_key_keeps_the_router_contract():
+    from dsv3_jax.model.router_contract import check_router, contract_config
+
+    checks = {c.name: c for c in check_router(contract_config(tiny_model_config(), "test_noisy_topk"))}
+    assert all(c.passed for c in checks.values()), [c for c in checks.values() if not c.passed]
+    assert checks["deterministic given its key"].detail == "called twice with the same key"

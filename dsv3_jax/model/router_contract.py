@@ -6,7 +6,8 @@ The checks the suite runs on the built-in routers, runnable on a plugin before i
 `Routing` it returns is well formed (shapes, indices in range), gates are finite and >= 0 and,
 for a router that says what they sum to (an optional `gate_sum(cfg)` method), sum to that per
 token; a token-choice router gives each token K distinct experts as assignments n * K + k; it
-jits (same result), is deterministic, has finite gradients, and gives the same routing when the
+jits (same result), is deterministic given its key (a router that takes `key=` gets the same one
+twice, and must then give the same routing), has finite gradients, and gives the same routing when the
 tokens are sharded over an expert mesh as on one device (what the model's expert-parallel layers
 rely on: a router that routes per shard, e.g. capacity per device, fails it).
 """
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.routing import Routing, call_router, configured_router, is_token_choice
+from dsv3_jax.model.routing import Routing, call_router, configured_router, is_token_choice, router_inputs
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.sharding import RULES
 
@@ -59,8 +60,10 @@ def check_router(cfg: ModelConfig, devices: list | None = None) -> list[Check]:
     init = getattr(plugin, "init_params", None)
     params = None if init is None else {k: jnp.asarray(v, jnp.float32) for k, v in init(cfg, jax.random.key(1)).items()}
 
+    key, step = jax.random.key(3), jnp.asarray(5, jnp.int32)  # for a router that takes key= / step=
+
     def router(logits_NE, bias_E, token_ids_N, cfg, params=params):  # with its own parameters, if any
-        return call_router(plugin, logits_NE, bias_E, token_ids_N, cfg, params)
+        return call_router(plugin, logits_NE, bias_E, token_ids_N, cfg, params, key, step)
 
     logits_NE, bias_E, token_ids_N = _inputs(cfg)
     N, E, K = N_TOKENS, cfg.n_routed_experts, cfg.top_k
@@ -113,7 +116,9 @@ def check_router(cfg: ModelConfig, devices: list | None = None) -> list[Check]:
         check("token choice: K distinct experts per token", token_choice)
     check("jit gives the same routing", lambda: (_equal(jax.jit(lambda *a: router(*a, cfg))(logits_NE, bias_E, token_ids_N),
                                                         routing), "jax.jit(router) against eager"))
-    check("deterministic", lambda: (_equal(router(logits_NE, bias_E, token_ids_N, cfg), routing), "called twice"))
+    check("deterministic given its key", lambda: (_equal(router(logits_NE, bias_E, token_ids_N, cfg), routing),
+                                                  "called twice" + (" with the same key" if "key" in
+                                                                    router_inputs(plugin) else "")))
 
     def gradients():  # with respect to the logits and the router's own parameters
         weights_M = jax.random.normal(jax.random.key(7), routing.gate_M.shape)

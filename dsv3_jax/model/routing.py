@@ -20,6 +20,9 @@ Adding a variant: write one class and register it (see README, "Routing lab"):
         def __call__(self, logits_NE, bias_E, token_ids_N, cfg) -> Routing: ...
 
 Then `dsv3 train --set model.router=my_router` uses it; the rest of the system is unchanged. A
+router may also take, by keyword, `params=` (its own parameters, from an `init_params(cfg, key)`
+method: they train and checkpoint with the model), `key=` (a PRNG key, new every step and distinct
+per layer: noisy top-k, Gumbel sampling) and `step=` (the optimizer steps taken: annealing). A
 router whose assignments are not token n's K choices in order (M = N * K, assignment n * K + k) sets
 `token_choice = False`: meshes then leave its experts to GSPMD instead of the explicit dispatches.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import typing
 from typing import Callable, NamedTuple, Protocol
 
@@ -45,6 +49,12 @@ from dsv3_jax.parallel.sharding import per_batch_shard
 class RoutingBias(nnx.Variable):
     """The aux-loss-free selection bias b (eq. 16). Not a Param: no gradient, no optimizer,
     no weight decay; bias balancers move it after each optimizer step."""
+
+
+class RouterClock(RoutingBias):
+    """A router's (seed, step) for the routers that take `key=` / `step=`: int32 [2] per layer, in the
+    train state beside the bias (so it is checkpointed and resumes exactly); the seed is drawn at
+    initialisation (distinct per layer), the step advances by one after each optimizer step."""
 
 
 class Routing(NamedTuple):
@@ -266,10 +276,27 @@ def check_balancer(name: str, balancer) -> None:
                           "bias_update(bias_LE, load_LE, rate): it would do nothing")
 
 
+OPTIONAL_ROUTER_INPUTS = ("params", "key", "step")
+
+
+def router_inputs(router) -> tuple[str, ...]:
+    """Which of params= / key= / step= the router's __call__ takes."""
+    try:
+        taken = inspect.signature(router).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: the four positional inputs only
+        return ()
+    return tuple(name for name in OPTIONAL_ROUTER_INPUTS if name in taken)
+
+
 def check_router_callable(name: str, router) -> None:
-    """ConfigError unless `router` is callable as (logits_NE, bias_E, token_ids_N, cfg) -> Routing."""
+    """ConfigError unless `router` is callable as (logits_NE, bias_E, token_ids_N, cfg) -> Routing, and
+    takes `params=` exactly when it has an `init_params` method."""
     if not callable(router):
         raise ConfigError(f"router {name!r} is not callable: define __call__(self, logits_NE, bias_E, token_ids_N, cfg)")
+    has_init, takes_params = getattr(router, "init_params", None) is not None, "params" in router_inputs(router)
+    if has_init != takes_params:
+        raise ConfigError(f"router {name!r} " + ("has init_params but its __call__ takes no params=" if has_init else
+                                                 "takes params= but has no init_params(cfg, key) to create them"))
 
 
 def balancer_loss(balancer: Balancer, routing: Routing, batch: int, seq: int, cfg: ModelConfig):
@@ -525,13 +552,20 @@ class RouterParams(nnx.Module):
         return {name: getattr(self, name)[...] for name in self.names}
 
 
-def call_router(router, logits_NE, bias_E, token_ids_N, cfg, params: dict | None = None) -> Routing:
-    """A router's routing; one with `init_params` also gets its parameters (`params=`)."""
-    if getattr(router, "init_params", None) is None:
-        return router(logits_NE, bias_E, token_ids_N, cfg)
-    if params is None:
-        raise ValueError("this router has parameters of its own (init_params): pass them as params=")
-    return router(logits_NE, bias_E, token_ids_N, cfg, params=params)
+def call_router(router, logits_NE, bias_E, token_ids_N, cfg, params: dict | None = None,
+                key: Array | None = None, step: Array | None = None) -> Routing:
+    """A router's routing, passing the optional inputs (params=, key=, step=) it takes."""
+    given = {"params": params, "key": key, "step": step}
+    optional = {name: given[name] for name in router_inputs(router)}
+    missing = [name for name, value in optional.items() if value is None]
+    if missing:
+        raise ValueError(f"this router takes {', '.join(n + '=' for n in missing)}: pass them")
+    return router(logits_NE, bias_E, token_ids_N, cfg, **optional)
+
+
+def clock_key(clock: Int[Array, "2"]) -> Array:
+    """The PRNG key of a router clock's step: its layer's seed folded with the step."""
+    return jax.random.fold_in(jax.random.key(clock[0]), clock[1])
 
 
 class Router(nnx.Module):
@@ -548,6 +582,11 @@ class Router(nnx.Module):
         # this layer, so they train, are stacked over layers and checkpoint with the model.
         init = getattr(configured_router(cfg), "init_params", None)
         self.own = None if init is None else RouterParams(init(cfg, rngs.params()))
+        # A router that takes key= / step= gets them from its layer's clock (seed, step).
+        wants_clock = {"key", "step"} & set(router_inputs(configured_router(cfg)))
+        self.clock = None if not wants_clock else RouterClock(
+            jnp.stack([jax.random.randint(rngs.params(), (), 0, jnp.iinfo(jnp.int32).max, jnp.int32),
+                       jnp.zeros((), jnp.int32)]), logical_axes=(None,))
 
     def __call__(self, x_BTD: Float[Array, "B T D"], token_ids_BT: Array | None = None
                  ) -> tuple[Routing, RouterStats]:
@@ -555,8 +594,10 @@ class Router(nnx.Module):
         cfg = self.cfg
         logits_NE = jnp.dot(x_BTD.reshape(B * T, D).astype(jnp.float32), self.centroids_DE[...].astype(jnp.float32))
         token_ids_N = (token_ids_BT if token_ids_BT is not None else jnp.zeros((B, T), jnp.int32)).reshape(-1)
+        clock = None if self.clock is None else self.clock[...]
         routing = call_router(configured_router(cfg), logits_NE, self.bias_E[...], token_ids_N, cfg,
-                              None if self.own is None else self.own.values())
+                              None if self.own is None else self.own.values(),
+                              None if clock is None else clock_key(clock), None if clock is None else clock[1])
         losses = {name: balancer_loss(configured_balancer(cfg, name), routing, B, T, cfg) for name in cfg.balancer_names}
         stats = RouterStats(
             expert_load=expert_load(routing, cfg.n_routed_experts),

@@ -18,7 +18,7 @@ from flax import nnx
 from dsv3_jax.config import Config
 from dsv3_jax.data.packing import unpack
 from dsv3_jax.model.model import ModelStats
-from dsv3_jax.model.routing import Balancing
+from dsv3_jax.model.routing import Balancing, RouterClock
 from dsv3_jax.train.loss import total_loss
 from dsv3_jax.train.optim import lr_schedule
 from dsv3_jax.train.pipelined import make_pipelined_loss_and_grads
@@ -32,8 +32,10 @@ def max_violation(load_LE: jax.Array) -> jax.Array:
 
 def update_routing_bias(routing_bias: nnx.State, stats: ModelStats, balancing: Balancing) -> nnx.State:
     """Each routed stack's bias (the model's `moe_layers`, `mtp`) moved by the bias balancers from
-    that stack's loads; `ModelStats` names its fields after those stacks."""
+    that stack's loads (`ModelStats` names its fields after those stacks); router clocks advance."""
     def update(path, variable):
+        if isinstance(variable, RouterClock):  # (seed, step): the next step's key
+            return variable.replace(variable.get_value().at[..., 1].add(1))
         stack_stats = getattr(stats, str(path[0].key))
         if stack_stats is None:
             return variable
