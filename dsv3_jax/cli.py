@@ -393,12 +393,62 @@ def cmd_check_router(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from dsv3_jax.report import write_report
+    from dsv3_jax.report import comparison_table, write_comparison, write_report
 
-    if not Path(args.run_dir).is_dir():
-        raise UsageError(f"--run-dir {args.run_dir!r} is not a directory")
-    for path in write_report(Path(args.run_dir)):
-        print(path)
+    runs = [*(args.runs or []), *([args.run_dir] if args.run_dir else [])]
+    if not runs:
+        raise UsageError("dsv3 report needs a run directory (or several, to draw them on one set of axes)")
+    for run in runs:
+        if not Path(run).is_dir():
+            raise UsageError(f"run directory {run!r} is not a directory")
+    if len(runs) == 1:
+        for path in write_report(Path(runs[0])):
+            print(path)
+        return
+    parent = Path(os.path.commonpath([Path(r).absolute() for r in runs]))
+    groups = {str(Path(r).absolute().relative_to(parent)) if Path(r).absolute() != parent else r: [Path(r)]
+              for r in runs}
+    if len(groups) < len(runs):
+        raise UsageError("a run directory is given twice")
+    out = Path(args.out) if args.out else parent
+    table = comparison_table(groups)  # reads every run first: a bad one fails before anything is written
+    png = write_comparison(groups, out)
+    from dsv3_jax.run_dir import write_atomic
+
+    write_atomic(out / "comparison.md", "\n".join(["# dsv3 report", "", *table, "", f"![comparison]({png.name})", ""]))
+    print("\n".join(table))
+    print(png)
+    print(out / "comparison.md")
+
+
+class _VariantGroups(argparse.Action):
+    """`dsv3 compare`: --variant NAME opens a variant; a --set belongs to the latest one (before the
+    first --variant: to every variant)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        groups = list(getattr(namespace, "groups", None) or [("", [])])
+        if option_string == "--variant":
+            if any(name == value for name, _ in groups):
+                parser.error(f"--variant {value!r} is given twice")
+            groups.append((value, []))
+        else:
+            groups[-1] = (groups[-1][0], [*groups[-1][1], value])
+        namespace.groups = groups
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from dsv3_jax.sweep import SweepSpec, compare
+
+    groups = args.groups or [("", [])]
+    (_, common), variants = groups[0], dict(groups[1:])
+    spec = None
+    if variants or not args.resume:
+        spec = SweepSpec(variants=variants, common=common, preset=args.preset or "tiny", config=args.config or "",
+                         seeds=args.seeds, steps=args.steps, data=args.data or "")
+    status = compare(spec, Path(args.sweep_dir), resume=args.resume, parallel=args.parallel,
+                     steps=args.steps if args.resume else None, say=lambda text: print(text, flush=True))
+    if status:
+        raise SystemExit(status)
 
 
 def _post_training_parser(sub, command: str, help: str, from_help: str, default_steps: int, seed_help: str):
@@ -543,8 +593,26 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--host-devices", type=int, default=4, help="CPU devices for the sharded check (4)")
     check.set_defaults(func=cmd_check_router)
 
-    report = sub.add_parser("report", help="PNG plots from a run's metrics")
-    report.add_argument("--run-dir", required=True, help="a run directory; plots are (re)written into it")
+    cmp = sub.add_parser("compare", help="train variants x seeds on the same data; one table and one plot",
+                         description="dsv3 compare --sweep-dir D [--preset P] [--set K=V ...] [--seeds N] "
+                         "--variant A [--set K=V ...] --variant B [--set K=V ...]: a --set before the first "
+                         "--variant is every variant's.")
+    cmp.add_argument("--sweep-dir", required=True, help="the sweep's directory (new, or with --resume its own)")
+    cmp.add_argument("--variant", action=_VariantGroups, metavar="NAME", help="a variant; the --set after it are its")
+    cmp.add_argument("--set", action=_VariantGroups, metavar="KEY=VALUE", help="config override (see --variant)")
+    cmp.add_argument("--preset", help=f"one of: {presets} (default tiny)")
+    cmp.add_argument("--config", help="a config.json instead of a preset")
+    cmp.add_argument("--steps", type=int, help="train.steps of every run; on --resume, the new total")
+    cmp.add_argument("--data", help="data.source of every run (default stdlib)")
+    cmp.add_argument("--seeds", type=int, default=1, help="runs per variant, train.seed + 0, 1, ... (default 1)")
+    cmp.add_argument("--parallel", type=int, help="runs at a time (default: one per 2 CPU cores)")
+    cmp.add_argument("--resume", action="store_true", help="continue the sweep in --sweep-dir (finished runs kept)")
+    cmp.set_defaults(func=cmd_compare, groups=None)
+
+    report = sub.add_parser("report", help="PNG plots from a run's metrics; several runs: one set of axes and a table")
+    report.add_argument("runs", nargs="*", help="run directories (several: drawn together)")
+    report.add_argument("--run-dir", help="a run directory; plots are (re)written into it")
+    report.add_argument("--out", help="several runs: where comparison.png / .md go (default: their common parent)")
     report.set_defaults(func=cmd_report)
     return parser
 

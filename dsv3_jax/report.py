@@ -89,3 +89,108 @@ def _save(fig, path: Path) -> Path:
 
     plt.close(fig)
     return path
+
+
+# Several runs on one set of axes (`dsv3 report RUN RUN ...`, `dsv3 compare`) ----------------------
+
+SUMMARY_COLUMNS = (  # (key, table heading, format)
+    ("final_val_loss", "val loss (final)", ".4f"),
+    ("best_val_loss", "val loss (best)", ".4f"),
+    ("val_max_vio", "MaxVio val (final)", ".3f"),
+    ("max_vio", "MaxVio batch (last 10%)", ".3f"),
+    ("dropped_fraction", "dropped (last 10%)", ".4f"),
+    ("val_topk_changed", "top-k changed (last eval)", ".3f"),
+    ("tokens_per_s", "tokens/s", ",.0f"),
+)
+
+
+def run_summary(run_dir: Path) -> dict[str, float]:
+    """A run's comparison numbers from its metrics.jsonl (the SUMMARY_COLUMNS it has): validation
+    loss at the end and at its best, MaxVio on the validation set at the end and per batch over the
+    last 10% of steps, tokens left without an expert, the share of validation tokens whose experts
+    changed at the last evaluation, and the median step throughput (the first, compiling, step left out)."""
+    metrics = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    if not metrics:
+        raise UsageError(f"{str(run_dir)!r} has no metrics.jsonl with any step: is it a dsv3 run directory?")
+    tail = metrics[-max(1, len(metrics) // 10):]
+    evals = [m for m in metrics if "val_loss" in m]
+    out: dict[str, float] = {"steps": metrics[-1]["step"]}
+    if evals:
+        out["final_val_loss"], out["best_val_loss"] = evals[-1]["val_loss"], min(m["val_loss"] for m in evals)
+    for key in ("val_max_vio", "val_topk_changed"):
+        last = [m[key] for m in evals if key in m]
+        if last:
+            out[key] = last[-1]
+    for key in ("max_vio", "dropped_fraction"):
+        if key in tail[-1]:
+            out[key] = float(np.mean([m[key] for m in tail if key in m]))
+    speeds = [m["tokens_per_s"] for m in metrics[1:] if "tokens_per_s" in m] or [metrics[0].get("tokens_per_s", 0.0)]
+    out["tokens_per_s"] = float(np.median(speeds))
+    return out
+
+
+def comparison_table(groups: dict[str, list[Path]]) -> list[str]:
+    """Markdown lines: one row per group (a variant's runs over seeds), each column its mean, with
+    the range over the group's runs when it has several."""
+    summaries = {name: [run_summary(d) for d in dirs] for name, dirs in groups.items()}
+    columns = [c for c in SUMMARY_COLUMNS if any(c[0] in s for runs in summaries.values() for s in runs)]
+    lines = ["| variant | runs | " + " | ".join(heading for _, heading, _ in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for name, runs in summaries.items():
+        cells = []
+        for key, _, fmt in columns:
+            values = [s[key] for s in runs if key in s]
+            if not values:
+                cells.append("-")
+            elif len(values) == 1:
+                cells.append(format(values[0], fmt))
+            else:
+                cells.append(f"{format(float(np.mean(values)), fmt)} ({format(min(values), fmt)}..{format(max(values), fmt)})")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _smoothed(steps: np.ndarray, values: np.ndarray, window: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """A moving mean over `window` points (fewer for a short run: at most a fifth of its points)."""
+    window = max(1, min(window, len(values) // 5))
+    return steps[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def write_comparison(groups: dict[str, list[Path]], out_dir: Path, title: str = "") -> Path:
+    """comparison.png in `out_dir`: training loss, validation loss and MaxVio per batch (moving means
+    over up to 10 steps), one colour per group: its mean over runs, shaded between their min and max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("loss", "training loss (moving mean)", True), ("val_loss", "validation LM loss", False),
+              ("max_vio", "MaxVio per batch (moving mean)", True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
+    for colour, (name, dirs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10, groups.items()):
+        records = [read_jsonl(Path(d) / "metrics.jsonl") for d in dirs]
+        for ax, (key, label, smooth) in zip(axes, panels):
+            curves = []
+            for metrics in records:
+                points = [(m["step"], m[key]) for m in metrics if key in m]
+                if points:
+                    steps, values = (np.asarray(v, np.float64) for v in zip(*points))
+                    curves.append(_smoothed(steps, values) if smooth else (steps, values))
+            if not curves:
+                continue
+            n = min(len(s) for s, _ in curves)  # runs stopped at different steps: their common prefix
+            steps, stacked = curves[0][0][:n], np.stack([v[:n] for _, v in curves])
+            ax.plot(steps, stacked.mean(0), "-" if smooth else "o-", ms=3, color=colour,
+                    label=name if len(curves) == 1 else f"{name} ({len(curves)} runs)")
+            if len(curves) > 1:
+                ax.fill_between(steps, stacked.min(0), stacked.max(0), color=colour, alpha=0.2)
+            ax.set(xlabel="step", ylabel=label, yscale="log" if key == "max_vio" else "linear")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _save(fig, Path(out_dir) / "comparison.png")

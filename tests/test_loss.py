@@ -36,8 +36,9 @@ def test_total_loss_combines_parts_as_eq_25_and_17():
     logits = jax.random.normal(jax.random.key(3), (2, 6, 13))
     mtp_logits = jax.random.normal(jax.random.key(4), (2, 2, 6, 13))
     moe = RouterStats(jnp.ones((2, 4)), jnp.zeros(2), jnp.zeros(2), jnp.zeros(2),
-                      {"sequence_loss": jnp.array([1.0, 2.0]), "z_loss": jnp.array([4.0, 4.0])})
-    mtp = RouterStats(jnp.ones((1, 4)), jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), {"sequence_loss": jnp.array([0.5])})
+                      {"sequence_loss": jnp.array([1.0, 2.0]), "z_loss": jnp.array([4.0, 4.0])}, jnp.zeros((2, 3), jnp.uint32))
+    mtp = RouterStats(jnp.ones((1, 4)), jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), {"sequence_loss": jnp.array([0.5])},
+                      jnp.zeros((1, 3), jnp.uint32))
     balancing = Balancing.from_config(tiny_model_config(balancer="sequence_loss+z_loss"),
                                       TrainConfig(balance_alpha=0.01, z_loss_coef=0.5))
     parts = total_loss(logits, mtp_logits, ModelStats(moe, mtp), tokens, mtp_lambda=0.3, balancing=balancing)

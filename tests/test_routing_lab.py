@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -170,7 +171,8 @@ def test_a_plugin_router_with_its_own_hyperparameter_and_a_loss_only_balancer_tr
     (tmp_path / "my_routers.py").write_text(PLUGIN)
     env = cli_env(PYTHONPATH=str(tmp_path))
     run = tmp_path / "run"
-    args = ["3", "--set", "model.router=my_routers:softmax_temp", "--set", "model.router_args.temperature=0.5",
+    args = ["3", "--set", "train.eval_every=1", "--set", "model.router=my_routers:softmax_temp",
+            "--set", "model.router_args.temperature=0.5",
             "--set", "model.balancer=aux_free+my_routers:load_entropy",
             "--set", "model.balancer_args.load_entropy.alpha=0.25", *TINY_CLI]
     out = subprocess.run([sys.executable, "-m", "dsv3_jax.cli", "train", "--run-dir", str(run), "--steps", *args],
@@ -192,6 +194,13 @@ def test_a_plugin_router_with_its_own_hyperparameter_and_a_loss_only_balancer_tr
     assert router[-1]["max_vio"][0] == pytest.approx(load.max() / load.mean() - 1)
     share = load[load > 0] / load.sum()
     assert router[-1]["load_entropy"][0] == pytest.approx(-np.sum(share * np.log(share)))
+    # Evaluations at steps 1, 2, 3: from the second on, the fraction of validation tokens whose
+    # experts changed since the previous one (from the signatures that evaluation left).
+    assert "topk_changed" not in router[0] and "val_topk_changed" not in records[0]
+    signatures = {step: np.load(run / "routing_signatures" / f"{step}.npy") for step in (2, 3)}
+    changed = np.mean(signatures[2] != signatures[3], axis=-1)
+    assert router[-1]["topk_changed"] == pytest.approx(changed.tolist()) and records[-1]["val_topk_changed"] == \
+        pytest.approx(changed.mean())
 
     # The router's learned temperature is a parameter of the model: stopped after 2 steps and
     # resumed, the run's third step is the uninterrupted run's.
@@ -203,6 +212,9 @@ def test_a_plugin_router_with_its_own_hyperparameter_and_a_loss_only_balancer_tr
         assert out.returncode == 0, out.stderr
     again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again] == [1, 2, 3] and again[-1]["loss"] == records[-1]["loss"]
+    # ... and the resumed run compares its step-3 routing with the same step-2 evaluation.
+    again_router = [json.loads(line) for line in (resumed / "router.jsonl").read_text().splitlines()]
+    assert again_router[-1]["topk_changed"] == router[-1]["topk_changed"]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -394,3 +406,119 @@ def test_a_router_that_takes_a_key_keeps_the_router_contract():
     checks = {c.name: c for c in check_router(contract_config(tiny_model_config(), "test_noisy_topk"))}
     assert all(c.passed for c in checks.values()), [c for c in checks.values() if not c.passed]
     assert checks["deterministic given its key"].detail == "called twice with the same key"
+
+
+def test_choice_signature_is_equal_exactly_for_equal_expert_sets():
+    from dsv3_jax.model.routing import Routing, choice_signature
+
+    rng = np.random.default_rng(0)
+    n, k, e = 400, 3, 16
+    experts_NK = np.stack([rng.choice(e, k, replace=False) for _ in range(n)])
+    gates_NK = rng.uniform(0.1, 1, (n, k)).astype(np.float32)
+    gates_NK[::7, 0] = 0.0  # dropped assignments do not count
+    routing = lambda x_NK, g_NK: token_choice(jnp.asarray(x_NK), jnp.asarray(g_NK), jnp.zeros((n, e)), jnp.zeros((n, e)))
+    sig = np.asarray(choice_signature(routing(experts_NK, gates_NK), n, token_choice=True))
+    # Shuffled within each token: the same sets, the same signatures (and the scatter path agrees).
+    order = np.argsort(rng.uniform(size=(n, k)), axis=1)
+    shuffled = routing(np.take_along_axis(experts_NK, order, 1), np.take_along_axis(gates_NK, order, 1))
+    np.testing.assert_array_equal(choice_signature(shuffled, n, token_choice=True), sig)
+    np.testing.assert_array_equal(choice_signature(shuffled, n, token_choice=False), sig)
+    # Against python sets: every pair of tokens has equal signatures exactly when its kept sets are equal.
+    kept = [frozenset(x for x, g in zip(row, gs) if g != 0) for row, gs in zip(experts_NK, gates_NK)]
+    same_set = np.array([[a == b for b in kept] for a in kept])
+    np.testing.assert_array_equal(sig[:, None] == sig[None, :], same_set)
+    assert 1 < len(set(kept)) < n  # some tokens share a set, many do not
+
+
+def _readme_compare_args(sweep_dir: Path) -> list[str]:
+    """The README's `dsv3 compare` command after `dsv3`, into `sweep_dir`."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Prototype a router**"):]
+    block = section[section.index("```bash") + len("```bash"):section.index("```", section.index("```bash") + 7)]
+    words = block.replace("\\\n", " ").split()
+    words = words[words.index("dsv3") + 1:]
+    words[words.index("--sweep-dir") + 1] = str(sweep_dir)
+    return words
+
+
+SMALL_COMPARE = ["--data", "synthetic", "--parallel", "1", "--set", "model.n_layers=2", "--set", "model.top_k=2",
+                 "--set", "model.vocab_size=384", "--set", "train.batch_size=2", "--set", "train.seq_len=32",
+                 "--set", "train.eval_every=2"]
+
+
+def test_the_readme_comparison_writes_its_table_and_plot_and_resumes_after_sigterm(tmp_path):
+    (tmp_path / "my_routers.py").write_text(PLUGIN)
+    sweep = tmp_path / "sweep"
+    readme_args = _readme_compare_args(sweep)
+    assert readme_args[0] == "compare" and readme_args.count("--variant") == 2 and "--seeds" in readme_args
+    # The README's command on a smaller model and fewer steps (the shrinking --set go before its
+    # variants: they are every variant's; the last --steps wins).
+    args = [readme_args[0], *SMALL_COMPARE, *readme_args[1:], "--steps", "4"]
+    env = cli_env(PYTHONPATH=str(tmp_path))
+    cli = [sys.executable, "-m", "dsv3_jax.cli"]
+    first = subprocess.Popen([*cli, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             cwd=tmp_path)
+    lines = []
+    for line in first.stdout:  # stop the sweep as soon as its second run starts
+        lines.append(line)
+        if line.strip().startswith("start  deepseek_v3/seed_1"):
+            first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=300) == 128 + signal.SIGTERM, "".join(lines)
+    assert any("done   deepseek_v3/seed_0" in line for line in lines) and "--resume" in lines[-1]
+    finished = (sweep / "deepseek_v3" / "seed_0" / "metrics.jsonl").read_text()
+    assert not (sweep / "softmax_temp").exists() and not (sweep / "compare.md").exists()
+
+    out = subprocess.run([*cli, "compare", "--sweep-dir", str(sweep), "--resume"], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "4 runs (2 variants x 2 seeds), 1 finished" in out.stdout
+    assert (sweep / "deepseek_v3" / "seed_0" / "metrics.jsonl").read_text() == finished  # kept, not rerun
+    summaries = json.loads((sweep / "compare.json").read_text())
+    assert sorted(summaries) == ["deepseek_v3/seed_0", "deepseek_v3/seed_1", "softmax_temp/seed_0", "softmax_temp/seed_1"]
+    assert all(s["steps"] == 4 for s in summaries.values())
+    # Each variant's row: the mean over its two seeds, with their range.
+    table = (sweep / "compare.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| softmax_temp |"))
+    losses = sorted(summaries[f"softmax_temp/seed_{s}"]["final_val_loss"] for s in (0, 1))
+    assert f"| 2 | {np.mean(losses):.4f} ({losses[0]:.4f}..{losses[1]:.4f}) |" in row
+    assert (sweep / "comparison.png").stat().st_size > 10_000
+    # The variants differ only in their overrides: same tokenizer and data, their own router.
+    configs = {v: json.loads((sweep / v / "seed_1" / "config.json").read_text()) for v in ("deepseek_v3", "softmax_temp")}
+    assert configs["deepseek_v3"]["data"] == configs["softmax_temp"]["data"]
+    assert configs["softmax_temp"]["model"]["router"] == "my_routers:softmax_temp"
+    assert configs["deepseek_v3"]["train"]["seed"] == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--variant", "a", "--variant", "b", "--set", "data.source=synthetic"], "--variant b changes data.* or model.vocab_size"),
+    (["--variant", "a", "--set", "model.routr=x"], "--variant a: "),
+    (["--variant", "a b"], "--variant 'a b': a name of letters"),
+])
+def test_a_bad_comparison_is_one_line_and_exit_2_before_anything_is_written(tmp_path, extra, message):
+    sweep = tmp_path / "sweep"
+    out = subprocess.run([sys.executable, "-m", "dsv3_jax.cli", "compare", "--sweep-dir", str(sweep), *extra],
+                         capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not sweep.exists()
+
+
+def test_the_comparison_table_is_each_variants_mean_and_range(tmp_path):
+    from dsv3_jax.report import comparison_table, run_summary
+
+    def run(name, val_losses, vio):
+        d = tmp_path / name
+        d.mkdir()
+        lines = [{"step": s, "loss": 5.0, "max_vio": vio, "tokens_per_s": 100.0 * s, "dropped_fraction": 0.0}
+                 for s in range(1, 21)]
+        for step, loss in val_losses.items():
+            lines[step - 1].update(val_loss=loss, val_max_vio=vio)
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        return d
+
+    a0, a1 = run("a0", {10: 3.0, 20: 3.5}, 0.2), run("a1", {10: 2.5, 20: 2.0}, 0.4)
+    s = run_summary(a0)
+    assert (s["final_val_loss"], s["best_val_loss"], s["steps"]) == (3.5, 3.0, 20)
+    assert s["tokens_per_s"] == np.median([100.0 * k for k in range(2, 21)])  # step 1 (compiling) left out
+    table = comparison_table({"a": [a0, a1], "b": [run("b", {20: 4.0}, 1.0)]})
+    assert table[2].startswith("| a | 2 | 2.7500 (2.0000..3.5000) | 2.5000 (2.0000..3.0000) | 0.300 (0.200..0.400) |")
+    assert table[3].startswith("| b | 1 | 4.0000 | 4.0000 | 1.000 |")

@@ -72,6 +72,11 @@ class RouterStats(NamedTuple):
     dropped_fraction: Float[Array, ""]  # fraction of tokens the router left without any expert
     capacity_dropped: Float[Array, ""]  # fraction of assignments an expert-parallel transport dropped
     aux_losses: dict[str, Float[Array, ""]]  # balancer name -> its loss, before its coefficient
+    choice_signature_N: Array  # uint32 hash of each token's set of experts (`choice_signature`; eval reads it)
+
+    def without_tokens(self) -> RouterStats:
+        """These stats without their per-token field (what a pipeline sums over micro-batches)."""
+        return self._replace(choice_signature_N=jnp.zeros(self.choice_signature_N.shape[:-1], jnp.uint32))
 
     def summed_to_mean(self, n: int) -> RouterStats:
         """Stats summed over n equal micro-batches -> the whole batch's: loads add up, means divide."""
@@ -95,6 +100,25 @@ def chosen_mask(routing: Routing, n_tokens: int, n_experts: int, token_choice: b
         hit_NKE = (expert_NK[:, :, None] == jnp.arange(n_experts)).astype(jnp.float32) * kept_NK[:, :, None]
         return hit_NKE.max(axis=1)
     return jnp.zeros((n_tokens, n_experts), jnp.float32).at[routing.token_M, routing.expert_M].max(kept)
+
+
+def _mix32(x: Array) -> Array:
+    """A 32-bit integer finaliser (MurmurHash3's fmix32): nearby inputs give unrelated outputs."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def choice_signature(routing: Routing, n_tokens: int, token_choice: bool = False) -> Array:
+    """uint32 [N]: the sum (mod 2^32) of a hash of each expert token n was sent to with a non-zero
+    gate. Equal expert sets give equal values in any order; two different sets collide with
+    probability about 2^-32 (a sum of hashed indices, not of the indices, which would collide often)."""
+    hashed_M = _mix32(routing.expert_M.astype(jnp.uint32) + jnp.uint32(1)) * (routing.gate_M != 0).astype(jnp.uint32)
+    if token_choice:  # assignment n * K + k is token n's: no scatter by token index (see chosen_mask)
+        return hashed_M.reshape(n_tokens, -1).sum(-1, dtype=jnp.uint32)
+    return jnp.zeros((n_tokens,), jnp.uint32).at[routing.token_M].add(hashed_M)
 
 
 def expert_load(routing: Routing, n_experts: int) -> Float[Array, "E"]:
@@ -605,5 +629,6 @@ class Router(nnx.Module):
             dropped_fraction=1.0 - jnp.mean(chosen_mask(routing, B * T, cfg.n_routed_experts,
                                                          is_token_choice(cfg)).max(-1)),
             capacity_dropped=jnp.zeros((), jnp.float32),
-            aux_losses={name: loss for name, loss in losses.items() if loss is not None})
+            aux_losses={name: loss for name, loss in losses.items() if loss is not None},
+            choice_signature_N=choice_signature(routing, B * T, is_token_choice(cfg)))
         return routing, stats

@@ -1,7 +1,8 @@
 """The training loop: data, jitted steps, metrics, validation, checkpoints, signals, progress.
 
 Run directory: config.json, tokenizer.json, metrics.jsonl (one line per step),
-router.jsonl (per-layer expert loads per step), checkpoints/ (orbax), plots (*.png); see
+router.jsonl (per layer and step: expert loads, MaxVio, load entropy; at evaluations the fraction of
+validation tokens whose experts changed, train/topk_drift.py), checkpoints/ (orbax), plots (*.png); see
 run_dir.py for the lock and the logs. Nothing is written to it until every check has passed, and
 a checkpoint is written only for a state whose loss, gradient norm and values are all finite.
 """
@@ -32,6 +33,7 @@ from dsv3_jax.post.sft import build_sft_data, init_from_run
 from dsv3_jax.run_dir import RunLock, StopSignals, record_layout_change, truncate_jsonl, write_atomic
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_eval_step, make_train_step, max_violation
+from dsv3_jax.train.topk_drift import TopKDrift
 from dsv3_jax.validate import validate
 
 # TrainConfig fields that `--resume` may change; any other difference from the saved config.json
@@ -179,6 +181,8 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
     elif main:  # a new run, or a resumed one killed before its first checkpoint: start clean
         for path in (metrics_path, router_path):
             path.unlink(missing_ok=True)
+    drift = TopKDrift(run_dir / "routing_signatures", main)
+    drift.start(start)
 
     train_step, eval_step, state, place_batch, place_rows = _compile(config, graphdef, optimizer, state, mesh)
     # The iterator yields whole global batches when this process reads every data shard, else its rows.
@@ -204,13 +208,20 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
                 load = metrics.pop("expert_load", None)
                 record = {"step": step, **{k: float(v) for k, v in metrics.items()},
                           "tokens_per_s": tokens_per_step / elapsed}
+                routing = layer_routing_stats(load) if load is not None else None
                 if step % tc.eval_every == 0 or step == tc.steps:
-                    record.update(_evaluate(eval_step, state, val_set))
+                    evaluated, signature_LN = _evaluate(eval_step, state, val_set)
+                    record.update(evaluated)
+                    changed_L = None if signature_LN is None else drift.update(step, signature_LN,
+                                                                               min(checkpointer.steps(), default=None))
+                    if changed_L is not None:
+                        routing["topk_changed"] = changed_L
+                        record["val_topk_changed"] = float(np.mean(changed_L))
                 if step % tc.log_every == 0 or "val_loss" in record:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
-                if load is not None:
-                    router_file.write(json.dumps({"step": step, **layer_routing_stats(load)}) + "\n")
+                if routing is not None:
+                    router_file.write(json.dumps({"step": step, **routing}) + "\n")
                     router_file.flush()
                 reporter.update(step, record)
                 stopping = any_process(bool(stop.received))  # all processes stop after the same step
@@ -300,18 +311,20 @@ def _compile(config: Config, graphdef, optimizer, state, mesh):
     return in_mesh(train), in_mesh(evaluate), state, place, place_rows
 
 
-def _evaluate(eval_step, state, val_set: list[jax.Array]) -> dict[str, float]:
-    losses, loads = [], []
+def _evaluate(eval_step, state, val_set: list[jax.Array]) -> tuple[dict[str, float], np.ndarray | None]:
+    """(validation metrics, each MoE layer's expert-set signature of every validation token [L, N])."""
+    losses, loads, signatures = [], [], []
     for batch in val_set:
         m = _host(eval_step(state, batch))
         losses.append(float(m["lm_loss"]))
         if "expert_load" in m:
             loads.append(m["expert_load"])
+            signatures.append(m["choice_signature"])
     out = {"val_loss": float(np.mean(losses))}
     if loads:
         # MaxVio_global: loads summed over the whole validation set, per layer, averaged over layers.
         out["val_max_vio"] = float(np.mean(max_violation(np.sum(loads, axis=0))))
-    return out
+    return out, np.concatenate(signatures, axis=-1) if signatures else None
 
 
 def check_finite(metrics: dict, step: int, checkpointer: Checkpointer, run_dir: Path) -> None:

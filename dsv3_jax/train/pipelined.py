@@ -97,13 +97,14 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
 
         def stage_fn(stage, x_bTD):
             y_bTD, stats = run_blocks(nnx.merge(stack_graphdef, *stage), x_bTD, cos, sin, cfg)
-            return y_bTD, balancing.loss(stats) / n_mb, stats
+            return y_bTD, balancing.loss(stats) / n_mb, stats.without_tokens()  # summed over micro-batches
 
         def loss_fn(rest, y_bTD, tokens_bS):
             model = model_without_stack(rest)
             logits, mtp_logits, mtp_stats = model.head_and_mtp(y_bTD, tokens_bS[:, :-1], cos, sin)
             parts = total_loss(logits, mtp_logits, ModelStats(None, mtp_stats), tokens_bS, tc.mtp_lambda, balancing)
-            return parts.total / n_mb, HeadStats(jax.tree.map(lambda x: x / n_mb, parts), mtp_stats)
+            return parts.total / n_mb, HeadStats(jax.tree.map(lambda x: x / n_mb, parts),
+                                                 None if mtp_stats is None else mtp_stats.without_tokens())
 
         # Micro-batch m is rows m, m + n_mb, ...: each data rank's block of rows then holds b / shards
         # rows of every micro-batch (the split stays on the rows, never on the micro-batch index).

@@ -134,6 +134,7 @@ def make_eval_step(config: Config, graphdef: nnx.GraphDef):
         metrics = {"lm_loss": parts.lm}
         if out.stats.moe_layers is not None:
             metrics["expert_load"] = out.stats.moe_layers.expert_load
+            metrics["choice_signature"] = out.stats.moe_layers.choice_signature_N  # [L_moe, B*T]
         return metrics
 
     return eval_step
