@@ -393,7 +393,7 @@ def cmd_check_router(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from dsv3_jax.report import comparison_table, write_comparison, write_report
+    from dsv3_jax.report import write_comparison_files, write_report
 
     runs = [*(args.runs or []), *([args.run_dir] if args.run_dir else [])]
     if not runs:
@@ -410,15 +410,10 @@ def cmd_report(args: argparse.Namespace) -> None:
               for r in runs}
     if len(groups) < len(runs):
         raise UsageError("a run directory is given twice")
-    out = Path(args.out) if args.out else parent
-    table = comparison_table(groups)  # reads every run first: a bad one fails before anything is written
-    png = write_comparison(groups, out)
-    from dsv3_jax.run_dir import write_atomic
-
-    write_atomic(out / "comparison.md", "\n".join(["# dsv3 report", "", *table, "", f"![comparison]({png.name})", ""]))
+    table, png, md = write_comparison_files(groups, Path(args.out) if args.out else parent, "dsv3 report")
     print("\n".join(table))
     print(png)
-    print(out / "comparison.md")
+    print(md)
 
 
 class _VariantGroups(argparse.Action):

@@ -194,3 +194,17 @@ def write_comparison(groups: dict[str, list[Path]], out_dir: Path, title: str = 
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     return _save(fig, Path(out_dir) / "comparison.png")
+
+
+def write_comparison_files(groups: dict[str, list[Path]], out_dir: Path, title: str, preamble: list[str] = (),
+                           name: str = "comparison.md") -> tuple[list[str], Path, Path]:
+    """The comparison table (read from every run first: a bad one fails before anything is written),
+    comparison.png and a markdown file `name` holding both: (table lines, png path, markdown path)."""
+    from dsv3_jax.run_dir import write_atomic
+
+    table = comparison_table(groups)
+    png = write_comparison(groups, out_dir, title)
+    md = Path(out_dir) / name
+    write_atomic(md, "\n".join([f"# {title}", "", *preamble, *([""] if preamble else []), *table, "",
+                                f"![comparison]({png.name})", ""]))
+    return table, png, md

@@ -87,8 +87,9 @@ def plan(spec: SweepSpec, sweep_dir: Path) -> tuple[list[SweepRun], Config]:
     for name in spec.variants:
         if not NAME_PATTERN.match(name) or name in ("logs",):
             raise UsageError(f"--variant {name!r}: a name of letters, digits and . _ + - (it names a directory)")
+    base = spec.base()
     try:
-        common = apply_overrides(spec.base(), spec.common_overrides())
+        common = apply_overrides(base, spec.common_overrides())
     except ConfigError as e:
         raise UsageError(f"the sweep's common --set: {e}") from None
     tokenizer = common.data.tokenizer or str((sweep_dir / "tokenizer.json").absolute())
@@ -98,7 +99,7 @@ def plan(spec: SweepSpec, sweep_dir: Path) -> tuple[list[SweepRun], Config]:
             seed = common.train.seed + i
             everything = [*spec.common_overrides(), *overrides, f"train.seed={seed}", f"data.tokenizer={tokenizer}"]
             try:
-                config = validate(apply_overrides(spec.base(), everything))
+                config = validate(apply_overrides(base, everything))
             except ConfigError as e:
                 raise UsageError(f"--variant {name}: {e}") from None
             if config.data != dataclasses.replace(common.data, tokenizer=tokenizer) or \
@@ -132,10 +133,9 @@ def _write_tokenizer(common: Config, sweep_dir: Path) -> None:
     if common.data.tokenizer or path.exists():
         return
     from dsv3_jax.data.corpus import load_documents
-    from dsv3_jax.data.tokenizer import train_tokenizer
+    from dsv3_jax.data.pipeline import get_tokenizer
 
-    write_atomic(path, train_tokenizer(load_documents(common.data.source, common.data.max_bytes),
-                                       common.model.vocab_size).to_str())
+    write_atomic(path, get_tokenizer(common, load_documents(common.data.source, common.data.max_bytes), None).to_str())
 
 
 def default_parallel(n_runs: int) -> int:
@@ -225,21 +225,17 @@ def _run_all(spec: SweepSpec, pending: list[SweepRun], steps: int, parallel: int
 
 def write_results(spec: SweepSpec, runs: list[SweepRun], sweep_dir: Path, say=print) -> None:
     """compare.md (the table), compare.json (each run's summary) and comparison.png."""
-    from dsv3_jax.report import comparison_table, run_summary, write_comparison
+    from dsv3_jax.report import run_summary, write_comparison_files
 
     groups: dict[str, list[Path]] = {}
     for run in runs:
         groups.setdefault(run.variant, []).append(run.run_dir)
-    table = comparison_table(groups)
-    png = write_comparison(groups, sweep_dir, title=f"dsv3 compare: {sweep_dir.name}")
     base = f"--config {spec.config}" if spec.config else f"--preset {spec.preset}"
-    lines = [f"# dsv3 compare: {sweep_dir.name}", "",
-             f"Base {base}, common overrides: {' '.join(spec.common_overrides()) or 'none'}; "
-             f"{spec.seeds} seed(s) per variant (mean, with the range over seeds in brackets).", ""]
-    lines += [f"- **{name}**: {' '.join(overrides) or '(the base config)'}" for name, overrides in spec.variants.items()]
-    lines += ["", *table, "", f"![comparison]({png.name})", ""]
-    write_atomic(sweep_dir / "compare.md", "\n".join(lines))
+    preamble = [f"Base {base}, common overrides: {' '.join(spec.common_overrides()) or 'none'}; "
+                f"{spec.seeds} seed(s) per variant (mean, with the range over seeds in brackets).", ""]
+    preamble += [f"- **{name}**: {' '.join(overrides) or '(the base config)'}" for name, overrides in spec.variants.items()]
+    table, png, md = write_comparison_files(groups, sweep_dir, f"dsv3 compare: {sweep_dir.name}", preamble, "compare.md")
     write_atomic(sweep_dir / "compare.json", json.dumps(
         {run.label: run_summary(run.run_dir) for run in runs}, indent=1))
     say("\n".join(table))
-    say(f"table: {sweep_dir / 'compare.md'}; plot: {png}")
+    say(f"table: {md}; plot: {png}")
