@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dsv3_jax.config import ConfigError, apply_overrides, get_preset
 from dsv3_jax.errors import UsageError
-from dsv3_jax.host_platform import default_to_cpu_without_accelerator
+from dsv3_jax.host_platform import allow_slow_host_collectives, default_to_cpu_without_accelerator
 
 
 def _fail(message: str) -> None:
@@ -626,6 +626,7 @@ def main(argv: list[str] | None = None) -> None:
         # CUDA / TPU plugin would otherwise try, and fail, to open devices this host does not have).
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     default_to_cpu_without_accelerator()
+    allow_slow_host_collectives()
     if runs_train_steps(args):
         from dsv3_jax.host_memory import keep_step_memory
 

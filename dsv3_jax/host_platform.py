@@ -23,3 +23,20 @@ def host_has_accelerator() -> bool:
 def default_to_cpu_without_accelerator() -> None:
     if "JAX_PLATFORMS" not in os.environ and not host_has_accelerator():
         os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+# XLA:CPU aborts the process (SIGABRT) when a collective's participants have not all arrived within
+# 40 s (`xla_cpu_collective_call_terminate_timeout_seconds`). Host devices share the machine's cores,
+# so on CI's 2 cores with 8 devices a DualPipe step's collective-permute waited longer than that for
+# the other stage's threads, still computing: slowness, not a deadlock. Runs on host devices wait
+# this long before calling a collective stuck.
+HOST_COLLECTIVE_TIMEOUT_S = 900
+_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+
+
+def allow_slow_host_collectives() -> None:
+    """Raise XLA:CPU's collective timeout to HOST_COLLECTIVE_TIMEOUT_S unless XLA_FLAGS sets it;
+    read when the CPU backend starts, so call before the first device is touched."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _TIMEOUT_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {_TIMEOUT_FLAG}={HOST_COLLECTIVE_TIMEOUT_S}".strip()

@@ -15,9 +15,10 @@ for _flag in (_HOST_DEVICES, _FAST_COMPILE):
 
 # The suite runs on the host CPU unless the machine has an accelerator (then `pytest -m gpu` runs on
 # it): as the `dsv3` command decides (dsv3_jax/host_platform.py), before JAX starts.
-from dsv3_jax.host_platform import default_to_cpu_without_accelerator
+from dsv3_jax.host_platform import allow_slow_host_collectives, default_to_cpu_without_accelerator
 
 default_to_cpu_without_accelerator()
+allow_slow_host_collectives()  # as the `dsv3` command does: 8 host devices on CI's 2 cores
 
 from dsv3_jax.host_memory import keep_step_memory
 

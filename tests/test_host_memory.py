@@ -72,3 +72,16 @@ def test_jax_platforms_defaults_to_cpu_only_on_a_host_without_accelerators(monke
         monkeypatch.setattr(host_platform, "host_has_accelerator", lambda: has_accelerator)
         host_platform.default_to_cpu_without_accelerator()
         assert os.environ.get("JAX_PLATFORMS") == want, (has_accelerator, user)
+
+
+def test_host_collectives_wait_longer_unless_the_user_sets_the_timeout(monkeypatch):
+    # conftest.py set the flag before this process's CPU backend started: XLA accepted it (an unknown
+    # XLA_FLAGS entry aborts the process), and the 8-device tests ran under it.
+    from dsv3_jax import host_platform
+
+    for user, want in (("--xla_force_host_platform_device_count=2",
+                        f"--xla_force_host_platform_device_count=2 {host_platform._TIMEOUT_FLAG}=900"),
+                       (f"{host_platform._TIMEOUT_FLAG}=5", f"{host_platform._TIMEOUT_FLAG}=5")):
+        monkeypatch.setenv("XLA_FLAGS", user)
+        host_platform.allow_slow_host_collectives()
+        assert os.environ["XLA_FLAGS"] == want
