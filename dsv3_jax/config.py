@@ -55,6 +55,11 @@ ExpertDispatch = Literal["a2a", "ragged", "ring", "gspmd"]  # parallel/expert.py
 Objective = Literal["pretrain", "sft", "grpo"]  # "sft": packed examples (post/sft.py); "grpo": post/grpo_loop.py
 Attention = Literal["mla", "mha", "gqa", "mqa"]  # model/mla.py; the others model/gqa.py
 PipelineSchedule = Literal["gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"]  # parallel/pipeline/schedules.py
+# model.remat (model/remat.py): one of these policies, or a comma-separated list of the activations
+# the blocks name (REMAT_NAMES) to keep, everything else recomputed in the backward pass.
+REMAT_POLICIES = ("none", "full", "report")
+REMAT_NAMES = ("norm", "mla_down", "mla_up", "attention", "residual", "swiglu_in", "swiglu_out", "expert_in",
+               "expert_out")
 
 
 # A plugin's hyperparameters: (name, value) pairs, hashable (the config is a static attribute of the
@@ -115,7 +120,10 @@ class ModelConfig:
     param_dtype: DType = "float32"  # master weights
     init_std: float = 0.02
     norm_eps: float = 1e-6
-    remat: bool = False  # rematerialise each scanned layer in the backward pass
+    # What each layer keeps for its backward pass (model/remat.py): "none" (everything), "full" (its
+    # input only), "report" (all but the RMSNorm, MLA up-projection and SwiGLU outputs, §3.2.3 and
+    # §3.3.4), or a list of REMAT_NAMES to keep ("attention,swiglu_in"). true / false read as full / none.
+    remat: str | bool = "none"
     # Training runs a layer stack of at most this many layers unrolled: a rolled lax.scan stacks every
     # layer's residuals into [L, ...] buffers, which XLA:CPU fills and reads slowly (train step:
     # tiny 185 -> 165 ms, small 2.78 -> 2.62 s; compile time unchanged at 4 layers). Deeper stacks stay
@@ -166,6 +174,16 @@ class ModelConfig:
                  f"model.yarn_beta_fast={self.yarn_beta_fast} must be > model.yarn_beta_slow={self.yarn_beta_slow} > 0")
         _require(self.init_std > 0 and math.isfinite(self.init_std), f"model.init_std={self.init_std} must be > 0")
         _require(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
+        self._check_remat()
+
+    def _check_remat(self) -> None:
+        as_bool = {True: "full", False: "none", "true": "full", "false": "none"}
+        if isinstance(self.remat, bool) or self.remat in as_bool:  # the switch this field used to be
+            object.__setattr__(self, "remat", as_bool[self.remat])
+        names = self.remat.split(",")
+        _require(self.remat in REMAT_POLICIES or (all(names) and set(names) <= set(REMAT_NAMES)),
+                 f"model.remat={self.remat!r} must be one of {', '.join(REMAT_POLICIES)}, or a comma-separated "
+                 f"list of the activations to keep from: {', '.join(REMAT_NAMES)}")
 
     def _check_moe(self) -> None:
         E, G = self.n_routed_experts, self.n_group
@@ -436,7 +454,7 @@ def _parse_value(key: str, text: str, annotation: Any) -> Any:
         return text
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if text.lower() in ("none", "null"):
+        if type(None) in typing.get_args(annotation) and text.lower() in ("none", "null"):
             return None
         return _parse_value(key, text, args[0])
     if annotation is bool:
@@ -549,7 +567,13 @@ def _json_value(key: str, value: Any, annotation: Any) -> Any:
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
             return None
-        return _json_value(key, value, next(a for a in args if a is not type(None)))
+        alternatives = [a for a in args if a is not type(None)]
+        for alternative in alternatives[:-1]:  # the first type the value fits; the last one's error
+            try:
+                return _json_value(key, value, alternative)
+            except ConfigError:
+                pass
+        return _json_value(key, value, alternatives[-1])
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:

@@ -40,10 +40,22 @@ def test_overrides_parse_by_declared_type():
     ("model.n_layers", "must look like"),
     ("model=3", "is a section"),
     ("model.dtype=float16", "must be one of: float32, bfloat16"),
+    ("model.remat=some", "model.remat='some' must be one of none, full, report, or a comma-separated list"),
+    ("model.remat=norm,,mla_up", "list of the activations to keep from: norm, mla_down"),
 ])
 def test_bad_overrides(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
         apply_overrides(get_preset("tiny"), [override])
+
+
+def test_remat_reads_policies_names_and_the_old_switch():
+    tiny = get_preset("tiny")
+    for text, want in (("true", "full"), ("false", "none"), ("report", "report"), ("attention,expert_in",
+                                                                                   "attention,expert_in")):
+        assert apply_overrides(tiny, [f"model.remat={text}"]).model.remat == want
+    # config.json of a run from before policies holds a boolean
+    old = tiny.to_json().replace('"remat": "none"', '"remat": true')
+    assert '"remat": true' in old and config_from_json(old).model.remat == "full"
 
 
 def test_unknown_preset():

@@ -17,6 +17,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.gqa import GroupedQueryAttention
 from dsv3_jax.model.layers import MLP, RMSNorm
 from dsv3_jax.model.mla import MLA
+from dsv3_jax.model.remat import name, rematerialised
 from dsv3_jax.model.moe import MoE
 from dsv3_jax.model.routing import RouterStats
 from dsv3_jax.parallel.sharding import HIDDEN_BTD, constrain
@@ -36,7 +37,7 @@ class Block(nnx.Module):
         the activation layout of parallel/sharding.py (a no-op without a mesh). `segment_ids_BT`
         keeps packed examples from attending to each other (see MLA.__call__)."""
         with jax.named_scope("attention"):  # named scopes label profiles and HLO op names
-            x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, segment_ids_BT)
+            x_BTD = name(x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, segment_ids_BT), "residual")
         with jax.named_scope("ffn"):
             x_BTD, stats = self._ffn(x_BTD, token_ids_BT)
         return constrain(x_BTD, HIDDEN_BTD), stats
@@ -75,12 +76,13 @@ def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs
     return stacked
 
 
-def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, remat: bool = False, unroll_layers: int = 0):
+def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, remat: str = "none", unroll_layers: int = 0):
     """lax.scan of `step(layer, carry, x) -> (carry, y)` over the layers of a stacked module.
 
     The module is split once; each iteration merges its own slice of the state (pure, no
     hidden mutation), so the same code runs under jit, grad, shard_map and pipeline stages.
-    A stack of at most `unroll_layers` layers is unrolled (`model.unroll_layers`).
+    Each layer keeps for its backward pass what the `remat` policy says (model/remat.py). A stack of
+    at most `unroll_layers` layers is unrolled (`model.unroll_layers`).
     """
     graphdef, state = nnx.split(stack)
 
@@ -88,8 +90,7 @@ def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, remat: bool = 
         layer_state, x = scanned
         return step(nnx.merge(graphdef, layer_state), carry, x)
 
-    if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    body = rematerialised(body, remat)
     n_layers = jax.tree.leaves(state)[0].shape[0]
     return jax.lax.scan(body, carry, (state, xs), unroll=n_layers <= unroll_layers)
 

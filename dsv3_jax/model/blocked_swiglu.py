@@ -24,6 +24,7 @@ from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import Fp8Backend
 from dsv3_jax.model.grouped_gemm import block_gemm, block_layout, from_blocks, over_used_blocks, to_blocks
+from dsv3_jax.model.remat import name
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -50,6 +51,9 @@ def _forward(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, fp8_backend)
     zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
     y_BRD, gate_BRF, up_BRF = over_used_blocks(layout, block, (zeros(n_blocks, rows, D), zeros(n_blocks, rows, F),
                                                                zeros(n_blocks, rows, F)))
+    # The SwiGLU's inputs, named so a remat policy can keep them (model/remat.py) and recompute the
+    # SwiGLU alone in the backward (§3.3.4), not this whole forward loop.
+    gate_BRF, up_BRF = name(gate_BRF, "swiglu_in"), name(up_BRF, "swiglu_in")
     return from_blocks(y_BRD, layout), (x_BRD, gate_BRF, up_BRF, w_gate_EDF, w_up_EDF, w_down_EFD, layout)
 
 

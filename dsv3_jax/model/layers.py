@@ -16,6 +16,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.remat import name
 from dsv3_jax.quant.fp8 import fp8_matmul
 
 
@@ -39,7 +40,7 @@ class RMSNorm(nnx.Module):
         # Normalise in fp32 whatever the compute dtype, then cast back.
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        return name((x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype), "norm")
 
 
 class Embed(nnx.Module):
@@ -119,7 +120,8 @@ class MLP(nnx.Module):
         self.down = Linear((hidden_dim,), (D,), (hidden_axis, "embed"), cfg, rngs)
 
     def __call__(self, x_BTD: Float[Array, "... D"]) -> Float[Array, "... D"]:
-        return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
+        gate, up = name(self.gate(x_BTD), "swiglu_in"), name(self.up(x_BTD), "swiglu_in")
+        return self.down(name(jax.nn.silu(gate) * up, "swiglu_out"))
 
 
 def attention_mask(T: int, segment_ids_BT: Array | None = None) -> Array:
@@ -202,7 +204,8 @@ def _attend_fwd(q, k_BSGK, v_BSGV, mask_BTS, scale):
     out = jnp.einsum(f"b{heads}ts,bs{kv}v->bt{heads}v", unnorm.astype(v_BSGV.dtype), v_BSGV,
                      preferred_element_type=jnp.float32)
     out = (out / jnp.einsum(f"b{heads}t->bt{heads}", total)[..., None]).astype(v_BSGV.dtype)
-    log_sum_exp = peak[..., 0] + jnp.log(total)
+    # Named inside the forward rule so a remat policy can keep the core's own residuals (model/remat.py).
+    out, log_sum_exp = name(out, "attention"), name(peak[..., 0] + jnp.log(total), "attention")
     return out, (q, k_BSGK, v_BSGV, mask_BTS, out, log_sum_exp)
 
 

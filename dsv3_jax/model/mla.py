@@ -26,6 +26,7 @@ from jaxtyping import Array, Float
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers import (Linear, RMSNorm, attention_mask, cache_mask, dot_product_attention,
                                    masked_softmax)
+from dsv3_jax.model.remat import name
 from dsv3_jax.model.rope import apply_rope, softmax_scale
 
 
@@ -49,29 +50,31 @@ class MLA(nnx.Module):
     def queries(self, x_BTD: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
         """(q_nope [B,T,H,N], roped q_rope [B,T,H,R])."""
         if self.cfg.q_lora_rank > 0:
-            q_BTHK = self.w_uq(self.q_norm(self.w_dq(x_BTD)))
+            q_BTHK = self.w_uq(self.q_norm(name(self.w_dq(x_BTD), "mla_down")))
         else:
             q_BTHK = self.w_q(x_BTD)
+        q_BTHK = name(q_BTHK, "mla_up")
         q_nope_BTHN, q_rope_BTHR = jnp.split(q_BTHK, [self.cfg.qk_nope_dim], axis=-1)
         return q_nope_BTHN, apply_rope(q_rope_BTHR, cos, sin)
 
     def latent_kv(self, x_BTD: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
         """What the cache holds: (RMSNorm(c_KV) [B,T,C], roped shared k_R [B,T,R])."""
-        ckv_BTC, k_rope_BTR = jnp.split(self.w_dkv(x_BTD), [self.cfg.kv_lora_rank], axis=-1)
+        ckv_BTC, k_rope_BTR = jnp.split(name(self.w_dkv(x_BTD), "mla_down"), [self.cfg.kv_lora_rank], axis=-1)
         return self.kv_norm(ckv_BTC), apply_rope(k_rope_BTR, cos, sin)
 
     def attend_expanded(self, q_nope_BTHN: Array, q_rope_BTHR: Array, ckv_BSC: Array, k_rope_BSR: Array,
                         mask_BTS: Array, causal: bool = False) -> Float[Array, "B T D"]:
         """Attention with per-head K/V rebuilt from the latent (the training path). `causal`: query t
         is key t (training on a whole sequence), so no query needs the keys after its chunk."""
-        k_nope_BSHN = self.w_uk(ckv_BSC)
-        v_BSHV = self.w_uv(ckv_BSC)
+        k_nope_BSHN = name(self.w_uk(ckv_BSC), "mla_up")
+        v_BSHV = name(self.w_uv(ckv_BSC), "mla_up")
         # One contraction over N + R, the shared k_R broadcast to every head (eq. 7-10): the same sum
         # as q_nope.k_nope + q_rope.k_R, but XLA:CPU ran the separate head-less "bthr,bsr" contraction
         # and its backward slowly (the attention core alone: fwd+bwd about 2x faster this way, tiny, T=256).
         q_BTHK = jnp.concatenate([q_nope_BTHN, q_rope_BTHR], axis=-1).astype(k_nope_BSHN.dtype)
         k_rope_BSHR = jnp.broadcast_to(k_rope_BSR[:, :, None], k_nope_BSHN.shape[:3] + k_rope_BSR.shape[-1:])
         k_BSHK = jnp.concatenate([k_nope_BSHN, k_rope_BSHR.astype(k_nope_BSHN.dtype)], axis=-1)
+        q_BTHK, k_BSHK = name(q_BTHK, "mla_up"), name(k_BSHK, "mla_up")  # what the attention core keeps
         return self.w_o(dot_product_attention(q_BTHK, k_BSHK, v_BSHV, mask_BTS, self.scale, causal))
 
     def attend_absorbed(self, q_nope_BTHN: Array, q_rope_BTHR: Array, ckv_BSC: Array, k_rope_BSR: Array,

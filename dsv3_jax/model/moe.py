@@ -24,6 +24,7 @@ from dsv3_jax.config import Fp8Backend, GroupedGemmImpl, ModelConfig
 from dsv3_jax.model.blocked_swiglu import blocked_swiglu
 from dsv3_jax.model.grouped_gemm import grouped_matmul, resolve_impl
 from dsv3_jax.model.layers import MLP, dtype_of, param
+from dsv3_jax.model.remat import name
 from dsv3_jax.model.routing import Router, RouterStats, Routing, configured_router, is_token_choice
 from dsv3_jax.parallel.expert import (batch_parallel_mesh, batch_parallel_routed_experts, expert_parallel_mesh,
                                       expert_parallel_routed_experts, gated_sum)
@@ -35,13 +36,17 @@ def grouped_swiglu(x_MD: Float[Array, "M D"], group_sizes_E: Int[Array, "E"], w_
     """SwiGLU over rows already sorted by expert; rows [sum(gs[:e]), sum(gs[:e+1])) use expert e.
 
     `fp8_backend`: the three grouped GEMMs run block-scaled in e4m3 (report §3.3), gradients included.
+    Its input and output are the "expert_in" / "expert_out" a remat policy can keep (model/remat.py):
+    recomputing them would rerun the dispatch (an all-to-all under expert parallelism) or the experts.
     """
+    x_MD = name(x_MD, "expert_in")
     if resolve_impl(impl) == "blocked" and fp8_backend != "pallas":  # one fused loop over 128-row blocks
-        return blocked_swiglu(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, fp8_backend).astype(x_MD.dtype)
+        y_MD = blocked_swiglu(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, fp8_backend)
+        return name(y_MD.astype(x_MD.dtype), "expert_out")
     grouped = lambda x, w: grouped_matmul(x, w, group_sizes_E, impl, fp8_backend)
-    gate_MF, up_MF = grouped(x_MD, w_gate_EDF), grouped(x_MD, w_up_EDF)
-    h_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_MD.dtype)
-    return grouped(h_MF, w_down_EFD).astype(x_MD.dtype)
+    gate_MF, up_MF = name(grouped(x_MD, w_gate_EDF), "swiglu_in"), name(grouped(x_MD, w_up_EDF), "swiglu_in")
+    h_MF = name((jax.nn.silu(gate_MF) * up_MF).astype(x_MD.dtype), "swiglu_out")
+    return name(grouped(h_MF, w_down_EFD).astype(x_MD.dtype), "expert_out")
 
 
 def routed_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_EDF: Array, w_up_EDF: Array,

@@ -8,8 +8,9 @@ on an abstract mesh of any size, per device:
   first rank the embedding and dense layers, the last the final norm, head and MTP (DualPipe puts
   both ends on one rank, §3.2.3), i.e. the stage-owned layout;
 - activation bytes: an inventory of the tensors the backward pass keeps per token and layer
-  (`_layer_inventory`), times the tokens in flight at the schedule's peak (Table 2: PP micro-
-  batches for 1F1B, PP + 1 for DualPipe), plus the output logits and one layer's transient
+  by activation name (`_layer_inventory`, the names of model/remat.py), the parts the
+  `model.remat` policy keeps, times the tokens in flight at the schedule's peak (Table 2: PP
+  micro-batches for 1F1B, PP + 1 for DualPipe), plus the output logits and one layer's transient
   intermediates under rematerialisation;
 - bytes moved per step by each collective (expert all-to-all, pipeline send/recv, data-parallel
   gradient reduction) and an estimated step time from the hardware table below.
@@ -27,7 +28,8 @@ import math
 import jax
 import numpy as np
 
-from dsv3_jax.config import Config
+from dsv3_jax.config import REMAT_NAMES, Config
+from dsv3_jax.model.remat import REPORT_KEPT
 from dsv3_jax.parallel.mesh import MESH_AXES
 from dsv3_jax.parallel.sharding import RULES
 
@@ -159,29 +161,47 @@ def expert_rows_per_token(cfg, tokens: int, ep: int, capacity_factor: float) -> 
     return ep * capacity * slots / tokens
 
 
-def _layer_inventory(cfg, tensor: int, moe: bool, expert_rows: float) -> float:
-    """Values kept per token by one block's backward pass (no rematerialisation), the ones split
-    over heads / hidden dims divided by the tensor axis. Softmax statistics are fp32 and counted
-    twice (scores, probabilities) per key position: `seq_len` is multiplied in by the caller."""
+def _layer_inventory(cfg, tensor: int, moe: bool, expert_rows: float) -> dict[str, float]:
+    """Values kept per token by one block's backward pass with nothing rematerialised, by the
+    activation names of model/remat.py ("input" is the block's input, "other" what no name covers);
+    the ones split over heads / hidden dims divided by the tensor axis. The attention scores are
+    the caller's (they scale with `seq_len`)."""
     heads = cfg.n_heads / tensor
-    q_latent = 2 * cfg.q_lora_rank  # the latent and its norm (eq. 6-7)
-    q = heads * cfg.qk_head_dim * 2  # q, and q with RoPE applied
-    kv_latent = 2 * (cfg.kv_lora_rank + cfg.qk_rope_dim)  # c_KV with k_R, and their norm / RoPE
-    kv = heads * (cfg.qk_nope_dim + cfg.v_head_dim) + heads * cfg.qk_head_dim  # up-projection, keys
-    attention = 3 * cfg.d_model + q_latent + q + kv_latent + kv + heads * cfg.v_head_dim
+    D, Q, C, R = cfg.d_model, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_dim
+    parts = {
+        "input": D,
+        "norm": 2 * D + Q + C,  # the block's two RMSNorms, the q and kv latents' (eq. 6, 1)
+        "mla_down": Q + C + R,  # c_Q, [c_KV | k_R]
+        # q (eq. 7-8) and its RoPE; k_C, v_C (eq. 2, 5); the keys with k_R broadcast to every head
+        "mla_up": heads * (2 * cfg.qk_head_dim + cfg.qk_nope_dim + cfg.v_head_dim + cfg.qk_head_dim),
+        "attention": heads * cfg.v_head_dim,
+        "residual": D,
+        "other": D + R,  # the attention block's output, RoPE'd k_R
+    }
     if moe:
-        expert_path = expert_rows * (2 * cfg.d_model + 3 * cfg.moe_ffn_dim / tensor)  # in, gate/up/act, out
-        shared = cfg.n_shared_experts * 3 * cfg.moe_ffn_dim / tensor
-        ffn = 3 * cfg.d_model + 3 * cfg.n_routed_experts + expert_path + shared
+        F_routed, F_shared = cfg.moe_ffn_dim / tensor, cfg.n_shared_experts * cfg.moe_ffn_dim / tensor
+        parts.update(swiglu_in=2 * (expert_rows * F_routed + F_shared), swiglu_out=expert_rows * F_routed + F_shared,
+                     expert_in=expert_rows * D, expert_out=expert_rows * D)
+        parts["other"] += 2 * D + 3 * cfg.n_routed_experts  # shared and routed outputs; router scores
     else:
-        ffn = 3 * cfg.d_model + 3 * cfg.ffn_dim / tensor
-    return attention + ffn
+        F = cfg.ffn_dim / tensor
+        parts.update(swiglu_in=2 * F, swiglu_out=F)
+        parts["other"] += D
+    return parts
+
+
+def kept_names(remat: str) -> tuple[str, ...]:
+    """The inventory parts a `model.remat` policy keeps between the forward and backward passes."""
+    chosen = {"none": REMAT_NAMES + ("other",), "full": (), "report": REPORT_KEPT}.get(remat)
+    return ("input",) + tuple(remat.split(",") if chosen is None else chosen)
 
 
 def activation_bytes(config: Config, tokens: int, sizes: dict[str, int], layers: dict[str, int],
                      in_flight: int, fused_attention: bool = False, padded_dispatch: bool = True) -> int:
     """Bytes kept for the backward pass on one device: `tokens` per micro-batch, `in_flight`
-    micro-batches at the schedule's peak, `layers` = {"dense": n, "moe": n} on this device."""
+    micro-batches at the schedule's peak, `layers` = {"dense": n, "moe": n} on this device.
+    Under a `model.remat` policy each layer keeps its input and the policy's parts, and one layer's
+    recomputed intermediates live during its backward."""
     cfg, tc = config.model, config.train
     tensor = sizes["tensor"]
     rows = (expert_rows_per_token(cfg, tokens, sizes["expert"], cfg.expert_capacity_factor) if padded_dispatch
@@ -189,11 +209,17 @@ def activation_bytes(config: Config, tokens: int, sizes: dict[str, int], layers:
     act = np.dtype(cfg.dtype).itemsize
     # fp32 scores and probabilities per token (or only the softmax statistics, fused)
     scores = (cfg.n_heads / tensor) * 4 * (1 if fused_attention else 2 * tc.seq_len)
-    per_layer = {kind: _layer_inventory(cfg, tensor, kind == "moe", rows) * act + scores for kind in ("dense", "moe")}
-    if cfg.remat:  # each block keeps its input; one block's intermediates live during its backward
-        inputs = sum(layers.values()) * cfg.d_model * act
-        return round(inputs * tokens * in_flight + max(per_layer.values()) * tokens)
-    return round(sum(per_layer[kind] * n for kind, n in layers.items()) * tokens * in_flight)
+    inventory = {kind: _layer_inventory(cfg, tensor, kind == "moe", rows) for kind in ("dense", "moe")}
+    every = {kind: sum(parts.values()) * act + scores for kind, parts in inventory.items()}
+    if cfg.remat == "none":
+        return round(sum(every[kind] * n for kind, n in layers.items()) * tokens * in_flight)
+    kept = kept_names(cfg.remat)
+    # the softmax statistics (fp32, one per head) are kept with the attention output
+    stats = (cfg.n_heads / tensor) * 4 if "attention" in kept else 0
+    per_layer = {kind: sum(v for name, v in parts.items() if name in kept) * act + stats
+                 for kind, parts in inventory.items()}
+    return round(sum(per_layer[kind] * n for kind, n in layers.items()) * tokens * in_flight
+                 + max(every.values()) * tokens)
 
 
 def logits_bytes(config: Config, tokens: int, tensor: int) -> int:
