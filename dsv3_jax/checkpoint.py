@@ -52,6 +52,11 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         if self.directory.exists() and not self.directory.is_dir():
             raise UsageError(f"checkpoint path {str(self.directory)!r} is a file, not a directory")
+        # orbax's replica-parallel save splits each replicated array among its replicas so that
+        # several hosts share the writing; within one process it only adds an on-device slice per
+        # shard, each a compiled program (232 of them, 8 s, at the first save of an 8-device run).
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1), override=True)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                                cleanup_tmp_directories=not read_only,
                                                enable_async_checkpointing=False)

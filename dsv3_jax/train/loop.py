@@ -31,7 +31,7 @@ from dsv3_jax.platform import compiler_options, platform_of
 from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.post.sft import build_sft_data, init_from_run
 from dsv3_jax.run_dir import RunLock, StopSignals, record_layout_change, truncate_jsonl, write_atomic
-from dsv3_jax.train.state import create_train_state
+from dsv3_jax.train.state import abstract_train_state, create_train_state
 from dsv3_jax.train.step import make_eval_step, make_train_step, max_violation
 from dsv3_jax.train.topk_drift import TopKDrift
 from dsv3_jax.validate import validate
@@ -136,9 +136,14 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         data = build_sft_data(config, run_dir if resume else None)
     else:
         data = build_data(config, run_dir if resume else None, shards)
-    graphdef, optimizer, state = create_train_state(config, tc.seed, mesh)  # sharded from the start
-    if tc.init_from and not (resume and has_checkpoint(run_dir)):
-        state = init_from_run(state, config, mesh)  # fine-tuning starts from the base run's weights
+    if resume and has_checkpoint(run_dir):
+        # Only shapes: the checkpoint gives the values (at scale, initialising the model only to
+        # overwrite it would cost minutes and a second copy of the state).
+        graphdef, optimizer, state = abstract_train_state(config, tc.seed)
+    else:
+        graphdef, optimizer, state = create_train_state(config, tc.seed, mesh)  # sharded from the start
+        if tc.init_from:
+            state = init_from_run(state, config, mesh)  # fine-tuning starts from the base run's weights
     iterator = ShardedBatches(data.train_shards, tc.batch_size, config.data.shards, config.data.shuffle_seed)
     barrier("checked")  # every process has checked the run directory before process 0 writes to it
 
@@ -178,9 +183,12 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
             truncate_jsonl(metrics_path, start)
             truncate_jsonl(router_path, start)
             record_layout_change(run_dir, start, written_on, layout)
-    elif main:  # a new run, or a resumed one killed before its first checkpoint: start clean
-        for path in (metrics_path, router_path):
-            path.unlink(missing_ok=True)
+    else:  # a new run, or a resumed one killed before its first checkpoint: start clean
+        if isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct):  # no complete save to restore
+            state = create_train_state(config, config.train.seed, mesh)[2]
+        if main:
+            for path in (metrics_path, router_path):
+                path.unlink(missing_ok=True)
     drift = TopKDrift(run_dir / "routing_signatures", main)
     drift.start(start)
 
