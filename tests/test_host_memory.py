@@ -42,7 +42,9 @@ def test_a_steps_scratch_memory_is_reused_not_faulted_in_again():
     assert kept["applied"] and not default["applied"]
     product_pages = 4096 * 4096 * 4 / 4096
     assert default["faults"] > 0.25 * product_pages, default  # glibc maps fresh pages per execution
-    assert kept["faults"] < 0.01 * product_pages, (kept, default)
+    # The process's other faults (XLA's threads) stay below 1% on an idle machine; with the suite's
+    # other worker busy they reached 343 pages (2%): still 20x under the default's.
+    assert kept["faults"] < 0.05 * product_pages, (kept, default)
 
 
 def test_only_the_cpu_backend_is_tuned(monkeypatch):
