@@ -58,8 +58,7 @@ PipelineSchedule = Literal["gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"]  # 
 # model.remat (model/remat.py): one of these policies, or a comma-separated list of the activations
 # the blocks name (REMAT_NAMES) to keep, everything else recomputed in the backward pass.
 REMAT_POLICIES = ("none", "full", "report")
-REMAT_NAMES = ("norm", "mla_down", "mla_up", "attention", "residual", "swiglu_in", "swiglu_out", "expert_in",
-               "expert_out")
+REMAT_NAMES = ("norm", "mla_down", "mla_up", "attention", "residual", "swiglu_in", "swiglu_out", "expert_in")
 
 
 # A plugin's hyperparameters: (name, value) pairs, hashable (the config is a static attribute of the
@@ -132,6 +131,10 @@ class ModelConfig:
     # FP8 (report §3.3): block-scaled e4m3 GEMMs for MLA projections, FFNs and experts.
     fp8: bool = False
     fp8_backend: Fp8Backend = "xla"
+    # With fp8 (report §3.3.4): the FP8 Linears keep their inputs for the Wgrad as e4m3 1x128 tiles
+    # and scales, and the routed experts their input rows and SwiGLU inputs; false keeps them in
+    # the compute dtype. The Linear after attention keeps bf16 (the report's E5M6 has no JAX dtype).
+    fp8_activation_cache: bool = True
     # Routed experts' grouped GEMM (model/grouped_gemm.py): "auto" = "blocked" on CPU (XLA:CPU
     # lowers ragged_dot densely over all experts), "ragged_dot" elsewhere.
     grouped_gemm: GroupedGemmImpl = "auto"

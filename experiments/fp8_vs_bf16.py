@@ -17,7 +17,7 @@ import argparse
 
 import numpy as np
 
-from variants import RESULTS, finish, moving_average, train_variants
+from variants import RESULTS, plot_loss_curves, train_variants
 
 
 def main() -> None:
@@ -35,18 +35,7 @@ def main() -> None:
     curves = train_variants(args.preset, {baseline: ["model.fp8=false", *common],
                                           "FP8": ["model.fp8=true", *common]}, args.steps)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, metrics in curves.items():
-        ax.plot(*moving_average([m["step"] for m in metrics], [m["lm_loss"] for m in metrics]),
-                label=f"{name} (train, 10-step mean)")
-        ax.plot(*zip(*[(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]), "o--", label=f"{name} (val)")
-    ax.set(xlabel="step", ylabel="LM loss", title=f"FP8 vs {baseline}, `{args.preset}` preset")
-    finish(fig, (ax,), f"{out}.png")
+    plot_loss_curves(curves, f"FP8 vs {baseline}, `{args.preset}` preset", f"{out}.png")
     hp, f8 = curves[baseline], curves["FP8"]
     last = lambda ms, key, n=20: float(np.mean([m[key] for m in ms[-n:]]))
     train_gap = (last(f8, "lm_loss") - last(hp, "lm_loss")) / last(hp, "lm_loss")

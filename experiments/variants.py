@@ -64,6 +64,22 @@ def moving_average(steps, values, window: int = 10):
     return np.asarray(steps)[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid")
 
 
+def plot_loss_curves(curves: dict[str, list[dict]], title: str, png_name: str) -> None:
+    """Each run's training LM loss (10-step mean) and validation loss on one axis, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, metrics in curves.items():
+        ax.plot(*moving_average([m["step"] for m in metrics], [m["lm_loss"] for m in metrics]),
+                label=f"{name} (train, 10-step mean)")
+        ax.plot(*zip(*[(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]), "o--", label=f"{name} (val)")
+    ax.set(xlabel="step", ylabel="LM loss", title=title)
+    finish(fig, (ax,), png_name)
+
+
 def finish(fig, axes, png_name: str) -> None:
     """Legends, grids, and the PNG into experiments/results/."""
     for ax in axes:

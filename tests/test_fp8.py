@@ -161,6 +161,24 @@ def test_fprop_dgrad_wgrad_each_equal_their_block_scaled_reference(backend):
         assert max_err(fp32, want) > 1000 * MACHINE, name  # the reference is not just the fp32 product
 
 
+def test_cached_activations_are_e4m3_tiles_and_the_wgrad_reads_them():
+    """§3.3.4: with `cache_fp8` the forward keeps x as e4m3 1x128 tiles and fp32 scales, not x; the
+    Wgrad is the block-scaled product of those dequantized tiles (quantized again along tokens), the
+    Dgrad is unchanged. Planted: caching x itself leaves no e4m3 residual and x among them."""
+    x = np.asarray(jax.random.normal(jax.random.key(8), (200, 320)))
+    w = np.asarray(jax.random.normal(jax.random.key(9), (320, 192))) * 0.05
+    dy = jnp.asarray(jax.random.normal(jax.random.key(10), (200, 192)))
+    _, vjp_cached = jax.vjp(lambda x, w: fp8_matmul(x, w, "xla", cache_fp8=True), jnp.asarray(x), jnp.asarray(w))
+    _, vjp_plain = jax.vjp(lambda x, w: fp8_matmul(x, w, "xla"), jnp.asarray(x), jnp.asarray(w))
+    kept = {(leaf.shape, jnp.dtype(leaf.dtype)) for leaf in jax.tree.leaves(vjp_cached)}
+    assert ((200, 384), jnp.dtype(jnp.float8_e4m3fn)) in kept and ((200, 3), jnp.dtype(jnp.float32)) in kept, kept
+    assert ((200, 320), jnp.dtype(jnp.float32)) not in kept, kept  # x itself is not kept
+    (dx, dw), (dx_plain, _) = vjp_cached(dy), vjp_plain(dy)
+    np.testing.assert_array_equal(dx, dx_plain)
+    x_cached = np_dequantized(x, 1, 128)[:, :320]
+    assert max_err(dw, np_fp8_gemm(x_cached.T, np.asarray(dy))) < MACHINE
+
+
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_grouped_fp8_gemms_equal_the_per_expert_reference(backend):
     sizes = [60, 0, 150, 50]  # an empty expert and one spanning two 128-row blocks

@@ -1,6 +1,8 @@
 """The grouped expert GEMM: the 128-row block layout and the "blocked" implementation against
 `jax.lax.ragged_dot` (values and gradients) and against a per-expert numpy loop."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,30 +80,35 @@ def test_rows_past_the_groups_give_zeros_like_ragged_dot(impl):
     np.testing.assert_array_equal(dx[133:], 0.0)
 
 
-def _swiglu_by_ragged_dots(x, sizes, w_gate, w_up, w_down):
+def _gated_swiglu_by_ragged_dots(x, sizes, gate, w_gate, w_up, w_down):
+    """eq. 12's g_i FFN_i(u): the gate applied to the expert's output."""
     dot = lambda a, w: jax.lax.ragged_dot(a, w, sizes, preferred_element_type=jnp.float32)
-    return dot(jax.nn.silu(dot(x, w_gate)) * dot(x, w_up), w_down)
+    return gate[:, None] * dot(jax.nn.silu(dot(x, w_gate)) * dot(x, w_up), w_down)
 
 
 def test_fused_blocked_swiglu_matches_three_ragged_dots_with_gradients():
-    """One loop over blocks for the whole SwiGLU (and one for its backward), against three
-    `ragged_dot`s differentiated by JAX; rows past the groups give zeros and get zero gradients."""
+    """One loop over blocks for the whole gated SwiGLU (and one for its backward, the gates' gradient
+    included: they are folded in before the down projection), against three `ragged_dot`s gated
+    after it, differentiated by JAX; rows past the groups give zeros and get zero gradients."""
     sizes = jnp.array(SIZES, jnp.int32)
     M, D, F = sum(SIZES) + 20, 48, 40
-    k = jax.random.split(jax.random.key(7), 5)
+    k = jax.random.split(jax.random.key(7), 6)
     x = jax.random.normal(k[0], (M, D))
     w = [0.2 * jax.random.normal(key, shape) for key, shape in
          zip(k[1:4], [(len(SIZES), D, F), (len(SIZES), D, F), (len(SIZES), F, D)])]
     r = jax.random.normal(k[4], (M, D))
-    loss = lambda fn: jax.jit(jax.value_and_grad(lambda x, *w: jnp.sum(fn(x, sizes, *w) * r), argnums=(0, 1, 2, 3)))
-    got_loss, got = loss(blocked_swiglu)(x, *w)
-    want_loss, want = loss(_swiglu_by_ragged_dots)(x, *w)
+    gate = jax.random.uniform(k[5], (M,))
+    loss = lambda fn: jax.jit(jax.value_and_grad(lambda x, g, *w: jnp.sum(fn(x, sizes, g, *w) * r),
+                                                 argnums=(0, 1, 2, 3, 4)))
+    got_loss, got = loss(blocked_swiglu)(x, gate, *w)
+    want_loss, want = loss(_gated_swiglu_by_ragged_dots)(x, gate, *w)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
     for g, h in zip(got, want):
         np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5 * float(jnp.abs(h).max()))
-    np.testing.assert_array_equal(blocked_swiglu(x, sizes, *w)[sum(SIZES):], 0.0)
+    np.testing.assert_array_equal(blocked_swiglu(x, sizes, gate, *w)[sum(SIZES):], 0.0)
     np.testing.assert_array_equal(got[0][sum(SIZES):], 0.0)
-    np.testing.assert_array_equal(got[1][0], 0.0)  # an empty expert gets no weight gradient
+    np.testing.assert_array_equal(got[1][sum(SIZES):], 0.0)
+    np.testing.assert_array_equal(got[2][0], 0.0)  # an empty expert gets no weight gradient
 
 
 def test_fused_blocked_swiglu_in_fp8_equals_three_blocked_fp8_gemms():
@@ -112,6 +119,32 @@ def test_fused_blocked_swiglu_in_fp8_equals_three_blocked_fp8_gemms():
     w_gate, w_up = (0.1 * jax.random.normal(key, (3, 128, 128)) for key in k[1:3])
     w_down = 0.1 * jax.random.normal(k[3], (3, 128, 128))
     grouped = lambda a, w: grouped_matmul(a, w, sizes, "blocked", "xla")
-    want = grouped(jax.nn.silu(grouped(x, w_gate)) * grouped(x, w_up), w_down)
-    got = blocked_swiglu(x, sizes, w_gate, w_up, w_down, "xla")
+    gate = jax.random.uniform(jax.random.key(9), (256,))
+    want = grouped(gate[:, None] * jax.nn.silu(grouped(x, w_gate)) * grouped(x, w_up), w_down)
+    got = blocked_swiglu(x, sizes, gate, w_gate, w_up, w_down, "xla")
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(jnp.abs(want).max()))
+
+
+def test_fp8_cached_swiglu_keeps_e4m3_tiles_and_gives_the_uncached_gradients():
+    """§3.3.4 for the routed experts: the backward keeps the input rows and the SwiGLU's gate and up
+    products as e4m3 1x128 tiles with fp32 scales, none of them in fp32, and its gradients are the
+    uncached ones up to that rounding (DeepGEMM's relative difference, 1 - 2<a,b> / (|a|^2 + |b|^2))."""
+    sizes = jnp.array([200, 0, 56], jnp.int32)
+    k = jax.random.split(jax.random.key(8), 5)
+    x = jax.random.normal(k[0], (256, 128))
+    w = [0.1 * jax.random.normal(key, (3, 128, 128)) for key in k[1:4]]
+    gate = jax.random.uniform(k[4], (256,))
+    run = lambda cached: jax.vjp(lambda x, g, *w: blocked_swiglu(x, sizes, g, *w, "xla", cached), x, gate, *w)
+    (_, vjp_cached), (_, vjp_plain) = run(jnp.float32), run(None)
+    kept = [(leaf.shape, jnp.dtype(leaf.dtype)) for leaf in jax.tree.leaves(vjp_cached)]
+    e4m3 = [shape for shape, dtype in kept if dtype == jnp.float8_e4m3fn]
+    assert len(e4m3) == 3 and all(shape[-1] == 128 for shape in e4m3), kept
+    # exactly the three fp32 [blocks, rows, 128] arrays replaced by 1 + 4/128 bytes a value
+    kept_bytes = lambda vjp: sum(leaf.nbytes for leaf in jax.tree.leaves(vjp))
+    values = sum(math.prod(shape) for shape in e4m3)
+    assert kept_bytes(vjp_plain) - kept_bytes(vjp_cached) == values * (4 - 1 - 4 / 128), kept
+    dy = jax.random.normal(jax.random.key(9), (256, 128))
+    for name, got, want in zip(("dx", "dgate", "dw_gate", "dw_up", "dw_down"), vjp_cached(dy), vjp_plain(dy)):
+        a, b = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        diff = 1 - 2 * np.sum(a * b) / (np.sum(a * a) + np.sum(b * b))
+        assert diff < 1e-2, (name, diff)  # measured <= 2.2e-3 (dw_up: two roundings of its operands)

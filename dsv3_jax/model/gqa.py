@@ -30,7 +30,7 @@ class GroupedQueryAttention(nnx.Module):
         self.w_q = Linear((D,), (H, cfg.qk_head_dim), ("embed", "heads", "qk_head"), cfg, rngs)
         self.w_k = Linear((D,), (G, cfg.qk_head_dim), ("embed", "kv_heads", "qk_head"), cfg, rngs)
         self.w_v = Linear((D,), (G, cfg.v_head_dim), ("embed", "kv_heads", "v_head"), cfg, rngs)
-        self.w_o = Linear((H, cfg.v_head_dim), (D,), ("heads", "v_head", "embed"), cfg, rngs)
+        self.w_o = Linear((H, cfg.v_head_dim), (D,), ("heads", "v_head", "embed"), cfg, rngs, cache_fp8=False)
         self.scale = softmax_scale(cfg)
 
     def _rope_last(self, x: Array, cos: Array, sin: Array) -> Array:

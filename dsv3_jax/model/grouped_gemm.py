@@ -31,7 +31,7 @@ from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import Fp8Backend, GroupedGemmImpl
 from dsv3_jax.platform import current_platform
-from dsv3_jax.quant.fp8 import fp8_gemm, fp8_grouped_pallas
+from dsv3_jax.quant.fp8 import cache_rows, fp8_gemm, fp8_grouped_pallas, uncache_rows
 
 ROWS = 128  # rows per block: the FP8 tile length along tokens (report §3.3)
 IMPLS: tuple[str, ...] = typing.get_args(GroupedGemmImpl)
@@ -97,19 +97,22 @@ def _per_expert(x_BRK: Array, w_EKN: Array, layout: BlockLayout, fp8_backend: Fp
     return over_used_blocks(layout, lambda b, e, y_BRN: y_BRN.at[b].set(gemm(x_BRK[b], w_EKN[e])), y_BRN)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def blocked_matmul(x_BRK: Array, w_EKN: Array, layout: BlockLayout, fp8_backend: Fp8Backend | None = None
-                   ) -> Float[Array, "B R N"]:
-    """Per-block GEMM on the padded layout; Dgrad and Wgrad use the same per-block GEMM."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def blocked_matmul(x_BRK: Array, w_EKN: Array, layout: BlockLayout, fp8_backend: Fp8Backend | None = None,
+                   cached_dtype=None) -> Float[Array, "B R N"]:
+    """Per-block GEMM on the padded layout; Dgrad and Wgrad use the same per-block GEMM.
+    `cached_dtype` (x's dtype, with FP8): x kept for the Wgrad in e4m3 tiles (report §3.3.4)."""
     return _per_expert(x_BRK, w_EKN, layout, fp8_backend)
 
 
-def _blocked_fwd(x_BRK, w_EKN, layout, fp8_backend):
-    return blocked_matmul(x_BRK, w_EKN, layout, fp8_backend), (x_BRK, w_EKN, layout)
+def _blocked_fwd(x_BRK, w_EKN, layout, fp8_backend, cached_dtype):
+    kept = x_BRK if cached_dtype is None else cache_rows(x_BRK)
+    return blocked_matmul(x_BRK, w_EKN, layout, fp8_backend, cached_dtype), (kept, w_EKN, layout)
 
 
-def _blocked_bwd(fp8_backend, residuals, dy_BRN):
-    x_BRK, w_EKN, layout = residuals
+def _blocked_bwd(fp8_backend, cached_dtype, residuals, dy_BRN):
+    kept, w_EKN, layout = residuals
+    x_BRK = kept if cached_dtype is None else uncache_rows(kept, w_EKN.shape[1])
     if fp8_backend is None:  # plain GEMMs take their operands in the forward's dtype
         dy_BRN = dy_BRN.astype(x_BRK.dtype)
     dx_BRK = _per_expert(dy_BRN, jnp.swapaxes(w_EKN, 1, 2), layout, fp8_backend)  # Dgrad
@@ -118,7 +121,7 @@ def _blocked_bwd(fp8_backend, residuals, dy_BRN):
     # Wgrad: x_b^T @ dy_b, added to the block's expert (in place).
     dw_EKN = over_used_blocks(layout, lambda b, e, dw_EKN: dw_EKN.at[e].add(gemm(x_BRK[b].T, dy_BRN[b])),
                               jnp.zeros(w_EKN.shape, jnp.float32))
-    return dx_BRK.astype(x_BRK.dtype), dw_EKN.astype(w_EKN.dtype), None
+    return dx_BRK.astype(cached_dtype or x_BRK.dtype), dw_EKN.astype(w_EKN.dtype), None
 
 
 blocked_matmul.defvjp(_blocked_fwd, _blocked_bwd)
@@ -133,12 +136,14 @@ def resolve_impl(impl: GroupedGemmImpl) -> str:
 
 
 def grouped_matmul(x_MK: Array, w_EKN: Array, group_sizes_E: Int[Array, "E"], impl: GroupedGemmImpl = "auto",
-                   fp8_backend: Fp8Backend | None = None) -> Float[Array, "M N"]:
+                   fp8_backend: Fp8Backend | None = None, cache_fp8: bool = False) -> Float[Array, "M N"]:
     """Rows [sum(g[:e]), sum(g[:e+1])) of x times w[e], fp32 out.
 
     With `fp8_backend`, Fprop / Dgrad / Wgrad are block-scaled e4m3 GEMMs (report §3.3); FP8
-    always uses the block layout, whose 128-row blocks keep Wgrad's token tiles within one expert."""
+    always uses the block layout, whose 128-row blocks keep Wgrad's token tiles within one expert;
+    `cache_fp8` keeps x for the Wgrad in e4m3 tiles (report §3.3.4)."""
     if fp8_backend is None and resolve_impl(impl) == "ragged_dot":
         return jax.lax.ragged_dot(x_MK, w_EKN, group_sizes_E, preferred_element_type=jnp.float32)
     layout = block_layout(group_sizes_E, x_MK.shape[0])
-    return from_blocks(blocked_matmul(to_blocks(x_MK, layout), w_EKN, layout, fp8_backend), layout)
+    cached_dtype = jnp.dtype(x_MK.dtype) if (cache_fp8 and fp8_backend is not None) else None
+    return from_blocks(blocked_matmul(to_blocks(x_MK, layout), w_EKN, layout, fp8_backend, cached_dtype), layout)

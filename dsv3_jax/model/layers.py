@@ -57,16 +57,19 @@ class Linear(nnx.Module):
     """y = x @ W with W of shape `in_shape + out_shape` (multi-dim in/out, e.g. heads).
 
     With `cfg.fp8` (and `fp8=True`, the default) the product runs as a block-scaled FP8 GEMM in
-    forward and backward (dsv3_jax/quant/fp8.py); the output head passes `fp8=False` (§3.3.1).
+    forward and backward (dsv3_jax/quant/fp8.py); the output head passes `fp8=False` (§3.3.1), and
+    the Linear after attention `cache_fp8=False` (its input kept in bf16, §3.3.4).
     """
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], axes: tuple[str, ...],
-                 cfg: ModelConfig, rngs: nnx.Rngs, std: float | None = None, fp8: bool = True):
+                 cfg: ModelConfig, rngs: nnx.Rngs, std: float | None = None, fp8: bool = True,
+                 cache_fp8: bool = True):
         self.n_in = len(in_shape)
         self.kernel = param(rngs, tuple(in_shape) + tuple(out_shape), axes,
                             cfg.init_std if std is None else std, dtype_of(cfg.param_dtype))
         self.dtype = dtype_of(cfg.dtype)
         self.fp8_backend = cfg.fp8_backend if (cfg.fp8 and fp8) else None
+        self.cache_fp8 = cfg.fp8_activation_cache and cache_fp8  # its input kept in e4m3 (§3.3.4)
 
     def __call__(self, x: Array) -> Array:
         w = self.kernel[...].astype(self.dtype)
@@ -74,7 +77,7 @@ class Linear(nnx.Module):
             in_shape, out_shape = w.shape[:self.n_in], w.shape[self.n_in:]
             batch_shape = x.shape[:x.ndim - self.n_in]
             y = fp8_matmul(x.astype(self.dtype).reshape(-1, math.prod(in_shape)),
-                           w.reshape(math.prod(in_shape), -1), self.fp8_backend)
+                           w.reshape(math.prod(in_shape), -1), self.fp8_backend, self.cache_fp8)
             return y.reshape(batch_shape + out_shape)
         return linear_product(x.astype(self.dtype), w, self.n_in).astype(self.dtype)
 

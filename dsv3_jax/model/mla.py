@@ -44,7 +44,7 @@ class MLA(nnx.Module):
         self.kv_norm = RMSNorm(C, cfg.norm_eps, "kv_lora", cfg.param_dtype)
         self.w_uk = Linear((C,), (H, cfg.qk_nope_dim), ("kv_lora", "heads", "qk_head"), cfg, rngs)
         self.w_uv = Linear((C,), (H, cfg.v_head_dim), ("kv_lora", "heads", "v_head"), cfg, rngs)
-        self.w_o = Linear((H, cfg.v_head_dim), (D,), ("heads", "v_head", "embed"), cfg, rngs)
+        self.w_o = Linear((H, cfg.v_head_dim), (D,), ("heads", "v_head", "embed"), cfg, rngs, cache_fp8=False)
         self.scale = softmax_scale(cfg)
 
     def queries(self, x_BTD: Array, cos: Array, sin: Array) -> tuple[Array, Array]:

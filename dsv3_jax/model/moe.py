@@ -5,9 +5,9 @@ M = N*K routed (token, slot) assignments.
 
 Local expert computation is dropless and never builds an [N, E, D] tensor: the M routed
 (token, expert, gate) assignments are sorted by expert, each expert's contiguous rows go through
-a grouped matmul (`model/grouped_gemm.py`: `jax.lax.ragged_dot`, or 128-row blocks on CPU), are
-weighted by their gates and scatter-added back to their tokens (which also serves routers where a
-token can have any number of experts). Under a mesh with an expert axis, the routed experts run
+a grouped matmul (`model/grouped_gemm.py`: `jax.lax.ragged_dot`, or 128-row blocks on CPU), gated
+(the gate folded in before the down projection) and scatter-added back to their tokens (which also
+serves routers where a token can have any number of experts). Under a mesh with an expert axis, the routed experts run
 expert-parallel (`parallel/expert.py`): each rank only its own experts on only their rows.
 """
 
@@ -27,32 +27,38 @@ from dsv3_jax.model.layers import MLP, dtype_of, param
 from dsv3_jax.model.remat import name
 from dsv3_jax.model.routing import Router, RouterStats, Routing, configured_router, is_token_choice
 from dsv3_jax.parallel.expert import (batch_parallel_mesh, batch_parallel_routed_experts, expert_parallel_mesh,
-                                      expert_parallel_routed_experts, gated_sum)
+                                      expert_parallel_routed_experts, sum_rows)
 
 
-def grouped_swiglu(x_MD: Float[Array, "M D"], group_sizes_E: Int[Array, "E"], w_gate_EDF: Array,
-                   w_up_EDF: Array, w_down_EFD: Array, impl: GroupedGemmImpl = "auto",
-                   fp8_backend: Fp8Backend | None = None) -> Float[Array, "M D"]:
-    """SwiGLU over rows already sorted by expert; rows [sum(gs[:e]), sum(gs[:e+1])) use expert e.
+def grouped_swiglu(x_MD: Float[Array, "M D"], group_sizes_E: Int[Array, "E"], gate_M: Float[Array, "M"],
+                   w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD: Array, impl: GroupedGemmImpl = "auto",
+                   fp8_backend: Fp8Backend | None = None, cache_fp8: bool = False) -> Float[Array, "M D"]:
+    """gate_m x SwiGLU_e(x_m) over rows already sorted by expert; rows [sum(gs[:e]), sum(gs[:e+1]))
+    use expert e. The gate multiplies the SwiGLU output before the down projection (the same sum):
+    its gradient then needs the SwiGLU output, which the backward has or recomputes, and no row's
+    [D] expert output has to be kept for it.
 
-    `fp8_backend`: the three grouped GEMMs run block-scaled in e4m3 (report §3.3), gradients included.
-    Its input and output are the "expert_in" / "expert_out" a remat policy can keep (model/remat.py):
-    recomputing them would rerun the dispatch (an all-to-all under expert parallelism) or the experts.
+    `fp8_backend`: the three grouped GEMMs run block-scaled in e4m3 (report §3.3), gradients included;
+    `cache_fp8` keeps their inputs for the backward as e4m3 tiles (§3.3.4).
+    The input is the "expert_in" a remat policy can keep (model/remat.py): recomputing it would
+    rerun the dispatch (an all-to-all under expert parallelism).
     """
-    x_MD = name(x_MD, "expert_in")
+    x_MD, gate_M1 = name(x_MD, "expert_in"), gate_M.astype(jnp.float32)[:, None]
+    cache_fp8 = cache_fp8 and fp8_backend is not None
     if resolve_impl(impl) == "blocked" and fp8_backend != "pallas":  # one fused loop over 128-row blocks
-        y_MD = blocked_swiglu(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, fp8_backend)
-        return name(y_MD.astype(x_MD.dtype), "expert_out")
-    grouped = lambda x, w: grouped_matmul(x, w, group_sizes_E, impl, fp8_backend)
+        y_MD = blocked_swiglu(x_MD, group_sizes_E, gate_M1[:, 0], w_gate_EDF, w_up_EDF, w_down_EFD, fp8_backend,
+                              jnp.dtype(x_MD.dtype) if cache_fp8 else None)
+        return y_MD.astype(x_MD.dtype)
+    grouped = lambda x, w: grouped_matmul(x, w, group_sizes_E, impl, fp8_backend, cache_fp8)
     gate_MF, up_MF = name(grouped(x_MD, w_gate_EDF), "swiglu_in"), name(grouped(x_MD, w_up_EDF), "swiglu_in")
-    h_MF = name((jax.nn.silu(gate_MF) * up_MF).astype(x_MD.dtype), "swiglu_out")
-    return name(grouped(h_MF, w_down_EFD).astype(x_MD.dtype), "expert_out")
+    h_MF = name((gate_M1 * jax.nn.silu(gate_MF) * up_MF).astype(x_MD.dtype), "swiglu_out")
+    return grouped(h_MF, w_down_EFD).astype(x_MD.dtype)
 
 
 def routed_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_EDF: Array, w_up_EDF: Array,
-                   w_down_EFD: Array, impl: GroupedGemmImpl = "auto", fp8_backend: Fp8Backend | None = None
-                   ) -> Float[Array, "N D"]:
-    """Dropless: sort the M assignments by expert -> grouped matmul -> gate -> scatter-add to tokens.
+                   w_down_EFD: Array, impl: GroupedGemmImpl = "auto", fp8_backend: Fp8Backend | None = None,
+                   cache_fp8: bool = False) -> Float[Array, "N D"]:
+    """Dropless: sort the M assignments by expert -> gated grouped SwiGLU -> scatter-add to tokens.
 
     With no more assignments than experts (decoding a few tokens) each assignment instead takes its
     expert's weights directly: M weight gathers move less than one grouped pass over all E experts
@@ -64,8 +70,9 @@ def routed_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_EDF: Arra
     token_M = routing.token_M[order_M]
     x_MD = jnp.take(x_ND, token_M, axis=0)
     group_sizes_E = jnp.bincount(routing.expert_M, length=E).astype(jnp.int32)
-    y_MD = grouped_swiglu(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, impl, fp8_backend)
-    return gated_sum(y_MD, routing.gate_M[order_M], token_M, x_ND.shape[0]).astype(x_ND.dtype)
+    y_MD = grouped_swiglu(x_MD, group_sizes_E, routing.gate_M[order_M], w_gate_EDF, w_up_EDF, w_down_EFD, impl,
+                          fp8_backend, cache_fp8)
+    return sum_rows(y_MD, token_M, x_ND.shape[0]).astype(x_ND.dtype)
 
 
 def per_assignment_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_EDF: Array, w_up_EDF: Array,
@@ -74,9 +81,10 @@ def per_assignment_experts(x_ND: Float[Array, "N D"], routing: Routing, w_gate_E
     x_MD = jnp.take(x_ND, routing.token_M, axis=0)
     e_M = routing.expert_M
     dot = lambda a, w: jnp.einsum("md,mdf->mf", a, w, preferred_element_type=jnp.float32)
-    h_MF = (jax.nn.silu(dot(x_MD, w_gate_EDF[e_M])) * dot(x_MD, w_up_EDF[e_M])).astype(x_ND.dtype)
+    gate_M1 = routing.gate_M.astype(jnp.float32)[:, None]
+    h_MF = (gate_M1 * jax.nn.silu(dot(x_MD, w_gate_EDF[e_M])) * dot(x_MD, w_up_EDF[e_M])).astype(x_ND.dtype)
     y_MD = dot(h_MF, w_down_EFD[e_M]).astype(x_ND.dtype)
-    return gated_sum(y_MD, routing.gate_M, routing.token_M, x_ND.shape[0]).astype(x_ND.dtype)
+    return sum_rows(y_MD, routing.token_M, x_ND.shape[0]).astype(x_ND.dtype)
 
 
 class MoE(nnx.Module):
@@ -91,6 +99,7 @@ class MoE(nnx.Module):
         self.w_down_EFD = param(rngs, (E, F, D), ("expert", "moe_ffn", "embed"), cfg.init_std, pdt)
         self.dtype = dtype_of(cfg.dtype)
         self.fp8_backend = cfg.fp8_backend if cfg.fp8 else None
+        self.cache_fp8 = cfg.fp8_activation_cache
         self.grouped_gemm = cfg.grouped_gemm
         self.expert_dispatch = cfg.expert_dispatch
         self.capacity_factor = cfg.expert_capacity_factor
@@ -121,8 +130,9 @@ class MoE(nnx.Module):
         ep_mesh = expert_parallel_mesh() if explicit else None
         dp_mesh = batch_parallel_mesh() if explicit else None
         if ep_mesh is None and dp_mesh is None:
-            return routed_experts(x_ND, routing, *weights, self.grouped_gemm, self.fp8_backend), stats
-        experts_fn = functools.partial(grouped_swiglu, impl=self.grouped_gemm, fp8_backend=self.fp8_backend)
+            return routed_experts(x_ND, routing, *weights, self.grouped_gemm, self.fp8_backend, self.cache_fp8), stats
+        experts_fn = functools.partial(grouped_swiglu, impl=self.grouped_gemm, fp8_backend=self.fp8_backend,
+                                       cache_fp8=self.cache_fp8)
         N = x_ND.shape[0]
         gate_NK, expert_NK = routing.gate_M.reshape(N, -1), routing.expert_M.reshape(N, -1)
         if ep_mesh is None:

@@ -10,9 +10,11 @@ everything else a layer computes is an unnamed intermediate. The names (config.R
   attention   the attention core's output, the input of W_O (eq. 11), and its softmax statistics
   residual    the residual stream between attention and FFN (the FFN's input)
   swiglu_in   the gate and up projections' outputs (dense FFN, shared and routed experts)
-  swiglu_out  silu(gate) * up, the input of the down projection
+  swiglu_out  silu(gate) * up (times the routed experts' gates), the input of the down projection
   expert_in   the routed experts' input rows, sorted by expert (after the dispatch)
-  expert_out  the routed experts' output rows (before the gate and the combine)
+
+The routed experts' outputs need no name: their gates are applied before the down projection
+(model/moe.py), so the combine's backward needs none of them.
 
 Policies:
   none    keep everything (no rematerialisation)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.platform import Platform, current_platform
 
-# (rows sorted by expert [R, D], group sizes [E_local], w_gate, w_up, w_down) -> [R, D]
+# (rows sorted by expert [R, D], group sizes [E_local], gates [R], w_gate, w_up, w_down) -> gated [R, D]
 ExpertsFn = Callable[..., jax.Array]
 
 
@@ -90,12 +90,12 @@ def pair_capacity(n_tokens: int, fan_out: int, ep: int, capacity_factor: float) 
     return max(1, min(n_tokens, math.ceil(capacity_factor * n_tokens * fan_out / ep)))
 
 
-def _local_experts(x_RD, local_expert_R, w_gate, w_up, w_down, experts_fn: ExpertsFn, ffn_axes):
-    """Rows through this rank's experts by local expert id; id local_E (no local expert) gives zeros."""
+def _local_experts(x_RD, local_expert_R, gate_R, w_gate, w_up, w_down, experts_fn: ExpertsFn, ffn_axes):
+    """Rows through this rank's experts by local expert id, gated; id local_E (no local expert) gives zeros."""
     local_E = w_gate.shape[0]
     order_R = jnp.argsort(local_expert_R, stable=True)  # rows of no local expert sort last
     group_sizes = jnp.bincount(local_expert_R, length=local_E + 1)[:local_E].astype(jnp.int32)
-    y_sorted = experts_fn(x_RD[order_R], group_sizes, w_gate, w_up, w_down)
+    y_sorted = experts_fn(x_RD[order_R], group_sizes, gate_R[order_R], w_gate, w_up, w_down)
     y_RD = jnp.zeros_like(y_sorted).at[order_R].set(y_sorted, unique_indices=True)
     return jax.lax.psum(y_RD, ffn_axes) if ffn_axes else y_RD  # down projection's partial sums over F
 
@@ -134,17 +134,16 @@ def plan_dispatch(expert_nK, gate_nK, ep: int, local_E: int, capacity: int) -> D
     return Dispatch(token_PC, expert_PCJ, gate_PCJ, count_P, jnp.sum(~kept_nK).astype(jnp.float32))
 
 
-def gated_sum(y_MD: jax.Array, gate_M: jax.Array, row_M: jax.Array, n_rows: int) -> jax.Array:
-    """Per row, the sum over its assignments m of gate_m x y_m (eq. 12's routed term), fp32 [n_rows, D]."""
-    y_MD = y_MD.astype(jnp.float32) * gate_M[:, None].astype(jnp.float32)
-    return jnp.zeros((n_rows, y_MD.shape[1]), jnp.float32).at[row_M].add(y_MD)
+def sum_rows(y_MD: jax.Array, row_M: jax.Array, n_rows: int) -> jax.Array:
+    """Per row, the sum of its assignments' gated outputs y_m (eq. 12's routed term), fp32 [n_rows, D]."""
+    return jnp.zeros((n_rows, y_MD.shape[1]), jnp.float32).at[row_M].add(y_MD.astype(jnp.float32))
 
 
 def _rows_through_experts(x_RD, expert_RJ, gate_RJ, weights, experts):
     """Each row through its (up to J) local experts, gated and summed: one output row per input row."""
     R, J = expert_RJ.shape
     row_M = jnp.arange(R * J) // J
-    return gated_sum(experts(x_RD[row_M], expert_RJ.reshape(-1), *weights), gate_RJ.reshape(-1), row_M, R)
+    return sum_rows(experts(x_RD[row_M], expert_RJ.reshape(-1), gate_RJ.reshape(-1), *weights), row_M, R)
 
 
 def _a2a(x_nD, expert_nK, gate_nK, *weights, ep, experts, capacity, axis, ragged):

@@ -162,10 +162,12 @@ def expert_rows_per_token(cfg, tokens: int, ep: int, capacity_factor: float) -> 
 
 
 def _layer_inventory(cfg, tensor: int, moe: bool, expert_rows: float) -> dict[str, float]:
-    """Values kept per token by one block's backward pass with nothing rematerialised, by the
+    """Bytes kept per token by one block's backward pass with nothing rematerialised, by the
     activation names of model/remat.py ("input" is the block's input, "other" what no name covers);
     the ones split over heads / hidden dims divided by the tensor axis. The attention scores are
-    the caller's (they scale with `seq_len`)."""
+    the caller's (they scale with `seq_len`). With FP8 activation caching (§3.3.4) the routed
+    experts keep their input rows and SwiGLU inputs as e4m3 tiles with a fp32 scale per 128."""
+    act = np.dtype(cfg.dtype).itemsize
     heads = cfg.n_heads / tensor
     D, Q, C, R = cfg.d_model, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_dim
     parts = {
@@ -178,15 +180,21 @@ def _layer_inventory(cfg, tensor: int, moe: bool, expert_rows: float) -> dict[st
         "residual": D,
         "other": D + R,  # the attention block's output, RoPE'd k_R
     }
+    parts = {name: values * act for name, values in parts.items()}
     if moe:
         F_routed, F_shared = cfg.moe_ffn_dim / tensor, cfg.n_shared_experts * cfg.moe_ffn_dim / tensor
-        parts.update(swiglu_in=2 * (expert_rows * F_routed + F_shared), swiglu_out=expert_rows * F_routed + F_shared,
-                     expert_in=expert_rows * D, expert_out=expert_rows * D)
-        parts["other"] += 2 * D + 3 * cfg.n_routed_experts  # shared and routed outputs; router scores
+        # The routed experts' gate and up products are fp32 (model/blocked_swiglu.py, ragged_dot's
+        # fp32 results), the shared experts' in the compute dtype.
+        fp8_cached = cfg.fp8 and cfg.fp8_activation_cache
+        routed = (1 + 4 / 128) if fp8_cached else 4
+        parts.update(swiglu_in=2 * expert_rows * F_routed * routed + 2 * F_shared * act,
+                     swiglu_out=(expert_rows * F_routed + F_shared) * act,
+                     expert_in=expert_rows * D * ((1 + 4 / 128) if fp8_cached else act))
+        parts["other"] += (2 * D + 3 * cfg.n_routed_experts) * act  # shared and routed outputs; router scores
     else:
         F = cfg.ffn_dim / tensor
-        parts.update(swiglu_in=2 * F, swiglu_out=F)
-        parts["other"] += D
+        parts.update(swiglu_in=2 * F * act, swiglu_out=F * act)
+        parts["other"] += D * act
     return parts
 
 
@@ -206,17 +214,16 @@ def activation_bytes(config: Config, tokens: int, sizes: dict[str, int], layers:
     tensor = sizes["tensor"]
     rows = (expert_rows_per_token(cfg, tokens, sizes["expert"], cfg.expert_capacity_factor) if padded_dispatch
             else cfg.top_k)
-    act = np.dtype(cfg.dtype).itemsize
     # fp32 scores and probabilities per token (or only the softmax statistics, fused)
     scores = (cfg.n_heads / tensor) * 4 * (1 if fused_attention else 2 * tc.seq_len)
     inventory = {kind: _layer_inventory(cfg, tensor, kind == "moe", rows) for kind in ("dense", "moe")}
-    every = {kind: sum(parts.values()) * act + scores for kind, parts in inventory.items()}
+    every = {kind: sum(parts.values()) + scores for kind, parts in inventory.items()}
     if cfg.remat == "none":
         return round(sum(every[kind] * n for kind, n in layers.items()) * tokens * in_flight)
     kept = kept_names(cfg.remat)
     # the softmax statistics (fp32, one per head) are kept with the attention output
     stats = (cfg.n_heads / tensor) * 4 if "attention" in kept else 0
-    per_layer = {kind: sum(v for name, v in parts.items() if name in kept) * act + stats
+    per_layer = {kind: sum(v for name, v in parts.items() if name in kept) + stats
                  for kind, parts in inventory.items()}
     return round(sum(per_layer[kind] * n for kind, n in layers.items()) * tokens * in_flight
                  + max(every.values()) * tokens)

@@ -30,7 +30,8 @@ from dsv3_jax.platform import current_platform
 from pallas_kernels import BLOCK
 from pallas_kernels.fp8_gemm import block_scaled_matmul, dequantized_matmul
 from pallas_kernels.fp8_grouped_gemm import grouped_block_scaled_matmul
-from pallas_kernels.fp8_quant import quantize_blocks, quantize_blocks_ref, quantize_rows, quantize_rows_ref
+from pallas_kernels.fp8_quant import (dequantize_rows, quantize_blocks, quantize_blocks_ref, quantize_rows,
+                                      quantize_rows_ref)
 
 BACKENDS: tuple[str, ...] = typing.get_args(Fp8Backend)
 
@@ -70,32 +71,56 @@ def fp8_gemm(a_MK: jax.Array, b_KN: jax.Array, backend: Fp8Backend) -> jax.Array
     return gemm(qa, sa, qb, sb)[:M, :N]
 
 
-def fp8_matmul(x_MK: jax.Array, w_KN: jax.Array, backend: Fp8Backend = "xla") -> jax.Array:
+def fp8_matmul(x_MK: jax.Array, w_KN: jax.Array, backend: Fp8Backend = "xla", cache_fp8: bool = False
+               ) -> jax.Array:
     """y = x @ w, all three GEMMs (forward and both gradients) in block-scaled FP8.
+
+    `cache_fp8`: keep x for the Wgrad as its e4m3 1x128 tiles and their scales (1 + 4/128 bytes a
+    value instead of bf16's 2, report §3.3.4); the backward dequantizes them and quantizes x^T
+    again along the tokens, the transposition the report describes (§3.5.2).
 
     On "pallas" under a mesh each device runs the kernels on its own rows (Pallas calls cannot be
     partitioned by GSPMD): rows stay split over the batch axes, w is seen whole, and dW, a sum over
     tokens, is summed over the shards by the shard_map's transpose."""
+    cached_dtype = jnp.dtype(x_MK.dtype) if cache_fp8 else None
     if backend == "pallas":
-        return per_batch_shard(lambda x, w: _fp8_matmul(x, w, backend), x_MK, replicated=(w_KN,))
-    return _fp8_matmul(x_MK, w_KN, backend)
+        return per_batch_shard(lambda x, w: _fp8_matmul(x, w, backend, cached_dtype), x_MK, replicated=(w_KN,))
+    return _fp8_matmul(x_MK, w_KN, backend, cached_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _fp8_matmul(x_MK: jax.Array, w_KN: jax.Array, backend: Fp8Backend) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fp8_matmul(x_MK: jax.Array, w_KN: jax.Array, backend: Fp8Backend, cached_dtype) -> jax.Array:
     return fp8_gemm(x_MK, w_KN, backend).astype(x_MK.dtype)
 
 
-def _fwd(x_MK, w_KN, backend):
-    return _fp8_matmul(x_MK, w_KN, backend), (x_MK, w_KN)
+def cache_rows(x_MK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., K] kept for a backward pass as e4m3 1x128 tiles (K zero-padded to a multiple of 128)
+    and their fp32 scales (jnp: XLA fuses it into x's producer on every platform)."""
+    q_MK, scale = quantize_rows_ref(_pad_to(x_MK.reshape(-1, x_MK.shape[-1]), 1))
+    return q_MK.reshape(x_MK.shape[:-1] + q_MK.shape[-1:]), scale.reshape(x_MK.shape[:-1] + scale.shape[-1:])
 
 
-def _bwd(backend, residuals, dy_MN):
-    x_MK, w_KN = residuals
+def uncache_rows(cached: tuple[jax.Array, jax.Array], k: int) -> jax.Array:
+    """The fp32 values `cache_rows` kept, their last dim cut back to `k`."""
+    q, scale = cached
+    flat = dequantize_rows(q.reshape(-1, q.shape[-1]), scale.reshape(-1, scale.shape[-1]))
+    return flat.reshape(q.shape)[..., :k]
+
+
+def _fwd(x_MK, w_KN, backend, cached_dtype):
+    y = _fp8_matmul(x_MK, w_KN, backend, cached_dtype)
+    if cached_dtype is None:
+        return y, (x_MK, w_KN)
+    return y, (cache_rows(x_MK), w_KN)
+
+
+def _bwd(backend, cached_dtype, residuals, dy_MN):
+    x, w_KN = residuals
     dy = dy_MN.astype(jnp.float32)
+    x_MK = x if cached_dtype is None else uncache_rows(x, w_KN.shape[0])
     dx_MK = fp8_gemm(dy, w_KN.T.astype(jnp.float32), backend)  # Dgrad
     dw_KN = fp8_gemm(x_MK.T.astype(jnp.float32), dy, backend)  # Wgrad: x^T tiles run along tokens
-    return dx_MK.astype(x_MK.dtype), dw_KN.astype(w_KN.dtype)
+    return dx_MK.astype(cached_dtype or x_MK.dtype), dw_KN.astype(w_KN.dtype)
 
 
 _fp8_matmul.defvjp(_fwd, _bwd)
