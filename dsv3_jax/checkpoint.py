@@ -32,7 +32,7 @@ class PlacementError(UsageError):
     """A sound checkpoint that could not be placed on this mesh: never "damaged", never set aside."""
 
 
-def restore_target(abstract_state: Any, mesh=None) -> Any:
+def restore_target(abstract_state: Any, mesh=None, zero1: bool = False) -> Any:
     """`abstract_state` (shapes and dtypes) as a restore target for `mesh`, the mesh this process runs
     on now (None: this process's first device): jax.ShapeDtypeStruct leaves carrying the
     NamedSharding the sharding rules give them on it, so orbax reads into each device only its own
@@ -42,7 +42,7 @@ def restore_target(abstract_state: Any, mesh=None) -> Any:
 
     if mesh is None:
         mesh = make_mesh(dict.fromkeys(MESH_AXES, 1), jax.local_devices()[:1])
-    shardings = RULES.tree(abstract_state, mesh)
+    shardings = RULES.tree(abstract_state, mesh, zero1)
     return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                         abstract_state, shardings)
 

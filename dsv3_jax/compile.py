@@ -92,7 +92,7 @@ def target_config(config: Config, what: str, fp8: bool, schedule: str | None = N
 
 def _train_program(config: Config, mesh, pipelined: bool):
     graphdef, optimizer, state = abstract_train_state(config)
-    shardings = RULES.tree(state, mesh)
+    shardings = RULES.tree(state, mesh, config.train.zero1)
     tc = config.train
     batch = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1), np.int32)
     step = jax.jit(make_train_step(config, graphdef, optimizer, pipeline_mesh=mesh if pipelined else None),

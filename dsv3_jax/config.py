@@ -283,6 +283,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     bf16_moments: bool = False
+    # ZeRO-1 (report §3.2): the optimizer state split over the batch axes that hold copies of each
+    # parameter (data, and expert for all but the routed experts); parallel/sharding.py.
+    zero1: bool = False
     mtp_lambda: float = 0.3  # eq. 25 (report: 0.3 for the first 10T tokens)
     balance_alpha: float = 1e-4  # eq. 17 (report: 0.0001)
     bias_gamma: float = 1e-3  # aux-loss-free bias update speed; 0 freezes the bias

@@ -22,22 +22,23 @@ RESULTS = Path(__file__).parent / "results" / "plan_deepseek_v3.md"
 MESH = {"data": 2, "expert": 64, "pipeline": 16}  # 2 x 64 x 16 = 2,048
 # The report does not give the micro-batch size: one 4K sequence per micro-batch and data rank.
 OVERRIDES = ["train.seq_len=4096", "train.batch_size=15360", "train.pipeline_schedule=dualpipe",
-             "train.microbatches=120", "train.bf16_moments=true"]
+             "train.microbatches=120", "train.bf16_moments=true", "train.zero1=true"]
 REPORT_GPU_HOURS_PER_T = 180e3
 
 SCENARIOS = {
     "this package as it runs (padded all-to-all, [T, T] scores kept, bf16 GEMMs)":
-        dict(fp8=False, fused_attention=False, padded_dispatch=True),
+        dict(fp8=False, fused_attention=False, padded_dispatch=True, remat="none"),
     "GPU kernels: fused attention, dropless dispatch, bf16 GEMMs":
-        dict(fp8=False, fused_attention=True, padded_dispatch=False),
+        dict(fp8=False, fused_attention=True, padded_dispatch=False, remat="none"),
     "GPU kernels + FP8 GEMMs and dispatch (report §3.3)":
-        dict(fp8=True, fused_attention=True, padded_dispatch=False),
+        dict(fp8=True, fused_attention=True, padded_dispatch=False, remat="none"),
+    "GPU kernels + FP8 + the report's recomputation and FP8 activation cache (§3.2.3, §3.3.4)":
+        dict(fp8=True, fused_attention=True, padded_dispatch=False, remat="report"),
 }
 
 
 def main() -> None:
     start = time.time()
-    config = apply_overrides(get_preset("deepseek-v3-671b"), OVERRIDES)
     lines = ["# The planner on DeepSeek-V3's training deployment", "",
              f"`uv run python experiments/plan_deepseek_v3.py` ({time.strftime('%Y-%m-%d')}, "
              f"{platform.machine()}, abstract shapes only).", "",
@@ -49,7 +50,10 @@ def main() -> None:
              "and gradients (§3.3.3). GEMMs at 50% of the peak (an assumption; `--matmul-efficiency`).", ""]
     for title, options in SCENARIOS.items():
         for efficiency in (0.5, 0.3):
-            layout = Layout(config, MESH, HARDWARE["h800"], zero1=True, matmul_efficiency=efficiency, **options)
+            options = dict(options)
+            config = apply_overrides(get_preset("deepseek-v3-671b"), OVERRIDES + [
+                f"model.fp8={str(options.pop('fp8')).lower()}", f"model.remat={options.pop('remat')}"])
+            layout = Layout(config, MESH, HARDWARE["h800"], matmul_efficiency=efficiency, **options)
             check_layout(layout)
             rows = report_rows(layout, plan(layout))
             if efficiency == 0.5:

@@ -3,8 +3,8 @@
 From the config's abstract shapes (nothing allocated) and the sharding table (parallel/sharding.py)
 on an abstract mesh of any size, per device:
 - parameter, gradient and optimizer bytes: exact, from each leaf's shape, dtype and PartitionSpec;
-  with `zero1` the optimizer state (and the fp32 master it updates) is split over the data axis as
-  in the report's ZeRO-1 data parallelism (§3.2); pipeline ranks own 1/P of the MoE stack, the
+  with `train.zero1` the optimizer state is split over the axes holding copies of each parameter,
+  by the same rule the step's shardings use (`ShardingRules.zero1_spec`, report §3.2); pipeline ranks own 1/P of the MoE stack, the
   first rank the embedding and dense layers, the last the final norm, head and MTP (DualPipe puts
   both ends on one rank, §3.2.3), i.e. the stage-owned layout;
 - activation bytes: an inventory of the tensors the backward pass keeps per token and layer
@@ -64,8 +64,6 @@ class Layout:
     config: Config
     mesh: dict[str, int]
     hardware: Hardware
-    zero1: bool = False  # optimizer state split over data ranks too (report §3.2)
-    fp8: bool = False  # FP8 GEMMs (report §3.3): compute at the fp8 peak, dispatch sent in fp8
     matmul_efficiency: float = 0.5  # achieved / peak FLOP/s of the step's GEMMs (an assumption)
     node_limit: int = 4  # each token sent to at most this many nodes (report §3.2.2)
     # This package's attention materialises the [T, T] scores per head (XLA, as the compiler check
@@ -75,6 +73,15 @@ class Layout:
     # This package's all-to-all computes fixed buffers (P x capacity rows x J expert slots) whether
     # full or not; False counts only the K real assignments per token (a dropless kernel's).
     padded_dispatch: bool = True
+
+    # Read from the config the step runs with, so the plan and the program cannot disagree.
+    @property
+    def zero1(self) -> bool:  # optimizer state split over the parameter's copies (report §3.2)
+        return self.config.train.zero1
+
+    @property
+    def fp8(self) -> bool:  # FP8 GEMMs (report §3.3): compute at the fp8 peak, dispatch sent in fp8
+        return self.config.model.fp8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +109,16 @@ def abstract_mesh(sizes: dict[str, int]):
     return jax.sharding.AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES)
 
 
-def _leaf_bytes(variable, mesh) -> int:
-    """Bytes of one device's shard of an abstract Variable (the rules leave indivisible dims whole)."""
+def _leaf_bytes(variable, mesh, zero1: bool = False) -> int:
+    """Bytes of one device's shard of an abstract Variable (the rules leave indivisible dims whole);
+    `zero1`: an optimizer-state leaf, split as `RULES.tree(..., zero1=True)` splits it."""
     value = variable.get_value()
     axes = variable.get_metadata().get("logical_axes")
-    shape = RULES.sharding(tuple(axes), mesh, value.shape).shard_shape(value.shape) if axes else value.shape
+    if not axes:
+        return value.size * np.dtype(value.dtype).itemsize
+    spec = RULES.spec(tuple(axes), value.shape, mesh)
+    spec = RULES.zero1_spec(spec, value.shape, mesh) if zero1 else spec
+    shape = jax.sharding.NamedSharding(mesh, spec).shard_shape(value.shape)
     return math.prod(shape) * np.dtype(value.dtype).itemsize
 
 
@@ -117,7 +129,7 @@ def _key_name(key) -> str:
     return str(getattr(key, "key", getattr(key, "name", key)))
 
 
-def _bytes_by_part(tree, mesh) -> dict[str, int]:
+def _bytes_by_part(tree, mesh, zero1: bool = False) -> dict[str, int]:
     """{top-level module: bytes per device} of the Variables in `tree` (the params, or the optimizer
     state, whose moments mirror them; its step counters are not Variables and are left out)."""
     out: dict[str, int] = {}
@@ -125,7 +137,7 @@ def _bytes_by_part(tree, mesh) -> dict[str, int]:
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_variable):
         if is_variable(leaf):
             part = next(_key_name(k) for k in path if _key_name(k) in _PARTS)
-            out[part] = out.get(part, 0) + _leaf_bytes(leaf, mesh)
+            out[part] = out.get(part, 0) + _leaf_bytes(leaf, mesh, zero1)
     return out
 
 
@@ -272,9 +284,8 @@ def plan(layout: Layout) -> Plan:
     in_stage = abstract_mesh({**sizes, "pipeline": 1})
     params = _pipeline_rank_bytes(_bytes_by_part(state.params, in_stage), pp, schedule, cfg.n_moe_layers)
     grads = params  # same dtype and layout as the parameters
-    optimizer = _pipeline_rank_bytes(_bytes_by_part(state.opt_state, in_stage), pp, schedule, cfg.n_moe_layers)
-    if layout.zero1:
-        optimizer = math.ceil(optimizer / sizes["data"])
+    optimizer = _pipeline_rank_bytes(_bytes_by_part(state.opt_state, in_stage, tc.zero1), pp, schedule,
+                                     cfg.n_moe_layers)
 
     # Tokens per device per micro-batch: rows split over data x fsdp x expert (the "batch" axes).
     batch_ways = RULES.shards("batch", sizes)
@@ -349,7 +360,7 @@ def check_against_compiler(config: Config, sizes: dict[str, int]) -> dict[str, t
     config = dc.replace(config, mesh=MeshConfig(**sizes))
     graphdef, optimizer, state = abstract_train_state(config)
     mesh = make_mesh(config.mesh)
-    shardings, batch_sharding = RULES.tree(state, mesh), RULES.batch(mesh)
+    shardings, batch_sharding = RULES.tree(state, mesh, config.train.zero1), RULES.batch(mesh)
     tc = config.train
     batch = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1), np.int32)
     pipeline_mesh = mesh if config.mesh.pipeline > 1 else None

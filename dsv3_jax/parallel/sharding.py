@@ -84,16 +84,40 @@ class ShardingRules:
                  ) -> NamedSharding:
         return NamedSharding(mesh, self.spec(axes, shape, mesh))
 
-    def tree(self, tree, mesh: Mesh):
-        """NamedShardings for every leaf: Variables by their logical axes, everything else replicated."""
-        def sharding(leaf):
+    def tree(self, tree, mesh: Mesh, zero1: bool = False):
+        """NamedShardings for every leaf: Variables by their logical axes, everything else replicated.
+
+        `zero1` (ZeRO-1, report §3.2): the optimizer state, the leaves under a field named
+        `opt_state` (TrainState's), is split further over the batch axes that hold copies of the
+        same parameter (`zero1_spec`); the parameters stay as the table places them, so the update
+        is computed on each rank's slice and gathered back into the parameters."""
+        def sharding(path, leaf):
             if isinstance(leaf, nnx.Variable):
                 axes = leaf.get_metadata().get("logical_axes")
-                spec = self.spec(tuple(axes), leaf.get_value().shape, mesh) if axes else PartitionSpec()
+                shape = leaf.get_value().shape
+                spec = self.spec(tuple(axes), shape, mesh) if axes else PartitionSpec()
+                if zero1 and any(getattr(key, "name", None) == "opt_state" for key in path):
+                    spec = self.zero1_spec(spec, shape, mesh)
                 return leaf.replace(NamedSharding(mesh, spec))
             return NamedSharding(mesh, PartitionSpec())
 
-        return jax.tree.map(sharding, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return jax.tree_util.tree_map_with_path(sharding, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    def zero1_spec(self, spec: PartitionSpec, shape: tuple[int, ...], mesh) -> PartitionSpec:
+        """`spec` also split over each batch axis it leaves free (the ranks that hold the same
+        parameter), on the first dim whose size its shards there divide; a leaf no dim fits stays
+        as it was (small vectors)."""
+        entries = [() if s is None else ((s,) if isinstance(s, str) else tuple(s)) for s in spec]
+        entries += [()] * (len(shape) - len(entries))
+        used = {a for entry in entries for a in entry}
+        for axis in self.table["batch"]:
+            if axis in used or mesh.shape.get(axis, 1) == 1:
+                continue
+            for i, entry in enumerate(entries):
+                if shape[i] % (math.prod(mesh.shape[a] for a in entry) * mesh.shape[axis]) == 0:
+                    entries[i] = entry + (axis,)
+                    break
+        return PartitionSpec(*(None if not e else e[0] if len(e) == 1 else e for e in entries))
 
     def batch(self, mesh: Mesh) -> NamedSharding:
         """Token batches [B, S]: rows over the batch axes."""

@@ -174,7 +174,8 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
     if resume and checkpointer.latest_step() is not None:
         # Restored straight into this mesh's shardings (each device reads its own shards), whatever
         # mesh wrote the checkpoint.
-        abstract = restore_target(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), mesh)
+        abstract = restore_target(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), mesh,
+                                  config.train.zero1)
         state, data_state, start = checkpointer.restore_newest_good(abstract, run_dir / "damaged_checkpoints",
                                                                     say=reporter.warn)
         written_on = data_state.pop("written_on", None)  # metadata: any mesh restores (restore_target)
@@ -296,7 +297,7 @@ def _compile(config: Config, graphdef, optimizer, state, mesh):
                 lambda batch: batch, lambda rows: rows)
     # mesh.pipeline > 1: the MoE stack runs through train.pipeline_schedule (train/pipelined.py).
     train_step = make_train_step(config, graphdef, optimizer, pipeline_mesh=mesh if config.mesh.pipeline > 1 else None)
-    state_shardings, batch_sharded = RULES.tree(state, mesh), RULES.batch(mesh)
+    state_shardings, batch_sharded = RULES.tree(state, mesh, config.train.zero1), RULES.batch(mesh)
     state = jax.device_put(state, state_shardings)
     # Metrics replicated, so every process can read them (an array on other hosts' devices cannot).
     replicated = RULES.sharding((), mesh)
