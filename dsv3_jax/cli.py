@@ -297,8 +297,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
     target = parse_target(args.target)
     try:
-        flags = ["model.fp8=true"] * args.fp8 + ["train.zero1=true"] * args.zero1
-        config = apply_overrides(get_preset(args.preset), flags + (args.set or []) + mesh_overrides(args.mesh or ""))
+        config = apply_overrides(get_preset(args.preset), (args.set or []) + mesh_overrides(args.mesh or ""))
     except ValueError as e:
         raise UsageError(str(e)) from None
     kernels = kernel_lowering(target, shapes=REPORT_KERNEL_SHAPES) if args.kernels else None
@@ -552,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--devices-per-host", type=int, help="override the device's usual count per host")
     plan.add_argument("--hw", action="append", metavar="KEY=VALUE",
                       help="override a hardware figure, e.g. network_bytes_per_s=25e9")
-    plan.add_argument("--zero1", action="store_true", help="train.zero1=true: the optimizer state split over each parameter's copies (ZeRO-1)")
+    plan.add_argument("--zero1", action="store_true",
+                      help="train.zero1=true: the optimizer state split over each parameter's copies (ZeRO-1)")
     plan.add_argument("--fp8", action="store_true", help="FP8 GEMMs and dispatch (report §3.3)")
     plan.add_argument("--fused-attention", action="store_true",
                       help="count attention as a fused kernel's (no [T, T] scores kept), as on GPU")

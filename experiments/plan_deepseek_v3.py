@@ -50,10 +50,10 @@ def main() -> None:
              "and gradients (§3.3.3). GEMMs at 50% of the peak (an assumption; `--matmul-efficiency`).", ""]
     for title, options in SCENARIOS.items():
         for efficiency in (0.5, 0.3):
-            options = dict(options)
+            layout_options = dict(options)
             config = apply_overrides(get_preset("deepseek-v3-671b"), OVERRIDES + [
-                f"model.fp8={str(options.pop('fp8')).lower()}", f"model.remat={options.pop('remat')}"])
-            layout = Layout(config, MESH, HARDWARE["h800"], matmul_efficiency=efficiency, **options)
+                f"model.fp8={str(layout_options.pop('fp8')).lower()}", f"model.remat={layout_options.pop('remat')}"])
+            layout = Layout(config, MESH, HARDWARE["h800"], matmul_efficiency=efficiency, **layout_options)
             check_layout(layout)
             rows = report_rows(layout, plan(layout))
             if efficiency == 0.5:
@@ -73,15 +73,18 @@ def main() -> None:
               "checkpoints. Compute and expert all-to-all come out about equal per step, the report's own "
               "\"computation-to-communication ratio of approximately 1:1\" (§3.2.1), which is what DualPipe's "
               "overlap is for; without it (1F1B), the step would be their sum.",
-              "- Memory. Parameters, gradients and optimizer state come out at about 80 GB on the first rank, "
-              "which holds the embedding, the three dense layers, the head and the MTP module besides its "
-              "two DualPipe stages of 4 MoE layers (the report balances stages by hand; this layout rule does "
-              "not). Activations at DualPipe's peak (PP + 1 = 17 micro-batches of 4K tokens) are far above "
-              "80 GB under this package's inventory of saved tensors, even with fused attention and dropless "
-              "dispatch: the report caches activations in FP8 (§3.3.4), recomputes RMSNorm and the MLA "
-              "up-projections (§3.2.3), and very likely uses shorter micro-batches than the one 4K sequence "
-              "assumed here. The planner's inventory is this package's (checked against XLA's buffer "
-              "assignment in tests/test_plan.py), not DeepSeek's.",
+              "- Memory. With ZeRO-1 (`train.zero1`: the AdamW moments split over each parameter's copies, "
+              "data x expert for all but the routed experts, tests/test_parallel.py) the optimizer state is 5 GB, "
+              "but parameters and fp32 gradients are about 59 GB on the first rank, which holds the embedding, the "
+              "three dense layers, the head and the MTP module besides its two DualPipe stages of 4 MoE layers (the "
+              "report balances stages by hand; this layout rule does not). The report's savings, recomputing "
+              "RMSNorms and MLA up-projections (`model.remat=report`, §3.2.3) and FP8-cached activations "
+              "(`model.fp8_activation_cache`, §3.3.4), cut the activations at DualPipe's peak (PP + 1 = 17 "
+              "micro-batches of 4K tokens) from 279 to 102 GB, the fp32 logits of one micro-batch 12.7 GB of them; "
+              "166 GB is still twice an H800. Not modelled or built yet: fewer layers on the first rank, chunked "
+              "cross-entropy, gradients reduce-scattered, and the report's likely shorter micro-batches. The "
+              "planner's inventory is this package's (checked against XLA's buffer assignment in tests/test_plan.py "
+              "and tests/test_step.py), not DeepSeek's.",
               "- The first scenario shows what this package would need on that cluster as it runs today: its "
               "all-to-all buffers are sized for P x capacity x J expert slots and computed whether full or "
               "not, about 8x the real assignments at EP64 (parallel/expert.py; a dropless ragged kernel on GPU "

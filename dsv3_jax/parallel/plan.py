@@ -4,9 +4,9 @@ From the config's abstract shapes (nothing allocated) and the sharding table (pa
 on an abstract mesh of any size, per device:
 - parameter, gradient and optimizer bytes: exact, from each leaf's shape, dtype and PartitionSpec;
   with `train.zero1` the optimizer state is split over the axes holding copies of each parameter,
-  by the same rule the step's shardings use (`ShardingRules.zero1_spec`, report §3.2); pipeline ranks own 1/P of the MoE stack, the
-  first rank the embedding and dense layers, the last the final norm, head and MTP (DualPipe puts
-  both ends on one rank, §3.2.3), i.e. the stage-owned layout;
+  by the same rule the step's shardings use (`ShardingRules.zero1_spec`, report §3.2); pipeline
+  ranks own 1/P of the MoE stack, the first rank the embedding and dense layers, the last the final
+  norm, head and MTP (DualPipe puts both ends on one rank, §3.2.3), i.e. the stage-owned layout;
 - activation bytes: an inventory of the tensors the backward pass keeps per token and layer
   by activation name (`_layer_inventory`, the names of model/remat.py), the parts the
   `model.remat` policy keeps, times the tokens in flight at the schedule's peak (Table 2: PP
