@@ -63,7 +63,8 @@ class Checkpointer:
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory, options=options,
-                item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+                item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                               "ema": ocp.StandardCheckpointHandler()})
         except Exception as e:  # orbax raises assorted errors on unreadable directories
             raise UsageError(f"cannot open checkpoint directory {str(self.directory)!r}: {e}") from None
 
@@ -74,10 +75,25 @@ class Checkpointer:
         """The steps of the checkpoints on disk, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=ocp.args.JsonSave(data_state)), force=True)
+    def save(self, step: int, state: Any, data_state: dict, ema: Any = None) -> None:
+        """The train state, the data iterator's state and, when given, the parameters' EMA
+        (train/ema.py: host-memory arrays) as one atomic checkpoint."""
+        items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+        if ema is not None:
+            items["ema"] = ocp.args.StandardSave(ema)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()
+
+    def restore_ema(self, step: int, target: Any) -> Any:
+        """The EMA saved with checkpoint `step`, read into `target`'s shapes and shardings."""
+        if "ema" not in (self.manager.item_metadata(step) or {}) or self.manager.item_metadata(step)["ema"] is None:
+            raise UsageError(f"checkpoint {step} in {str(self.directory)!r} holds no parameter EMA, but "
+                             "train.ema_decay > 0 needs one to resume it")
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(target))).ema
+        except Exception as e:
+            raise DamagedCheckpoint(f"checkpoint {step} in {str(self.directory)!r}: its EMA cannot be read: "
+                                    f"{first_line(e)}") from None
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
         step = self.latest_step() if step is None else step

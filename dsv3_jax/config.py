@@ -286,6 +286,10 @@ class TrainConfig:
     # ZeRO-1 (report §3.2): the optimizer state split over the batch axes that hold copies of each
     # parameter (data, and expert for all but the routed experts); parallel/sharding.py.
     zero1: bool = False
+    # EMA of the parameters in host memory (report §3.2.3; train/ema.py): 0 keeps none; else the
+    # decay per update, one update every `ema_every` steps (time constant ema_every / (1 - decay)).
+    ema_decay: float = 0.0
+    ema_every: int = 1
     mtp_lambda: float = 0.3  # eq. 25 (report: 0.3 for the first 10T tokens)
     balance_alpha: float = 1e-4  # eq. 17 (report: 0.0001)
     bias_gamma: float = 1e-3  # aux-loss-free bias update speed; 0 freezes the bias
@@ -309,10 +313,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require_each(self, "train", ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
-                                      "checkpoint_every", "keep_checkpoints", "microbatches"),
+                                      "checkpoint_every", "keep_checkpoints", "microbatches", "ema_every"),
                       lambda v: isinstance(v, int) and v > 0, "a positive integer")
         _require(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
         _require(self.lr > 0 and math.isfinite(self.lr), f"train.lr={self.lr} must be a positive number")
+        _require(0.0 <= self.ema_decay < 1.0, f"train.ema_decay={self.ema_decay} must be in [0, 1) (0: no EMA)")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _require(0.0 <= self.decay_start_fraction <= 1.0,
                  f"train.decay_start_fraction={self.decay_start_fraction} must be in [0, 1]")

@@ -47,7 +47,8 @@ forward: the unpipelined FLOPs); its temporaries are then those residuals for th
 chunks, still flat in the number of micro-batches. DualPipe needs more than 1F1B
 for the mirrored stage's parameters it receives each step, the F&B pair's program and one more
 chunk. The state column is the train state per device: the stage-owned MoE stack is half of the
-unpipelined mesh's; the rest (embedding, dense layer, head, MTP) is replicated over `pipeline`."""
+unpipelined mesh's, and the rest (embedding, dense layer, head, MTP) is split at rest over
+`pipeline` too (gathered for the step, so it counts in the temporaries)."""
 
 
 def measure(schedule: str | None, n_mb: int, keep_residuals: bool = False) -> dict:

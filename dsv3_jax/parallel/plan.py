@@ -90,6 +90,7 @@ class Plan:
     grads: int
     optimizer: int
     activations: int
+    gathered: int  # the weights outside the MoE stack gathered for the step (split at rest over pipeline)
     collectives: dict[str, int]  # bytes sent per device per step
     flops_per_device: float  # per step
     step_s: float
@@ -102,7 +103,7 @@ class Plan:
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.grads + self.optimizer + self.activations + self.gathered
 
 
 def abstract_mesh(sizes: dict[str, int]):
@@ -141,22 +142,20 @@ def _bytes_by_part(tree, mesh, zero1: bool = False) -> dict[str, int]:
     return out
 
 
-def _pipeline_rank_bytes(parts: dict[str, int], pipeline: int, schedule: str, n_moe_layers: int) -> int:
-    """The largest rank's share under the stage-owned layout: its stages of the MoE stack (DualPipe
-    keeps two copies, stages r and P-1-r: 2/P, Table 2; the others 1/P; ceil(L / P) layers when P
-    does not divide them), the embedding and dense layers on the first rank, final norm, head and
-    MTP on the last (DualPipe and DualPipeV put both ends on rank 0, report §3.2.3)."""
-    stack = parts.get("moe_layers", 0)
-    if pipeline > 1 and n_moe_layers:
-        stack = stack * math.ceil(n_moe_layers / pipeline) * pipeline / n_moe_layers
-    first = parts.get("embed", 0) + parts.get("dense_layers", 0)
-    last = parts.get("final_norm", 0) + parts.get("head", 0) + parts.get("mtp", 0)
+def _pipeline_rank_bytes(stack_parts: dict[str, int], rest_parts: dict[str, int], pipeline: int, schedule: str,
+                         n_moe_layers: int) -> int:
+    """The largest rank's share: its stages of the MoE stack (`stack_parts`, bytes of one pipeline
+    rank's mesh; DualPipe keeps two copies, stages r and P-1-r: 2/P, Table 2; the others 1/P;
+    ceil(L / P) layers when P does not divide them) and its share at rest of everything else
+    (`rest_parts`, per device on the whole mesh: the rules split those over `pipeline` too)."""
+    stack = stack_parts.get("moe_layers", 0)
+    rest = sum(v for k, v in rest_parts.items() if k != "moe_layers")
     if pipeline == 1:
-        return stack + first + last
-    if schedule in ("dualpipe", "dualpipev"):
-        copies = 2 if schedule == "dualpipe" else 1
-        return round(copies * stack / pipeline + first + last)
-    return round(stack / pipeline + max(first, last))
+        return stack + rest
+    if n_moe_layers:
+        stack = stack * math.ceil(n_moe_layers / pipeline) * pipeline / n_moe_layers
+    copies = 2 if schedule == "dualpipe" else 1
+    return round(copies * stack / pipeline + rest)
 
 
 def expert_rows_per_token(cfg, tokens: int, ep: int, capacity_factor: float) -> float:
@@ -279,13 +278,19 @@ def plan(layout: Layout) -> Plan:
     _, _, state = abstract_train_state(config)
     schedule, pp = tc.pipeline_schedule, sizes["pipeline"]
 
-    # Bytes per part inside one pipeline rank (the rules' stage-owned split of the stack left to
-    # `_pipeline_rank_bytes`, which also places the embedding / head and DualPipe's copies).
+    # The stack's bytes inside one pipeline rank (its stage-owned split, uneven stages and DualPipe's
+    # copies are `_pipeline_rank_bytes`'s), everything else's on the whole mesh (split at rest over
+    # `pipeline` as over fsdp, parallel/sharding.py).
     in_stage = abstract_mesh({**sizes, "pipeline": 1})
-    params = _pipeline_rank_bytes(_bytes_by_part(state.params, in_stage), pp, schedule, cfg.n_moe_layers)
-    grads = params  # same dtype and layout as the parameters
-    optimizer = _pipeline_rank_bytes(_bytes_by_part(state.opt_state, in_stage, tc.zero1), pp, schedule,
-                                     cfg.n_moe_layers)
+    per_rank = lambda tree, zero1=False: _pipeline_rank_bytes(  # noqa: E731
+        _bytes_by_part(tree, in_stage, zero1), _bytes_by_part(tree, mesh, zero1), pp, schedule, cfg.n_moe_layers)
+    params, optimizer = per_rank(state.params), per_rank(state.opt_state, tc.zero1)
+    # The step gathers the weights outside the stack; their gradients are whole until reduced
+    # (under SPMD every rank allocates both, whichever stage uses them).
+    rest_whole = sum(v for k, v in _bytes_by_part(state.params, in_stage).items() if k != "moe_layers")
+    rest_at_rest = sum(v for k, v in _bytes_by_part(state.params, mesh).items() if k != "moe_layers")
+    gathered = rest_whole - rest_at_rest
+    grads = params + gathered  # same dtype and layout as the parameters, the rest whole
 
     # Tokens per device per micro-batch: rows split over data x fsdp x expert (the "batch" axes).
     batch_ways = RULES.shards("batch", sizes)
@@ -340,7 +345,8 @@ def plan(layout: Layout) -> Plan:
     hidden = schedule == "dualpipe" and pp > 1
     comm = a2a_s + pipeline_s
     step_s = (max(compute_s, comm) if hidden else compute_s + comm) + bubble_s + dp_s
-    return Plan(params=params, grads=grads, optimizer=optimizer, activations=activations, collectives=collectives,
+    return Plan(params=params, grads=grads, optimizer=optimizer, activations=activations, gathered=gathered,
+                collectives=collectives,
                 flops_per_device=flops, step_s=step_s, tokens_per_s=global_tokens / step_s,
                 parts_s={"compute": compute_s, "bubble": bubble_s, "expert all-to-all": a2a_s,
                          "pipeline send/recv": pipeline_s, "data-parallel reduce": dp_s})
@@ -372,7 +378,7 @@ def check_against_compiler(config: Config, sizes: dict[str, int]) -> dict[str, t
     batch_bytes = batch.size * 4 // RULES.shards("batch", dict(mesh.shape))
     planned = plan(Layout(config, sizes, HARDWARE["h100"]))
     return {"state": (planned.state, memory.argument_size_in_bytes - batch_bytes),
-            "temporaries": (planned.grads + planned.activations, memory.temp_size_in_bytes)}
+            "temporaries": (planned.grads + planned.activations + planned.gathered, memory.temp_size_in_bytes)}
 
 
 def check_layout(layout: Layout) -> None:
@@ -410,6 +416,7 @@ def report_rows(layout: Layout, result: Plan) -> list[tuple[str, str]]:
             ("parameters", _gb(result.params)), ("gradients", _gb(result.grads)),
             ("optimizer state" + (" (ZeRO-1)" if layout.zero1 else ""), _gb(result.optimizer)),
             ("activations at the schedule's peak", _gb(result.activations)),
+            ("weights outside the stack, gathered for the step", _gb(result.gathered)),
             ("total", f"{_gb(result.total)} of {_gb(hw.hbm_bytes)} HBM")]
     rows += [(f"{name} sent per step", _gb(n)) for name, n in result.collectives.items()]
     rows += [(f"time: {name}", f"{1e3 * s:,.1f} ms") for name, s in result.parts_s.items()]

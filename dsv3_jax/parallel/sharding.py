@@ -10,9 +10,14 @@ Mesh axes (`parallel/mesh.py`): data, fsdp, tensor, expert, pipeline.
 - The batch is split over data x fsdp x expert: expert-parallel ranks are data-parallel ranks for
   everything but the routed experts (report §3.2).
 - fsdp also shards the weights' embed dim at rest; compute gathers it (`compute=True` specs).
+- pipeline splits pipeline stages ("stage", and the MoE stack's layers, "stage_layers": each
+  pipeline rank stores and updates only its stages), and at rest, like fsdp, the embed dim of the
+  weights outside the stack (embedding, dense layers, head, MTP): those are used by the first and
+  last stages only, so no rank keeps a whole copy between steps; the step gathers them. (Under
+  SPMD every rank allocates the same buffers, so the gathered copy exists on every rank during
+  the step: this saves state, the step's temporaries still hold one copy; parallel/plan.py.)
 - tensor splits attention heads, FFN hidden dims and the vocabulary.
-- expert splits the routed experts; pipeline splits pipeline stages ("stage", and the MoE stack's
-  layers, "stage_layers": each pipeline rank stores and updates only its stages).
+- expert splits the routed experts.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     # Weights.
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "pipeline"),  # pipeline: only where no "stage_layers" took it (outside the stack)
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": (),  # GQA/MQA K/V heads (model/gqa.py): replicated, as MQA has one
@@ -55,7 +60,7 @@ class ShardingRules:
     table: Mapping[str, tuple[str, ...]]
     # Mesh axes that shard weights at rest only: gathered before compute (FSDP), so specs for
     # compute (shard_map bodies) leave them out.
-    storage_only: tuple[str, ...] = ("fsdp",)
+    storage_only: tuple[str, ...] = ("fsdp", "pipeline")
 
     def mesh_axes(self, logical: str) -> tuple[str, ...]:
         return self.table[logical]

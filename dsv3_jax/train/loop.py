@@ -2,8 +2,9 @@
 
 Run directory: config.json, tokenizer.json, metrics.jsonl (one line per step),
 router.jsonl (per layer and step: expert loads, MaxVio, load entropy; at evaluations the fraction of
-validation tokens whose experts changed, train/topk_drift.py), checkpoints/ (orbax), plots (*.png); see
-run_dir.py for the lock and the logs. Nothing is written to it until every check has passed, and
+validation tokens whose experts changed, train/topk_drift.py), checkpoints/ (orbax; with
+train.ema_decay > 0 also the parameters' EMA, kept in host memory, train/ema.py, and evaluated as
+val_loss_ema), plots (*.png); see run_dir.py for the lock and the logs. Nothing is written to it until every check has passed, and
 a checkpoint is written only for a state whose loss, gradient norm and values are all finite.
 """
 
@@ -31,6 +32,7 @@ from dsv3_jax.platform import compiler_options, platform_of
 from dsv3_jax.parallel.sharding import RULES
 from dsv3_jax.post.sft import build_sft_data, init_from_run
 from dsv3_jax.run_dir import RunLock, StopSignals, record_layout_change, truncate_jsonl, write_atomic
+from dsv3_jax.train.ema import HostEMA
 from dsv3_jax.train.state import abstract_train_state, create_train_state
 from dsv3_jax.train.step import make_eval_step, make_train_step, max_violation
 from dsv3_jax.train.topk_drift import TopKDrift
@@ -194,6 +196,9 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
     drift.start(start)
 
     train_step, eval_step, state, place_batch, place_rows = _compile(config, graphdef, optimizer, state, mesh)
+    ema = HostEMA(tc.ema_decay, tc.ema_every, state.params) if tc.ema_decay else None  # starts at the initial params
+    if ema is not None and start:
+        ema.load(checkpointer.restore_ema(start, ema.restore_target()))
     # The iterator yields whole global batches when this process reads every data shard, else its rows.
     place_train = place_batch if len(data.train_shards) == config.data.shards else place_rows
     if main:
@@ -214,6 +219,8 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
                 metrics = _host(metrics)
                 elapsed = time.perf_counter() - t0
                 check_finite(metrics, step, checkpointer, run_dir)
+                if ema is not None:  # the step has finished: its parameters go to host memory
+                    ema.update(step, state.params)
                 load = metrics.pop("expert_load", None)
                 record = {"step": step, **{k: float(v) for k, v in metrics.items()},
                           "tokens_per_s": tokens_per_step / elapsed}
@@ -221,6 +228,10 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
                 if step % tc.eval_every == 0 or step == tc.steps:
                     evaluated, signature_LN = _evaluate(eval_step, state, val_set)
                     record.update(evaluated)
+                    if ema is not None:  # the EMA's parameters on the devices for this evaluation only
+                        ema_state = state.replace(params=ema.device_params())
+                        record["val_loss_ema"] = _evaluate(eval_step, ema_state, val_set)[0]["val_loss"]
+                        del ema_state
                     changed_L = None if signature_LN is None else drift.update(step, signature_LN,
                                                                                min(checkpointer.steps(), default=None))
                     if changed_L is not None:
@@ -235,13 +246,16 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
                 reporter.update(step, record)
                 stopping = any_process(bool(stop.received))  # all processes stop after the same step
                 if step % tc.checkpoint_every == 0 or step == tc.steps or stopping:
-                    checkpointer.save(step, state, {**iterator.get_state(), "written_on": layout})
+                    checkpointer.save(step, state, {**iterator.get_state(), "written_on": layout},
+                                      ema=None if ema is None else ema.host_arrays())
                 if stopping:
                     status = reporter.stopped(stop.received[0] if stop.received else signal.SIGTERM, step, run_dir,
                                               "sft" if tc.objective == "sft" else "train")
                     break
     finally:
         reporter.close()
+        if ema is not None:
+            ema.close()
     if status == 0 and main:
         from dsv3_jax.report import write_report
         write_report(run_dir)

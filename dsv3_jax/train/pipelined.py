@@ -8,7 +8,9 @@ without a pipeline (a micro-batch's rows split over the batch axes, experts over
 first stage embeds each micro-batch's tokens and runs the dense layers (V3 has 3 of 61) before its
 MoE layers, and hands their gradients back to their parameters; the last stage closes each
 micro-batch with the final norm, the output head and the MTP modules. Those parameters (embedding,
-dense layers, head, MTP) are replicated over the pipeline, a small share of the model.
+dense layers, head, MTP) are stored split over the pipeline ranks at rest (their embed dim, as fsdp
+splits it: parallel/sharding.py) and gathered for the step, which hands each rank back its slice of
+their summed gradients.
 
 The result has the unpipelined step's form: ((total loss, (LossParts, stats)), grads), so the
 optimizer, bias update and metrics of `train/step.py` run unchanged. Losses are means over

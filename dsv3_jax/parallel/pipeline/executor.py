@@ -240,7 +240,7 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
     stage_fn(stage_params, x) -> (y, stage_loss, stats): y shaped like x; stage_loss a scalar added
     to the objective (e.g. balance losses); stats summed, no gradient. loss_fn(head_params, y, target)
     -> (loss, stats) closes the last stage. params_S: leaves stack the S stages on axis 0 (stored
-    sharded over pipeline); head_params: replicated over pipeline; x_MA: the micro-batches'
+    sharded over pipeline); head_params: whole on every rank (gathered on the way in); x_MA: the micro-batches'
     first-stage inputs; target_M: their targets. Other mesh axes shard what they shard outside.
     first_fn(head_params, x) -> the first stage's input (e.g. embedding tokens), run per
     micro-batch on the first stage, its parameter gradients added to head_grads. keep_residuals:
