@@ -1,12 +1,14 @@
 """Rule-based rewards (post/rewards.py): exact final answers, and code run against its tests in the
 sandbox, which must score every way a program can end without harming the caller."""
 
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dsv3_jax.post.rewards import REWARDS, run_python
+from dsv3_jax.post.rewards import REWARDS, file_boundary, run_python
 from dsv3_jax.post.tasks import TASKS, Problem, held_out
 
 TIMEOUT_S = 1.5
@@ -44,10 +46,36 @@ def test_sandbox_scores_each_ending_within_its_time_limit(body, status):
 def test_a_timed_out_program_is_stopped_not_left_running(tmp_path):
     marker = tmp_path / "alive"
     body = f"import time\nwhile True:\n    open({str(marker)!r}, 'w').write(str(time.time()))\n    time.sleep(0.05)\n"
-    assert run_python(body, timeout_s=0.5).status == "timeout"
+    assert run_python(body, timeout_s=0.5, writable=(str(tmp_path),)).status == "timeout"
     before = marker.stat().st_mtime
     time.sleep(0.3)
     assert marker.stat().st_mtime == before
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-where-it-can", "audit-hook"])
+def test_files_outside_the_sandbox_directory_are_neither_written_nor_read(tmp_path, kernel):
+    """Writes only in its own directory, reads only there and in the standard library: by Landlock
+    where the kernel has it (file_boundary() says), by the audit hook otherwise (or when asked)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.txt"
+    secret.write_text("x")
+    escaped = f"dsv3-escaped-{kernel}-{time.time_ns()}.txt"  # beside the sandbox's own directory
+    cases = {f"open('../{escaped}', 'w').write('x')": "failed", f"open({str(secret)!r}).read()": "failed",
+             f"open({str(outside / 'new.txt')!r}, 'w')": "failed", "open('/etc/passwd').read()": "failed",
+             f"import os\nos.remove({str(secret)!r})": "failed",
+             "open('mine.txt', 'w').write('x')\nassert open('mine.txt').read() == 'x'": "passed",
+             "import fractions, json\nassert json.loads('[1]') == [1]": "passed"}  # the library is readable
+    by_kernel = kernel and file_boundary().startswith("landlock")
+    for body, status in cases.items():
+        result = run_python(body, timeout_s=5, kernel_boundary=kernel)
+        assert result.status == status, (body, result)
+        if status == "failed":
+            assert "PermissionError" in result.detail, (body, result)
+            assert ("sandbox:" not in result.detail) == by_kernel, (body, result)  # the kernel's EACCES, not the hook
+    assert secret.read_text() == "x" and not (outside / "new.txt").exists()
+    assert not (Path(tempfile.gettempdir()) / escaped).exists()
+    assert file_boundary() == "audit hook (Python)" or file_boundary().startswith("landlock (kernel, ABI ")
 
 
 def test_code_reward_on_the_python_task():

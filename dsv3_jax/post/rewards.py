@@ -64,12 +64,16 @@ class SandboxResult:
         return self.status == "passed"
 
 
-# Runs in the child before the program: limits, then an audit hook that refuses what a test of a
-# pure function never needs (the network, new processes, foreign code). Not a boundary against
-# hostile code (a determined program can get around a Python-level hook); it keeps a model's
-# mistakes (loops, huge allocations, stray os.system calls) from harming the trainer.
+# Runs in the child before the program: limits; a file boundary (writes only inside its temporary
+# directory, reads only there and in the interpreter's standard library), enforced by the kernel
+# with Landlock where it has it (Linux >= 5.13: the process restricts itself, for good), and by
+# the audit hook otherwise; then the audit hook, which refuses what a test of a pure function
+# never needs (the network, new processes, foreign code). The hook alone is not a boundary
+# against hostile code (a determined program can get around a Python-level hook); it keeps a
+# model's mistakes (loops, huge allocations, stray os.system calls, stray files) from harming the
+# trainer. `file_boundary()` says which one this machine gives.
 _PRELUDE = textwrap.dedent("""
-    import os, resource, sys
+    import os, resource, sys, sysconfig
     resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory}))
     resource.setrlimit(resource.RLIMIT_CPU, ({cpu_s}, {cpu_s}))
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
@@ -78,13 +82,77 @@ _PRELUDE = textwrap.dedent("""
         os.unshare(os.CLONE_NEWUSER | os.CLONE_NEWNET)
     except (AttributeError, OSError):
         pass
+    _WORK = [os.path.realpath(p) for p in [os.getcwd()] + {writable}]
+    _LIBRARY = sorted({{os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")}})
+
+    def _landlock():
+        # Landlock (Documentation/userspace-api/landlock.rst): a ruleset handling every file access
+        # this kernel's ABI knows, one rule granting all of them beneath the work directory and one
+        # granting read / execute beneath the library; then no_new_privs and restrict_self.
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        abi = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # landlock_create_ruleset: version
+        if abi < 1:
+            return 0
+        handled = (1 << 13) - 1  # ABI 1: execute ... make_sym
+        handled |= (1 << 13) * (abi >= 2) | (1 << 14) * (abi >= 3) | (1 << 15) * (abi >= 5)  # refer, truncate, ioctl
+        attr = ctypes.c_uint64(handled)
+        ruleset = libc.syscall(444, ctypes.byref(attr), ctypes.c_size_t(8), ctypes.c_uint32(0))
+        if ruleset < 0:
+            return 0
+        class Beneath(ctypes.Structure):
+            _pack_ = 1
+            _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+        read = 1 | 4 | 8  # execute, read_file, read_dir
+        for root, allowed in [(root, handled) for root in _WORK] + [(root, read) for root in _LIBRARY]:
+            fd = os.open(root, os.O_PATH | os.O_CLOEXEC)
+            rule = Beneath(allowed, fd)
+            ok = libc.syscall(445, ruleset, 1, ctypes.byref(rule), ctypes.c_uint32(0)) == 0  # path_beneath
+            os.close(fd)
+            if not ok:
+                return 0
+        if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.syscall(446, ruleset, ctypes.c_uint32(0)) != 0:  # no_new_privs
+            return 0
+        os.close(ruleset)
+        return abi
+
+    _KERNEL = {kernel} and _landlock()
+    for _name in [m for m in sys.modules if m.split(".")[0] in ("ctypes", "_ctypes")]:
+        del sys.modules[_name]  # so that the program's own `import ctypes` is an import, which the hook refuses
+    if {report}:
+        print("landlock (kernel, ABI " + str(_KERNEL) + ")" if _KERNEL else "audit hook (Python)", file=sys.stderr)
+
+    def _within(path, roots):
+        return any(path == root or path.startswith(root + os.sep) for root in roots)
+
+    _WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    _CHANGES = ("os.remove", "os.rename", "os.mkdir", "os.rmdir", "os.symlink", "os.link", "os.chmod",
+                "os.chown", "os.truncate", "os.utime", "shutil.")
+
+    def _file_allowed(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if not isinstance(path, (str, bytes)):  # an open file descriptor
+                return True
+            path = os.path.realpath(os.fsdecode(path))
+            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & _WRITES)
+            return _within(path, _WORK) or (not writes and _within(path, _LIBRARY))
+        if event in ("os.listdir", "os.scandir") and args and isinstance(args[0], (str, bytes)):
+            return _within(os.path.realpath(os.fsdecode(args[0])), _WORK + _LIBRARY)
+        if event.startswith(_CHANGES) and args and isinstance(args[0], (str, bytes)):
+            return _within(os.path.realpath(os.fsdecode(args[0])), _WORK)
+        return True
+
     _DENIED = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
                "os.forkpty", "os.kill", "os.killpg", "ctypes.", "pty.")
     def _deny(event, args):
         if event.startswith(_DENIED) or (event == "import" and args[0] in ("ctypes", "_ctypes")):
             raise PermissionError("sandbox: " + event + " is not allowed")
+        if not _KERNEL and not _file_allowed(event, args):
+            raise PermissionError("sandbox: " + event + " outside the sandbox's directory is not allowed")
     sys.addaudithook(_deny)
-    del os, resource
+    del resource
     _path = sys.argv[1]
     with open(_path) as _f:
         _code = compile(_f.read(), "program.py", "exec")
@@ -92,11 +160,30 @@ _PRELUDE = textwrap.dedent("""
 """)
 
 
-def run_python(source: str, timeout_s: float = 2.0, memory_mb: int = 512) -> SandboxResult:
+def file_boundary() -> str:
+    """Which file boundary this machine's sandbox gets: "landlock (kernel, ABI n)" or "audit hook
+    (Python)" (a kernel without Landlock, or one that refuses it)."""
+    with tempfile.TemporaryDirectory(prefix="dsv3-sandbox-") as workdir:
+        path = os.path.join(workdir, "program.py")
+        open(path, "w").close()
+        out = subprocess.run([sys.executable, "-I", "-c", _prelude(2, 512, True, True), path], cwd=workdir,
+                             capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    return out.stderr.strip().splitlines()[0]
+
+
+def _prelude(cpu_s: int, memory_mb: int, kernel: bool, report: bool = False, writable: tuple[str, ...] = ()) -> str:
+    return _PRELUDE.format(memory=memory_mb << 20, cpu_s=cpu_s, kernel=kernel, report=report,
+                           writable=repr([str(p) for p in writable]))
+
+
+def run_python(source: str, timeout_s: float = 2.0, memory_mb: int = 512, kernel_boundary: bool = True,
+               writable: tuple[str, ...] = ()) -> SandboxResult:
     """Run `source` in a fresh isolated interpreter (`python -I`, empty temporary cwd) and report how
-    it ended. The whole process group is killed at `timeout_s`; CPU time is capped at the same."""
+    it ended. The whole process group is killed at `timeout_s`; CPU time is capped at the same.
+    `kernel_boundary=False`: the file boundary by the audit hook even where Landlock exists;
+    `writable`: directories the program may use besides its own."""
     cpu_s = max(1, int(timeout_s + 0.999))
-    prelude = _PRELUDE.format(memory=memory_mb << 20, cpu_s=cpu_s)
+    prelude = _prelude(cpu_s, memory_mb, kernel_boundary, writable=writable)
     with tempfile.TemporaryDirectory(prefix="dsv3-sandbox-") as workdir:
         path = os.path.join(workdir, "program.py")
         with open(path, "w") as f:
