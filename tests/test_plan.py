@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from dsv3_jax.config import MeshConfig, get_preset
+from dsv3_jax.config import MeshConfig, apply_overrides, get_preset
 from dsv3_jax.parallel.plan import HARDWARE, Layout, bubble_fraction, check_against_compiler, peak_in_flight, plan
 from tests.conftest import cli_env, need_devices
 
@@ -22,6 +22,22 @@ def test_planner_agrees_with_the_compiled_step(sizes):
     """State (parameters + optimizer) within 15%, temporaries (gradients + activations) within 30%."""
     need_devices(8)
     got = check_against_compiler(get_preset("tiny"), sizes)
+    planned, compiled = got["state"]
+    assert abs(planned - compiled) <= 0.15 * compiled, got
+    planned, compiled = got["temporaries"]
+    assert abs(planned - compiled) <= 0.30 * compiled, got
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
+def test_planner_agrees_with_the_compiled_pipelined_step(schedule):
+    """On data=2,pipeline=2,expert=2 (tiny with 4 MoE layers): the stage-owned state, the weights
+    outside the stack split at rest, the executor's pools of stage inputs and one stage's recomputed
+    backward. Measured: state 1.00, temporaries 0.98 (1F1B) and 0.79 (DualPipeV) of the compiler's.
+    (With train.pipeline_keep_residuals=true the planner under-counts: 0.77 and 0.66, not yet fixed.)"""
+    need_devices(8)
+    config = apply_overrides(get_preset("tiny"), ["model.n_layers=5", "train.microbatches=4",
+                                                  f"train.pipeline_schedule={schedule}"])
+    got = check_against_compiler(config, dict(data=2, pipeline=2, expert=2))
     planned, compiled = got["state"]
     assert abs(planned - compiled) <= 0.15 * compiled, got
     planned, compiled = got["temporaries"]
@@ -69,7 +85,7 @@ def test_schedule_figures_follow_table_2():
 
 def test_pipeline_ranks_own_their_stages():
     """The stage-owned layout: a 1F1B rank holds 1/P of the MoE stack, a DualPipe rank two copies."""
-    config = get_preset("deepseek-v3-671b")
+    config = apply_overrides(get_preset("deepseek-v3-671b"), ["train.microbatches=32"])  # DualPipe: >= 2P
     hw = HARDWARE["h800"]
     flat = plan(Layout(config, {"expert": 64}, hw))
     import dataclasses

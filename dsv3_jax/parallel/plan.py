@@ -31,6 +31,8 @@ import numpy as np
 from dsv3_jax.config import REMAT_NAMES, Config
 from dsv3_jax.model.remat import REPORT_KEPT
 from dsv3_jax.parallel.mesh import MESH_AXES
+from dsv3_jax.parallel.pipeline.executor import tick_table
+from dsv3_jax.parallel.pipeline.schedules import make_schedule
 from dsv3_jax.parallel.sharding import RULES
 
 
@@ -297,11 +299,21 @@ def plan(layout: Layout) -> Plan:
     microbatches = tc.microbatches if pp > 1 else 1
     rows = tc.batch_size / batch_ways / microbatches
     tokens = rows * tc.seq_len
-    n_moe_local = math.ceil(cfg.n_moe_layers / pp)
-    layers = {"dense": cfg.first_k_dense, "moe": n_moe_local + cfg.mtp_depth}  # the first / last rank's
-    in_flight = peak_in_flight(schedule, pp, microbatches)
-    activations = activation_bytes(config, round(tokens), sizes, layers, in_flight, layout.fused_attention,
-                                   layout.padded_dispatch)
+    n_stages = 2 * pp if schedule == "dualpipev" and pp > 1 else pp
+    n_moe_local = math.ceil(cfg.n_moe_layers / n_stages)
+    layers = {"dense": cfg.first_k_dense, "moe": n_moe_local + cfg.mtp_depth}  # the first / last stage's
+    recompute = pp > 1 and not tc.pipeline_keep_residuals
+    if recompute:
+        # The executor's default (train.pipeline_keep_residuals=false, parallel/pipeline/executor.py):
+        # a rank stores only stage inputs and cotangents, in pools the tick table sizes, and runs one
+        # stage's backward at a time, its forward recomputed under the remat policy.
+        ticks = tick_table(make_schedule(schedule, pp, microbatches))
+        pooled = (ticks.n_stash + ticks.n_inbox + ticks.n_cot) * round(tokens) * cfg.d_model * np.dtype(cfg.dtype).itemsize
+        activations = pooled + activation_bytes(config, round(tokens), sizes, layers, 1, layout.fused_attention,
+                                                layout.padded_dispatch)
+    else:  # every in-flight micro-batch's residuals kept (Table 2's count)
+        activations = activation_bytes(config, round(tokens), sizes, layers, peak_in_flight(schedule, pp, microbatches),
+                                       layout.fused_attention, layout.padded_dispatch)
     activations += logits_bytes(config, round(tokens), sizes["tensor"])
 
     # Collectives, bytes sent per device per step.
@@ -328,6 +340,8 @@ def plan(layout: Layout) -> Plan:
     flops_per_token = 3 * model_info(cfg, seq_len=tc.seq_len)["flops_per_token"]
     global_tokens = tc.batch_size * tc.seq_len
     flops = flops_per_token * global_tokens / n_devices
+    if recompute:  # the forward again in each backward: 4/3, or 5/3 where input and weight backward split
+        flops *= 5 / 3 if schedule in ("zb1p", "dualpipe", "dualpipev") else 4 / 3
     peak = hw.fp8_flops if layout.fp8 else hw.bf16_flops
     compute_s = flops / (peak * layout.matmul_efficiency)
     nodes_in_ep = max(1, ep // hw.devices_per_host)
@@ -402,6 +416,11 @@ def check_layout(layout: Layout) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    if pp > 1:
+        try:  # the schedule's own checks (the planner sizes the executor's pools from its tick table)
+            make_schedule(tc.pipeline_schedule, pp, tc.microbatches)
+        except ValueError as e:
+            raise UsageError(f"{e} (train.pipeline_schedule, train.microbatches)") from None
 
 
 def _gb(n: float) -> str:
