@@ -3,17 +3,21 @@ parameter trajectory: on a sharded mesh, and through the training loop, its chec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import need_devices, tiny_model_config
 from dsv3_jax.checkpoint import Checkpointer, restore_target
-from dsv3_jax.config import Config, DataConfig, TrainConfig
+from dsv3_jax.config import Config, DataConfig, TrainConfig, get_preset
+from dsv3_jax.errors import UsageError
+from dsv3_jax.post.grpo_loop import grpo
 from dsv3_jax.train.ema import HOST_KIND, HostEMA
 from dsv3_jax.train.loop import train
 from dsv3_jax.train.state import abstract_train_state, create_train_state
@@ -84,3 +88,12 @@ def test_the_loops_ema_is_the_numpy_ema_of_its_parameters_and_resumes_exactly(tm
     for a, b in zip(resumed, saved, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     ema.close()
+
+
+def test_grpo_refuses_an_ema_before_touching_anything(tmp_path):
+    """GRPO keeps no EMA: asked for one, it says so in one line (exit 2 from the CLI) and writes nothing."""
+    config = get_preset("tiny")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, objective="grpo", ema_decay=0.5))
+    with pytest.raises(UsageError, match="dsv3 grpo keeps no parameter EMA"):
+        grpo(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -53,7 +53,8 @@ def grpo_config(from_dir: str | Path, task: str, overrides: list[str]) -> Config
         raise UsageError(f"--from {str(from_dir)!r} has no checkpoint to start from (train or fine-tune it first)")
     base = config_from_json((from_dir / "config.json").read_text())
     train = dataclasses.replace(base.train, objective="grpo", init_from=str(from_dir), steps=50, lr=base.train.lr / 3,
-                                warmup_steps=0, decay_start_fraction=1.0, eval_every=10, checkpoint_every=10)
+                                warmup_steps=0, decay_start_fraction=1.0, eval_every=10, checkpoint_every=10,
+                                ema_decay=0.0)  # GRPO keeps no parameter EMA
     data = dataclasses.replace(base.data, tokenizer=base.data.tokenizer or str(from_dir / "tokenizer.json"))
     grpo = dataclasses.replace(base.grpo, task=task)
     return apply_overrides(dataclasses.replace(base, train=train, data=data, grpo=grpo), overrides)
@@ -66,6 +67,9 @@ def grpo(config: Config, run_dir: Path, resume: bool = False, progress: bool = T
     if config.train.objective != "grpo":
         raise UsageError(f"{str(run_dir)!r} is not a GRPO run (train.objective={config.train.objective}); "
                          "start one with dsv3 grpo --from RUN --task NAME")
+    if config.train.ema_decay:
+        raise UsageError(f"train.ema_decay={config.train.ema_decay}: dsv3 grpo keeps no parameter EMA (dsv3 train "
+                         "and dsv3 sft do); leave it at 0")
     own_tokenizer = run_dir / "tokenizer.json"
     tokenizer = load_tokenizer(own_tokenizer if resume and own_tokenizer.is_file() else config.data.tokenizer)
     graphdef, optimizer, policy = create_train_state(per_update(config), config.train.seed)
