@@ -86,7 +86,8 @@ class Checkpointer:
 
     def restore_ema(self, step: int, target: Any) -> Any:
         """The EMA saved with checkpoint `step`, read into `target`'s shapes and shardings."""
-        if "ema" not in (self.manager.item_metadata(step) or {}) or self.manager.item_metadata(step)["ema"] is None:
+        stored = self.manager.item_metadata(step) or {}
+        if stored.get("ema") is None:
             raise UsageError(f"checkpoint {step} in {str(self.directory)!r} holds no parameter EMA, but "
                              "train.ema_decay > 0 needs one to resume it")
         try:

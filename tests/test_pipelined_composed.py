@@ -109,28 +109,37 @@ def test_composed_pipeline_splits_microbatch_rows_and_keeps_collectives_in_the_p
 def test_each_pipeline_rank_stores_and_updates_only_its_share(composed_reference, schedule):
     """Per-device bytes of the parameters and AdamW moments, from `addressable_shards`, on
     (data=2, pipeline=2, expert=2) against (data=2, expert=2): the MoE stack's exactly half (each
-    rank its stages), the rest of the model (embedding, dense layer, head) about half too (split at
-    rest over the pipeline; only the norm vectors stay whole), and the whole train state <= 0.7x.
-    One train step (the output shardings XLA chooses, no out_shardings given) keeps it so."""
+    rank its stages), the rest of the model (embedding, dense layer, head) split at rest over the
+    pipeline too (0.54x: the norm vectors and the MLA up-projections have no embed dim and stay
+    whole), and the whole train state <= 0.7x. One train step (the output shardings XLA chooses, no
+    out_shardings given) keeps it so, and its compiled program gathers the embedding table whole
+    from its two pipeline halves (an all-gather to f32[V, D] along D)."""
     need_devices(8)
     config = dataclasses.replace(composed_reference[0], train=dataclasses.replace(
         composed_reference[0].train, pipeline_schedule=schedule))
+    V, D = config.model.vocab_size, config.model.d_model
+    # the table whole out of an all-gather along its embed dim (dimension 1), the dim split over pipeline
+    gathers_embedding = re.compile(rf"= f32\[{V},{D}\]\{{[^}}]*\}} all-gather\(.*dimensions={{1}}")
 
     def state_bytes(mesh_sizes, step=False):
         cfg = dataclasses.replace(config, mesh=MeshConfig(**mesh_sizes))
         mesh = make_mesh(cfg.mesh)
         graphdef, optimizer, state = create_train_state(cfg, 0, mesh)
+        embedding_shard = state.params["embed"]["table_VD"].get_value().addressable_shards[0].data.shape
         if step:
             fn = jax.jit(make_train_step(cfg, graphdef, optimizer, mesh if cfg.mesh.pipeline > 1 else None))
             with jax.set_mesh(mesh):
-                state, _ = fn(state, jax.device_put(composed_reference[3], RULES.batch(mesh)))
+                batch = jax.device_put(composed_reference[3], RULES.batch(mesh))
+                assert gathers_embedding.search(fn.lower(state, batch).compile().as_text())
+                state, _ = fn(state, batch)
         leaves = jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]
         per_device = lambda keep: sum(leaf.addressable_shards[0].data.nbytes for path, leaf in leaves
                                       if keep("moe_layers" in jax.tree_util.keystr(path)))
-        return per_device(lambda stack: stack), per_device(lambda stack: not stack)
+        return per_device(lambda stack: stack), per_device(lambda stack: not stack), embedding_shard
 
-    stack_pp, rest_pp = state_bytes(dict(data=2, pipeline=2, expert=2), step=True)
-    stack_flat, rest_flat = state_bytes(dict(data=2, expert=2))
+    stack_pp, rest_pp, embedding_pp = state_bytes(dict(data=2, pipeline=2, expert=2), step=True)
+    stack_flat, rest_flat, embedding_flat = state_bytes(dict(data=2, expert=2))
+    assert embedding_pp == (V, D // 2) and embedding_flat == (V, D)
     assert stack_pp * 2 == stack_flat
-    assert rest_pp < 0.6 * rest_flat, (rest_pp, rest_flat)  # 0.54: the MLA up-projections have no embed dim
+    assert rest_pp < 0.6 * rest_flat, (rest_pp, rest_flat)
     assert (stack_pp + rest_pp) <= 0.7 * (stack_flat + rest_flat), (stack_pp + rest_pp, stack_flat + rest_flat)

@@ -5,19 +5,21 @@ on an abstract mesh of any size, per device:
 - parameter, gradient and optimizer bytes: exact, from each leaf's shape, dtype and PartitionSpec;
   with `train.zero1` the optimizer state is split over the axes holding copies of each parameter,
   by the same rule the step's shardings use (`ShardingRules.zero1_spec`, report §3.2); pipeline
-  ranks own 1/P of the MoE stack, the first rank the embedding and dense layers, the last the final
-  norm, head and MTP (DualPipe puts both ends on one rank, §3.2.3), i.e. the stage-owned layout;
+  ranks own 1/P of the MoE stack (2/P under DualPipe) and 1/P at rest of everything else, which
+  the step gathers (a row of its own: under SPMD every rank holds the gathered copy);
 - activation bytes: an inventory of the tensors the backward pass keeps per token and layer
-  by activation name (`_layer_inventory`, the names of model/remat.py), the parts the
-  `model.remat` policy keeps, times the tokens in flight at the schedule's peak (Table 2: PP
-  micro-batches for 1F1B, PP + 1 for DualPipe), plus the output logits and one layer's transient
-  intermediates under rematerialisation;
+  by activation name (`_layer_inventory`, the names of model/remat.py) and the parts the
+  `model.remat` policy keeps. Pipelined with `train.pipeline_keep_residuals`, times the
+  micro-batches in flight at the schedule's peak (Table 2: PP for 1F1B, PP + 1 for DualPipe);
+  by default (stages recomputed in their backward) the executor's pools of stage inputs and
+  cotangents, sized by its tick table, plus one stage's backward. Plus the output logits and
+  one layer's transient intermediates under rematerialisation;
 - bytes moved per step by each collective (expert all-to-all, pipeline send/recv, data-parallel
   gradient reduction) and an estimated step time from the hardware table below.
 
 `check_against_compiler` AOT-compiles the real train step on host devices and sets the planner's
 per-device bytes beside `compiled.memory_analysis()` (tests/test_plan.py holds it to 15% for state
-and 30% for temporaries on three meshes).
+and 30% for temporaries on three meshes and two pipelined ones).
 """
 
 from __future__ import annotations
@@ -144,14 +146,17 @@ def _bytes_by_part(tree, mesh, zero1: bool = False) -> dict[str, int]:
     return out
 
 
+def _outside_stack(parts: dict[str, int]) -> int:
+    return sum(v for k, v in parts.items() if k != "moe_layers")
+
+
 def _pipeline_rank_bytes(stack_parts: dict[str, int], rest_parts: dict[str, int], pipeline: int, schedule: str,
                          n_moe_layers: int) -> int:
     """The largest rank's share: its stages of the MoE stack (`stack_parts`, bytes of one pipeline
     rank's mesh; DualPipe keeps two copies, stages r and P-1-r: 2/P, Table 2; the others 1/P;
     ceil(L / P) layers when P does not divide them) and its share at rest of everything else
     (`rest_parts`, per device on the whole mesh: the rules split those over `pipeline` too)."""
-    stack = stack_parts.get("moe_layers", 0)
-    rest = sum(v for k, v in rest_parts.items() if k != "moe_layers")
+    stack, rest = stack_parts.get("moe_layers", 0), _outside_stack(rest_parts)
     if pipeline == 1:
         return stack + rest
     if n_moe_layers:
@@ -284,14 +289,13 @@ def plan(layout: Layout) -> Plan:
     # copies are `_pipeline_rank_bytes`'s), everything else's on the whole mesh (split at rest over
     # `pipeline` as over fsdp, parallel/sharding.py).
     in_stage = abstract_mesh({**sizes, "pipeline": 1})
-    per_rank = lambda tree, zero1=False: _pipeline_rank_bytes(  # noqa: E731
-        _bytes_by_part(tree, in_stage, zero1), _bytes_by_part(tree, mesh, zero1), pp, schedule, cfg.n_moe_layers)
-    params, optimizer = per_rank(state.params), per_rank(state.opt_state, tc.zero1)
+    params_in_stage, params_at_rest = _bytes_by_part(state.params, in_stage), _bytes_by_part(state.params, mesh)
+    params = _pipeline_rank_bytes(params_in_stage, params_at_rest, pp, schedule, cfg.n_moe_layers)
+    optimizer = _pipeline_rank_bytes(_bytes_by_part(state.opt_state, in_stage, tc.zero1),
+                                     _bytes_by_part(state.opt_state, mesh, tc.zero1), pp, schedule, cfg.n_moe_layers)
     # The step gathers the weights outside the stack; their gradients are whole until reduced
     # (under SPMD every rank allocates both, whichever stage uses them).
-    rest_whole = sum(v for k, v in _bytes_by_part(state.params, in_stage).items() if k != "moe_layers")
-    rest_at_rest = sum(v for k, v in _bytes_by_part(state.params, mesh).items() if k != "moe_layers")
-    gathered = rest_whole - rest_at_rest
+    gathered = _outside_stack(params_in_stage) - _outside_stack(params_at_rest)
     grads = params + gathered  # same dtype and layout as the parameters, the rest whole
 
     # Tokens per device per micro-batch: rows split over data x fsdp x expert (the "batch" axes).
@@ -308,7 +312,8 @@ def plan(layout: Layout) -> Plan:
         # a rank stores only stage inputs and cotangents, in pools the tick table sizes, and runs one
         # stage's backward at a time, its forward recomputed under the remat policy.
         ticks = tick_table(make_schedule(schedule, pp, microbatches))
-        pooled = (ticks.n_stash + ticks.n_inbox + ticks.n_cot) * round(tokens) * cfg.d_model * np.dtype(cfg.dtype).itemsize
+        entries = ticks.n_stash + ticks.n_inbox + ticks.n_cot
+        pooled = entries * round(tokens) * cfg.d_model * np.dtype(cfg.dtype).itemsize
         activations = pooled + activation_bytes(config, round(tokens), sizes, layers, 1, layout.fused_attention,
                                                 layout.padded_dispatch)
     else:  # every in-flight micro-batch's residuals kept (Table 2's count)

@@ -160,14 +160,18 @@ _PRELUDE = textwrap.dedent("""
 """)
 
 
+_CHILD_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
 def file_boundary() -> str:
     """Which file boundary this machine's sandbox gets: "landlock (kernel, ABI n)" or "audit hook
     (Python)" (a kernel without Landlock, or one that refuses it)."""
     with tempfile.TemporaryDirectory(prefix="dsv3-sandbox-") as workdir:
         path = os.path.join(workdir, "program.py")
         open(path, "w").close()
-        out = subprocess.run([sys.executable, "-I", "-c", _prelude(2, 512, True, True), path], cwd=workdir,
-                             capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+        prelude = _prelude(cpu_s=2, memory_mb=512, kernel=True, report=True)
+        out = subprocess.run([sys.executable, "-I", "-c", prelude, path], cwd=workdir, capture_output=True,
+                             text=True, timeout=30, env=_CHILD_ENV)
     return out.stderr.strip().splitlines()[0]
 
 
@@ -190,7 +194,7 @@ def run_python(source: str, timeout_s: float = 2.0, memory_mb: int = 512, kernel
             f.write(source)
         proc = subprocess.Popen([sys.executable, "-I", "-c", prelude, path], cwd=workdir, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+                                env=_CHILD_ENV)
         try:
             _, stderr = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -4,8 +4,9 @@ Run directory: config.json, tokenizer.json, metrics.jsonl (one line per step),
 router.jsonl (per layer and step: expert loads, MaxVio, load entropy; at evaluations the fraction of
 validation tokens whose experts changed, train/topk_drift.py), checkpoints/ (orbax; with
 train.ema_decay > 0 also the parameters' EMA, kept in host memory, train/ema.py, and evaluated as
-val_loss_ema), plots (*.png); see run_dir.py for the lock and the logs. Nothing is written to it until every check has passed, and
-a checkpoint is written only for a state whose loss, gradient norm and values are all finite.
+val_loss_ema), plots (*.png); see run_dir.py for the lock and the logs. Nothing is written to it
+until every check has passed, and a checkpoint is written only for a state whose loss, gradient
+norm and values are all finite.
 """
 
 from __future__ import annotations
