@@ -32,17 +32,18 @@ class PlacementError(UsageError):
     """A sound checkpoint that could not be placed on this mesh: never "damaged", never set aside."""
 
 
-def restore_target(abstract_state: Any, mesh=None, zero1: bool = False) -> Any:
+def restore_target(abstract_state: Any, mesh=None, zero1: bool = False, rules=None) -> Any:
     """`abstract_state` (shapes and dtypes) as a restore target for `mesh`, the mesh this process runs
     on now (None: this process's first device): jax.ShapeDtypeStruct leaves carrying the
     NamedSharding the sharding rules give them on it, so orbax reads into each device only its own
-    shards, whatever mesh wrote the checkpoint."""
+    shards, whatever mesh wrote the checkpoint. `rules`: the run's sharding rules (default: those
+    in context)."""
     from dsv3_jax.parallel.mesh import MESH_AXES, make_mesh
-    from dsv3_jax.parallel.sharding import RULES
+    from dsv3_jax.parallel.sharding import current_rules
 
     if mesh is None:
         mesh = make_mesh(dict.fromkeys(MESH_AXES, 1), jax.local_devices()[:1])
-    shardings = RULES.tree(abstract_state, mesh, zero1)
+    shardings = (rules or current_rules()).tree(abstract_state, mesh, zero1)
     return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                         abstract_state, shardings)
 

@@ -31,7 +31,7 @@ from dsv3_jax.errors import UsageError, first_line
 from dsv3_jax.infer.cache import init_caches
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.pipeline.executor import BACKWARD_CHUNK, FORWARD_CHUNK
-from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.parallel.sharding import DEFAULT_RULES, rules_for, use_rules
 from dsv3_jax.platform import compiler_options
 from dsv3_jax.targets import Target
 from dsv3_jax.train.state import abstract_train_state
@@ -92,11 +92,12 @@ def target_config(config: Config, what: str, fp8: bool, schedule: str | None = N
 
 def _train_program(config: Config, mesh, pipelined: bool):
     graphdef, optimizer, state = abstract_train_state(config)
-    shardings = RULES.tree(state, mesh, config.train.zero1)
+    rules = rules_for(config)
+    shardings = rules.tree(state, mesh, config.train.zero1)
     tc = config.train
     batch = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1), np.int32)
     step = jax.jit(make_train_step(config, graphdef, optimizer, pipeline_mesh=mesh if pipelined else None),
-                   in_shardings=(shardings, RULES.batch(mesh)), out_shardings=(shardings, RULES.sharding((), mesh)),
+                   in_shardings=(shardings, rules.batch(mesh)), out_shardings=(shardings, rules.sharding((), mesh)),
                    donate_argnums=0)
     return step, (state, batch)
 
@@ -108,14 +109,15 @@ def _decode_program(config: Config, mesh):
     weights = (state.params, state.routing_bias)
     B, S = config.train.batch_size, config.model.max_seq_len
     caches = jax.eval_shape(lambda: init_caches(config.model, B, S, "absorbed", jnp.bfloat16))
-    cache_sharding = lambda a: RULES.sharding((None, "batch") + (None,) * (a.ndim - 2), mesh, a.shape)
+    rules = rules_for(config)
+    cache_sharding = lambda a: rules.sharding((None, "batch") + (None,) * (a.ndim - 2), mesh, a.shape)
     tokens = jax.ShapeDtypeStruct((B, 1), np.int32)
 
     def decode(weights, caches, tokens_BT, positions_BT):
         return nnx.merge(graphdef, *weights).decode(tokens_BT, positions_BT, caches, "absorbed")
 
-    step = jax.jit(decode, in_shardings=(RULES.tree(weights, mesh), jax.tree.map(cache_sharding, caches),
-                                         RULES.batch(mesh), RULES.batch(mesh)), donate_argnums=1)
+    step = jax.jit(decode, in_shardings=(rules.tree(weights, mesh), jax.tree.map(cache_sharding, caches),
+                                         rules.batch(mesh), rules.batch(mesh)), donate_argnums=1)
     return step, (weights, caches, tokens, tokens)
 
 
@@ -212,7 +214,7 @@ def compile_step(config: Config, target: Target, what: str = "train", fp8: bool 
     validate(config, devices)
     mesh = make_mesh(config.mesh, devices)
     start = time.perf_counter()
-    with jax.set_mesh(mesh), _no_persistent_cache():
+    with jax.set_mesh(mesh), use_rules(rules_for(config)), _no_persistent_cache():
         try:
             step, args = _decode_program(config, mesh) if what == "decode" else \
                 _train_program(config, mesh, pipelined=what == "pipeline")
@@ -295,7 +297,7 @@ def kernel_lowering(target: Target, devices: list | None = None,
 
     devices = target.devices() if devices is None else devices
     mesh = make_mesh(MeshConfig(), devices[:1])
-    one_device = RULES.sharding((), mesh)
+    one_device = DEFAULT_RULES.sharding((), mesh)  # replicated: the same under any table
     rows, seen = [], set()
     for m, k, n, experts in shapes:
         for name, (make, args) in _kernel_cases(m, k, n, experts).items():
@@ -340,7 +342,7 @@ def planned_vs_compiled(planned, report: CompileReport, config: Config) -> list[
     """`dsv3 plan --compile`: the planner's per-device state and temporaries beside the compiler's
     (state: the step's arguments less the token batch; temporaries: gradients + activations)."""
     tc = config.train
-    batch_bytes = tc.batch_size * (tc.seq_len + 1) * 4 // RULES.shards("batch", config.mesh.sizes())
+    batch_bytes = tc.batch_size * (tc.seq_len + 1) * 4 // rules_for(config).shards("batch", config.mesh.sizes())
     compiled_state = report.memory["argument"] - batch_bytes
     planned_temps = planned.grads + planned.activations
     on = f"{report.target} ({report.what})"

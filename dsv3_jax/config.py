@@ -66,6 +66,11 @@ REMAT_NAMES = ("norm", "mla_down", "mla_up", "attention", "residual", "swiglu_in
 PluginArgs = tuple[tuple[str, Any], ...]
 ARGS_FIELDS = ("router_args", "balancer_args")
 
+# Changes to the logical-axis table (parallel/sharding.py): (logical name, mesh axes) pairs, e.g.
+# --set sharding.heads= (replicate attention heads) or --set sharding.batch=data,fsdp. Names are
+# checked against the table when the config is validated (validate.py).
+ShardingOverrides = tuple[tuple[str, tuple[str, ...]], ...]
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -391,8 +396,15 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    sharding: ShardingOverrides = ()
 
     def __post_init__(self) -> None:
+        mesh_axes = tuple(f.name for f in dataclasses.fields(MeshConfig))
+        for name, axes in self.sharding:
+            bad = [a for a in axes if a not in mesh_axes]
+            _require(not bad and len(set(axes)) == len(axes),
+                     f"sharding.{name}={','.join(axes)} must list distinct mesh axes from {', '.join(mesh_axes)} "
+                     "(empty: replicated)")
         _require(self.train.seq_len <= self.model.max_seq_len,
                  f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}")
         _require(self.train.batch_size % self.data.shards == 0,
@@ -497,6 +509,11 @@ def _plugin_value(text: str) -> Any:
     return text
 
 
+def _sharding_axes(text: str) -> tuple[str, ...]:
+    """"data,fsdp" -> ("data", "fsdp"); "" or "none" -> () (replicated)."""
+    return () if text.lower() in ("", "none") else tuple(a.strip() for a in text.split(",") if a.strip())
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -509,6 +526,13 @@ def _parse_path(obj: Any, path: list[str], text: str, full_key: str, changes: di
         raise ConfigError(f"unknown config key {full_key!r}; valid keys under "
                           f"{'.'.join(full_key.split('.')[:-len(path)]) or 'the top level'}: {', '.join(sorted(names))}")
     current = getattr(obj, head)
+    if head == "sharding" and obj.__class__.__name__ == "Config":  # sharding.LOGICAL=AXIS,AXIS
+        if len(path) != 2:
+            raise ConfigError(f"config key {full_key!r} must look like sharding.LOGICAL=AXIS[,AXIS...]")
+        merged = dict(changes.get(head, current))
+        merged[path[1]] = _sharding_axes(text)
+        changes[head] = tuple(merged.items())
+        return
     if head in ARGS_FIELDS:  # model.router_args.FIELD / model.balancer_args.NAME.FIELD
         depth = 2 if head == "balancer_args" else 1  # NAME may hold dots (module.path:name): FIELD is the last part
         if len(path) < depth + 1 or (depth == 1 and len(path) > 2):
@@ -567,6 +591,13 @@ def _from_dict(cls: type, data: dict, prefix: str) -> Any:
 def _json_value(key: str, value: Any, annotation: Any) -> Any:
     """A config file's value checked against the field's declared type (JSON has no int/float split:
     an integer is accepted for a float field)."""
+    if annotation == ShardingOverrides:  # an object {"logical": ["axis", ...]} (or config.json's pairs)
+        pairs = value.items() if isinstance(value, dict) else value
+        if not isinstance(pairs, (list, tuple, type({}.items()))) or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], (list, tuple))
+                and all(isinstance(a, str) for a in p[1]) for p in pairs):
+            raise ConfigError(f"{key} in the config file must be an object of logical name: [mesh axes]")
+        return tuple((str(k), tuple(v)) for k, v in pairs)
     if annotation == PluginArgs:  # an object {"field": value} (or the pairs config.json holds)
         pairs = value.items() if isinstance(value, dict) else value
         if not isinstance(pairs, (list, tuple, type({}.items()))) or \

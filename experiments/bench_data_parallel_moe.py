@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from dsv3_jax.config import MeshConfig, get_preset  # noqa: E402
 from dsv3_jax.parallel.mesh import make_mesh  # noqa: E402
-from dsv3_jax.parallel.sharding import RULES  # noqa: E402
+from dsv3_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 from dsv3_jax.train.state import abstract_train_state  # noqa: E402
 from dsv3_jax.train.step import make_train_step  # noqa: E402
 
@@ -36,7 +36,7 @@ def measure(mesh) -> dict:
         compiled = jax.jit(step).lower(state, batch).compile()
     else:
         with jax.set_mesh(mesh):
-            compiled = jax.jit(step, in_shardings=(RULES.tree(state, mesh), RULES.batch(mesh))).lower(
+            compiled = jax.jit(step, in_shardings=(DEFAULT_RULES.tree(state, mesh), DEFAULT_RULES.batch(mesh))).lower(
                 state, batch).compile()
     hlo = compiled.as_text()
     n_assign = config.train.batch_size * config.train.seq_len * config.model.top_k

@@ -37,7 +37,7 @@ from dsv3_jax.model.moe import MoE  # noqa: E402
 from dsv3_jax.parallel.expert import pair_capacity, ranks_per_token  # noqa: E402
 from dsv3_jax.parallel.mesh import make_mesh  # noqa: E402
 from dsv3_jax.parallel.placement import identity_placement, imbalance, plan_placement  # noqa: E402
-from dsv3_jax.parallel.sharding import RULES  # noqa: E402
+from dsv3_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BYTES = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "f16": 2, "pred": 1}
@@ -72,8 +72,8 @@ def run(ep: int, dispatch: str, n_per_rank: int, repeats: int) -> dict:
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     mesh = make_mesh(MeshConfig(expert=ep))
     with jax.set_mesh(mesh):
-        params = jax.device_put(params, RULES.tree(params, mesh))
-        x_BTD = jax.device_put(x_BTD, RULES.sharding(("batch", None, None), mesh))
+        params = jax.device_put(params, DEFAULT_RULES.tree(params, mesh))
+        x_BTD = jax.device_put(x_BTD, DEFAULT_RULES.sharding(("batch", None, None), mesh))
         compiled = fn.lower(params, x_BTD).compile()
         (_, dropped), _ = out = fn(params, x_BTD)
         jax.block_until_ready(out)

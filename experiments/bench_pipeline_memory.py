@@ -28,7 +28,7 @@ from dsv3_jax.config import MeshConfig, get_preset  # noqa: E402
 from dsv3_jax.parallel.mesh import make_mesh  # noqa: E402
 from dsv3_jax.parallel.pipeline.executor import tick_table  # noqa: E402
 from dsv3_jax.parallel.pipeline.schedules import make_schedule, peak_activations  # noqa: E402
-from dsv3_jax.parallel.sharding import RULES  # noqa: E402
+from dsv3_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 from dsv3_jax.train.state import abstract_train_state  # noqa: E402
 from dsv3_jax.train.step import make_train_step  # noqa: E402
 from dsv3_jax.validate import validate  # noqa: E402
@@ -65,7 +65,7 @@ def measure(schedule: str | None, n_mb: int, keep_residuals: bool = False) -> di
     batch = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len + 1), np.int32)
     step = make_train_step(config, graphdef, optimizer, pipeline_mesh=mesh if schedule else None)
     with jax.set_mesh(mesh):
-        compiled = jax.jit(step, in_shardings=(RULES.tree(state, mesh), RULES.batch(mesh))).lower(
+        compiled = jax.jit(step, in_shardings=(DEFAULT_RULES.tree(state, mesh), DEFAULT_RULES.batch(mesh))).lower(
             state, batch).compile()
     memory = compiled.memory_analysis()
     row = {"temp MB": memory.temp_size_in_bytes / 1e6, "state MB": memory.argument_size_in_bytes / 1e6}

@@ -29,7 +29,7 @@ import dsv3_jax.model.routing as routing  # noqa: E402
 from dsv3_jax.bench import markdown_table  # noqa: E402
 from dsv3_jax.config import MeshConfig, get_preset  # noqa: E402
 from dsv3_jax.parallel.mesh import make_mesh  # noqa: E402
-from dsv3_jax.parallel.sharding import RULES  # noqa: E402
+from dsv3_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 from dsv3_jax.train.state import create_train_state  # noqa: E402
 from dsv3_jax.train.step import make_loss_and_grads  # noqa: E402
 from dsv3_jax.validate import validate  # noqa: E402
@@ -50,9 +50,9 @@ def measure(mesh_sizes: dict, per_shard: bool) -> dict:
                                           mesh=MeshConfig(**mesh_sizes)))
     graphdef, _, state = create_train_state(config, 0)
     mesh = make_mesh(config.mesh)
-    shardings = RULES.tree(state, mesh)
+    shardings = DEFAULT_RULES.tree(state, mesh)
     fn = jax.jit(make_loss_and_grads(config, graphdef),
-                 in_shardings=(shardings.params, shardings.routing_bias, RULES.batch(mesh)))
+                 in_shardings=(shardings.params, shardings.routing_bias, DEFAULT_RULES.batch(mesh)))
     tokens = jnp.zeros((16, 129), jnp.int32)
     helper = routing.per_batch_shard
     if not per_shard:  # as before the fix: top_k over every token, left to GSPMD
@@ -66,7 +66,7 @@ def measure(mesh_sizes: dict, per_shard: bool) -> dict:
     gathers = [re.search(r"= (\S+) all-gather\(", line).group(1) for line in lines if " all-gather(" in line]
     operands = [int(re.search(r"f32\[(\d+),", line).group(1)) for line in lines
                 if 'custom_call_target="TopK"' in line or " sort(" in line]
-    shards = RULES.shards("batch", dict(mesh.shape))
+    shards = DEFAULT_RULES.shards("batch", dict(mesh.shape))
     return {"mesh": " x ".join(f"{k}={v}" for k, v in mesh_sizes.items()), "batch shards": shards,
             "routing": "per batch shard" if per_shard else "GSPMD (before)",
             "top_k all-gathers": len(gathers), "all-gathered KiB / step": sum(map(_bytes, gathers)) / 1024,

@@ -17,7 +17,7 @@ from dsv3_jax.model.gqa import GroupedQueryAttention
 from dsv3_jax.model.model import DeepSeekV3
 from dsv3_jax.model.rope import inv_frequencies, rope_tables, softmax_scale
 from dsv3_jax.parallel.mesh import make_mesh
-from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.parallel.sharding import DEFAULT_RULES
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_loss_and_grads
 from tests.conftest import need_devices, tiny_model_config
@@ -129,11 +129,11 @@ def test_gqa_sharded_over_tensor_and_data_equals_unsharded():
     loss_and_grads = make_loss_and_grads(config, graphdef)
     (want_loss, _), want_grads = jax.jit(loss_and_grads)(state.params, state.routing_bias, tokens)
     mesh = make_mesh(MeshConfig(data=2, tensor=2, expert=2))
-    shardings = RULES.tree(state, mesh)
+    shardings = DEFAULT_RULES.tree(state, mesh)
     state = jax.device_put(state, shardings)
     with jax.set_mesh(mesh):
         (loss, _), grads = jax.jit(loss_and_grads, in_shardings=(shardings.params, shardings.routing_bias,
-                                                                 RULES.batch(mesh)))(state.params, state.routing_bias,
+                                                                 DEFAULT_RULES.batch(mesh)))(state.params, state.routing_bias,
                                                                                      tokens)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     scale = max(float(abs(g).max()) for g in jax.tree.leaves(want_grads))

@@ -17,7 +17,7 @@ from dsv3_jax.config import Config, ConfigError, MeshConfig, TrainConfig
 from dsv3_jax.model.moe import MoE, grouped_swiglu, routed_experts
 from dsv3_jax.parallel.expert import expert_parallel_routed_experts, pair_capacity, plan_dispatch, ranks_per_token
 from dsv3_jax.parallel.mesh import make_mesh
-from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.parallel.sharding import DEFAULT_RULES
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_loss_and_grads, make_train_step
 from dsv3_jax.validate import validate
@@ -146,10 +146,10 @@ def test_expert_parallel_train_step_equals_single_device(sizes, whole_step):
     config, tokens = _step_inputs(sizes)
     graphdef, optimizer, state = create_train_state(config, 0)
     mesh = make_mesh(config.mesh)
-    shardings = RULES.tree(state, mesh)
+    shardings = DEFAULT_RULES.tree(state, mesh)
     state = jax.device_put(state, shardings)
     grads_fn = jax.jit(make_loss_and_grads(config, graphdef), in_shardings=(shardings.params, shardings.routing_bias,
-                                                                  RULES.batch(mesh)))
+                                                                  DEFAULT_RULES.batch(mesh)))
     with jax.set_mesh(mesh):
         compiled_grads = grads_fn.lower(state.params, state.routing_bias, tokens).compile()
         (loss, _), grads = compiled_grads(state.params, state.routing_bias, tokens)
@@ -166,13 +166,13 @@ def test_expert_parallel_train_step_equals_single_device(sizes, whole_step):
     assert not gathered, gathered[:2]
     rows = {int(re.search(r"f32\[(\d+),", line).group(1)) for line in hlo.splitlines()
             if "top_k" in line and ('custom_call_target="TopK"' in line or " sort(" in line)}
-    assert rows == {tokens.shape[0] * (tokens.shape[1] - 1) // RULES.shards("batch", dict(mesh.shape))}, rows
+    assert rows == {tokens.shape[0] * (tokens.shape[1] - 1) // DEFAULT_RULES.shards("batch", dict(mesh.shape))}, rows
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     scale = max(float(abs(g).max()) for g in jax.tree.leaves(want_grads))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grads, want_grads)
     if not whole_step:
         return
-    step = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(shardings, RULES.batch(mesh)),
+    step = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(shardings, DEFAULT_RULES.batch(mesh)),
                    out_shardings=(shardings, None))
     with jax.set_mesh(mesh):
         got_state, got = step(state, tokens)

@@ -19,7 +19,7 @@ from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.pipeline import executor
 from dsv3_jax.parallel.pipeline.executor import BACKWARD_CHUNK, FORWARD_CHUNK
 from dsv3_jax.parallel.pipeline.schedules import make_schedule
-from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.parallel.sharding import DEFAULT_RULES
 from dsv3_jax.platform import compiler_options
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -66,7 +66,7 @@ def _pair_windows(schedule_name: str = "dualpipev") -> list[dict]:
     args = (params, {"w": spec(D, D)}, spec(M, B, T, D), spec(M, B, T, D))
     with jax.set_mesh(mesh), _no_persistent_cache():
         step = jax.jit(lambda *a: executor.pipeline_value_and_grad(_stage, _loss, schedule, mesh, *a),
-                       in_shardings=(RULES.sharding(("stage",), mesh),) + (RULES.sharding((), mesh),) * 3)
+                       in_shardings=(DEFAULT_RULES.sharding(("stage",), mesh),) + (DEFAULT_RULES.sharding((), mesh),) * 3)
         text = step.lower(*args).compile(compiler_options=compiler_options("tpu")).as_text()
     return [w for w in hlo_stats.async_windows(text, (FORWARD, GRADIENT, RECOMPUTE)) if w["kind"] == "all-to-all"]
 

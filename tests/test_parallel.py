@@ -12,7 +12,7 @@ import pytest
 
 from dsv3_jax.config import Config, ConfigError, MeshConfig, TrainConfig
 from dsv3_jax.parallel.mesh import make_mesh
-from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.parallel.sharding import DEFAULT_RULES
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_loss_and_grads, make_train_step
 from dsv3_jax.validate import validate
@@ -39,11 +39,11 @@ def test_sharded_train_step_equals_unsharded(reference, sizes):
     need_devices(8)
     config, graphdef, optimizer, state, tokens, want_loss, want_grads, want_state, want = reference
     mesh = make_mesh(MeshConfig(**sizes))
-    shardings = RULES.tree(state, mesh)
+    shardings = DEFAULT_RULES.tree(state, mesh)
     state = jax.device_put(state, shardings)
     grads_fn = jax.jit(make_loss_and_grads(config, graphdef),
-                       in_shardings=(shardings.params, shardings.routing_bias, RULES.batch(mesh)))
-    step = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(shardings, RULES.batch(mesh)),
+                       in_shardings=(shardings.params, shardings.routing_bias, DEFAULT_RULES.batch(mesh)))
+    step = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(shardings, DEFAULT_RULES.batch(mesh)),
                    out_shardings=(shardings, None))
     with jax.set_mesh(mesh):
         (loss, _), grads = grads_fn(state.params, state.routing_bias, tokens)
@@ -64,9 +64,9 @@ def test_sharded_train_step_equals_unsharded(reference, sizes):
 def test_logical_table_maps_axes_and_skips_indivisible_dims():
     need_devices(8)
     mesh = make_mesh(MeshConfig(data=2, tensor=2, expert=2))
-    assert tuple(RULES.spec(("layers", "expert", "embed", "moe_ffn"), (3, 8, 32, 16), mesh)) == \
+    assert tuple(DEFAULT_RULES.spec(("layers", "expert", "embed", "moe_ffn"), (3, 8, 32, 16), mesh)) == \
         (None, "expert", None, "tensor")
-    assert tuple(RULES.spec(("heads", "v_head"), (3, 8), mesh)) == (None, None)  # 3 heads: not divisible by 2
+    assert tuple(DEFAULT_RULES.spec(("heads", "v_head"), (3, 8), mesh)) == (None, None)  # 3 heads: not divisible by 2
 
 
 def test_mesh_config_errors():
@@ -108,9 +108,9 @@ def test_zero1_splits_the_optimizer_state_over_parameter_copies_and_steps_like_p
     device = mesh.devices.flat[0]
     moments, gathers, stepped = {}, {}, {}
     for zero1 in (False, True):
-        shardings = RULES.tree(state, mesh, zero1)
+        shardings = DEFAULT_RULES.tree(state, mesh, zero1)
         placed = jax.device_put(state, shardings)
-        step = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(shardings, RULES.batch(mesh)),
+        step = jax.jit(make_train_step(config, graphdef, optimizer), in_shardings=(shardings, DEFAULT_RULES.batch(mesh)),
                        out_shardings=(shardings, None))
         with jax.set_mesh(mesh):
             compiled = step.lower(placed, tokens).compile()

@@ -13,7 +13,7 @@ from dsv3_jax.config import Config, MeshConfig, TrainConfig
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.pipeline.executor import tick_table
 from dsv3_jax.parallel.pipeline.schedules import make_schedule
-from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.parallel.sharding import DEFAULT_RULES
 from dsv3_jax.train.state import create_train_state
 from dsv3_jax.train.step import make_loss_and_grads, make_train_step
 from dsv3_jax.validate import validate
@@ -45,7 +45,7 @@ def _composed_step(composed_reference, mesh_name, schedule, option=None):
     config = dataclasses.replace(config, mesh=MeshConfig(**COMPOSED[mesh_name]), train=train)
     validate(config)
     mesh = make_mesh(config.mesh)
-    params, bias = jax.device_put((state.params, state.routing_bias), RULES.tree((state.params, state.routing_bias),
+    params, bias = jax.device_put((state.params, state.routing_bias), DEFAULT_RULES.tree((state.params, state.routing_bias),
                                                                                  mesh))
     fn = jax.jit(make_loss_and_grads(config, graphdef, pipeline_mesh=mesh))
     with jax.set_mesh(mesh):
@@ -129,7 +129,7 @@ def test_each_pipeline_rank_stores_and_updates_only_its_share(composed_reference
         if step:
             fn = jax.jit(make_train_step(cfg, graphdef, optimizer, mesh if cfg.mesh.pipeline > 1 else None))
             with jax.set_mesh(mesh):
-                batch = jax.device_put(composed_reference[3], RULES.batch(mesh))
+                batch = jax.device_put(composed_reference[3], DEFAULT_RULES.batch(mesh))
                 assert gathers_embedding.search(fn.lower(state, batch).compile().as_text())
                 state, _ = fn(state, batch)
         leaves = jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]

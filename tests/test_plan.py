@@ -52,7 +52,7 @@ def test_data_parallel_ranks_split_the_experts_work():
     experiments/results/data_parallel_moe.md has the figures before and after."""
     need_devices(2)
     from dsv3_jax.parallel.mesh import make_mesh
-    from dsv3_jax.parallel.sharding import RULES
+    from dsv3_jax.parallel.sharding import DEFAULT_RULES
     from dsv3_jax.train.state import abstract_train_state
     from dsv3_jax.train.step import make_train_step
 
@@ -65,9 +65,9 @@ def test_data_parallel_ranks_split_the_experts_work():
         if mesh is None:
             compiled = jax.jit(step).lower(state, batch).compile()
             return compiled.cost_analysis()["flops"], compiled.memory_analysis().temp_size_in_bytes
-        shardings = RULES.tree(state, mesh)
+        shardings = DEFAULT_RULES.tree(state, mesh)
         with jax.set_mesh(mesh):
-            compiled = jax.jit(step, in_shardings=(shardings, RULES.batch(mesh))).lower(state, batch).compile()
+            compiled = jax.jit(step, in_shardings=(shardings, DEFAULT_RULES.batch(mesh))).lower(state, batch).compile()
         assert "f32[3,4096,128]" not in compiled.as_text()  # the whole batch's assignments (2048 x K)
         return compiled.cost_analysis()["flops"], compiled.memory_analysis().temp_size_in_bytes
 

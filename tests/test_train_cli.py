@@ -199,6 +199,9 @@ def test_existing_run_is_not_overwritten_without_resume(straight_run):
     (["--set", "model.topk_group=7"], "model.topk_group=7"),
     (["--data", "/nonexistent/corpus.txt"], "does not exist"),
     (["--data", "/nonexistent/*.jsonl"], "matches no files"),
+    (["--set", "sharding.moe_ffn=expert", "--mesh", "expert=2", "--host-devices", "2"],
+     "logical axes 'expert' and 'moe_ffn' of one array"),
+    (["--set", "sharding.attention=tensor"], "sharding.attention is not a logical axis"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, fragment):
     out = dsv3("train", "--steps", "2", "--run-dir", str(tmp_path / "r"), "--quiet", *args)

@@ -62,7 +62,9 @@ def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs
     """n independently initialised copies of `make(rngs)` as one module with stacked weights.
 
     Every Variable's `logical_axes` gains a leading `axis` name ("layers", or "stage_layers" for
-    the stack a pipeline cuts into stages, which each pipeline rank stores its part of).
+    the stack a pipeline cuts into stages, which each pipeline rank stores its part of). In a
+    "stage_layers" stack the embed dim is "stage_embed": pipeline already splits its layers, so
+    it may not split the embed dim too, as it does outside the stack (parallel/sharding.py).
     """
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
     keys = jax.random.split(rngs.params(), n)
@@ -72,6 +74,8 @@ def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs
         if isinstance(variable, nnx.Variable):
             axes = variable.get_metadata().get("logical_axes")
             if axes is not None:
+                if axis == "stage_layers":
+                    axes = tuple("stage_embed" if a == "embed" else a for a in axes)
                 variable.set_metadata(logical_axes=(axis,) + tuple(axes))
     return stacked
 

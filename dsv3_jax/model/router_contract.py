@@ -24,7 +24,7 @@ import numpy as np
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.routing import Routing, call_router, configured_router, is_token_choice, router_inputs
 from dsv3_jax.parallel.mesh import make_mesh
-from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.parallel.sharding import current_rules
 
 N_TOKENS = 64
 
@@ -134,10 +134,11 @@ def check_router(cfg: ModelConfig, devices: list | None = None) -> list[Check]:
     if shards > 1:
         def sharded():
             mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "expert": shards, "pipeline": 1}, devices[:shards])
-            rows = RULES.sharding(("batch", None), mesh, logits_NE.shape)
+            rules = current_rules()
+            rows = rules.sharding(("batch", None), mesh, logits_NE.shape)
             with jax.set_mesh(mesh):
-                run = jax.jit(lambda l, b, t: router(l, b, t, cfg), in_shardings=(rows, RULES.sharding((), mesh),
-                                                                                   RULES.sharding(("batch",), mesh)))
+                run = jax.jit(lambda l, b, t: router(l, b, t, cfg), in_shardings=(rows, rules.sharding((), mesh),
+                                                                                   rules.sharding(("batch",), mesh)))
                 compiled = run.lower(logits_NE, bias_E, token_ids_N).compile()
                 got = compiled(logits_NE, bias_E, token_ids_N)
             # The compiled program really holds N / shards tokens per device (else the check proves nothing).

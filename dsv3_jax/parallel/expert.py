@@ -42,7 +42,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.parallel.sharding import current_rules
 from dsv3_jax.platform import Platform, current_platform
 
 # (rows sorted by expert [R, D], group sizes [E_local], gates [R], w_gate, w_up, w_down) -> gated [R, D]
@@ -61,7 +61,7 @@ def batch_parallel_mesh():
     """The mesh in context when it splits the batch (data / fsdp) and has no expert axis > 1: each
     device then runs its own tokens through every expert (`batch_parallel_routed_experts`)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or expert_parallel_mesh() is not None or RULES.shards("batch", dict(mesh.shape)) == 1:
+    if mesh.empty or expert_parallel_mesh() is not None or current_rules().shards("batch", dict(mesh.shape)) == 1:
         return None
     return mesh
 
@@ -208,10 +208,10 @@ def expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_ED
     ep = mesh.shape["expert"]
     if E % ep:
         raise ValueError(f"{E} routed experts cannot be split over mesh.expert={ep}")
-    spec = lambda axes, a: RULES.spec(axes, a.shape, mesh, compute=True)
-    tokens = RULES.spec(("batch",), mesh=mesh)
+    spec = lambda axes, a: current_rules().spec(axes, a.shape, mesh, compute=True)
+    tokens = current_rules().spec(("batch",), mesh=mesh)
     gate_up, down = spec(("expert", "embed", "moe_ffn"), w_gate_EDF), spec(("expert", "moe_ffn", "embed"), w_down_EFD)
-    n_local = x_ND.shape[0] // RULES.shards("batch", mesh.shape)
+    n_local = x_ND.shape[0] // current_rules().shards("batch", mesh.shape)
     experts = functools.partial(_local_experts, experts_fn=experts_fn, ffn_axes=down[1])
     local = functools.partial(_TRANSPORTS[dispatch], ep=ep, experts=experts, axis=gate_up[0],
                               capacity=pair_capacity(n_local, ranks_per_token(expert_NK.shape[1], ep, *groups), ep,
@@ -224,7 +224,7 @@ def expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_ED
 
     # check_vma=False: the FP8 path may run Pallas kernels, which do not carry varying-axis types.
     shard = jax.shard_map(run, mesh=mesh, in_specs=(tokens, tokens, tokens, gate_up, gate_up, down),
-                          out_specs=(tokens, RULES.spec((), mesh=mesh)), check_vma=False)
+                          out_specs=(tokens, current_rules().spec((), mesh=mesh)), check_vma=False)
     return shard(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
@@ -234,8 +234,8 @@ def batch_parallel_routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF
     computes only its own tokens' assignments, with the weights in their compute layout (fsdp
     gathered; moe_ffn split over tensor, partial sums added). Left to GSPMD, the sort over all
     tokens' assignments is not partitioned and every data rank computes the whole batch's experts."""
-    spec = lambda axes, a: RULES.spec(axes, a.shape, mesh, compute=True)
-    tokens = RULES.spec(("batch",), mesh=mesh)
+    spec = lambda axes, a: current_rules().spec(axes, a.shape, mesh, compute=True)
+    tokens = current_rules().spec(("batch",), mesh=mesh)
     gate_up, down = spec(("expert", "embed", "moe_ffn"), w_gate_EDF), spec(("expert", "moe_ffn", "embed"), w_down_EFD)
     experts = functools.partial(_local_experts, experts_fn=experts_fn, ffn_axes=down[1])
 

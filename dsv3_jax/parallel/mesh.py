@@ -1,6 +1,6 @@
 """Meshes: the five named axes, `--mesh data=2,expert=4` parsing, and building a Mesh.
 
-What is sharded over which axis is decided in one place, `parallel/sharding.py` (RULES).
+What is sharded over which axis is decided in one place, `parallel/sharding.py` (its table, LOGICAL_RULES).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from dsv3_jax.model.remat import REPORT_KEPT
 from dsv3_jax.parallel.mesh import MESH_AXES
 from dsv3_jax.parallel.pipeline.executor import tick_table
 from dsv3_jax.parallel.pipeline.schedules import make_schedule
-from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.parallel.sharding import rules_for, use_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,15 +114,15 @@ def abstract_mesh(sizes: dict[str, int]):
     return jax.sharding.AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES)
 
 
-def _leaf_bytes(variable, mesh, zero1: bool = False) -> int:
+def _leaf_bytes(variable, mesh, rules, zero1: bool = False) -> int:
     """Bytes of one device's shard of an abstract Variable (the rules leave indivisible dims whole);
-    `zero1`: an optimizer-state leaf, split as `RULES.tree(..., zero1=True)` splits it."""
+    `zero1`: an optimizer-state leaf, split as `rules.tree(..., zero1=True)` splits it."""
     value = variable.get_value()
     axes = variable.get_metadata().get("logical_axes")
     if not axes:
         return value.size * np.dtype(value.dtype).itemsize
-    spec = RULES.spec(tuple(axes), value.shape, mesh)
-    spec = RULES.zero1_spec(spec, value.shape, mesh) if zero1 else spec
+    spec = rules.spec(tuple(axes), value.shape, mesh)
+    spec = rules.zero1_spec(spec, value.shape, mesh) if zero1 else spec
     shape = jax.sharding.NamedSharding(mesh, spec).shard_shape(value.shape)
     return math.prod(shape) * np.dtype(value.dtype).itemsize
 
@@ -134,7 +134,7 @@ def _key_name(key) -> str:
     return str(getattr(key, "key", getattr(key, "name", key)))
 
 
-def _bytes_by_part(tree, mesh, zero1: bool = False) -> dict[str, int]:
+def _bytes_by_part(tree, mesh, rules, zero1: bool = False) -> dict[str, int]:
     """{top-level module: bytes per device} of the Variables in `tree` (the params, or the optimizer
     state, whose moments mirror them; its step counters are not Variables and are left out)."""
     out: dict[str, int] = {}
@@ -142,7 +142,7 @@ def _bytes_by_part(tree, mesh, zero1: bool = False) -> dict[str, int]:
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_variable):
         if is_variable(leaf):
             part = next(_key_name(k) for k in path if _key_name(k) in _PARTS)
-            out[part] = out.get(part, 0) + _leaf_bytes(leaf, mesh, zero1)
+            out[part] = out.get(part, 0) + _leaf_bytes(leaf, mesh, rules, zero1)
     return out
 
 
@@ -289,17 +289,18 @@ def plan(layout: Layout) -> Plan:
     # copies are `_pipeline_rank_bytes`'s), everything else's on the whole mesh (split at rest over
     # `pipeline` as over fsdp, parallel/sharding.py).
     in_stage = abstract_mesh({**sizes, "pipeline": 1})
-    params_in_stage, params_at_rest = _bytes_by_part(state.params, in_stage), _bytes_by_part(state.params, mesh)
+    rules = rules_for(layout.config)
+    params_in_stage, params_at_rest = _bytes_by_part(state.params, in_stage, rules), _bytes_by_part(state.params, mesh, rules)
     params = _pipeline_rank_bytes(params_in_stage, params_at_rest, pp, schedule, cfg.n_moe_layers)
-    optimizer = _pipeline_rank_bytes(_bytes_by_part(state.opt_state, in_stage, tc.zero1),
-                                     _bytes_by_part(state.opt_state, mesh, tc.zero1), pp, schedule, cfg.n_moe_layers)
+    optimizer = _pipeline_rank_bytes(_bytes_by_part(state.opt_state, in_stage, rules, tc.zero1),
+                                     _bytes_by_part(state.opt_state, mesh, rules, tc.zero1), pp, schedule, cfg.n_moe_layers)
     # The step gathers the weights outside the stack; their gradients are whole until reduced
     # (under SPMD every rank allocates both, whichever stage uses them).
     gathered = _outside_stack(params_in_stage) - _outside_stack(params_at_rest)
     grads = params + gathered  # same dtype and layout as the parameters, the rest whole
 
     # Tokens per device per micro-batch: rows split over data x fsdp x expert (the "batch" axes).
-    batch_ways = RULES.shards("batch", sizes)
+    batch_ways = rules.shards("batch", sizes)
     microbatches = tc.microbatches if pp > 1 else 1
     rows = tc.batch_size / batch_ways / microbatches
     tokens = rows * tc.seq_len
@@ -385,16 +386,17 @@ def check_against_compiler(config: Config, sizes: dict[str, int]) -> dict[str, t
     config = dc.replace(config, mesh=MeshConfig(**sizes))
     graphdef, optimizer, state = abstract_train_state(config)
     mesh = make_mesh(config.mesh)
-    shardings, batch_sharding = RULES.tree(state, mesh, config.train.zero1), RULES.batch(mesh)
+    rules = rules_for(config)
+    shardings, batch_sharding = rules.tree(state, mesh, config.train.zero1), rules.batch(mesh)
     tc = config.train
     batch = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1), np.int32)
     pipeline_mesh = mesh if config.mesh.pipeline > 1 else None
     step = jax.jit(make_train_step(config, graphdef, optimizer, pipeline_mesh=pipeline_mesh),
-                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, RULES.sharding((), mesh)),
+                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, rules.sharding((), mesh)),
                    donate_argnums=0)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), use_rules(rules):
         memory = step.lower(state, batch).compile().memory_analysis()
-    batch_bytes = batch.size * 4 // RULES.shards("batch", dict(mesh.shape))
+    batch_bytes = batch.size * 4 // rules.shards("batch", dict(mesh.shape))
     planned = plan(Layout(config, sizes, HARDWARE["h100"]))
     return {"state": (planned.state, memory.argument_size_in_bytes - batch_bytes),
             "temporaries": (planned.grads + planned.activations + planned.gathered, memory.temp_size_in_bytes)}
@@ -405,7 +407,7 @@ def check_layout(layout: Layout) -> None:
     from dsv3_jax.errors import UsageError
 
     cfg, tc, sizes = layout.config.model, layout.config.train, layout.mesh
-    batch_ways = RULES.shards("batch", {a: sizes.get(a, 1) for a in MESH_AXES})
+    batch_ways = rules_for(layout.config).shards("batch", {a: sizes.get(a, 1) for a in MESH_AXES})
     pp = sizes.get("pipeline", 1)
     checks = [
         (tc.batch_size % (batch_ways * (tc.microbatches if pp > 1 else 1)) == 0,

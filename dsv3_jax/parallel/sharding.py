@@ -3,8 +3,14 @@
 Weights are declared with logical axis names (`logical_axes` Variable metadata, e.g.
 `("layers", "expert", "embed", "moe_ffn")`), activations are constrained with logical names at
 block boundaries (`constrain`), and every `shard_map` in this package takes its in/out specs from
-`RULES.spec(...)`. Changing a layout means editing `LOGICAL_RULES` (or handing another
-`ShardingRules` to the code that places a run); no `PartitionSpec` is built anywhere else.
+`current_rules().spec(...)`. The table is a value: `DEFAULT_RULES` holds `LOGICAL_RULES`, a run's
+`--set sharding.LOGICAL=AXES` overrides entries (`rules_for(config)`), and the job that places and
+traces a run installs its rules with `use_rules` (beside `jax.set_mesh`), which the model's
+layers read through `current_rules()`. No `PartitionSpec` is built anywhere else.
+
+Two logical axes of one array may not map to the same mesh axis: that is a ShardingCollision
+(one line, exit 2 from the CLI; validate.py checks a run's overrides before anything is built), not a
+silent replication.
 
 Mesh axes (`parallel/mesh.py`): data, fsdp, tensor, expert, pipeline.
 - The batch is split over data x fsdp x expert: expert-parallel ranks are data-parallel ranks for
@@ -13,7 +19,9 @@ Mesh axes (`parallel/mesh.py`): data, fsdp, tensor, expert, pipeline.
 - pipeline splits pipeline stages ("stage", and the MoE stack's layers, "stage_layers": each
   pipeline rank stores and updates only its stages), and at rest, like fsdp, the embed dim of the
   weights outside the stack (embedding, dense layers, head, MTP): those are used by the first and
-  last stages only, so no rank keeps a whole copy between steps; the step gathers them. (Under
+  last stages only, so no rank keeps a whole copy between steps; the step gathers them. Inside the
+  stack the embed dim is "stage_embed" (model/block.py renames it), split by fsdp only: pipeline
+  already splits the stack's layers. (Under
   SPMD every rank allocates the same buffers, so the gathered copy exists on every rank during
   the step: this saves state, the step's temporaries still hold one copy; parallel/plan.py.)
 - tensor splits attention heads, FFN hidden dims and the vocabulary.
@@ -24,15 +32,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+import contextlib
+import contextvars
+from typing import Iterator, Mapping
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dsv3_jax.errors import UsageError
+
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     # Weights.
-    "embed": ("fsdp", "pipeline"),  # pipeline: only where no "stage_layers" took it (outside the stack)
+    "embed": ("fsdp", "pipeline"),  # outside the MoE stack (see the module docstring)
+    "stage_embed": ("fsdp",),  # the embed dim of the MoE stack's weights, whose layers pipeline splits
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": (),  # GQA/MQA K/V heads (model/gqa.py): replicated, as MQA has one
@@ -53,6 +66,13 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 # Activations at a block boundary, and the logits.
 HIDDEN_BTD = ("batch", "seq", "act_embed")
 LOGITS_BTV = ("batch", "seq", "act_vocab")
+# Every activation layout the package constrains or shard_maps with (validate.py checks a run's
+# table against these and the model's weights).
+ACTIVATION_LAYOUTS = (HIDDEN_BTD, LOGITS_BTV, ("batch", None), (None, "batch", "seq", "act_embed"))
+
+
+class ShardingCollision(UsageError):
+    """Two logical axes of one array map to the same mesh axis."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +85,15 @@ class ShardingRules:
     def mesh_axes(self, logical: str) -> tuple[str, ...]:
         return self.table[logical]
 
+    def override(self, changes: Mapping[str, tuple[str, ...]] | tuple = ()) -> "ShardingRules":
+        """These rules with some logical names mapped to other mesh axes (a run's `sharding`
+        overrides); an unknown name is a UsageError naming the known ones."""
+        changes = dict(changes)
+        unknown = sorted(set(changes) - set(self.table))
+        if unknown:
+            raise UsageError(f"sharding.{unknown[0]} is not a logical axis; known: {', '.join(sorted(self.table))}")
+        return dataclasses.replace(self, table={**self.table, **{k: tuple(v) for k, v in changes.items()}})
+
     def spec(self, axes: tuple[str | None, ...], shape: tuple[int, ...] | None = None, mesh=None,
              *, compute: bool = False) -> PartitionSpec:
         """PartitionSpec for logical `axes`. Mesh axes of size 1 (or absent, or manual in the current
@@ -72,15 +101,20 @@ class ShardingRules:
         `compute`: the layout a computation sees (storage-only axes gathered)."""
         mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
         manual = set(getattr(mesh, "manual_axes", ()) or ())
-        spec, used = [], set()
+        spec, claimed = [], {}
         for i, name in enumerate(axes):
             candidates = self.table[name] if name else ()
-            chosen = tuple(a for a in candidates if a in mesh.shape and mesh.shape[a] > 1 and a not in used
+            chosen = tuple(a for a in candidates if a in mesh.shape and mesh.shape[a] > 1
                            and a not in manual and not (compute and a in self.storage_only))
+            for a in chosen:
+                if a in claimed:
+                    raise ShardingCollision(
+                        f"sharding: logical axes {claimed[a]!r} and {name!r} of one array {tuple(axes)} both map to "
+                        f"mesh axis {a!r}; map one of them elsewhere (--set sharding.{name}=AXES, empty: replicated)")
+                claimed[a] = name
             size = math.prod(mesh.shape[a] for a in chosen)
             if chosen and (shape is None or shape[i] % size == 0):
                 spec.append(chosen[0] if len(chosen) == 1 else chosen)
-                used.update(chosen)
             else:
                 spec.append(None)
         return PartitionSpec(*spec)
@@ -144,8 +178,34 @@ class ShardingRules:
         return jax.lax.with_sharding_constraint(x, spec)
 
 
-RULES = ShardingRules(LOGICAL_RULES)
-constrain = RULES.constrain
+DEFAULT_RULES = ShardingRules(LOGICAL_RULES)
+_CURRENT_RULES: contextvars.ContextVar[ShardingRules] = contextvars.ContextVar("sharding_rules", default=DEFAULT_RULES)
+
+
+def rules_for(config) -> ShardingRules:
+    """The rules a run places and traces with: the default table with the run's `sharding` overrides."""
+    return DEFAULT_RULES.override(config.sharding)
+
+
+def current_rules() -> ShardingRules:
+    """The rules of the run being traced (`use_rules`), else the default table."""
+    return _CURRENT_RULES.get()
+
+
+@contextlib.contextmanager
+def use_rules(rules: ShardingRules) -> Iterator[ShardingRules]:
+    """Trace under `rules` (beside `jax.set_mesh`). A jitted function is cached by its arguments,
+    not by these rules: build the step inside the context of the run that uses it (the jobs do)."""
+    token = _CURRENT_RULES.set(rules)
+    try:
+        yield rules
+    finally:
+        _CURRENT_RULES.reset(token)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """`ShardingRules.constrain` with the rules in context."""
+    return current_rules().constrain(x, axes)
 
 
 def per_batch_shard(fn, *arrays_N: jax.Array, replicated: tuple = ()):
@@ -158,7 +218,7 @@ def per_batch_shard(fn, *arrays_N: jax.Array, replicated: tuple = ()):
     summed over the shards on the way back), passed to `fn` after the rows. Also how Pallas kernels
     run under a mesh: Mosaic calls cannot be partitioned by GSPMD, only called per device."""
     mesh = jax.sharding.get_abstract_mesh()
-    rows = RULES.spec(("batch",), (arrays_N[0].shape[0],), mesh) if not mesh.empty else PartitionSpec()
+    rows = current_rules().spec(("batch",), (arrays_N[0].shape[0],), mesh) if not mesh.empty else PartitionSpec()
     if all(s is None for s in rows):
         return fn(*arrays_N, *replicated)
     specs = (rows,) * len(arrays_N) + (PartitionSpec(),) * len(replicated)

@@ -30,7 +30,7 @@ from dsv3_jax.errors import UsageError
 from dsv3_jax.parallel.distributed import any_process, barrier, is_main
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.platform import compiler_options, platform_of
-from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.parallel.sharding import rules_for, use_rules
 from dsv3_jax.post.sft import build_sft_data, init_from_run
 from dsv3_jax.run_dir import RunLock, StopSignals, record_layout_change, truncate_jsonl, write_atomic
 from dsv3_jax.train.ema import HostEMA
@@ -178,7 +178,7 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
         # Restored straight into this mesh's shardings (each device reads its own shards), whatever
         # mesh wrote the checkpoint.
         abstract = restore_target(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), mesh,
-                                  config.train.zero1)
+                                  config.train.zero1, rules_for(config))
         state, data_state, start = checkpointer.restore_newest_good(abstract, run_dir / "damaged_checkpoints",
                                                                     say=reporter.warn)
         written_on = data_state.pop("written_on", None)  # metadata: any mesh restores (restore_target)
@@ -275,7 +275,7 @@ def _rows_of_this_process(config: Config, mesh) -> tuple[int, int]:
     if mesh is None:
         return 0, B
     rows = {index[0].indices(B)[:2] for index in
-            RULES.batch(mesh).addressable_devices_indices_map((B, config.train.seq_len + 1)).values()}
+            rules_for(config).batch(mesh).addressable_devices_indices_map((B, config.train.seq_len + 1)).values()}
     first, end = min(r[0] for r in rows), max(r[1] for r in rows)
     if sum(e - f for f, e in rows) != end - first:
         raise UsageError(f"this process's devices hold rows {sorted(rows)} of each batch, not one block: "
@@ -312,17 +312,18 @@ def _compile(config: Config, graphdef, optimizer, state, mesh):
                 lambda batch: batch, lambda rows: rows)
     # mesh.pipeline > 1: the MoE stack runs through train.pipeline_schedule (train/pipelined.py).
     train_step = make_train_step(config, graphdef, optimizer, pipeline_mesh=mesh if config.mesh.pipeline > 1 else None)
-    state_shardings, batch_sharded = RULES.tree(state, mesh, config.train.zero1), RULES.batch(mesh)
+    rules = rules_for(config)
+    state_shardings, batch_sharded = rules.tree(state, mesh, config.train.zero1), rules.batch(mesh)
     state = jax.device_put(state, state_shardings)
     # Metrics replicated, so every process can read them (an array on other hosts' devices cannot).
-    replicated = RULES.sharding((), mesh)
+    replicated = rules.sharding((), mesh)
     train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharded),
                     out_shardings=(state_shardings, replicated), donate_argnums=0, compiler_options=options)
     evaluate = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharded), out_shardings=replicated)
 
-    def in_mesh(step):  # the mesh in context lets layers that shard_map (expert all-to-all) find it
+    def in_mesh(step):  # the mesh (and the run's rules) in context for the layers that shard_map or constrain
         def call(*args):
-            with jax.set_mesh(mesh):
+            with jax.set_mesh(mesh), use_rules(rules):
                 return step(*args)
         return call
 

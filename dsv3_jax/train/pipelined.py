@@ -36,7 +36,7 @@ from dsv3_jax.model.rope import rope_tables
 from dsv3_jax.model.routing import Balancing, RouterStats
 from dsv3_jax.parallel.pipeline.executor import pipeline_value_and_grad
 from dsv3_jax.parallel.pipeline.schedules import make_schedule
-from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.parallel.sharding import rules_for
 from dsv3_jax.train.loss import LossParts, total_loss
 
 
@@ -52,7 +52,7 @@ def check_pipeline_config(config: Config) -> int:
                           f"{n_stages} equal pipeline stages ({tc.pipeline_schedule}, mesh.pipeline={P})")
     if tc.batch_size % n_mb:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by train.microbatches={n_mb}")
-    shards = RULES.shards("batch", dataclasses.asdict(config.mesh))
+    shards = rules_for(config).shards("batch", config.mesh.sizes())
     if (tc.batch_size // n_mb) % shards:
         raise ConfigError(f"a micro-batch of train.batch_size / train.microbatches = {tc.batch_size // n_mb} rows "
                           f"must split over the {shards} batch shards (mesh.data x fsdp x expert) inside each "

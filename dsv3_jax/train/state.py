@@ -19,7 +19,7 @@ from flax import nnx
 from dsv3_jax.config import Config
 from dsv3_jax.model.model import DeepSeekV3
 from dsv3_jax.model.routing import RoutingBias
-from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.parallel.sharding import rules_for
 from dsv3_jax.train.optim import make_optimizer
 
 
@@ -70,7 +70,7 @@ def sharded_init(config: Config, seed: int, mesh) -> tuple[Callable[[], TrainSta
     """(the jitted initialisation, with outputs sharded by the rules on `mesh`; a dict that holds
     the graphdef and optimizer once it has been traced or compiled)."""
     state_only, static = _traceable(config, seed)
-    return jax.jit(state_only, out_shardings=RULES.tree(jax.eval_shape(state_only), mesh, config.train.zero1)), static
+    return jax.jit(state_only, out_shardings=rules_for(config).tree(jax.eval_shape(state_only), mesh, config.train.zero1)), static
 
 
 def create_train_state(config: Config, seed: int, mesh=None

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.parallel.pipeline.schedules import Op, Schedule, dependencies, finished
-from dsv3_jax.parallel.sharding import RULES
+from dsv3_jax.parallel.sharding import current_rules
 
 KINDS = {"F": 1, "B": 2, "I": 3, "W": 4}  # 0: idle
 PAIR = 5  # an F&B pair: forward on side 0, full backward on side 1
@@ -283,7 +283,7 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
     def rank_program(local_params, head_params, x_MA, target_M):
         params = jax.tree.map(to_slots, local_params)
         rank = jax.lax.axis_index("pipeline")
-        pool = lambda n: RULES.constrain(jnp.zeros((n,) + h.shape, h.dtype), BUFFER_LAYOUT)
+        pool = lambda n: current_rules().constrain(jnp.zeros((n,) + h.shape, h.dtype), BUFFER_LAYOUT)
         state0 = dict(stash=pool(ticks.n_stash), inbox=pool(ticks.n_inbox), cot=pool(ticks.n_cot),
                       grads=jax.tree.map(jnp.zeros_like, params), head_grads=jax.tree.map(jnp.zeros_like, head_params),
                       loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, (n_slots,)),
@@ -422,7 +422,7 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         return (total(state["loss"]), stored_grads, total(state["head_grads"]), dx, per_rank(state["stats"]),
                 total(state["head_stats"]))
 
-    by_rank, replicated = RULES.spec(("stage",), mesh=mesh), jax.sharding.PartitionSpec()
+    by_rank, replicated = current_rules().spec(("stage",), mesh=mesh), jax.sharding.PartitionSpec()
     # Under jit also when called eagerly: an eager shard_map that is manual over some axes only is refused.
     run = jax.jit(jax.shard_map(rank_program, mesh=mesh, in_specs=(by_rank, replicated, replicated, replicated),
                                 out_specs=(replicated, by_rank, replicated, replicated, by_rank, replicated),
