@@ -21,7 +21,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from dsv3_jax.config import Config, DataConfig, TrainConfig, config_from_json
+from dsv3_jax.data.tokenizer import load_tokenizer
 from dsv3_jax.errors import UsageError, first_line
+from dsv3_jax.model.routing import RoutingBias
+from dsv3_jax.parallel.mesh import MESH_AXES, make_mesh
+from dsv3_jax.parallel.sharding import current_rules
+from dsv3_jax.run_dir import require_new_directory
+from dsv3_jax.train.state import abstract_train_state, create_train_state
 
 
 class DamagedCheckpoint(UsageError):
@@ -38,8 +45,6 @@ def restore_target(abstract_state: Any, mesh=None, zero1: bool = False, rules=No
     NamedSharding the sharding rules give them on it, so orbax reads into each device only its own
     shards, whatever mesh wrote the checkpoint. `rules`: the run's sharding rules (default: those
     in context)."""
-    from dsv3_jax.parallel.mesh import MESH_AXES, make_mesh
-    from dsv3_jax.parallel.sharding import current_rules
 
     if mesh is None:
         mesh = make_mesh(dict.fromkeys(MESH_AXES, 1), jax.local_devices()[:1])
@@ -198,10 +203,6 @@ def load_trained(run_dir: Path, with_tokenizer: bool = True, mesh=None):
     `mesh` (None: this process's first device), whatever mesh the run was trained on."""
     from flax import nnx
 
-    from dsv3_jax.config import config_from_json
-    from dsv3_jax.data.tokenizer import load_tokenizer
-    from dsv3_jax.train.state import abstract_train_state
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise UsageError(f"{str(run_dir)!r} is not a dsv3 run directory (no config.json)")
@@ -209,7 +210,7 @@ def load_trained(run_dir: Path, with_tokenizer: bool = True, mesh=None):
     tokenizer = load_tokenizer(config.data.tokenizer or run_dir / "tokenizer.json") if with_tokenizer else None
     graphdef, _, abstract = abstract_train_state(config, config.train.seed)
     if config.train.objective == "grpo":
-        # A GRPO checkpoint is post/grpo_loop.py's GRPOState: the policy's train state beside the
+        # A GRPO checkpoint is jobs/grpo.py's GRPOState: the policy's train state beside the
         # frozen reference. The same fields as a dict restore it without importing the GRPO loop.
         abstract = {"policy": abstract, "reference": abstract.params, "reference_bias": abstract.routing_bias}
     checkpointer = Checkpointer(run_dir / "checkpoints", read_only=True)
@@ -227,12 +228,6 @@ def save_as_run(model, model_config, run_dir: Path, tokenizer_file: Path | None 
     import shutil
 
     from flax import nnx
-
-    from dsv3_jax.config import Config, DataConfig, TrainConfig
-    from dsv3_jax.model.routing import RoutingBias
-    from dsv3_jax.train.state import create_train_state
-
-    from dsv3_jax.run_dir import require_new_directory
 
     run_dir = Path(run_dir)
     require_new_directory(run_dir)

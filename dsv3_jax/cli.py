@@ -1,6 +1,11 @@
-"""The `dsv3` command. Parsing and dispatch only: the work lives in the package.
+"""The `dsv3` command. Parsing and dispatch only: the work lives in the package (jobs/ for what a
+command runs, the library below it).
 
 Bad input (config values, presets, paths, checkpoints) prints one line to stderr and exits 2.
+
+A command imports the modules it runs when it runs (the imports marked `# on demand`): `dsv3
+--help` and a bad flag answer without loading JAX, orbax or matplotlib (0.06 s against 1 s), and
+`main` sets the platform, the host allocator and the CPU device count before JAX starts.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ def _human(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from dsv3_jax.info import model_info
+    from dsv3_jax.info import model_info  # on demand
 
     if args.seq_len < 1:
         raise UsageError(f"--seq-len={args.seq_len} must be >= 1")
@@ -54,21 +59,17 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def _load_config(args: argparse.Namespace):
-    from dsv3_jax.config import config_from_json
-    from dsv3_jax.validate import validate
-
-    saved = Path(args.run_dir) / "config.json" if getattr(args, "resume", False) and args.run_dir else None
-    if saved is not None and saved.is_file():
+    """(the config the options describe, the run's saved config.json on --resume else None), read
+    once; not validated: the job validates the config it runs (jobs/train.py checked_run_config)."""
+    saved = None
+    if getattr(args, "resume", False) and args.run_dir and (Path(args.run_dir) / "config.json").is_file():
         # --resume starts from the run's own config (a --preset / --config given must match it; the
-        # mesh may change): train/loop.py resume_start and resolve_run_config.
-        from dsv3_jax.train.loop import resume_start
+        # mesh may change): jobs/train.py resume_start and resolve_run_config.
+        from dsv3_jax.jobs.train import read_saved_config, resume_start  # on demand
 
-        try:
-            saved_config = config_from_json(saved.read_text())
-        except ConfigError as e:
-            raise UsageError(f"--resume: {str(saved)!r} cannot be read as a dsv3 config: {e}") from None
+        saved = read_saved_config(Path(args.run_dir))
         given = _preset_or_config(args) if args.preset or args.config else None
-        config = resume_start(saved_config, given, new_mesh=bool(getattr(args, "mesh", None)))
+        config = resume_start(saved, given, new_mesh=bool(getattr(args, "mesh", None)))
     else:
         config = _preset_or_config(args)
     overrides = list(args.set or [])
@@ -81,17 +82,17 @@ def _load_config(args: argparse.Namespace):
     if getattr(args, "fp8", False):
         overrides.append("model.fp8=true")
     if getattr(args, "mesh", None):
-        from dsv3_jax.parallel.mesh import mesh_overrides
+        from dsv3_jax.parallel.mesh import mesh_overrides  # on demand
 
         try:
             overrides.extend(mesh_overrides(args.mesh))
         except ValueError as e:
             raise UsageError(str(e)) from None
-    return validate(apply_overrides(config, overrides))
+    return apply_overrides(config, overrides), saved
 
 
 def _preset_or_config(args: argparse.Namespace):
-    from dsv3_jax.config import config_from_json
+    from dsv3_jax.config import config_from_json  # on demand
 
     if getattr(args, "config", None):
         path = Path(args.config)
@@ -104,18 +105,18 @@ def _preset_or_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> None:
     import time
 
-    from dsv3_jax.train.loop import train
+    from dsv3_jax.jobs.train import train  # on demand
 
-    config = _load_config(args)
+    config, saved = _load_config(args)
     if args.resume and not args.run_dir:
         raise UsageError("--resume needs --run-dir DIR (the run to continue)")
     name = args.preset or (Path(args.config).stem if args.config else "tiny")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from dsv3_jax.parallel.distributed import is_main, peers_guarded
+    from dsv3_jax.parallel.distributed import is_main, peers_guarded  # on demand
 
     with peers_guarded(f"its checkpoints in {run_dir / 'checkpoints'} are kept: start every process again "
                        "with --resume"):
-        status = train(config, run_dir, resume=args.resume, progress=not args.quiet)
+        status = train(config, run_dir, resume=args.resume, progress=not args.quiet, saved=saved)
     if status:
         raise SystemExit(status)
     if is_main():
@@ -127,9 +128,8 @@ def _post_training(args: argparse.Namespace, command: str, start_option: str, ne
     or `--resume` of one (its saved config, checked like `dsv3 train --resume`); then `run` it."""
     import time
 
-    from dsv3_jax.validate import validate
-
     start_value = getattr(args, start_option)
+    saved = None
     if args.resume:
         if not args.run_dir:
             raise UsageError(f"--resume needs --run-dir DIR (the {command} run to continue)")
@@ -137,15 +137,15 @@ def _post_training(args: argparse.Namespace, command: str, start_option: str, ne
             raise UsageError(f"--resume continues the {command} run with its saved config.json; drop --from / "
                              f"--{start_option}")
         args.preset = args.config = None
-        config = _load_config(args)
+        config, saved = _load_config(args)
     else:
         if not args.from_run or not start_value:
             raise UsageError(f"dsv3 {command} needs --from RUN (the model to start from) and --{start_option}")
         overrides = list(args.set or []) + ([f"train.steps={args.steps}"] if args.steps is not None else []) \
             + ([f"train.seed={args.seed}"] if args.seed is not None else [])
-        config = validate(new_config(overrides))
+        config = new_config(overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-    status = run(config, run_dir, resume=args.resume, progress=not args.quiet)
+    status = run(config, run_dir, resume=args.resume, progress=not args.quiet, saved=saved)  # validates
     if status:
         raise SystemExit(status)
     print(f"done: metrics, plots and checkpoints in {run_dir}", file=sys.stderr)
@@ -153,16 +153,16 @@ def _post_training(args: argparse.Namespace, command: str, start_option: str, ne
 
 def cmd_sft(args: argparse.Namespace) -> None:
     """Supervised fine-tuning: a training run with train.objective=sft (post/sft.py)."""
-    from dsv3_jax.post.sft import sft_config
-    from dsv3_jax.train.loop import train
+    from dsv3_jax.post.sft import sft_config  # on demand
+    from dsv3_jax.jobs.train import train  # on demand
 
     _post_training(args, "sft", "data", lambda overrides: sft_config(args.from_run, args.data, overrides), train)
 
 
 def cmd_grpo(args: argparse.Namespace) -> None:
-    """GRPO with a rule-based reward (post/grpo_loop.py)."""
-    from dsv3_jax.post.grpo_loop import grpo, grpo_config
-    from dsv3_jax.post.tasks import TASKS
+    """GRPO with a rule-based reward (jobs/grpo.py)."""
+    from dsv3_jax.jobs.grpo import grpo, grpo_config  # on demand
+    from dsv3_jax.post.tasks import TASKS  # on demand
 
     if args.task is not None and args.task not in TASKS:
         raise UsageError(f"unknown --task {args.task!r}; choose one of: {', '.join(TASKS)}")
@@ -172,9 +172,9 @@ def cmd_grpo(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import time
 
-    from dsv3_jax.checkpoint import load_trained
-    from dsv3_jax.data.tokenizer import EOS
-    from dsv3_jax.infer.generate import generate, generate_speculative
+    from dsv3_jax.checkpoint import load_trained  # on demand
+    from dsv3_jax.data.tokenizer import EOS  # on demand
+    from dsv3_jax.infer.generate import generate, generate_speculative  # on demand
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
@@ -189,8 +189,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if bool(args.run_dir) == bool(args.hf):
         raise UsageError("give exactly one of --run-dir DIR or --hf DIR")
     if args.hf:
-        from dsv3_jax.data.tokenizer import load_tokenizer
-        from dsv3_jax.interop import hf
+        from dsv3_jax.data.tokenizer import load_tokenizer  # on demand
+        from dsv3_jax.interop import hf  # on demand
 
         _, model = hf.load(Path(args.hf))
         tokenizer = load_tokenizer(Path(args.hf) / "tokenizer.json")
@@ -219,10 +219,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from dsv3_jax.bench import bench_decode
+    from dsv3_jax.jobs.bench import bench_decode  # on demand
 
     if args.what == "fp8":
-        from dsv3_jax.bench import bench_fp8
+        from dsv3_jax.jobs.bench import bench_fp8  # on demand
 
         backends = args.backends.split(",") if args.backends else (["xla"] if jax_device().startswith("cpu") else
                                                                    ["xla", "pallas"])
@@ -231,9 +231,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         title = f"dsv3 bench fp8 --m {args.m} --k {args.k} --n {args.n} ({jax_device()})"
         _print_table(title, rows, args.out)
         return
-    config = _load_config(args)
+    from dsv3_jax.validate import validate  # on demand
+
+    config = validate(_load_config(args)[0])
     if args.what == "train":
-        from dsv3_jax.bench import bench_train
+        from dsv3_jax.jobs.bench import bench_train  # on demand
 
         rows = bench_train(config, args.steps or 5)
         title = f"dsv3 bench train --preset {args.preset} ({jax_device()})"
@@ -249,7 +251,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _print_table(title: str, rows: list[dict], out: str | None) -> None:
-    from dsv3_jax.bench import markdown_table
+    from dsv3_jax.jobs.bench import markdown_table  # on demand
 
     table = markdown_table(rows)
     print(f"{title}\n\n{table}")
@@ -269,9 +271,9 @@ def jax_device() -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from dsv3_jax.checkpoint import load_trained, save_as_run
-    from dsv3_jax.interop import hf
-    from dsv3_jax.run_dir import require_new_directory
+    from dsv3_jax.checkpoint import load_trained, save_as_run  # on demand
+    from dsv3_jax.interop import hf  # on demand
+    from dsv3_jax.run_dir import require_new_directory  # on demand
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():
@@ -290,10 +292,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
-    from dsv3_jax.compile import (REPORT_KERNEL_SHAPES, CompileFailure, as_json, compile_step, kernel_lines,
-                                  kernel_lowering, report_lines)
-    from dsv3_jax.parallel.mesh import mesh_overrides
-    from dsv3_jax.targets import parse_target
+    from dsv3_jax.jobs.compile import (REPORT_KERNEL_SHAPES, CompileFailure, as_json, compile_step,  # on demand
+                                       kernel_lines, kernel_lowering, report_lines)
+    from dsv3_jax.parallel.mesh import mesh_overrides  # on demand
+    from dsv3_jax.targets import parse_target  # on demand
 
     target = parse_target(args.target)
     try:
@@ -319,8 +321,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from dsv3_jax.parallel.mesh import MESH_AXES, mesh_overrides
-    from dsv3_jax.parallel.plan import HARDWARE, Layout, check_layout, plan, report_rows
+    from dsv3_jax.parallel.mesh import MESH_AXES, mesh_overrides  # on demand
+    from dsv3_jax.jobs.plan import HARDWARE, Layout, check_layout, plan, report_rows  # on demand
 
     if args.device not in HARDWARE:
         raise UsageError(f"--device {args.device!r} must be one of: {', '.join(HARDWARE)}")
@@ -342,7 +344,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             raise UsageError(f"--hw {item!r}: {value!r} is not a number") from None
     if any(v <= 0 for v in changes.values()):
         raise UsageError("--hw values and --devices-per-host must be > 0")
-    sizes = {a: getattr(config.mesh, a) for a in MESH_AXES}
+    sizes = config.mesh.sizes()
     if not 0 < args.matmul_efficiency <= 1:
         raise UsageError(f"--matmul-efficiency={args.matmul_efficiency} must be in (0, 1]")
     layout = Layout(config, sizes, dataclasses.replace(hardware, **changes),
@@ -352,8 +354,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     planned = plan(layout)
     rows = report_rows(layout, planned)
     if args.compile:  # the compiler's figures for the same step on a real target, beside the estimate
-        from dsv3_jax.compile import CompileFailure, compile_step, planned_vs_compiled
-        from dsv3_jax.targets import parse_target
+        from dsv3_jax.jobs.compile import CompileFailure, compile_step, planned_vs_compiled  # on demand
+        from dsv3_jax.targets import parse_target  # on demand
 
         try:
             report = compile_step(config, parse_target(args.compile), "pipeline" if config.mesh.pipeline > 1 else "train",
@@ -378,8 +380,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def cmd_check_router(args: argparse.Namespace) -> None:
     """The router contract (model/router_contract.py) on a registered or `module:name` router; exit 1
     when a check fails."""
-    from dsv3_jax.model.router_contract import check_router, contract_config
-    from dsv3_jax.model.routing import check_routing
+    from dsv3_jax.model.router_contract import check_router, contract_config  # on demand
+    from dsv3_jax.model.routing import check_routing  # on demand
 
     model = contract_config(get_preset(args.preset).model, args.router)
     model = apply_overrides(dataclasses.replace(get_preset(args.preset), model=model), args.set or []).model
@@ -394,7 +396,7 @@ def cmd_check_router(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from dsv3_jax.report import write_comparison_files, write_report
+    from dsv3_jax.report import write_comparison_files, write_report  # on demand
 
     runs = [*(args.runs or []), *([args.run_dir] if args.run_dir else [])]
     if not runs:
@@ -433,7 +435,7 @@ class _VariantGroups(argparse.Action):
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from dsv3_jax.sweep import SweepSpec, compare
+    from dsv3_jax.jobs.compare import SweepSpec, compare  # on demand
 
     groups = args.groups or [("", [])]
     (_, common), variants = groups[0], dict(groups[1:])
@@ -461,7 +463,7 @@ def _post_training_parser(sub, command: str, help: str, from_help: str, default_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dsv3_jax.config import PRESETS
+    from dsv3_jax.config import PRESETS  # on demand
 
     presets = ", ".join(PRESETS)
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in JAX/Flax NNX.")
@@ -630,7 +632,7 @@ def main(argv: list[str] | None = None) -> None:
     default_to_cpu_without_accelerator()
     allow_slow_host_collectives()
     if runs_train_steps(args):
-        from dsv3_jax.host_memory import keep_step_memory
+        from dsv3_jax.host_memory import keep_step_memory  # on demand
 
         keep_step_memory()  # before JAX starts its threads
     if getattr(args, "host_devices", None) is not None:
@@ -640,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
 
         jax.config.update("jax_num_cpu_devices", args.host_devices)  # before any device is touched
     if getattr(args, "coordinator", None) is not None or getattr(args, "num_processes", None) is not None:
-        from dsv3_jax.parallel.distributed import initialize
+        from dsv3_jax.parallel.distributed import initialize  # on demand
 
         try:
             env = args.coordinator == "env"

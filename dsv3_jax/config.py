@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import types
@@ -34,8 +35,14 @@ def _require_each(obj, section: str, names: tuple[str, ...], ok, allowed: str) -
 
 
 @functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config class's fields (`inspect`, not `typing.get_type_hints`,
+    which returns nothing for the @typing.no_type_check classes below)."""
+    return inspect.get_annotations(cls, eval_str=True)
+
+
 def _choice_fields(cls: type) -> dict[str, tuple[str, ...]]:
-    return {name: typing.get_args(annotation) for name, annotation in typing.get_type_hints(cls).items()
+    return {name: typing.get_args(annotation) for name, annotation in _field_types(cls).items()
             if typing.get_origin(annotation) is Literal}
 
 
@@ -52,7 +59,7 @@ ScoreFunc = Literal["sigmoid", "softmax"]
 Fp8Backend = Literal["xla", "pallas"]  # quant/fp8.py
 GroupedGemmImpl = Literal["auto", "ragged_dot", "blocked"]  # model/grouped_gemm.py
 ExpertDispatch = Literal["a2a", "ragged", "ring", "gspmd"]  # parallel/expert.py
-Objective = Literal["pretrain", "sft", "grpo"]  # "sft": packed examples (post/sft.py); "grpo": post/grpo_loop.py
+Objective = Literal["pretrain", "sft", "grpo"]  # "sft": packed examples (post/sft.py); "grpo": jobs/grpo.py
 Attention = Literal["mla", "mha", "gqa", "mqa"]  # model/mla.py; the others model/gqa.py
 PipelineSchedule = Literal["gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"]  # parallel/pipeline/schedules.py
 # model.remat (model/remat.py): one of these policies, or a comma-separated list of the activations
@@ -72,6 +79,7 @@ ARGS_FIELDS = ("router_args", "balancer_args")
 ShardingOverrides = tuple[tuple[str, tuple[str, ...]], ...]
 
 
+@typing.no_type_check  # the fields check themselves (__post_init__), naming what is allowed
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """DeepSeek-V3 architecture hyper-parameters (field names follow the report / HF config)."""
@@ -246,6 +254,7 @@ class ModelConfig:
         return self.kv_heads * (self.qk_head_dim + self.v_head_dim)
 
 
+@typing.no_type_check  # the fields check themselves (__post_init__), naming what is allowed
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where tokens come from: `stdlib` (this interpreter's standard library source), `synthetic`,
@@ -272,6 +281,7 @@ class DataConfig:
         _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction={self.val_fraction} must be in (0, 0.5)")
 
 
+@typing.no_type_check  # the fields check themselves (__post_init__), naming what is allowed
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
@@ -333,6 +343,7 @@ class TrainConfig:
         _require_choices(self, "train")
 
 
+@typing.no_type_check  # the fields check themselves (__post_init__), naming what is allowed
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
     """Group Relative Policy Optimization (report §5.2.2; post/grpo.py). The train section still
@@ -363,10 +374,12 @@ class GRPOConfig:
         _require(0.0 < self.top_p <= 1.0, f"grpo.top_p={self.top_p} must be in (0, 1]")
 
 
+@typing.no_type_check  # the fields check themselves (__post_init__), naming what is allowed
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh sizes (parallel/sharding.py maps model axes onto them); their product must not
-    exceed the devices available."""
+    exceed the devices available. The fields are the mesh's axes, in its order (parallel/mesh.py's
+    MESH_AXES); `sizes()` is the one {axis: size} view of them."""
 
     data: int = 1
     fsdp: int = 1
@@ -375,7 +388,7 @@ class MeshConfig:
     pipeline: int = 1
 
     def __post_init__(self) -> None:
-        _require_each(self, "mesh", ("data", "fsdp", "tensor", "expert", "pipeline"),
+        _require_each(self, "mesh", tuple(f.name for f in dataclasses.fields(self)),
                       lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
 
     @property
@@ -387,6 +400,7 @@ class MeshConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+@typing.no_type_check  # the fields check themselves (__post_init__), naming what is allowed
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a run needs; written as config.json beside the run's checkpoints."""
@@ -512,10 +526,6 @@ def _plugin_value(text: str) -> Any:
 def _sharding_axes(text: str) -> tuple[str, ...]:
     """"data,fsdp" -> ("data", "fsdp"); "" or "none" -> () (replicated)."""
     return () if text.lower() in ("", "none") else tuple(a.strip() for a in text.split(",") if a.strip())
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _parse_path(obj: Any, path: list[str], text: str, full_key: str, changes: dict) -> None:

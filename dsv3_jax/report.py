@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from dsv3_jax.errors import UsageError
-from dsv3_jax.run_dir import read_jsonl
+from dsv3_jax.run_dir import read_jsonl, write_atomic
 
 
 def write_report(run_dir: Path) -> list[Path]:
@@ -200,7 +200,6 @@ def write_comparison_files(groups: dict[str, list[Path]], out_dir: Path, title: 
                            name: str = "comparison.md") -> tuple[list[str], Path, Path]:
     """The comparison table (read from every run first: a bad one fails before anything is written),
     comparison.png and a markdown file `name` holding both: (table lines, png path, markdown path)."""
-    from dsv3_jax.run_dir import write_atomic
 
     table = comparison_table(groups)
     png = write_comparison(groups, out_dir, title)

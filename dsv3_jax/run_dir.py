@@ -81,7 +81,7 @@ class RunLock:
     The kernel drops the lock when its holder exits, kill -9 included, so a stale lock from a
     dead process never blocks the next start: it is simply taken over."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / ".lock"
         self.fd: int | None = None
 

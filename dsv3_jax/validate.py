@@ -15,7 +15,7 @@ from flax import nnx
 from dsv3_jax.config import Config, ConfigError
 from dsv3_jax.model.routing import check_routing
 from dsv3_jax.parallel.expert import check_dispatch
-from dsv3_jax.parallel.mesh import MESH_AXES, require_devices
+from dsv3_jax.parallel.mesh import abstract_mesh, require_devices
 from dsv3_jax.parallel.sharding import ACTIVATION_LAYOUTS, rules_for
 from dsv3_jax.platform import platform_of
 from dsv3_jax.post.tasks import TASKS
@@ -31,7 +31,7 @@ def validate(config: Config, devices=None) -> Config:
     rules = rules_for(config)  # an unknown sharding.NAME: one line
     if config.sharding:
         _check_layouts(config, rules)
-    sizes = {axis: getattr(config.mesh, axis) for axis in rules.mesh_axes("batch")}
+    sizes = {axis: config.mesh.sizes()[axis] for axis in rules.mesh_axes("batch")}
     batch_shards = rules.shards("batch", sizes)
     if config.train.batch_size % batch_shards:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by "
@@ -73,7 +73,7 @@ def _check_layouts(config: Config, rules) -> None:
     """ShardingCollision (one line) if the run's table maps two logical axes of one of its arrays, a
     weight or an activation layout, to the same mesh axis of its mesh. Only for runs that override
     the table: the default table is checked for every preset by the tests."""
-    mesh = jax.sharding.AbstractMesh(tuple(config.mesh.sizes()[a] for a in MESH_AXES), MESH_AXES)
+    mesh = abstract_mesh(config.mesh)
     _, _, state = abstract_train_state(config)
     variables = jax.tree.leaves(state.params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     layouts = {tuple(v.get_metadata()["logical_axes"]) for v in variables

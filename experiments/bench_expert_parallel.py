@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dsv3_jax.bench import markdown_table  # noqa: E402
+from dsv3_jax.jobs.bench import markdown_table  # noqa: E402
 from dsv3_jax.config import MeshConfig, get_preset  # noqa: E402
 from dsv3_jax.model.moe import MoE  # noqa: E402
 from dsv3_jax.parallel.expert import pair_capacity, ranks_per_token  # noqa: E402

@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dsv3_jax.model.routing as routing  # noqa: E402
-from dsv3_jax.bench import markdown_table  # noqa: E402
+from dsv3_jax.jobs.bench import markdown_table  # noqa: E402
 from dsv3_jax.config import MeshConfig, get_preset  # noqa: E402
 from dsv3_jax.parallel.mesh import make_mesh  # noqa: E402
 from dsv3_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402

@@ -250,7 +250,7 @@ def main() -> None:
 
 
 def write(rows, args, versions, seconds) -> None:
-    from dsv3_jax.bench import markdown_table
+    from dsv3_jax.jobs.bench import markdown_table
     text = f"""# dsv3_jax vs HF transformers (PyTorch eager), same architecture
 
 Date: {time.strftime('%Y-%m-%d')}. Machine: {machine()}; torch {versions['torch']} ({versions['threads']} threads),

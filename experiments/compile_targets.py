@@ -23,7 +23,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only targets; the host 
 
 import jax
 
-from dsv3_jax.compile import REPORT_KERNEL_SHAPES, kernel_lines, kernel_lowering
+from dsv3_jax.jobs.compile import REPORT_KERNEL_SHAPES, kernel_lines, kernel_lowering
 from dsv3_jax.targets import parse_target
 from variants import RESULTS
 

@@ -42,9 +42,9 @@ CASES = {  # name -> (what, mesh, schedule)
 def run_case(target_name: str, case: str) -> dict:
     """One compile (in this process): the summary and the all-to-all windows."""
     from dsv3_jax import hlo_stats
-    from dsv3_jax.compile import PAIR_SCOPES, _OVERLAP_HARDWARE, compile_step, other_chunk_flops, overlap_summary
+    from dsv3_jax.jobs.compile import PAIR_SCOPES, _OVERLAP_HARDWARE, compile_step, other_chunk_flops, overlap_summary
     from dsv3_jax.config import apply_overrides, get_preset
-    from dsv3_jax.parallel.plan import HARDWARE
+    from dsv3_jax.jobs.plan import HARDWARE
     from dsv3_jax.targets import parse_target
 
     what, mesh, schedule = CASES[case]
@@ -146,7 +146,7 @@ def main() -> None:
              "above), so GPU FLOPs inside windows overstate the useful work.", ""]
     for target_name in args.targets:
         mine = [r for r in results if r["target"] == target_name]
-        from dsv3_jax.compile import options_text
+        from dsv3_jax.jobs.compile import options_text
         from dsv3_jax.targets import parse_target
 
         lines += [f"## {target_name}", "", f"compiler options set by the package: "

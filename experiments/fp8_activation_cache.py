@@ -8,7 +8,7 @@ Shows:     (1) `tiny` trained with FP8 GEMMs twice from the same seed and data, 
            compute dtype: the relative gap of the training and validation losses.
            (2) The bytes the loss-and-gradients program keeps per MoE layer at `small`'s widths
            (compiled temporaries, the slope from 3 to 6 rolled layers) both ways, beside what
-           parallel/plan.py charges. Writes experiments/results/fp8_activation_cache.{md,png}.
+           jobs/plan.py charges. Writes experiments/results/fp8_activation_cache.{md,png}.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def bytes_per_moe_layer(cache: bool, remat: str) -> tuple[float, float]:
     import jax.numpy as jnp
 
     from dsv3_jax.config import apply_overrides, get_preset
-    from dsv3_jax.parallel.plan import activation_bytes
+    from dsv3_jax.jobs.plan import activation_bytes
     from dsv3_jax.train.state import abstract_train_state
     from dsv3_jax.train.step import make_loss_and_grads
 
@@ -86,7 +86,7 @@ def main() -> None:
               f"Bytes kept per MoE layer for the backward pass, `small`'s widths (d_model {small.d_model}, "
               f"{small.n_routed_experts} routed experts of {small.moe_ffn_dim}, top-{small.top_k}), batch 8 x "
               f"{get_preset('small').train.seq_len} tokens, FP8 GEMMs; compiled = the slope of XLA:CPU's temporaries "
-              "from 3 to 6 rolled layers, planned = parallel/plan.py's model of the same config.", "",
+              "from 3 to 6 rolled layers, planned = jobs/plan.py's model of the same config.", "",
               "| `model.remat` | cache | compiled MiB / MoE layer | planned MiB |", "|---|---|---|---|"]
     for (cache, remat), (compiled, planned) in memory.items():
         lines.append(f"| {remat} | {'FP8' if cache else 'bf16'} | {mib(compiled)} | {mib(planned)} |")

@@ -25,10 +25,10 @@ import numpy as np
 from dsv3_jax.checkpoint import load_trained
 from dsv3_jax.config import get_preset
 from dsv3_jax.post.grpo import task_accuracy
-from dsv3_jax.post.grpo_loop import grpo, grpo_config
+from dsv3_jax.jobs.grpo import grpo, grpo_config
 from dsv3_jax.post.sft import sft_config
 from dsv3_jax.post.tasks import TASKS, held_out, sft_examples
-from dsv3_jax.train.loop import train
+from dsv3_jax.jobs.train import train
 
 RESULTS = Path(__file__).parent / "results"
 SFT_STEPS = 100

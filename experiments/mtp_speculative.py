@@ -21,7 +21,7 @@ from dsv3_jax.checkpoint import load_trained
 from dsv3_jax.config import get_preset
 from dsv3_jax.data.pipeline import build_data
 from dsv3_jax.infer.generate import generate, generate_speculative
-from dsv3_jax.train.loop import train
+from dsv3_jax.jobs.train import train
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -10,13 +10,12 @@ Writes:    experiments/results/plan_deepseek_v3.md
 
 from __future__ import annotations
 
-import dataclasses
 import platform
 import time
 from pathlib import Path
 
 from dsv3_jax.config import apply_overrides, get_preset
-from dsv3_jax.parallel.plan import HARDWARE, Layout, check_layout, plan, report_rows
+from dsv3_jax.jobs.plan import HARDWARE, Layout, check_layout, plan, report_rows
 
 RESULTS = Path(__file__).parent / "results" / "plan_deepseek_v3.md"
 MESH = {"data": 2, "expert": 64, "pipeline": 16}  # 2 x 64 x 16 = 2,048

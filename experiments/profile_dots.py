@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax.bench import markdown_table
+from dsv3_jax.jobs.bench import markdown_table
 from dsv3_jax.config import get_preset
 from dsv3_jax.host_memory import keep_step_memory
 from dsv3_jax.train.state import create_train_state

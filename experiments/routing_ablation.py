@@ -24,7 +24,7 @@ from dsv3_jax.host_platform import default_to_cpu_without_accelerator
 
 default_to_cpu_without_accelerator()  # as the `dsv3` command: no libtpu noise on a CPU host with the tpu extra
 
-from dsv3_jax.sweep import SweepSpec, compare  # noqa: E402
+from dsv3_jax.jobs.compare import SweepSpec, compare  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

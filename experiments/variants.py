@@ -17,7 +17,7 @@ from dsv3_jax.host_platform import default_to_cpu_without_accelerator
 default_to_cpu_without_accelerator()  # as the `dsv3` command: no libtpu noise on a CPU host with the tpu extra
 
 from dsv3_jax.config import apply_overrides, get_preset  # noqa: E402
-from dsv3_jax.train.loop import train  # noqa: E402
+from dsv3_jax.jobs.train import train  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -11,7 +11,8 @@ registers / shared memory as Triton decides, so the blocks are reported but not 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from dsv3_jax.bench import bench_decode, bench_fp8, bench_train, markdown_table
+from dsv3_jax.jobs.bench import bench_decode, bench_fp8, bench_train, markdown_table
 from dsv3_jax.config import Config, TrainConfig
 from tests.conftest import tiny_model_config
 

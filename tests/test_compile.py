@@ -18,7 +18,7 @@ import pytest
 
 from conftest import cli_env, tiny_model_config
 from dsv3_jax import hlo_stats
-from dsv3_jax.compile import compile_step, kernel_lowering
+from dsv3_jax.jobs.compile import compile_step, kernel_lowering
 from dsv3_jax.config import apply_overrides, get_preset
 from dsv3_jax.errors import UsageError
 from dsv3_jax.targets import GPUS, gpu_target_config, parse_target

@@ -17,9 +17,9 @@ from conftest import need_devices, tiny_model_config
 from dsv3_jax.checkpoint import Checkpointer, restore_target
 from dsv3_jax.config import Config, DataConfig, TrainConfig, get_preset
 from dsv3_jax.errors import UsageError
-from dsv3_jax.post.grpo_loop import grpo
+from dsv3_jax.jobs.grpo import grpo
 from dsv3_jax.train.ema import HOST_KIND, HostEMA
-from dsv3_jax.train.loop import train
+from dsv3_jax.jobs.train import train
 from dsv3_jax.train.state import abstract_train_state, create_train_state
 
 

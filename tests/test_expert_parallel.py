@@ -3,7 +3,6 @@ experts on only their rows, and the result equals the single-device MoE (outputs
 inputs, expert weights, router weights and gates), drops included; the compiled step has
 all-to-alls and no all-gather of expert weights; whole train steps equal the unsharded one."""
 
-import dataclasses
 import functools
 import re
 

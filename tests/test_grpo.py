@@ -1,4 +1,4 @@
-"""GRPO (post/grpo.py, post/grpo_loop.py): the loss against a numpy transcription of eq. 26-28,
+"""GRPO (post/grpo.py, jobs/grpo.py): the loss against a numpy transcription of eq. 26-28,
 rollout log-probs against the policy's own forward, learning a toy reward, exact resume."""
 
 import dataclasses
@@ -15,7 +15,7 @@ from flax import nnx
 from conftest import cli_env
 from dsv3_jax.checkpoint import load_trained
 from dsv3_jax.post.grpo import group_advantages, grpo_loss, sample_rollouts, token_logprobs
-from dsv3_jax.post.grpo_loop import grpo, grpo_config
+from dsv3_jax.jobs.grpo import grpo, grpo_config
 from dsv3_jax.post.rewards import REWARDS, register_reward
 from dsv3_jax.post.tasks import TASKS, Problem, register_task
 

@@ -40,7 +40,7 @@ def test_weights_carry_logical_axes_and_bias_is_not_a_param(model_and_fn):
     assert len(biases) == 2  # MoE stack [L, E] and MTP stack [P, E]
     assert all(not isinstance(v, nnx.Param) for _, v in biases)
     # The MoE stack is what a pipeline cuts into stages (stored over `pipeline`); the others are plain stacks.
-    assert model.moe_layers.ffn.w_gate_EDF.get_metadata()["logical_axes"] == ("stage_layers", "expert", "embed",
+    assert model.moe_layers.ffn.w_gate_EDF.get_metadata()["logical_axes"] == ("stage_layers", "expert", "stage_embed",
                                                                               "moe_ffn")
     assert model.dense_layers.ffn.gate.kernel.get_metadata()["logical_axes"][0] == "layers"
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from dsv3_jax import hlo_stats
-from dsv3_jax.compile import _no_persistent_cache
+from dsv3_jax.jobs.compile import _no_persistent_cache
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.pipeline import executor
 from dsv3_jax.parallel.pipeline.executor import BACKWARD_CHUNK, FORWARD_CHUNK

@@ -1,11 +1,9 @@
 """Sharded == unsharded: the logical-axis table under GSPMD on 8 host devices (conftest sets them)."""
 
-import os
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -100,7 +98,7 @@ def test_zero1_splits_the_optimizer_state_over_parameter_copies_and_steps_like_p
     returns its spec unchanged keeps 491,520 B and fails."""
     import dataclasses
 
-    from dsv3_jax.parallel.plan import HARDWARE, Layout, plan
+    from dsv3_jax.jobs.plan import HARDWARE, Layout, plan
 
     need_devices(4)
     config, graphdef, optimizer, state, tokens, *_ = reference

@@ -1,4 +1,4 @@
-"""The layout planner (parallel/plan.py) against the compiler: per-device bytes of the real train
+"""The layout planner (jobs/plan.py) against the compiler: per-device bytes of the real train
 step AOT-compiled on 8 host devices (`compiled.memory_analysis()`), and its report-layout table."""
 
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.config import MeshConfig, apply_overrides, get_preset
-from dsv3_jax.parallel.plan import HARDWARE, Layout, bubble_fraction, check_against_compiler, peak_in_flight, plan
+from dsv3_jax.jobs.plan import HARDWARE, Layout, bubble_fraction, check_against_compiler, peak_in_flight, plan
 from tests.conftest import cli_env, need_devices
 
 pytestmark = pytest.mark.multidevice

@@ -45,7 +45,7 @@ def test_group_limited_never_leaves_kept_groups_even_with_negative_bias(seed):
     logits = jax.random.normal(k1, (128, 16)) * 3
     bias = -2.0 - jax.random.uniform(k2, (16,))  # biased scores all negative (s in (0,1), b < -2)
     expert_idx, _, _ = route(logits, bias, cfg)
-    biased = np.asarray(jax.nn.sigmoid(logits) + bias)
+    biased = np.asarray(jax.nn.sigmoid(logits) + bias[None, :])
     grouped = biased.reshape(128, 4, 4)
     group_score = np.sort(grouped, axis=-1)[..., -2:].sum(-1)  # sum of each group's top-2
     kept = np.argsort(-group_score, axis=-1)[:, :2]

@@ -359,7 +359,7 @@ class _NoisyTopK:
     def __call__(self, logits_NE, bias_E, token_ids_N, cfg, key, step):
         scale = 3.0 * jnp.maximum(0.0, 1.0 - step / 4.0)
         noisy_NE = logits_NE + scale * jax.random.gumbel(key, logits_NE.shape)
-        idx_NK = jax.lax.top_k(noisy_NE + bias_E, cfg.top_k)[1]
+        idx_NK = jax.lax.top_k(noisy_NE + bias_E[None, :], cfg.top_k)[1]
         probs_NE = jax.nn.softmax(logits_NE, -1)
         return token_choice(idx_NK, jnp.take_along_axis(probs_NE, idx_NK, -1), probs_NE, logits_NE)
 
@@ -383,7 +383,7 @@ def test_a_router_gets_a_key_per_layer_and_step_and_the_step_it_is_at():
     state, _ = step(state, tokens)
     state, _ = step(state, tokens)
     (after_L2,) = clocks(state)
-    np.testing.assert_array_equal(after_L2, clock_L2 + np.array([0, 2]))  # seeds kept, two steps taken
+    np.testing.assert_array_equal(after_L2, clock_L2 + np.array([[0, 2]]))  # seeds kept, two steps taken
     # Only the clock moves the routing here (no bias balancer, same weights): another step, another key.
     moved = state.replace(routing_bias=jax.tree.map(
         lambda v: v.replace(v.get_value().at[:, 1].add(1)) if isinstance(v, RouterClock) else v,

@@ -18,7 +18,7 @@ from dsv3_jax.checkpoint import Checkpointer
 from dsv3_jax.config import Config, ConfigError, DataConfig, TrainConfig, config_from_json
 from dsv3_jax.errors import UsageError
 from dsv3_jax.run_dir import RunLock, read_jsonl, truncate_jsonl
-from dsv3_jax.train.loop import NonFiniteLoss, check_finite, resolve_run_config, train
+from dsv3_jax.jobs.train import NonFiniteLoss, check_finite, resolve_run_config, train
 from tests.conftest import cli_env, tiny_model_config
 
 ENV = cli_env()
@@ -263,7 +263,7 @@ def test_only_process_0_probes_the_lock(tmp_path, monkeypatch):
     """Every process of a multi-process run checks the run before starting; if all of them probed
     the lock, two probes at the same moment saw each other as a live holder (seen: process 0 of a
     resumed 2-process run refused its own run). Process 0 alone probes and holds it."""
-    import dsv3_jax.train.loop as loop
+    import dsv3_jax.jobs.train as loop
 
     config = small_config()
     with RunLock(tmp_path):  # stands for the other process's probe at that moment

@@ -2,7 +2,6 @@
 live and how its step is partitioned, with the same numbers; two logical axes of one array on the
 same mesh axis are an error, never a silent replication."""
 
-import dataclasses
 
 import jax
 import numpy as np
@@ -12,13 +11,13 @@ from flax import nnx
 from conftest import need_devices, tiny_model_config
 from dsv3_jax.config import Config, ConfigError, MeshConfig, TrainConfig, apply_overrides, get_preset
 from dsv3_jax.hlo_stats import collectives
-from dsv3_jax.parallel.mesh import MESH_AXES, make_mesh
+from dsv3_jax.parallel.mesh import MESH_AXES, abstract_mesh, make_mesh
 from dsv3_jax.parallel.sharding import (ACTIVATION_LAYOUTS, DEFAULT_RULES, ShardingCollision, ShardingRules,
                                         current_rules, rules_for, use_rules)
 from dsv3_jax.train.state import abstract_train_state, create_train_state
 from dsv3_jax.train.step import make_train_step
 
-EVERY_AXIS_2 = jax.sharding.AbstractMesh((2,) * len(MESH_AXES), MESH_AXES)
+EVERY_AXIS_2 = abstract_mesh(dict.fromkeys(MESH_AXES, 2))
 
 
 def _weight_layouts(config: Config) -> set[tuple[str, ...]]:
@@ -44,7 +43,7 @@ def test_a_collision_is_an_error_naming_both_axes_not_a_replication():
     with pytest.raises(ShardingCollision, match="'expert' and 'moe_ffn'.*mesh axis 'expert'"):
         rules.spec(("layers", "expert", "embed", "moe_ffn"), (3, 8, 32, 16), EVERY_AXIS_2)
     # A mesh axis of size 1 splits nothing, so it cannot collide.
-    one_expert = jax.sharding.AbstractMesh((2, 2, 2, 1, 1), MESH_AXES)
+    one_expert = abstract_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     assert tuple(rules.spec(("layers", "expert", "embed", "moe_ffn"), (3, 8, 32, 16), one_expert)) == \
         (None, None, "fsdp", None)
     with pytest.raises(Exception, match="sharding.attention is not a logical axis"):

@@ -97,10 +97,10 @@ def test_the_report_policy_keeps_fewer_bytes_per_layer_as_the_planner_models():
     """`report` (recompute RMSNorms, MLA up-projections, SwiGLU outputs) on `small`'s widths, batch 8:
     each MoE layer's share of the compiled loss-and-gradients program's temporaries (the slope
     from 3 to 9 rolled layers) is under 0.7x that of keeping everything (measured 81 / 138 MiB),
-    and within 25% of what parallel/plan.py charges for it (69 and 160 MiB): the 671B plan's
+    and within 25% of what jobs/plan.py charges for it (69 and 160 MiB): the 671B plan's
     activation term rests on that model. Planted: keeping every name instead fails the 0.7x."""
     from dsv3_jax.config import apply_overrides, get_preset
-    from dsv3_jax.parallel.plan import activation_bytes
+    from dsv3_jax.jobs.plan import activation_bytes
     from dsv3_jax.train.state import abstract_train_state
     from dsv3_jax.train.step import make_loss_and_grads
 

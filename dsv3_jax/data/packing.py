@@ -6,10 +6,12 @@ packing without cross-sample attention masking), documents in a window see each 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
-def pack(docs_ids: list[list[int]], window: int, pad_id: int) -> np.ndarray:
+def pack(docs_ids: Sequence[Sequence[int | np.integer] | np.ndarray], window: int, pad_id: int) -> np.ndarray:
     """[n_windows, window] int32; row-major order equals the concatenated stream (+ padding)."""
     stream = np.fromiter((t for doc in docs_ids for t in doc), dtype=np.int32)
     n_windows = max(1, -(-len(stream) // window))

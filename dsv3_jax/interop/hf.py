@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -31,6 +31,8 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import UsageError
+from dsv3_jax.model.model import DeepSeekV3
+from dsv3_jax.run_dir import require_new_directory
 
 FP8_BLOCK = 128
 
@@ -290,8 +292,6 @@ def load(path: str | Path, dtype=np.float32, config: ModelConfig | None = None,
     """
     import dataclasses
 
-    from dsv3_jax.model.model import DeepSeekV3
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UsageError(f"{str(path)!r} is not an HF checkpoint directory (no config.json)")
@@ -368,8 +368,6 @@ def save(model: nnx.Module, config: ModelConfig, path: str | Path, shard_bytes: 
     `fp8=True` writes 2-D projection weights as e4m3 + weight_scale_inv (DeepSeek's format).
     """
     from safetensors.numpy import save_file
-
-    from dsv3_jax.run_dir import require_new_directory
 
     path = Path(path)
     require_new_directory(path)

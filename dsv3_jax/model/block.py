@@ -7,7 +7,7 @@ compile time stays flat in depth and a pipeline stage is a slice of the stack.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from flax import nnx

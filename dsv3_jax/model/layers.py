@@ -40,7 +40,8 @@ class RMSNorm(nnx.Module):
         # Normalise in fp32 whatever the compute dtype, then cast back.
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return name((x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype), "norm")
+        scale = jax.lax.broadcast_to_rank(self.scale[...].astype(jnp.float32), x32.ndim)
+        return name((x32 * scale).astype(x.dtype), "norm")
 
 
 class Embed(nnx.Module):

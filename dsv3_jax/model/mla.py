@@ -18,7 +18,6 @@ per-head key or value is ever rebuilt for the cached positions.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float

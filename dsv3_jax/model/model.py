@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ModelConfig
@@ -53,14 +54,18 @@ class DeepSeekV3(nnx.Module):
         self.head = Linear((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg, rngs, fp8=False)
         self.mtp = stack_modules(lambda r: MTPModule(cfg, r), cfg.mtp_depth, rngs) if cfg.mtp_depth else None
 
-    def logits(self, h_BTD: Array) -> Float[Array, "B T V"]:
-        """The (shared) output head; logits in fp32 for a stable softmax."""
-        return self.head(h_BTD).astype(jnp.float32)
+    def logits(self, h_xD: Float[Array, "*lead D"]) -> Float[Array, "*lead V"]:
+        """The (shared) output head, for [B, T, D] or the MTP depths' [P, B, T, D]; logits in fp32
+        for a stable softmax."""
+        return self.head(h_xD).astype(jnp.float32)
 
-    def __call__(self, tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"] | None = None,
-                 with_mtp: bool = True, segment_ids_BT: Int[Array, "B T"] | None = None) -> ModelOutput:
-        """Logits for every position. Packed examples (post-training) pass `segment_ids_BT` (attention
-        stays inside a segment) and `positions_BT` restarting at 0 in each segment."""
+    def __call__(self, tokens_BT: Int[ArrayLike, "B T"], positions_BT: Int[ArrayLike, "B T"] | None = None,
+                 with_mtp: bool = True, segment_ids_BT: Int[ArrayLike, "B T"] | None = None) -> ModelOutput:
+        """Logits for every position (jax or numpy token ids). Packed examples (post-training) pass
+        `segment_ids_BT` (attention stays inside a segment) and `positions_BT` restarting at 0 in
+        each segment."""
+        tokens_BT = jnp.asarray(tokens_BT)
+        segment_ids_BT = None if segment_ids_BT is None else jnp.asarray(segment_ids_BT)
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = np.arange(T)[None]  # known when tracing: the rope tables become constants

@@ -22,6 +22,7 @@ from jaxtyping import Array, Int
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.block import Block
 from dsv3_jax.model.layers import Linear, RMSNorm
+from dsv3_jax.model.routing import RouterStats
 
 
 class MTPModule(nnx.Module):
@@ -34,7 +35,7 @@ class MTPModule(nnx.Module):
 
     def __call__(self, h_prev_BTD: Array, emb_ahead_BTD: Array, cos: Array, sin: Array,
                  token_ids_BT: Array | None = None, segment_ids_BT: Array | None = None
-                 ) -> tuple[Array, Array, dict[str, Array]]:
+                 ) -> tuple[Array, Array, RouterStats | None]:
         """Returns (h^k for the next depth, normalised h^k for the shared head, block stats)."""
         h_BTD, stats = self.block(self.combine(h_prev_BTD, emb_ahead_BTD), cos, sin, token_ids_BT, segment_ids_BT)
         return h_BTD, self.final_norm(h_BTD), stats

@@ -33,7 +33,7 @@ and softmax statistics, blocked_swiglu's gate and up products), so a policy can 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from jax.ad_checkpoint import checkpoint_name

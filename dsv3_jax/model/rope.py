@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
@@ -73,12 +74,13 @@ def _turn_parts(inv_freq: np.ndarray) -> np.ndarray:
     return np.stack([*parts, rest]).astype(np.float32)
 
 
-def rope_angles(cfg: ModelConfig, positions: Int[Array, "*P"]) -> Float[Array, "*P R/2"]:
-    """pos * inv_freq reduced to [-pi, pi], in fp32 without the rounding of a plain product."""
+def rope_angles(cfg: ModelConfig, positions: Int[Array, "*P"]) -> Float[Array, "*P R_half"]:
+    """pos * inv_freq reduced to [-pi, pi], in fp32 without the rounding of a plain product
+    (R_half = R / 2: one angle per rotated pair)."""
     pos = positions.astype(jnp.float32)[..., None]
     turns = jnp.zeros(positions.shape + (cfg.qk_rope_dim // 2,), jnp.float32)
     for part in _turn_parts(inv_frequencies(cfg)):
-        product = pos * jnp.asarray(part)
+        product = pos * jax.lax.broadcast_to_rank(jnp.asarray(part), pos.ndim)
         turns = turns + (product - jnp.round(product))  # each term in [-1/2, 1/2], exact
     return (turns - jnp.round(turns)) * jnp.float32(2 * np.pi)
 

@@ -15,7 +15,7 @@ rely on: a router that routes per shard, e.g. capacity per device, fails it).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -34,7 +34,8 @@ import functools
 import importlib
 import inspect
 import typing
-from typing import Callable, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +98,7 @@ def chosen_mask(routing: Routing, n_tokens: int, n_experts: int, token_choice: b
     kept = (routing.gate_M != 0).astype(jnp.float32)
     if token_choice:
         kept_NK, expert_NK = kept.reshape(n_tokens, -1), routing.expert_M.reshape(n_tokens, -1)
-        hit_NKE = (expert_NK[:, :, None] == jnp.arange(n_experts)).astype(jnp.float32) * kept_NK[:, :, None]
+        hit_NKE = (expert_NK[:, :, None] == jnp.arange(n_experts)[None, None, :]).astype(jnp.float32) * kept_NK[:, :, None]
         return hit_NKE.max(axis=1)
     return jnp.zeros((n_tokens, n_experts), jnp.float32).at[routing.token_M, routing.expert_M].max(kept)
 
@@ -128,6 +129,7 @@ def expert_load(routing: Routing, n_experts: int) -> Float[Array, "E"]:
 
 # Routers ---------------------------------------------------------------------------------------
 
+@typing.runtime_checkable
 class RouterFn(Protocol):
     def __call__(self, logits_NE: Array, bias_E: Array, token_ids_N: Array, cfg: ModelConfig) -> Routing: ...
 
@@ -172,7 +174,7 @@ def route(logits_NE: Float[Array, "N E"], bias_E: Float[Array, "E"], cfg: ModelC
     score_func = cfg.score_func if score_func is None else score_func
     norm_topk_prob = cfg.norm_topk_prob if norm_topk_prob is None else norm_topk_prob
     scores_NE = affinities(logits_NE, score_func)
-    biased_NE = scores_NE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
+    biased_NE = scores_NE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))[None, :]
 
     def select(biased_NE):  # per token: the best groups, then the top-K experts within them
         if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
@@ -224,7 +226,7 @@ class SwitchRouter:
 
     def __call__(self, logits_NE, bias_E, token_ids_N, cfg):
         probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
-        biased = probs_NE + jax.lax.stop_gradient(bias_E)
+        biased = probs_NE + jax.lax.stop_gradient(bias_E)[None, :]
         expert_idx_NK = per_batch_shard(lambda b: jax.lax.top_k(b, cfg.top_k)[1], biased)
         gates_NK = jnp.take_along_axis(probs_NE, expert_idx_NK, axis=-1)
         if cfg.top_k > 1:
@@ -262,7 +264,7 @@ class HashRouter:
         N, E = logits_NE.shape
         start_N = (token_ids_N.astype(jnp.uint32) * jnp.uint32(2654435761)) % jnp.uint32(E)
         stride = max(1, E // cfg.top_k)
-        expert_idx_NK = (start_N[:, None].astype(jnp.int32) + stride * jnp.arange(cfg.top_k)) % E
+        expert_idx_NK = (start_N[:, None].astype(jnp.int32) + stride * jnp.arange(cfg.top_k)[None, :]) % E
         gates_NK = jnp.full((N, cfg.top_k), 1.0 / cfg.top_k, jnp.float32)
         uniform_NE = jnp.full((N, E), 1.0 / E, jnp.float32)
         return token_choice(expert_idx_NK, gates_NK, uniform_NE, logits_NE.astype(jnp.float32))
@@ -270,15 +272,16 @@ class HashRouter:
 
 # Balancers -------------------------------------------------------------------------------------
 
+@typing.runtime_checkable
 class Balancer(Protocol):
-    """`coefficient` and at least one of `loss` / `bias_update`; a missing one does nothing
-    (checked when the config is: `check_balancer`)."""
+    """`coefficient` and at least one of the optional methods, whose absence means "does nothing"
+    (checked when the config is: `check_balancer`), so they are not members of the protocol:
+
+        def loss(self, routing: Routing, batch: int, seq: int, cfg: ModelConfig) -> Float[Array, ""] | None
+        def bias_update(self, bias_LE: Array, load_LE: Array, rate: float) -> Array | None
+    """
 
     def coefficient(self, train: TrainConfig) -> float: ...  # its loss weight, or its bias step
-
-    def loss(self, routing: Routing, batch: int, seq: int, cfg: ModelConfig) -> Float[Array, ""] | None: ...
-
-    def bias_update(self, bias_LE: Array, load_LE: Array, rate: float) -> Array | None: ...
 
 
 BALANCER_METHODS = ("coefficient", "loss", "bias_update")

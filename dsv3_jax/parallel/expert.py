@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +116,7 @@ def plan_dispatch(expert_nK, gate_nK, ep: int, local_E: int, capacity: int) -> D
     n, K = expert_nK.shape
     J = min(K, local_E)
     dest_nK = expert_nK // local_E
-    hit_nP = jnp.any(dest_nK[:, :, None] == jnp.arange(ep), axis=1)
+    hit_nP = jnp.any(dest_nK[:, :, None] == jnp.arange(ep)[None, None, :], axis=1)
     row_nP = jnp.cumsum(hit_nP, axis=0) - 1  # the token's row in its buffer to each rank
     kept_nP = hit_nP & (row_nP < capacity)
     row_nK = jnp.take_along_axis(row_nP, dest_nK, axis=1)
@@ -158,7 +159,7 @@ def _a2a(x_nD, expert_nK, gate_nK, *weights, ep, experts, capacity, axis, ragged
         recv_PCD = _ragged_exchange(send_PCD, plan.count_P, recv_count_P, axis)
     else:
         recv_PCD = exchange(send_PCD)
-    real_PC = jnp.arange(capacity) < recv_count_P[:, None]
+    real_PC = jnp.arange(capacity)[None, :] < recv_count_P[:, None]
     expert_PCJ = jnp.where(real_PC[..., None], exchange(plan.expert_PCJ), local_E)
     y_RD = _rows_through_experts(recv_PCD.reshape(ep * capacity, D), expert_PCJ.reshape(ep * capacity, -1),
                                  exchange(plan.gate_PCJ).reshape(ep * capacity, -1), weights, experts)

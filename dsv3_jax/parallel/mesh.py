@@ -9,11 +9,12 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AbstractMesh, AxisType, Mesh
 
+from dsv3_jax.config import MeshConfig
 from dsv3_jax.errors import UsageError
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert", "pipeline")
+MESH_AXES = tuple(MeshConfig().sizes())  # data, fsdp, tensor, expert, pipeline
 
 
 def mesh_overrides(text: str) -> list[str]:
@@ -29,7 +30,7 @@ def mesh_overrides(text: str) -> list[str]:
 
 def require_devices(sizes, devices=None) -> list:
     """The devices a mesh of `sizes` (a MeshConfig or a dict) would use; UsageError if too few."""
-    sizes = sizes if isinstance(sizes, dict) else {a: getattr(sizes, a) for a in MESH_AXES}
+    sizes = sizes if isinstance(sizes, dict) else sizes.sizes()
     devices = jax.devices() if devices is None else devices
     need = math.prod(sizes.values())
     if need > len(devices):
@@ -38,9 +39,16 @@ def require_devices(sizes, devices=None) -> list:
     return devices[:need]
 
 
+def abstract_mesh(sizes) -> AbstractMesh:
+    """A device-less mesh of `sizes` (a MeshConfig or a dict; absent axes 1): what the sharding rules
+    need to place arrays for a mesh this host does not have."""
+    sizes = sizes.sizes() if isinstance(sizes, MeshConfig) else sizes
+    return AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES)
+
+
 def make_mesh(sizes, devices=None) -> Mesh:
     """A Mesh over the first prod(sizes) devices; `sizes` is a MeshConfig or a dict of axis sizes."""
-    sizes = sizes if isinstance(sizes, dict) else {a: getattr(sizes, a) for a in MESH_AXES}
+    sizes = {**dict.fromkeys(MESH_AXES, 1), **sizes} if isinstance(sizes, dict) else sizes.sizes()
     devices = require_devices(sizes, devices)
     need = len(devices)
     shape = tuple(sizes[a] for a in MESH_AXES)

@@ -23,7 +23,7 @@ Mesh axes (`parallel/mesh.py`): data, fsdp, tensor, expert, pipeline.
   stack the embed dim is "stage_embed" (model/block.py renames it), split by fsdp only: pipeline
   already splits the stack's layers. (Under
   SPMD every rank allocates the same buffers, so the gathered copy exists on every rank during
-  the step: this saves state, the step's temporaries still hold one copy; parallel/plan.py.)
+  the step: this saves state, the step's temporaries still hold one copy; jobs/plan.py.)
 - tensor splits attention heads, FFN hidden dims and the vocabulary.
 - expert splits the routed experts.
 """
@@ -34,7 +34,7 @@ import dataclasses
 import math
 import contextlib
 import contextvars
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import jax
 from flax import nnx

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import textwrap
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from dsv3_jax.post.tasks import Problem
 

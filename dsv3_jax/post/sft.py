@@ -1,6 +1,6 @@
 """Supervised fine-tuning (report §5.1): (prompt, response) examples, loss on the responses only.
 
-An SFT run is a training run with `train.objective="sft"`: the same loop (train/loop.py), run
+An SFT run is a training run with `train.objective="sft"`: the same loop (jobs/train.py), run
 directory, resume, checkpoints and plots as pretraining. What is particular to it lives here:
 reading the examples file, the chat template, tokenising each example with its loss mask, packing
 them so no example attends to another (data/packing.py), and starting from a base run's weights.
@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-from tokenizers import Tokenizer
 
+from dsv3_jax.checkpoint import Checkpointer, load_trained
 from dsv3_jax.config import Config, apply_overrides, config_from_json
 from dsv3_jax.data.packing import pack_examples
 from dsv3_jax.data.pipeline import Data
 from dsv3_jax.data.tokenizer import EOS, load_tokenizer
 from dsv3_jax.errors import UsageError
+from dsv3_jax.model.routing import RoutingBias
 
 EXAMPLE_FORMAT = ('{"prompt": "...", "response": "..."} or {"messages": [{"role": "system|user|assistant", '
                   '"content": "..."}, ...]}')
@@ -87,7 +90,14 @@ def read_examples(path: str | Path) -> list[Pieces]:
     return examples
 
 
-def encode_example(pieces: Pieces, tokenizer: Tokenizer, eos_id: int) -> tuple[list[int], list[int]]:
+@typing.runtime_checkable
+class TextEncoder(Protocol):
+    """What `encode_example` needs of a tokenizer (a `tokenizers.Tokenizer` is one)."""
+
+    def encode(self, text: str, add_special_tokens: bool = ...): ...
+
+
+def encode_example(pieces: Pieces, tokenizer: TextEncoder, eos_id: int) -> tuple[list[int], list[int]]:
     """Token ids and loss mask; each piece is tokenised on its own (as generation sees a prompt
     and then produces the response) and every target piece is followed by EOS, also a target."""
     ids: list[int] = []
@@ -124,7 +134,6 @@ def sft_config(base_dir: str | Path, data: str | Path, overrides: list[str]) -> 
     """The config of a new SFT run from the base run's: same model and tokenizer, the examples file
     as data, and SFT defaults (a third of the base peak lr, warmup then cosine decay to 0.2x, no FIM,
     5% held out), then `overrides`. Refuses a base without config or checkpoint before anything."""
-    from dsv3_jax.checkpoint import Checkpointer
 
     base_dir = Path(base_dir).absolute()
     if not (base_dir / "config.json").is_file():
@@ -150,9 +159,6 @@ def init_from_run(state, config: Config, mesh=None):
     onto `mesh` (the run's; None: one device) whatever mesh the base run was trained on (the
     optimizer's moments are zeros either way, so they stay as initialised)."""
     from flax import nnx
-
-    from dsv3_jax.checkpoint import load_trained
-    from dsv3_jax.model.routing import RoutingBias
 
     base_dir = Path(config.train.init_from)
     base_config = config_from_json((base_dir / "config.json").read_text()) \

@@ -21,7 +21,6 @@ a batch-global `aux_loss` is computed per micro-batch (as in any pipelined train
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax

@@ -8,7 +8,8 @@ state never exists on one device (a model larger than one device can start).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -28,8 +29,10 @@ class TrainState:
     params: Any  # nnx.State of Params (fp32 masters)
     routing_bias: Any  # nnx.State of RoutingBias: updated by the sign rule, not by gradients
     opt_state: Any
-    step: jax.Array
-    rng: jax.Array  # raw uint32 key data (orbax-friendly)
+    # Arrays in a live state; the same tree also holds ShapeDtypeStructs (abstract state) or
+    # NamedShardings (the state's shardings), hence Any.
+    step: Any  # int32 []
+    rng: Any  # raw uint32 key data (orbax-friendly)
 
 
 def init_model(config: Config, seed: int) -> DeepSeekV3:

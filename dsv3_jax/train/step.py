@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.typing import ArrayLike
 
 from dsv3_jax.config import Config
 from dsv3_jax.data.packing import unpack
@@ -25,7 +26,7 @@ from dsv3_jax.train.pipelined import make_pipelined_loss_and_grads
 from dsv3_jax.train.state import TrainState
 
 
-def max_violation(load_LE: jax.Array) -> jax.Array:
+def max_violation(load_LE: ArrayLike) -> ArrayLike:
     """MaxVio per layer (Wang et al. 2024): max_i load_i / mean load - 1."""
     return load_LE.max(-1) / jnp.maximum(load_LE.mean(-1), 1e-9) - 1.0
 
@@ -109,7 +110,7 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, optimizer: optax.Gra
 
 def nonfinite_weights(params, routing_bias) -> jax.Array:
     """Non-finite values among the updated weights. A state is saved only when this is 0 and the
-    loss and gradient norm are finite (train/loop.py `check_finite`): a finite loss can come with
+    loss and gradient norm are finite (jobs/train.py `check_finite`): a finite loss can come with
     a NaN gradient, and finite gradients times a huge lr can still overflow the weights. The AdamW
     moments need no pass of their own: from finite moments, m' = b1 m + (1 - b1) g and
     v' = b2 v + (1 - b2) g^2 are finite whenever the gradient norm is (every g^2 then is), and the

@@ -29,9 +29,10 @@ from dsv3_jax.data.pipeline import ShardedBatches, build_data, shards_for_rows, 
 from dsv3_jax.errors import UsageError
 from dsv3_jax.parallel.distributed import any_process, barrier, is_main
 from dsv3_jax.parallel.mesh import make_mesh
-from dsv3_jax.platform import compiler_options, platform_of
 from dsv3_jax.parallel.sharding import rules_for, use_rules
+from dsv3_jax.platform import compiler_options, platform_of
 from dsv3_jax.post.sft import build_sft_data, init_from_run
+from dsv3_jax.report import write_report
 from dsv3_jax.run_dir import RunLock, StopSignals, record_layout_change, truncate_jsonl, write_atomic
 from dsv3_jax.train.ema import HostEMA
 from dsv3_jax.train.state import abstract_train_state, create_train_state
@@ -81,22 +82,28 @@ def resume_start(saved: Config, given: Config | None, new_mesh: bool) -> Config:
     return dataclasses.replace(start, mesh=MeshConfig() if new_mesh else saved.mesh)
 
 
-def resolve_run_config(config: Config, run_dir: Path, resume: bool) -> Config:
-    """The config of this run: the given one for a new run; on resume the saved one, with the
-    given values of RESUMABLE_TRAIN_FIELDS, the given mesh and LAYOUT_TRAIN_FIELDS, and refused if the
-    given config differs in any other field (equal values are accepted silently)."""
+def read_saved_config(run_dir: Path) -> Config:
+    """The run's config.json, or a UsageError saying why it is not a run to resume."""
     saved_path = run_dir / "config.json"
+    if not saved_path.exists():
+        raise UsageError(f"--resume: {str(run_dir)!r} has no config.json, so it is not a dsv3 run directory")
+    try:
+        return config_from_json(saved_path.read_text())
+    except Exception as e:
+        raise UsageError(f"--resume: {str(saved_path)!r} cannot be read as a dsv3 config: {e}") from None
+
+
+def resolve_run_config(config: Config, run_dir: Path, resume: bool, saved: Config | None = None) -> Config:
+    """The config of this run: the given one for a new run; on resume the saved one (`saved`, if the
+    caller has read it already, else read here), with the given values of RESUMABLE_TRAIN_FIELDS, the
+    given mesh and LAYOUT_TRAIN_FIELDS, and refused if the given config differs in any other field
+    (equal values are accepted silently)."""
     if not resume:
         if has_run(run_dir):
             raise UsageError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue it, "
                              "or choose a new --run-dir (nothing was changed)")
         return config
-    if not saved_path.exists():
-        raise UsageError(f"--resume: {str(run_dir)!r} has no config.json, so it is not a dsv3 run directory")
-    try:
-        saved = config_from_json(saved_path.read_text())
-    except Exception as e:
-        raise UsageError(f"--resume: {str(saved_path)!r} cannot be read as a dsv3 config: {e}") from None
+    saved = read_saved_config(run_dir) if saved is None else saved
     changes = {name: getattr(config.train, name) for name in RESUMABLE_TRAIN_FIELDS + LAYOUT_TRAIN_FIELDS}
     resumed = dataclasses.replace(saved, train=dataclasses.replace(saved.train, **changes), mesh=config.mesh)
     conflicts = _differences(resumed, config)
@@ -112,22 +119,26 @@ def _host(metrics: dict) -> dict:
     return {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
 
 
-def checked_run_config(config: Config, run_dir: Path, resume: bool) -> Config:
+def checked_run_config(config: Config, run_dir: Path, resume: bool, saved: Config | None = None) -> Config:
     """The run's config after the checks that touch nothing: `run_dir` is a directory (or absent)
-    that no other writer holds, and the config (the saved one on resume) is valid. Shared by
-    `train` and the GRPO loop."""
+    that no other writer holds, and the config (the saved one on resume) is valid: the one
+    validation of a run's config. Shared by `train` and the GRPO loop."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--run-dir {str(run_dir)!r} is a file, not a directory")
     if is_main():  # process 0 alone takes the lock; two processes probing at once saw each other as its holder
         RunLock.check_free(run_dir)
-    return validate(resolve_run_config(config, run_dir, resume))
+    # The given config is checked first (on resume: the saved one with this command's options), so
+    # an impossible mesh is named before a changed option; without conflicts it is the run's config.
+    return resolve_run_config(validate(config), run_dir, resume, saved)
 
 
-def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> int:
-    """Train (or continue) a run. Returns the process exit status (0, or 128+signal when stopped)."""
+def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+          saved: Config | None = None) -> int:
+    """Train (or continue) a run. Returns the process exit status (0, or 128+signal when stopped).
+    `saved`: the run's config.json on resume, if the caller has read it (the CLI has)."""
     run_dir = Path(run_dir)
     # Every check first, touching nothing: another writer, config, devices, data, tokenizer, model.
-    config = checked_run_config(config, run_dir, resume)
+    config = checked_run_config(config, run_dir, resume, saved)
     tc = config.train
     if tc.objective == "grpo":
         raise UsageError(f"{str(run_dir)!r} is a GRPO run: continue it with dsv3 grpo --run-dir {run_dir} --resume")
@@ -155,7 +166,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir) if main else contextlib.nullcontext():
         if main:
-            resolve_run_config(config, run_dir, resume)  # again, now that no other writer can start
+            # Read again, now that no other writer can start: one may have changed it since the check.
+            resolve_run_config(config, run_dir, resume)
             if not (run_dir / "tokenizer.json").exists() or not resume:
                 write_atomic(run_dir / "tokenizer.json", data.tokenizer.to_str())
         barrier("run directory ready")
@@ -258,7 +270,6 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
         if ema is not None:
             ema.close()
     if status == 0 and main:
-        from dsv3_jax.report import write_report
         write_report(run_dir)
     return status
 
@@ -266,7 +277,7 @@ def _run(config, run_dir, resume, progress, data, graphdef, optimizer, state, it
 def run_layout(config: Config) -> dict:
     """Where this run's steps run: the mesh's axis sizes and the number of processes (recorded with
     each checkpoint; a resume onto another one is logged in mesh_changes.jsonl)."""
-    return {"mesh": dataclasses.asdict(config.mesh), "processes": jax.process_count()}
+    return {"mesh": config.mesh.sizes(), "processes": jax.process_count()}
 
 
 def _rows_of_this_process(config: Config, mesh) -> tuple[int, int]:
@@ -336,7 +347,7 @@ def _compile(config: Config, graphdef, optimizer, state, mesh):
     return in_mesh(train), in_mesh(evaluate), state, place, place_rows
 
 
-def _evaluate(eval_step, state, val_set: list[jax.Array]) -> tuple[dict[str, float], np.ndarray | None]:
+def _evaluate(eval_step, state, val_set: list[jax.Array | np.ndarray]) -> tuple[dict[str, float], np.ndarray | None]:
     """(validation metrics, each MoE layer's expert-set signature of every validation token [L, N])."""
     losses, loads, signatures = [], [], []
     for batch in val_set:

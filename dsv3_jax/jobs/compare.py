@@ -26,8 +26,13 @@ import time
 from pathlib import Path
 
 from dsv3_jax.config import Config, ConfigError, apply_overrides, config_from_json, get_preset
+from dsv3_jax.data.corpus import load_documents
+from dsv3_jax.data.pipeline import get_tokenizer
 from dsv3_jax.errors import UsageError
+from dsv3_jax.jobs.train import has_run
+from dsv3_jax.report import run_summary, write_comparison_files
 from dsv3_jax.run_dir import RunLock, StopSignals, read_jsonl, write_atomic
+from dsv3_jax.validate import validate
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -78,7 +83,6 @@ def plan(spec: SweepSpec, sweep_dir: Path) -> tuple[list[SweepRun], Config]:
     """The sweep's runs, each config checked (one line naming the variant if it is bad), and the
     common config they share. Variants may not change the data or the vocabulary: they are compared
     on the same tokens."""
-    from dsv3_jax.validate import validate
 
     if not spec.variants:
         raise UsageError("dsv3 compare needs at least one --variant NAME [--set KEY=VALUE ...]")
@@ -117,8 +121,6 @@ def is_finished(run: SweepRun, steps: int) -> bool:
 
 
 def _train_command(spec: SweepSpec, run: SweepRun, steps: int) -> list[str]:
-    from dsv3_jax.train.loop import has_run
-
     command = [sys.executable, "-m", "dsv3_jax.cli", "train", "--run-dir", str(run.run_dir), "--quiet",
                "--steps", str(steps)]
     if has_run(run.run_dir):
@@ -132,8 +134,6 @@ def _write_tokenizer(common: Config, sweep_dir: Path) -> None:
     path = sweep_dir / "tokenizer.json"
     if common.data.tokenizer or path.exists():
         return
-    from dsv3_jax.data.corpus import load_documents
-    from dsv3_jax.data.pipeline import get_tokenizer
 
     write_atomic(path, get_tokenizer(common, load_documents(common.data.source, common.data.max_bytes), None).to_str())
 
@@ -225,7 +225,6 @@ def _run_all(spec: SweepSpec, pending: list[SweepRun], steps: int, parallel: int
 
 def write_results(spec: SweepSpec, runs: list[SweepRun], sweep_dir: Path, say=print) -> None:
     """compare.md (the table), compare.json (each run's summary) and comparison.png."""
-    from dsv3_jax.report import run_summary, write_comparison_files
 
     groups: dict[str, list[Path]] = {}
     for run in runs:

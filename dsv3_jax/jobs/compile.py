@@ -29,6 +29,7 @@ from dsv3_jax import hlo_stats
 from dsv3_jax.config import Config, MeshConfig, apply_overrides
 from dsv3_jax.errors import UsageError, first_line
 from dsv3_jax.infer.cache import init_caches
+from dsv3_jax.jobs.plan import HARDWARE
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.pipeline.executor import BACKWARD_CHUNK, FORWARD_CHUNK
 from dsv3_jax.parallel.sharding import DEFAULT_RULES, rules_for, use_rules
@@ -37,6 +38,11 @@ from dsv3_jax.targets import Target
 from dsv3_jax.train.state import abstract_train_state
 from dsv3_jax.train.step import make_train_step
 from dsv3_jax.validate import validate
+from pallas_kernels import BLOCK
+from pallas_kernels.footprint import footprint
+from pallas_kernels.fp8_gemm import block_scaled_matmul
+from pallas_kernels.fp8_grouped_gemm import grouped_block_scaled_matmul
+from pallas_kernels.fp8_quant import quantize_blocks, quantize_rows
 
 WHATS = ("train", "pipeline", "decode")
 
@@ -153,7 +159,7 @@ def _flops(compiled) -> float | None:
 
 
 PAIR_SCOPES = (FORWARD_CHUNK, BACKWARD_CHUNK)  # the name scopes of an F&B pair's two chunks
-# Peaks and links for the overlap estimate (parallel/plan.py's table), by target kind.
+# Peaks and links for the overlap estimate (jobs/plan.py's table), by target kind.
 _OVERLAP_HARDWARE = {"h100": "h100", "h800": "h800", "h200": "h100", "v5p": "tpu-v5p"}
 
 
@@ -238,8 +244,6 @@ def compile_step(config: Config, target: Target, what: str = "train", fp8: bool 
 
 
 def _overlap(hlo_text: str, target: Target) -> dict:
-    from dsv3_jax.parallel.plan import HARDWARE
-
     windows = hlo_stats.async_windows(hlo_text, PAIR_SCOPES)
     key = _OVERLAP_HARDWARE.get(target.kind)
     return overlap_summary(windows, HARDWARE[key] if key else None)
@@ -263,11 +267,6 @@ def _why(error: Exception, target: Target, fp8: bool) -> str:
 # Each Pallas kernel alone at a shape of the recipe (report §3.3: 1x128 tiles, 128x128 blocks):
 # name -> (function(platform) -> jitted callable, abstract arguments).
 def _kernel_cases(m: int = 256, k: int = 1024, n: int = 256, experts: int = 4) -> dict[str, tuple[Any, tuple]]:
-    from pallas_kernels import BLOCK
-    from pallas_kernels.fp8_gemm import block_scaled_matmul
-    from pallas_kernels.fp8_grouped_gemm import grouped_block_scaled_matmul
-    from pallas_kernels.fp8_quant import quantize_blocks, quantize_rows
-
     f32, e4m3 = jnp.float32, jnp.float8_e4m3fn
     spec = jax.ShapeDtypeStruct
     return {
@@ -293,7 +292,6 @@ def kernel_lowering(target: Target, devices: list | None = None,
     """Every Pallas kernel compiled alone for one device of the target (`interpret=False`) at each
     (M, K, N, experts) of `shapes`: [{"kernel", "shape", "custom_calls": {kind: n}, "error": None or
     the first line of why it does not lower, "footprint": on-chip blocks and bytes}]."""
-    from pallas_kernels.footprint import footprint
 
     devices = target.devices() if devices is None else devices
     mesh = make_mesh(MeshConfig(), devices[:1])

@@ -1,7 +1,7 @@
 """The GRPO run: rollouts, rewards, several optimisation passes, metrics, checkpoints, resume.
 
 A GRPO run starts from a trained run (usually an SFT run) and keeps the same run-directory layout
-(train/loop.py): config.json (train.objective="grpo", the grpo section), tokenizer.json,
+(jobs/train.py): config.json (train.objective="grpo", the grpo section), tokenizer.json,
 metrics.jsonl, checkpoints/, plots. Each step: N problems from the task's train split (drawn from
 a generator seeded by (train.seed, step), so the data position is the step), G samples each,
 rewards, advantages (eq. 28), `grpo.passes` updates on the batch. The checkpoint holds the policy's
@@ -26,12 +26,13 @@ from dsv3_jax.checkpoint import Checkpointer, restore_target
 from dsv3_jax.config import Config, apply_overrides, config_from_json
 from dsv3_jax.data.tokenizer import load_tokenizer
 from dsv3_jax.errors import UsageError
+from dsv3_jax.jobs.train import (ProgressReporter, check_finite, checked_run_config, has_checkpoint,
+                                 resolve_run_config)
 from dsv3_jax.post.grpo import group_advantages, make_grpo_fns, sample_rollouts, task_accuracy
 from dsv3_jax.post.sft import init_from_run
 from dsv3_jax.post.tasks import TASKS, held_out
+from dsv3_jax.report import write_report
 from dsv3_jax.run_dir import RunLock, StopSignals, truncate_jsonl, write_atomic
-from dsv3_jax.train.loop import (ProgressReporter, check_finite, checked_run_config, has_checkpoint,
-                                 resolve_run_config)
 from dsv3_jax.train.optim import lr_schedule
 from dsv3_jax.train.state import TrainState, create_train_state
 
@@ -60,10 +61,12 @@ def grpo_config(from_dir: str | Path, task: str, overrides: list[str]) -> Config
     return apply_overrides(dataclasses.replace(base, train=train, data=data, grpo=grpo), overrides)
 
 
-def grpo(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> int:
-    """Run (or continue) GRPO. Returns the exit status (0, or 128 + signal when stopped)."""
+def grpo(config: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+         saved: Config | None = None) -> int:
+    """Run (or continue) GRPO. Returns the exit status (0, or 128 + signal when stopped). `saved`:
+    the run's config.json on resume, if the caller has read it."""
     run_dir = Path(run_dir)
-    config = checked_run_config(config, run_dir, resume)
+    config = checked_run_config(config, run_dir, resume, saved)
     if config.train.objective != "grpo":
         raise UsageError(f"{str(run_dir)!r} is not a GRPO run (train.objective={config.train.objective}); "
                          "start one with dsv3 grpo --from RUN --task NAME")
@@ -132,7 +135,6 @@ def _run(config: Config, run_dir: Path, resume: bool, progress: bool, tokenizer,
     finally:
         reporter.close()
     if status == 0:
-        from dsv3_jax.report import write_report
         write_report(run_dir)
     return status
 

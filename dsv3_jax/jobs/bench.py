@@ -13,8 +13,14 @@ from flax import nnx
 from dsv3_jax.config import Config
 from dsv3_jax.infer.cache import MODES, bytes_per_token, init_caches
 from dsv3_jax.infer.generate import _decode
+from dsv3_jax.info import model_info
+from dsv3_jax.model.grouped_gemm import grouped_matmul
 from dsv3_jax.model.model import DeepSeekV3
 from dsv3_jax.platform import platform_of
+from dsv3_jax.train.state import create_train_state
+from dsv3_jax.train.step import make_train_step
+from pallas_kernels.fp8_gemm import block_scaled_matmul, dequantized_matmul
+from pallas_kernels.fp8_quant import quantize_blocks_ref, quantize_rows_ref
 
 
 def _timed(fn, repeats: int) -> float:
@@ -67,9 +73,6 @@ def bench_fp8(m: int, k: int, ns: list[int], backends: list[str], repeats: int =
     """TFLOP/s of bf16 `jnp.dot` vs the block-scaled FP8 GEMM (quantized operands given, as in
     training where quantization is fused upstream) and its grouped form (quantization included:
     what a routed expert GEMM costs in training), at the given shapes."""
-    from pallas_kernels.fp8_gemm import block_scaled_matmul, dequantized_matmul
-    from pallas_kernels.fp8_quant import quantize_blocks_ref, quantize_rows_ref
-    from dsv3_jax.model.grouped_gemm import grouped_matmul
 
     rows = []
     platform = platform_of(jax.devices()[0])  # the benchmark runs on this machine's default device
@@ -124,9 +127,6 @@ def bench_train(config: Config, steps: int = 5, peak_matmul_n: int = 2048) -> li
     """Train-step throughput on random tokens: tokens/s, model FLOP/s (6 x activated matmul
     weights per token + attention, forward and backward), MFU against the device's bf16 peak, and
     the fraction of a large `jnp.dot`'s FLOP/s in the model's dtype measured in the same run."""
-    from dsv3_jax.info import model_info
-    from dsv3_jax.train.state import create_train_state
-    from dsv3_jax.train.step import make_train_step
 
     tc = config.train
     graphdef, optimizer, state = create_train_state(config, 0)

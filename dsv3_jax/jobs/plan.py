@@ -30,12 +30,17 @@ import math
 import jax
 import numpy as np
 
-from dsv3_jax.config import REMAT_NAMES, Config
+from dsv3_jax.config import Config, MeshConfig, REMAT_NAMES
+from dsv3_jax.errors import UsageError
+from dsv3_jax.info import model_info
 from dsv3_jax.model.remat import REPORT_KEPT
-from dsv3_jax.parallel.mesh import MESH_AXES
+from dsv3_jax.parallel.expert import pair_capacity, ranks_per_token
+from dsv3_jax.parallel.mesh import MESH_AXES, abstract_mesh, make_mesh
 from dsv3_jax.parallel.pipeline.executor import tick_table
 from dsv3_jax.parallel.pipeline.schedules import make_schedule
 from dsv3_jax.parallel.sharding import rules_for, use_rules
+from dsv3_jax.train.state import abstract_train_state
+from dsv3_jax.train.step import make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +115,6 @@ class Plan:
         return self.params + self.grads + self.optimizer + self.activations + self.gathered
 
 
-def abstract_mesh(sizes: dict[str, int]):
-    return jax.sharding.AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES)
-
-
 def _leaf_bytes(variable, mesh, rules, zero1: bool = False) -> int:
     """Bytes of one device's shard of an abstract Variable (the rules leave indivisible dims whole);
     `zero1`: an optimizer-state leaf, split as `rules.tree(..., zero1=True)` splits it."""
@@ -169,7 +170,6 @@ def expert_rows_per_token(cfg, tokens: int, ep: int, capacity_factor: float) -> 
     """Rows the routed experts compute per local token: its K assignments without expert
     parallelism; with it, the all-to-all's fixed buffers (P destinations x capacity rows x J expert
     slots, parallel/expert.py), computed whether full or not."""
-    from dsv3_jax.parallel.expert import pair_capacity, ranks_per_token
 
     if ep == 1:
         return cfg.top_k
@@ -276,9 +276,6 @@ def bubble_fraction(schedule: str, pipeline: int, microbatches: int) -> float:
 
 
 def plan(layout: Layout) -> Plan:
-    from dsv3_jax.info import model_info
-    from dsv3_jax.train.state import abstract_train_state
-
     config, sizes, hw = layout.config, {a: layout.mesh.get(a, 1) for a in MESH_AXES}, layout.hardware
     cfg, tc = config.model, config.train
     mesh = abstract_mesh(sizes)
@@ -378,11 +375,6 @@ def check_against_compiler(config: Config, sizes: dict[str, int]) -> dict[str, t
     devices (state: its arguments less the token batch; temporaries: gradients + activations)."""
     import dataclasses as dc
 
-    from dsv3_jax.config import MeshConfig
-    from dsv3_jax.parallel.mesh import make_mesh
-    from dsv3_jax.train.state import abstract_train_state
-    from dsv3_jax.train.step import make_train_step
-
     config = dc.replace(config, mesh=MeshConfig(**sizes))
     graphdef, optimizer, state = abstract_train_state(config)
     mesh = make_mesh(config.mesh)
@@ -404,7 +396,6 @@ def check_against_compiler(config: Config, sizes: dict[str, int]) -> dict[str, t
 
 def check_layout(layout: Layout) -> None:
     """UsageError naming the first thing the mesh cannot split evenly."""
-    from dsv3_jax.errors import UsageError
 
     cfg, tc, sizes = layout.config.model, layout.config.train, layout.mesh
     batch_ways = rules_for(layout.config).shards("batch", {a: sizes.get(a, 1) for a in MESH_AXES})
