@@ -305,6 +305,10 @@ class TrainConfig:
     # decay per update, one update every `ema_every` steps (time constant ema_every / (1 - decay)).
     ema_decay: float = 0.0
     ema_every: int = 1
+    # Cross-entropy `ce_chunk` sequence positions at a time (train/loss.py chunked_cross_entropy): the
+    # output heads' fp32 logits are never whole in memory, only one chunk's; 0 computes them whole.
+    # Must divide seq_len. Same loss and gradients, the head's GEMM recomputed in the backward.
+    ce_chunk: int = 0
     mtp_lambda: float = 0.3  # eq. 25 (report: 0.3 for the first 10T tokens)
     balance_alpha: float = 1e-4  # eq. 17 (report: 0.0001)
     bias_gamma: float = 1e-3  # aux-loss-free bias update speed; 0 freezes the bias
@@ -340,6 +344,9 @@ class TrainConfig:
         _require_each(self, "train", ("weight_decay", "grad_clip", "mtp_lambda", "balance_alpha", "bias_gamma",
                                       "aux_loss_alpha", "z_loss_coef"),
                       lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
+        _require(isinstance(self.ce_chunk, int) and self.ce_chunk >= 0 and
+                 (self.ce_chunk == 0 or self.seq_len % self.ce_chunk == 0),
+                 f"train.ce_chunk={self.ce_chunk} must be 0 (whole sequences) or divide train.seq_len={self.seq_len}")
         _require_choices(self, "train")
 
 

@@ -35,6 +35,8 @@ SCENARIOS = {
         dict(fp8=True, fused_attention=True, padded_dispatch=False, remat="report"),
     "the same, with each stage's forward recomputed in its backward (train.pipeline_keep_residuals=false)":
         dict(fp8=True, fused_attention=True, padded_dispatch=False, remat="report", keep=False),
+    "the same, with chunked cross-entropy (train.ce_chunk=512: one eighth of a sequence's logits at a time)":
+        dict(fp8=True, fused_attention=True, padded_dispatch=False, remat="report", keep=False, ce_chunk=512),
 }
 
 
@@ -54,7 +56,8 @@ def main() -> None:
             layout_options = dict(options)
             config = apply_overrides(get_preset("deepseek-v3-671b"), OVERRIDES + [
                 f"model.fp8={str(layout_options.pop('fp8')).lower()}", f"model.remat={layout_options.pop('remat')}",
-                f"train.pipeline_keep_residuals={str(layout_options.pop('keep', True)).lower()}"])
+                f"train.pipeline_keep_residuals={str(layout_options.pop('keep', True)).lower()}",
+                f"train.ce_chunk={layout_options.pop('ce_chunk', 0)}"])
             layout = Layout(config, MESH, HARDWARE["h800"], matmul_efficiency=efficiency, **layout_options)
             check_layout(layout)
             rows = report_rows(layout, plan(layout))
@@ -91,12 +94,14 @@ def main() -> None:
               "=false`, the last table) keeps only each in-flight micro-batch's stage input and cotangent, in pools "
               "its tick table sizes (27 entries of 4K x 7,168), and recomputes a stage's forward in its backward: "
               "21.5 GB of activations (12.7 GB of them the logits), 84.95 GB in all, for 5/3 of the FLOPs (127K "
-              "GPU-hours per trillion tokens at 50% of the peak, 208K at 30%). Chunked cross-entropy, which keeps "
-              "no micro-batch's whole fp32 logits, would bring it under 80 GB (not built). On a pipelined tiny mesh "
+              "GPU-hours per trillion tokens at 50% of the peak, 208K at 30%). Chunked cross-entropy (`train.ce_chunk"
+              "=512`, train/loss.py: the loss computed 512 positions of logits at a time, each chunk's logits "
+              "recomputed in the backward; same loss and gradients, tests/test_loss.py) keeps one eighth of one "
+              "head's logits instead of all four heads' whole: activations 9.7 GB, 73.15 GB in all, under the "
+              "H800's 80 GB (the last table). On a pipelined tiny mesh "
               "the planner's bytes match the compiler's: state 1.00, temporaries 0.98 (1F1B) and 0.79 (DualPipeV) "
               "(tests/test_plan.py). Not modelled or built yet: fp32 master weights in the optimizer state "
-              "with a bf16 working copy (§3.3.3), chunked "
-              "cross-entropy, gradients reduce-scattered, and the report's likely shorter micro-batches. The "
+              "with a bf16 working copy (§3.3.3), gradients reduce-scattered, and the report's likely shorter micro-batches. The "
               "planner's inventory is this package's (checked against XLA's buffer assignment in tests/test_plan.py "
               "and tests/test_step.py), not DeepSeek's.",
               "- The first scenario shows what this package would need on that cluster as it runs today: its "

@@ -62,6 +62,21 @@ def test_pipelined_train_step_equals_unpipelined(reference, unpipelined_grads):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grads, want_grads)
 
 
+def test_a_pipeline_with_chunked_cross_entropy_has_the_unchunked_unpipelined_gradients(reference, unpipelined_grads):
+    """train.ce_chunk on the last stage's head (train/pipelined.py): 1F1B over pipeline=2 with the
+    loss computed 4 positions of logits at a time gives the plain step's loss and gradients."""
+    need_devices(2)
+    config, graphdef, _, state, tokens, _, _ = reference
+    config = _pipelined(config, "1f1b")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, ce_chunk=4))
+    (loss, _), grads = jax.jit(make_loss_and_grads(config, graphdef, pipeline_mesh=make_mesh(config.mesh)))(
+        state.params, state.routing_bias, tokens)
+    want_loss, want_grads = unpipelined_grads
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    scale = max(float(abs(g).max()) for g in jax.tree.leaves(want_grads))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grads, want_grads)
+
+
 def test_pipeline_config_errors():
     model = tiny_model_config(n_layers=4, first_k_dense=1)  # 3 MoE layers
     with pytest.raises(ConfigError, match="3 MoE layers must split into 2 equal pipeline stages"):

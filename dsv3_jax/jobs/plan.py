@@ -12,8 +12,8 @@ on an abstract mesh of any size, per device:
   `model.remat` policy keeps. Pipelined with `train.pipeline_keep_residuals`, times the
   micro-batches in flight at the schedule's peak (Table 2: PP for 1F1B, PP + 1 for DualPipe);
   by default (stages recomputed in their backward) the executor's pools of stage inputs and
-  cotangents, sized by its tick table, plus one stage's backward. Plus the output logits and
-  one layer's transient intermediates under rematerialisation;
+  cotangents, sized by its tick table, plus one stage's backward. Plus the output logits (one chunk
+  of them with train.ce_chunk) and one layer's transient intermediates under rematerialisation;
 - bytes moved per step by each collective (expert all-to-all, pipeline send/recv, data-parallel
   gradient reduction) and an estimated step time from the hardware table below.
 
@@ -248,8 +248,15 @@ def activation_bytes(config: Config, tokens: int, sizes: dict[str, int], layers:
 
 
 def logits_bytes(config: Config, tokens: int, tensor: int) -> int:
-    """The output heads' fp32 logits, their softmax and their gradient (main head + D MTP heads)."""
-    return 3 * tokens * (1 + config.model.mtp_depth) * (config.model.vocab_size // tensor) * 4
+    """The output heads' fp32 logits, their softmax and their gradient (main head + D MTP heads).
+    With train.ce_chunk (train/loss.py chunked_cross_entropy) one chunk of one head's at a time, and
+    the heads' inputs, which the backward recomputes the chunks' logits from."""
+    cfg, tc = config.model, config.train
+    heads, vocab = 1 + cfg.mtp_depth, cfg.vocab_size // tensor
+    if not tc.ce_chunk:
+        return 3 * tokens * heads * vocab * 4
+    head_inputs = heads * tokens * cfg.d_model * np.dtype(cfg.dtype).itemsize
+    return round(3 * tokens * tc.ce_chunk / tc.seq_len * vocab * 4) + head_inputs
 
 
 def peak_in_flight(schedule: str, pipeline: int, microbatches: int) -> int:

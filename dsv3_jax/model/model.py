@@ -39,6 +39,14 @@ class ModelOutput(NamedTuple):
     stats: ModelStats
 
 
+class ModelFeatures(NamedTuple):
+    """What the output head reads (`DeepSeekV3.features`): the logits are `logits(h)`. A loss that
+    computes them chunk by chunk (train/loss.py chunked_cross_entropy) starts from these."""
+    h_BTD: Float[Array, "B T D"]  # the final norm's output
+    mtp_h_PBTD: Float[Array, "P B T D"] | None  # each MTP depth's normalised output
+    stats: ModelStats
+
+
 class DeepSeekV3(nnx.Module):
     """The forward pass is three pieces, so that a pipeline can run the middle one in stages
     (train/pipelined.py) with the same code: `embed_and_dense`, `moe_stack`, `head_and_mtp`."""
@@ -64,6 +72,13 @@ class DeepSeekV3(nnx.Module):
         """Logits for every position (jax or numpy token ids). Packed examples (post-training) pass
         `segment_ids_BT` (attention stays inside a segment) and `positions_BT` restarting at 0 in
         each segment."""
+        h_BTD, mtp_h_PBTD, stats = self.features(tokens_BT, positions_BT, with_mtp, segment_ids_BT)
+        logits_BTV = constrain(self.logits(h_BTD), LOGITS_BTV)
+        return ModelOutput(logits_BTV, None if mtp_h_PBTD is None else self.logits(mtp_h_PBTD), stats)
+
+    def features(self, tokens_BT: Int[ArrayLike, "B T"], positions_BT: Int[ArrayLike, "B T"] | None = None,
+                 with_mtp: bool = True, segment_ids_BT: Int[ArrayLike, "B T"] | None = None) -> ModelFeatures:
+        """The forward pass up to the output head: what `__call__` turns into logits."""
         tokens_BT = jnp.asarray(tokens_BT)
         segment_ids_BT = None if segment_ids_BT is None else jnp.asarray(segment_ids_BT)
         B, T = tokens_BT.shape
@@ -72,9 +87,8 @@ class DeepSeekV3(nnx.Module):
         cos, sin = rope_tables(self.cfg, positions_BT)
         h_BTD = self.embed_and_dense(tokens_BT, cos, sin, segment_ids_BT)
         h_BTD, moe_stats = self.moe_stack(h_BTD, cos, sin, tokens_BT, segment_ids_BT)
-        logits_BTV, mtp_logits_PBTV, mtp_stats = self.head_and_mtp(h_BTD, tokens_BT, cos, sin, with_mtp,
-                                                                   segment_ids_BT)
-        return ModelOutput(logits_BTV, mtp_logits_PBTV, ModelStats(moe_stats, mtp_stats))
+        h_BTD, mtp_h_PBTD, mtp_stats = self.head_inputs_and_mtp(h_BTD, tokens_BT, cos, sin, with_mtp, segment_ids_BT)
+        return ModelFeatures(h_BTD, mtp_h_PBTD, ModelStats(moe_stats, mtp_stats))
 
     # The pieces -------------------------------------------------------------------------------
     def embed_and_dense(self, tokens_BT: Int[Array, "B T"], cos: Array, sin: Array,
@@ -97,10 +111,20 @@ class DeepSeekV3(nnx.Module):
                      ) -> tuple[Array, Array | None, RouterStats | None]:
         """Final norm and output head on the last hidden state, and the MTP modules (eq. 21-25) fed
         from it: (logits, MTP logits [P, B, T, V] or None, the MTP blocks' router stats or None)."""
+        h_normed_BTD, mtp_h_PBTD, mtp_stats = self.head_inputs_and_mtp(h_BTD, tokens_BT, cos, sin, with_mtp,
+                                                                       segment_ids_BT)
+        logits_BTV = constrain(self.logits(h_normed_BTD), LOGITS_BTV)
+        return logits_BTV, None if mtp_h_PBTD is None else self.logits(mtp_h_PBTD), mtp_stats
+
+    def head_inputs_and_mtp(self, h_BTD: Array, tokens_BT: Int[Array, "B T"], cos: Array, sin: Array,
+                            with_mtp: bool = True, segment_ids_BT: Array | None = None
+                            ) -> tuple[Array, Array | None, RouterStats | None]:
+        """`head_and_mtp` before the output head: (the final norm of the last hidden state, each MTP
+        depth's normalised output [P, B, T, D] or None, the MTP blocks' router stats or None)."""
         cfg = self.cfg
-        logits_BTV = constrain(self.logits(self.final_norm(h_BTD)), LOGITS_BTV)
+        h_normed_BTD = self.final_norm(h_BTD)
         if self.mtp is None or not with_mtp:
-            return logits_BTV, None, None
+            return h_normed_BTD, None, None
         ahead_PBT = tokens_ahead(tokens_BT, cfg.mtp_depth)
 
         def depth_step(module: MTPModule, h_prev, ahead_BT):
@@ -109,7 +133,7 @@ class DeepSeekV3(nnx.Module):
 
         # The main model's final hidden state (before its final norm) is h^0 (eq. 21).
         _, (h_normed_PBTD, mtp_stats) = scan_stack(self.mtp, depth_step, h_BTD, ahead_PBT, cfg.remat, cfg.unroll_layers)
-        return logits_BTV, self.logits(h_normed_PBTD), mtp_stats
+        return h_normed_BTD, h_normed_PBTD, mtp_stats
 
     # Cached decoding ------------------------------------------------------------------------
     def decode(self, tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"], caches: dict,

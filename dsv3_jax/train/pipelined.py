@@ -102,8 +102,14 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
 
         def loss_fn(rest, y_bTD, tokens_bS):
             model = model_without_stack(rest)
-            logits, mtp_logits, mtp_stats = model.head_and_mtp(y_bTD, tokens_bS[:, :-1], cos, sin)
-            parts = total_loss(logits, mtp_logits, ModelStats(None, mtp_stats), tokens_bS, tc.mtp_lambda, balancing)
+            if tc.ce_chunk:  # the loss from the head's inputs, ce_chunk positions of logits at a time
+                h_bTD, mtp_h, mtp_stats = model.head_inputs_and_mtp(y_bTD, tokens_bS[:, :-1], cos, sin)
+                parts = total_loss(h_bTD, mtp_h, ModelStats(None, mtp_stats), tokens_bS, tc.mtp_lambda, balancing,
+                                   head=model.logits, chunk=tc.ce_chunk)
+            else:
+                logits, mtp_logits, mtp_stats = model.head_and_mtp(y_bTD, tokens_bS[:, :-1], cos, sin)
+                parts = total_loss(logits, mtp_logits, ModelStats(None, mtp_stats), tokens_bS, tc.mtp_lambda,
+                                   balancing)
             return parts.total / n_mb, HeadStats(jax.tree.map(lambda x: x / n_mb, parts),
                                                  None if mtp_stats is None else mtp_stats.without_tokens())
 

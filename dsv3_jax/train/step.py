@@ -45,15 +45,28 @@ def update_routing_bias(routing_bias: nnx.State, stats: ModelStats, balancing: B
     return jax.tree.map_with_path(update, routing_bias, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def forward_batch(model, batch: jax.Array, with_mtp: bool = True):
-    """The model on a batch's inputs: (ModelOutput, (tokens_BS, loss_mask_BS, segment_ids_BS) for
-    `total_loss`). A packed batch brings its positions and segments (data/packing.py)."""
+def forward_batch(model, batch: jax.Array, with_mtp: bool = True, features: bool = False):
+    """The model on a batch's inputs: (ModelOutput, or with `features` the ModelFeatures the output
+    head reads, and (tokens_BS, loss_mask_BS, segment_ids_BS) for `total_loss`). A packed batch
+    brings its positions and segments (data/packing.py)."""
     tokens_BS, positions_BS, segment_ids_BS, loss_mask_BS = unpack(batch)
+    forward = model.features if features else model
     if positions_BS is None:
-        out = model(tokens_BS[:, :-1], with_mtp=with_mtp)
+        out = forward(tokens_BS[:, :-1], with_mtp=with_mtp)
     else:
-        out = model(tokens_BS[:, :-1], positions_BS[:, :-1], with_mtp, segment_ids_BS[:, :-1])
+        out = forward(tokens_BS[:, :-1], positions_BS[:, :-1], with_mtp, segment_ids_BS[:, :-1])
     return out, (tokens_BS, loss_mask_BS, segment_ids_BS)
+
+
+def batch_loss(model, batch: jax.Array, config: Config, balancing: Balancing, with_mtp: bool = True):
+    """(LossParts, ModelStats) of `model` on `batch`: from the logits, or with train.ce_chunk from the
+    output head's inputs, `ce_chunk` positions of logits at a time (train/loss.py)."""
+    chunk, tc = config.train.ce_chunk, config.train
+    out, (tokens_BS, loss_mask_BS, segment_ids_BS) = forward_batch(model, batch, with_mtp, features=bool(chunk))
+    main, mtp = (out.h_BTD, out.mtp_h_PBTD) if chunk else (out.logits_BTV, out.mtp_logits_PBTV)
+    parts = total_loss(main, mtp, out.stats, tokens_BS, tc.mtp_lambda if with_mtp else 0.0, balancing, loss_mask_BS,
+                       segment_ids_BS, head=model.logits if chunk else None, chunk=chunk)
+    return parts, out.stats
 
 
 def make_loss_and_grads(config: Config, graphdef: nnx.GraphDef, pipeline_mesh=None):
@@ -65,11 +78,8 @@ def make_loss_and_grads(config: Config, graphdef: nnx.GraphDef, pipeline_mesh=No
         return make_pipelined_loss_and_grads(config, graphdef, pipeline_mesh, balancing)
 
     def loss_fn(params, routing_bias, batch):
-        out, (tokens_BS, loss_mask_BS, segment_ids_BS) = forward_batch(nnx.merge(graphdef, params, routing_bias),
-                                                                       batch)
-        parts = total_loss(out.logits_BTV, out.mtp_logits_PBTV, out.stats, tokens_BS, config.train.mtp_lambda,
-                           balancing, loss_mask_BS, segment_ids_BS)
-        return parts.total, (parts, out.stats)
+        parts, stats = batch_loss(nnx.merge(graphdef, params, routing_bias), batch, config, balancing)
+        return parts.total, (parts, stats)
 
     return jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -128,14 +138,12 @@ def make_eval_step(config: Config, graphdef: nnx.GraphDef):
     no_balancing = Balancing(())
 
     def eval_step(state: TrainState, batch: jax.Array) -> dict[str, jax.Array]:
-        out, (tokens_BS, loss_mask_BS, segment_ids_BS) = forward_batch(
-            nnx.merge(graphdef, state.params, state.routing_bias), batch, with_mtp=False)
-        parts = total_loss(out.logits_BTV, None, out.stats, tokens_BS, 0.0, no_balancing, loss_mask_BS,
-                           segment_ids_BS)
+        parts, stats = batch_loss(nnx.merge(graphdef, state.params, state.routing_bias), batch, config, no_balancing,
+                                  with_mtp=False)
         metrics = {"lm_loss": parts.lm}
-        if out.stats.moe_layers is not None:
-            metrics["expert_load"] = out.stats.moe_layers.expert_load
-            metrics["choice_signature"] = out.stats.moe_layers.choice_signature_N  # [L_moe, B*T]
+        if stats.moe_layers is not None:
+            metrics["expert_load"] = stats.moe_layers.expert_load
+            metrics["choice_signature"] = stats.moe_layers.choice_signature_N  # [L_moe, B*T]
         return metrics
 
     return eval_step
