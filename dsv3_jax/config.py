@@ -420,7 +420,7 @@ class Config:
     sharding: ShardingOverrides = ()
 
     def __post_init__(self) -> None:
-        mesh_axes = tuple(f.name for f in dataclasses.fields(MeshConfig))
+        mesh_axes = tuple(MeshConfig().sizes())
         for name, axes in self.sharding:
             bad = [a for a in axes if a not in mesh_axes]
             _require(not bad and len(set(axes)) == len(axes),
@@ -543,7 +543,7 @@ def _parse_path(obj: Any, path: list[str], text: str, full_key: str, changes: di
         raise ConfigError(f"unknown config key {full_key!r}; valid keys under "
                           f"{'.'.join(full_key.split('.')[:-len(path)]) or 'the top level'}: {', '.join(sorted(names))}")
     current = getattr(obj, head)
-    if head == "sharding" and obj.__class__.__name__ == "Config":  # sharding.LOGICAL=AXIS,AXIS
+    if head == "sharding" and isinstance(obj, Config):  # sharding.LOGICAL=AXIS,AXIS
         if len(path) != 2:
             raise ConfigError(f"config key {full_key!r} must look like sharding.LOGICAL=AXIS[,AXIS...]")
         merged = dict(changes.get(head, current))

@@ -73,8 +73,12 @@ class DeepSeekV3(nnx.Module):
         `segment_ids_BT` (attention stays inside a segment) and `positions_BT` restarting at 0 in
         each segment."""
         h_BTD, mtp_h_PBTD, stats = self.features(tokens_BT, positions_BT, with_mtp, segment_ids_BT)
-        logits_BTV = constrain(self.logits(h_BTD), LOGITS_BTV)
-        return ModelOutput(logits_BTV, None if mtp_h_PBTD is None else self.logits(mtp_h_PBTD), stats)
+        return ModelOutput(*self._head_logits(h_BTD, mtp_h_PBTD), stats)
+
+    def _head_logits(self, h_BTD: Array, mtp_h_PBTD: Array | None) -> tuple[Array, Array | None]:
+        """(main logits, MTP logits or None) from the head's inputs."""
+        return (constrain(self.logits(h_BTD), LOGITS_BTV),
+                None if mtp_h_PBTD is None else self.logits(mtp_h_PBTD))
 
     def features(self, tokens_BT: Int[ArrayLike, "B T"], positions_BT: Int[ArrayLike, "B T"] | None = None,
                  with_mtp: bool = True, segment_ids_BT: Int[ArrayLike, "B T"] | None = None) -> ModelFeatures:
@@ -113,8 +117,7 @@ class DeepSeekV3(nnx.Module):
         from it: (logits, MTP logits [P, B, T, V] or None, the MTP blocks' router stats or None)."""
         h_normed_BTD, mtp_h_PBTD, mtp_stats = self.head_inputs_and_mtp(h_BTD, tokens_BT, cos, sin, with_mtp,
                                                                        segment_ids_BT)
-        logits_BTV = constrain(self.logits(h_normed_BTD), LOGITS_BTV)
-        return logits_BTV, None if mtp_h_PBTD is None else self.logits(mtp_h_PBTD), mtp_stats
+        return *self._head_logits(h_normed_BTD, mtp_h_PBTD), mtp_stats
 
     def head_inputs_and_mtp(self, h_BTD: Array, tokens_BT: Int[Array, "B T"], cos: Array, sin: Array,
                             with_mtp: bool = True, segment_ids_BT: Array | None = None

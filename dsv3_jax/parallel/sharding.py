@@ -21,19 +21,19 @@ Mesh axes (`parallel/mesh.py`): data, fsdp, tensor, expert, pipeline.
   weights outside the stack (embedding, dense layers, head, MTP): those are used by the first and
   last stages only, so no rank keeps a whole copy between steps; the step gathers them. Inside the
   stack the embed dim is "stage_embed" (model/block.py renames it), split by fsdp only: pipeline
-  already splits the stack's layers. (Under
-  SPMD every rank allocates the same buffers, so the gathered copy exists on every rank during
-  the step: this saves state, the step's temporaries still hold one copy; jobs/plan.py.)
+  already splits the stack's layers. (Under SPMD every rank allocates the same buffers, so the
+  gathered copy exists on every rank during the step: this saves state, the step's temporaries
+  still hold one copy; jobs/plan.py.)
 - tensor splits attention heads, FFN hidden dims and the vocabulary.
 - expert splits the routed experts.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import contextlib
 import contextvars
+import dataclasses
+import math
 from collections.abc import Iterator, Mapping
 
 import jax

@@ -22,14 +22,18 @@ from dsv3_jax.model.routing import Balancing
 def cross_entropy(logits_BTV: Float[Array, "B T V"], labels_BT: Int[Array, "B T"],
                   mask_BT: Array | None = None) -> Float[Array, ""]:
     """Mean token CE over unmasked positions (fp32)."""
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    picked_BT = jnp.take_along_axis(logits_BTV, labels_BT[..., None], axis=-1)[..., 0]
-    nll_BT = log_z_BT - picked_BT
+    nll_BT = token_nll(logits_BTV, labels_BT)
     if mask_BT is None:
         return nll_BT.mean()
     mask_BT = mask_BT.astype(jnp.float32)
     return (nll_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
+
+
+def token_nll(logits_xV: Float[Array, "*lead V"], labels_x: Int[Array, "*lead"]) -> Float[Array, "*lead"]:
+    """-log softmax(logits)[label] per position, in fp32."""
+    logits_xV = logits_xV.astype(jnp.float32)
+    picked_x = jnp.take_along_axis(logits_xV, labels_x[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits_xV, axis=-1) - picked_x
 
 
 def chunked_cross_entropy(head: Callable[[Array], Array], h_BTD: Float[Array, "B T D"], labels_BT: Int[Array, "B T"],
@@ -49,10 +53,7 @@ def chunked_cross_entropy(head: Callable[[Array], Array], h_BTD: Float[Array, "B
     @jax.checkpoint
     def chunk_nll(total, xs):
         h_BCD, labels_BC, mask_BC = xs
-        logits_BCV = head(h_BCD).astype(jnp.float32)
-        picked_BC = jnp.take_along_axis(logits_BCV, labels_BC[..., None], axis=-1)[..., 0]
-        nll_BC = jax.nn.logsumexp(logits_BCV, axis=-1) - picked_BC
-        return total + (nll_BC * mask_BC).sum(), None
+        return total + (token_nll(head(h_BCD), labels_BC) * mask_BC).sum(), None
 
     total, _ = jax.lax.scan(chunk_nll, jnp.zeros((), jnp.float32), (by_chunk(h_BTD), by_chunk(labels_BT),
                                                                      by_chunk(mask_BT)))
