@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     grpo = _post_training_parser(sub, "grpo", "reinforcement learning with GRPO and a rule-based reward (report §5.2)",
                                  "the run to start from (usually an SFT run)", 50,
                                  "seed of the problems and the sampling (train.seed)")
-    grpo.add_argument("--task", help="a registered task: arithmetic, python_linear")
+    grpo.add_argument("--task", help="a registered task: arithmetic, countdown, python_linear")
     grpo.set_defaults(func=cmd_grpo)
 
     gen = sub.add_parser("generate", help="sample text from a trained run")

@@ -61,6 +61,7 @@ GroupedGemmImpl = Literal["auto", "ragged_dot", "blocked"]  # model/grouped_gemm
 ExpertDispatch = Literal["a2a", "ragged", "ring", "gspmd"]  # parallel/expert.py
 Objective = Literal["pretrain", "sft", "grpo"]  # "sft": packed examples (post/sft.py); "grpo": jobs/grpo.py
 Attention = Literal["mla", "mha", "gqa", "mqa"]  # model/mla.py; the others model/gqa.py
+AdvantageNorm = Literal["std", "none"]  # post/grpo.py group_advantages
 PipelineSchedule = Literal["gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"]  # parallel/pipeline/schedules.py
 # model.remat (model/remat.py): one of these policies, or a comma-separated list of the activations
 # the blocks name (REMAT_NAMES) to keep, everything else recomputed in the backward pass.
@@ -357,14 +358,23 @@ class GRPOConfig:
     sets steps, lr and its schedule, the optimizer, logging, evaluation and checkpoint intervals."""
 
     task: str = "arithmetic"  # a name in post/tasks.py TASKS (checked in validate.py)
-    prompts_per_step: int = 8
+    prompts_per_step: int = 8  # N problems per step, from the task's train split
     group_size: int = 8  # G responses sampled per prompt
-    passes: int = 2  # optimisation passes over each batch of rollouts
-    epsilon: float = 0.2  # ratio clip
-    beta: float = 0.04  # KL(policy || reference) coefficient
-    temperature: float = 1.0
+    passes: int = 2  # optimisation passes over each batch of rollouts (pi_old is the sampler)
+    epsilon: float = 0.2  # ratio clip, eq. 26
+    beta: float = 0.04  # KL(policy || reference) coefficient, eq. 26; 0 drops the KL term
+    # The reference model of the KL term: the starting policy, or (every k steps) a fresh copy of the
+    # policy, so the KL bounds each stretch of k steps rather than the whole run. 0: never refreshed.
+    ref_refresh_every: int = 0
+    # Advantages (eq. 28): "std" divides each group's centred rewards by the group's std (the
+    # report); "none" only centres them (a group's scale stays the reward's, as Dr. GRPO argues).
+    advantage_norm: AdvantageNorm = "std"
+    # Reward = correctness + format_weight x the task's format reward (a well-formed answer, right or
+    # wrong), for tasks that have one; held-out accuracy counts correctness only.
+    format_weight: float = 0.1
+    temperature: float = 1.0  # of the rollouts and of the policy's log-probs in the ratio
     top_p: float = 1.0
-    max_new_tokens: int = 0  # 0: the task's own limit
+    max_new_tokens: int = 0  # max response length; 0: the task's own limit
     eval_problems: int = 128  # held-out problems scored greedily every train.eval_every steps
 
     def __post_init__(self) -> None:
@@ -374,6 +384,10 @@ class GRPOConfig:
                  f"grpo.group_size={self.group_size!r} must be an integer >= 2 (advantages compare a group's responses)")
         _require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
                  f"grpo.max_new_tokens={self.max_new_tokens!r} must be an integer >= 0 (0: the task's limit)")
+        _require(isinstance(self.ref_refresh_every, int) and self.ref_refresh_every >= 0,
+                 f"grpo.ref_refresh_every={self.ref_refresh_every!r} must be an integer >= 0 (0: never)")
+        _require(0.0 <= self.format_weight <= 1.0 and math.isfinite(self.format_weight),
+                 f"grpo.format_weight={self.format_weight} must be in [0, 1]")
         _require(0.0 < self.epsilon < 1.0, f"grpo.epsilon={self.epsilon} must be in (0, 1)")
         _require(self.beta >= 0 and math.isfinite(self.beta), f"grpo.beta={self.beta} must be a finite number >= 0")
         _require(0.0 < self.temperature <= 10.0, f"grpo.temperature={self.temperature} must be in (0, 10] "

@@ -31,8 +31,9 @@ def write_report(run_dir: Path) -> list[Path]:
         ("max_vio.png", "Expert load imbalance", "max load / mean load - 1",
          [("max_vio", "MaxVio (batch, mean over layers)")], [("val_max_vio", "MaxVio (validation set)")]),
         ("reward.png", "GRPO rewards", "reward / fraction",
-         [("reward_mean", "mean reward (sampled rollouts)"), ("groups_with_variance", "groups with reward variance")],
-         [("val_accuracy", "held-out accuracy (greedy)")]),
+         [("reward_mean", "mean reward (sampled rollouts)"), ("correct_mean", "correct (sampled rollouts)"),
+          ("groups_with_variance", "groups with reward variance")],
+         [("val_accuracy", "held-out accuracy (greedy)"), ("ood_accuracy", "out-of-distribution accuracy (greedy)")]),
     ]
     for file, title, ylabel, series, eval_series in line_plots:
         if not any(series[0][0] in m for m in metrics):

@@ -14,8 +14,14 @@ from flax import nnx
 
 from conftest import cli_env
 from dsv3_jax.checkpoint import load_trained
-from dsv3_jax.post.grpo import group_advantages, grpo_loss, sample_rollouts, token_logprobs
-from dsv3_jax.jobs.grpo import grpo, grpo_config
+from dsv3_jax.checkpoint import Checkpointer, restore_target
+from dsv3_jax.config import config_from_json
+from dsv3_jax.data.tokenizer import EOS
+from dsv3_jax.infer.generate import generate_with_logprobs
+from dsv3_jax.post.grpo import group_advantages, grpo_loss, make_grpo_fns, sample_rollouts, token_logprobs
+from dsv3_jax.jobs.grpo import grpo, grpo_config, per_update
+from dsv3_jax.post.sft import init_from_run
+from dsv3_jax.train.state import abstract_train_state, create_train_state
 from dsv3_jax.post.rewards import REWARDS, register_reward
 from dsv3_jax.post.tasks import TASKS, Problem, register_task
 
@@ -80,6 +86,8 @@ def test_advantages_are_normalised_within_each_group():
     np.testing.assert_allclose(advantages.std(1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(advantages[0], [np.sqrt(3), -1 / np.sqrt(3), -1 / np.sqrt(3), -1 / np.sqrt(3)], rtol=1e-5)
     assert has_variance.all()
+    centred, _ = group_advantages(rewards, norm="none")  # Dr. GRPO: centred, the reward's own scale
+    np.testing.assert_allclose(centred, rewards - rewards.mean(1, keepdims=True), rtol=1e-6)
 
 
 # A toy task the random-initialised test model can learn in a few steps: reward = the share of
@@ -117,6 +125,55 @@ def test_rollout_logprobs_are_the_policys_own(tiny_base_run):
     assert rollouts.rewards_NG.shape == (3, 4)
 
 
+def test_a_grpo_update_moves_the_policy_toward_the_rewarded_response(tiny_base_run):
+    """One prompt, two fixed responses, rewards 1 and 0: after the update the rewarded response is
+    more likely and the other less. The same batch with the advantages' sign flipped moves both the
+    other way (so the assertion tells the objective's direction apart)."""
+    config = _toy_config(tiny_base_run, 0, 4, "train.lr=3e-3")
+    graphdef, optimizer, policy = create_train_state(per_update(config), config.train.seed)
+    policy = init_from_run(policy, config)
+    reference_logprobs, update = make_grpo_fns(config, graphdef, optimizer)
+    tokens_BS = np.array([[5, 9, 14, 20, 31, 2], [5, 9, 14, 7, 3, 40]], np.int32)  # a shared 3-token prompt
+    mask_BT = np.zeros((2, 5), np.float32)
+    mask_BT[:, 2:] = 1.0  # positions 2..4 predict the response's tokens 3..5
+    tokens_BS, mask_BT = jnp.asarray(tokens_BS), jnp.asarray(mask_BT)
+    start_logp_BT = reference_logprobs(policy.params, policy.routing_bias, tokens_BS)
+    advantages_B = jnp.asarray(group_advantages(np.array([[1.0, 0.0]]))[0].reshape(-1))  # [1, -1]
+
+    def response_logprob_change(sign: float):
+        state = jax.tree.map(jnp.copy, policy)  # the update donates its state
+        for _ in range(3):
+            state, _ = update(state, tokens_BS, mask_BT, start_logp_BT, start_logp_BT, sign * advantages_B)
+        logp_BT = reference_logprobs(state.params, state.routing_bias, tokens_BS)
+        return np.asarray(((logp_BT - start_logp_BT) * mask_BT).sum(axis=1))
+
+    rewarded, unrewarded = response_logprob_change(+1.0)
+    assert rewarded > 0.05 and unrewarded < -0.05, (rewarded, unrewarded)
+    rewarded, unrewarded = response_logprob_change(-1.0)  # planted: the advantage's sign flipped
+    assert rewarded < 0 < unrewarded, (rewarded, unrewarded)
+
+
+def test_greedy_rollouts_from_the_latent_cache_equal_rollouts_without_it(tiny_base_run):
+    """The rollout generator (batched, prompts of different lengths, latent cache, absorbed decode)
+    against re-running the whole sequence through the model for every new token, greedily: the
+    same tokens, and the same recorded log-probs."""
+    _, model, tokenizer = load_trained(tiny_base_run)
+    eos = tokenizer.token_to_id(EOS)
+    prompts = [tokenizer.encode(text, add_special_tokens=False).ids for text in ("3+4=", "12+7=", "25+")]
+    assert len({len(p) for p in prompts}) > 1
+    cached, cached_logp = generate_with_logprobs(model, prompts, 6, temperature=0.0, eos_id=eos)
+    for prompt, tokens, logps in zip(prompts, cached, cached_logp):
+        sequence, expected_logp = list(prompt), []
+        for _ in range(6):
+            logits_V = model(jnp.asarray([sequence]), with_mtp=False).logits_BTV[0, -1]
+            sequence.append(int(jnp.argmax(logits_V)))
+            expected_logp.append(float(jax.nn.log_softmax(logits_V)[sequence[-1]]))
+            if sequence[-1] == eos:
+                break
+        assert tokens == sequence[len(prompt):]
+        np.testing.assert_allclose(logps, expected_logp, atol=1e-4)
+
+
 # Measured over seeds 0..5 (12 steps, lr 1e-2): the mean reward of the last 4 steps minus the first
 # 4 was 0.059..0.198 (seeds 0, 1, 2: 0.189, 0.198, 0.133). Asserted > 0.03 on one seed (each costs
 # ~35 s on 2 cores; experiments/grpo_arithmetic.py measures GRPO over seeds).
@@ -128,13 +185,16 @@ def test_grpo_raises_a_toy_reward(tiny_base_run, tmp_path, seed):
 
 
 def test_grpo_resume_continues_exactly(tiny_base_run, tmp_path):
+    """With the reference refreshed every 2 steps (grpo.ref_refresh_every), so the resumed run
+    must also restore a reference that is no longer the starting model."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert grpo(_toy_config(tiny_base_run, 7, 4), straight, progress=False) == 0
-    assert grpo(_toy_config(tiny_base_run, 7, 2), split, progress=False) == 0
-    assert grpo(_toy_config(tiny_base_run, 7, 4), split, resume=True, progress=False) == 0
+    refresh = "grpo.ref_refresh_every=2"
+    assert grpo(_toy_config(tiny_base_run, 7, 4, refresh), straight, progress=False) == 0
+    assert grpo(_toy_config(tiny_base_run, 7, 2, refresh), split, progress=False) == 0
+    assert grpo(_toy_config(tiny_base_run, 7, 4, refresh), split, resume=True, progress=False) == 0
 
     def records(run):  # all but timings and the held-out score taken at the end of the 2-step run
-        timing = ("rollout_tokens_per_s", "train_tokens_per_s", "val_accuracy")
+        timing = ("rollout_tokens_per_s", "train_tokens_per_s", "val_accuracy", "ood_accuracy")
         return [{k: v for k, v in json.loads(line).items() if k not in timing}
                 for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -144,6 +204,15 @@ def test_grpo_resume_continues_exactly(tiny_base_run, tmp_path):
     _, base, _ = load_trained(tiny_base_run, with_tokenizer=False)
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), nnx.state(policy, nnx.Param), nnx.state(base, nnx.Param))
     assert max(jax.tree.leaves(moved)) > 0
+    # Refreshed at step 4 (and 2): the saved reference is the final policy, not the starting model.
+    _, _, abstract = abstract_train_state(config_from_json((straight / "config.json").read_text()), 7)
+    abstract = {"policy": abstract, "reference": abstract.params, "reference_bias": abstract.routing_bias}
+    checkpointer = Checkpointer(straight / "checkpoints", read_only=True)
+    state, _, step = checkpointer.restore(restore_target(abstract))
+    checkpointer.close()
+    assert step == 4
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, state["reference"], state["policy"].params)))
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, state["reference"], nnx.state(base, nnx.Param))))
 
 
 def test_grpo_cli_refuses_bad_input(tiny_base_run, tmp_path):

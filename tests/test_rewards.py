@@ -2,12 +2,14 @@
 sandbox, which must score every way a program can end without harming the caller."""
 
 import tempfile
+from fractions import Fraction
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dsv3_jax.post.expressions import Parsed, parse_expression
 from dsv3_jax.post.rewards import REWARDS, file_boundary, run_python
 from dsv3_jax.post.tasks import TASKS, Problem, held_out
 
@@ -32,6 +34,9 @@ def test_exact_answer_reads_the_final_number(completion, reward):
     ("import socket\nsocket.create_connection(('127.0.0.1', 9))\n", "failed"),  # no network
     ("import os\nos.system('true')\n", "failed"),  # no processes
     ("import ctypes\n", "failed"),
+    ("x = bytearray(2 << 30)\n", "failed"),  # 2 GB: over the 512 MB address-space limit
+    ("import os\nwhile True:\n    os.fork()\n", "failed"),  # a fork bomb: no new processes
+    ("import subprocess\nsubprocess.run(['true'])\n", "failed"),
 ])
 def test_sandbox_scores_each_ending_within_its_time_limit(body, status):
     start = time.perf_counter()
@@ -90,13 +95,50 @@ def test_code_reward_on_the_python_task():
     assert time.perf_counter() - start < 6.0
 
 
-def test_task_splits_are_disjoint_and_seeded():
-    task = TASKS["arithmetic"]
+@pytest.mark.parametrize("task_name", ["arithmetic", "countdown"])
+def test_task_splits_are_disjoint_and_seeded(task_name):
+    task = TASKS[task_name]
     rng = np.random.default_rng(0)
     train = {p.prompt for p in (task.sample(rng, "train") for _ in range(2000))}
-    held = {p.prompt for p in held_out(task, 200)}
-    assert not train & held
+    held, ood = {p.prompt for p in held_out(task, 200)}, {p.prompt for p in held_out(task, 200, split="ood")}
+    assert not train & held and not train & ood and not held & ood
     assert [p.prompt for p in held_out(task, 20)] == [p.prompt for p in held_out(task, 20)]
-    for p in held_out(task, 20):
-        a, b = map(int, p.prompt.rstrip("=").split("+"))
-        assert p.answer == str(a + b) == p.response
+    reward = REWARDS[task.reward]
+    for p in held_out(task, 50) + held_out(task, 50, split="ood"):
+        assert reward(p.response, p) == 1.0  # the worked response is rewarded
+
+
+# "8,3,2:13=": 8, 3 and 2, each once, worth 13.
+COUNTDOWN = Problem("8,3,2:13=", "13", "8+3+2")
+
+
+@pytest.mark.parametrize("completion, correct, well_formed", [
+    ("8+3+2", 1, 1), ("2+3+8", 1, 1), ("(8-3)*2+3", 0, 0), ("8*2-3", 1, 1), ("  2 * 8 - 3 ", 1, 1),  # any order
+    ("8/(3-3)+2", 0, 0),  # division by zero (and 3 used twice)
+    ("2/(8-8)", 0, 0),
+    ("8*3/2+1", 0, 0),  # 1 is not given
+    ("8+3", 0, 0),  # 2 left out
+    ("8+3+3", 0, 0),  # a number used twice
+    ("8+3+2=13", 0, 0), ("8+3+2 is 13", 0, 0), ("8+3+2)", 0, 0), ("(8+3+2", 0, 0),  # extra or missing tokens
+    ("13", 0, 0), ("", 0, 0), ("8++3+2", 0, 0), ("-8+3+2", 0, 0), ("8+3+2.0", 0, 0),  # not an expression of them
+    ("8+3*2", 0, 1),  # well-formed, the wrong value (precedence: 14)
+    ("8/2*3", 0, 1),  # 12
+    ("(8+2)/2*3-2", 0, 0),  # too many numbers
+    ("3/2*8+1", 0, 0),
+    ("8*3/2", 0, 1),  # 12
+    ("8/3*2", 0, 1),  # 16/3: exact fractions, not rounded to an integer
+])
+def test_countdown_reward_parses_and_checks_the_expression(completion, correct, well_formed):
+    assert REWARDS["countdown"](completion, COUNTDOWN) == correct
+    assert REWARDS["countdown_format"](completion, COUNTDOWN) == well_formed
+
+
+def test_countdown_values_are_exact_fractions():
+    problem = Problem("8,3,3:8=", "8", "")
+    assert REWARDS["countdown"]("8/3*3", problem) == 1.0  # 8/3 is not rounded
+    assert REWARDS["countdown"]("8/(3*3)", problem) == 0.0
+    assert parse_expression("7/2") == Parsed(Fraction(7, 2), (7, 2))
+    assert parse_expression("(1+2)*(3") is None and parse_expression("import os") is None
+    assert parse_expression("4/(2-2)") == Parsed(None, (4, 2, 2))
+    zero = Problem("4,4,3:3=", "3", "")
+    assert REWARDS["countdown"]("3/(4-4)", zero) == 0.0 and REWARDS["countdown_format"]("3/(4-4)", zero) == 1.0

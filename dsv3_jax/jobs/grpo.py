@@ -111,6 +111,7 @@ def _run(config: Config, run_dir: Path, resume: bool, progress: bool, tokenizer,
     write_atomic(run_dir / "config.json", config.to_json())
     reference_logprobs, update = make_grpo_fns(config, graphdef, optimizer)
     eval_problems = held_out(task, gc.eval_problems)
+    ood_problems = held_out(task, gc.eval_problems, split="ood") if task.has_ood else []
 
     reporter.start(start)
     reporter.message(f"run directory: {run_dir} (GRPO on {task.name}, steps {start + 1}..{tc.steps})")
@@ -123,6 +124,8 @@ def _run(config: Config, run_dir: Path, resume: bool, progress: bool, tokenizer,
                 if step % tc.eval_every == 0 or step == tc.steps:
                     model = nnx.merge(graphdef, state.policy.params, state.policy.routing_bias)
                     record["val_accuracy"] = task_accuracy(model, tokenizer, task, eval_problems, gc.max_new_tokens)
+                    if ood_problems:
+                        record["ood_accuracy"] = task_accuracy(model, tokenizer, task, ood_problems, gc.max_new_tokens)
                 if step % tc.log_every == 0 or "val_accuracy" in record:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
@@ -150,9 +153,11 @@ def grpo_step(config: Config, task, tokenizer, graphdef, state: GRPOState, step:
     t0 = time.perf_counter()
     rollouts = sample_rollouts(policy_model, tokenizer, task, problems, config, seed=int(rng.integers(2 ** 31)))
     rollout_s = time.perf_counter() - t0
-    advantages_NG, has_variance_N = group_advantages(rollouts.rewards_NG)
+    advantages_NG, has_variance_N = group_advantages(rollouts.rewards_NG, gc.advantage_norm)
     record = {"step": step, "reward_mean": float(rollouts.rewards_NG.mean()),
-              "reward_max": float(rollouts.rewards_NG.max()), "groups_with_variance": float(has_variance_N.mean()),
+              "reward_max": float(rollouts.rewards_NG.max()), "correct_mean": float(rollouts.correct_NG.mean()),
+              "well_formed_mean": float(rollouts.well_formed_NG.mean()),
+              "groups_with_variance": float(has_variance_N.mean()),
               "response_length": float(rollouts.response_lengths_B.mean()),
               "rollout_tokens_per_s": float(rollouts.response_lengths_B.sum() / rollout_s)}
     policy = state.policy
@@ -172,7 +177,11 @@ def grpo_step(config: Config, task, tokenizer, graphdef, state: GRPOState, step:
         record.update({"loss": 0.0, "grad_norm": 0.0, "nonfinite_state": 0.0, "skipped": 1.0})
     record["lr"] = float(lr_schedule(per_update(config).train)((step - 1) * gc.passes))
     policy = policy.replace(step=policy.step + 1)
-    return state.replace(policy=policy), record
+    state = state.replace(policy=policy)
+    if gc.ref_refresh_every and step % gc.ref_refresh_every == 0:  # the KL's anchor moves to the policy
+        state = state.replace(reference=jax.tree.map(jnp.copy, policy.params),
+                              reference_bias=jax.tree.map(jnp.copy, policy.routing_bias))
+    return state, record
 
 
 def per_update(config: Config) -> Config:

@@ -35,13 +35,16 @@ from dsv3_jax.post.tasks import Problem, Task
 from dsv3_jax.train.step import max_violation, nonfinite_weights, update_routing_bias
 
 
-def group_advantages(rewards_NG: np.ndarray, min_std: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-    """eq. 28 per group (population std): (advantages [N, G], whether each group has variance [N]);
-    groups without variance get advantage 0 (and are left out of the loss by their mask)."""
+def group_advantages(rewards_NG: np.ndarray, norm: str = "std", min_std: float = 1e-6
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """eq. 28 per group (population std; norm="none": centred only): (advantages [N, G], whether
+    each group has variance [N]); groups without variance get advantage 0 (and are left out of
+    the loss by their mask)."""
     rewards_NG = np.asarray(rewards_NG, np.float64)
     std_N = rewards_NG.std(axis=1)
     has_variance_N = std_N > min_std
-    advantages = (rewards_NG - rewards_NG.mean(axis=1, keepdims=True)) / np.where(has_variance_N, std_N, 1.0)[:, None]
+    scale_N = np.where(has_variance_N, std_N, 1.0) if norm == "std" else np.ones_like(std_N)
+    advantages = (rewards_NG - rewards_NG.mean(axis=1, keepdims=True)) / scale_N[:, None]
     return np.where(has_variance_N[:, None], advantages, 0.0).astype(np.float32), has_variance_N
 
 
@@ -85,7 +88,9 @@ class Rollouts:
     """G sampled responses per problem, scored, laid out for the loss (rows grouped per problem)."""
     problems: list[Problem]
     completions: list[str]
-    rewards_NG: np.ndarray
+    rewards_NG: np.ndarray  # correct + grpo.format_weight x well-formed: what the advantages see
+    correct_NG: np.ndarray  # the task's reward alone
+    well_formed_NG: np.ndarray  # the task's format reward (zeros for a task without one)
     tokens_BS: np.ndarray  # prompt + response, right-padded with EOS
     mask_BT: np.ndarray  # 1 where position t predicts a response token (its EOS included)
     old_logp_BT: np.ndarray  # log-probs recorded at sampling time, at the same positions
@@ -107,7 +112,10 @@ def sample_rollouts(model: nnx.Module, tokenizer, task: Task, problems: list[Pro
     reward_fn = REWARDS[task.reward]
     scored = [(c, problems[i // G]) for i, c in enumerate(completions)]
     with ThreadPoolExecutor(max_workers=8) as pool:  # the code reward waits on subprocesses
-        rewards = list(pool.map(lambda pair: reward_fn(*pair), scored))
+        correct = np.array(list(pool.map(lambda pair: reward_fn(*pair), scored)), np.float32)
+    format_fn = REWARDS[task.format_reward] if task.format_reward else lambda completion, problem: 0.0
+    well_formed = np.array([format_fn(*pair) for pair in scored], np.float32)
+    rewards = correct + np.float32(gc.format_weight) * well_formed
 
     # Room for the longest prompt and the longest allowed response, in steps of 16: one shape (one
     # compilation of the update) per run for a task whose prompts have similar lengths.
@@ -120,13 +128,15 @@ def sample_rollouts(model: nnx.Module, tokenizer, task: Task, problems: list[Pro
         tokens_BS[b, :len(p) + len(r)] = p + r
         mask_BT[b, len(p) - 1:len(p) - 1 + len(r)] = 1.0  # position t predicts token t + 1
         old_logp_BT[b, len(p) - 1:len(p) - 1 + len(r)] = lp
-    return Rollouts(problems, completions, np.array(rewards, np.float32).reshape(len(problems), G), tokens_BS,
-                    mask_BT, old_logp_BT, np.array([len(r) for r in responses]))
+    N = len(problems)
+    return Rollouts(problems, completions, rewards.reshape(N, G), correct.reshape(N, G), well_formed.reshape(N, G),
+                    tokens_BS, mask_BT, old_logp_BT, np.array([len(r) for r in responses]))
 
 
 def task_accuracy(model: nnx.Module, tokenizer, task: Task, problems: list[Problem], max_new_tokens: int = 0
                   ) -> float:
-    """Mean reward of greedy responses (for exact-answer tasks: the accuracy)."""
+    """Mean correctness reward of greedy responses (the task's reward, no format part: for exact-
+    answer tasks, the accuracy)."""
     eos = tokenizer.token_to_id(EOS)
     prompts = [tokenizer.encode(p.prompt, add_special_tokens=False).ids for p in problems]
     responses = generate_with_logprobs(model, prompts, max_new_tokens or task.max_new_tokens, eos_id=eos)[0]
