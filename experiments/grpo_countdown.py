@@ -207,7 +207,10 @@ def write_results(plateau, rows, curves, runtime, args) -> None:
     axes[0, 1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "grpo_countdown.png", dpi=100)
-    (RESULTS / "grpo_countdown.md").write_text("\n".join(lines) + "\n")
+    # The hand-written "## Reading" of the last run's numbers is kept (re-read it against the new tables).
+    md = RESULTS / "grpo_countdown.md"
+    reading = md.read_text().partition("\n## Reading")[2] if md.is_file() else ""
+    md.write_text("\n".join(lines) + "\n" + ("\n## Reading" + reading if reading else ""))
     print("\n".join(lines))
 
 
