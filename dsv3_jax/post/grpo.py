@@ -32,6 +32,7 @@ from dsv3_jax.infer.generate import generate_with_logprobs
 from dsv3_jax.model.routing import Balancing
 from dsv3_jax.post.rewards import REWARDS
 from dsv3_jax.post.tasks import Problem, Task
+from dsv3_jax.train.loss import token_nll
 from dsv3_jax.train.step import max_violation, nonfinite_weights, update_routing_bias
 
 
@@ -50,8 +51,7 @@ def group_advantages(rewards_NG: np.ndarray, norm: str = "std", min_std: float =
 
 def token_logprobs(logits_BTV: Float[Array, "B T V"], labels_BT: Array, temperature: float) -> Float[Array, "B T"]:
     """log pi(label) under softmax(logits / T): the policy that sampled the rollouts."""
-    logprobs_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32) / temperature, axis=-1)
-    return jnp.take_along_axis(logprobs_BTV, labels_BT[..., None], axis=-1)[..., 0]
+    return -token_nll(logits_BTV.astype(jnp.float32) / temperature, labels_BT)
 
 
 class GRPOParts(NamedTuple):
@@ -113,8 +113,8 @@ def sample_rollouts(model: nnx.Module, tokenizer, task: Task, problems: list[Pro
     scored = [(c, problems[i // G]) for i, c in enumerate(completions)]
     with ThreadPoolExecutor(max_workers=8) as pool:  # the code reward waits on subprocesses
         correct = np.array(list(pool.map(lambda pair: reward_fn(*pair), scored)), np.float32)
-    format_fn = REWARDS[task.format_reward] if task.format_reward else lambda completion, problem: 0.0
-    well_formed = np.array([format_fn(*pair) for pair in scored], np.float32)
+    well_formed = (np.array([REWARDS[task.format_reward](*pair) for pair in scored], np.float32)
+                   if task.format_reward else np.zeros_like(correct))
     rewards = correct + np.float32(gc.format_weight) * well_formed
 
     # Room for the longest prompt and the longest allowed response, in steps of 16: one shape (one

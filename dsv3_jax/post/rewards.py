@@ -20,7 +20,7 @@ import textwrap
 from dataclasses import dataclass
 from collections.abc import Callable
 
-from dsv3_jax.post.expressions import parse_expression
+from dsv3_jax.post.expressions import Parsed, parse_expression
 from dsv3_jax.post.tasks import Problem
 
 RewardFn = Callable[[str, Problem], float]
@@ -47,16 +47,18 @@ def exact_answer(completion: str, problem: Problem) -> float:
     return float(bool(numbers) and numbers[-1] == problem.answer)
 
 
-def _given_numbers(problem: Problem) -> list[int]:
-    return sorted(int(n) for n in problem.prompt.split(":")[0].split(","))
+def _well_formed(completion: str, problem: Problem) -> Parsed | None:
+    """The completion parsed, if it is one expression using exactly the prompt's numbers, each once."""
+    given = sorted(int(n) for n in problem.prompt.split(":")[0].split(","))
+    parsed = parse_expression(completion)
+    return parsed if parsed is not None and sorted(parsed.numbers) == given else None
 
 
 @register_reward("countdown_format")
 def countdown_format(completion: str, problem: Problem) -> float:
     """1 if the completion is one expression (integers, + - * /, brackets) using exactly the given
     numbers, each once, whatever its value; else 0. A division by zero is still well-formed."""
-    parsed = parse_expression(completion)
-    return float(parsed is not None and sorted(parsed.numbers) == _given_numbers(problem))
+    return float(_well_formed(completion, problem) is not None)
 
 
 @register_reward("countdown")
@@ -64,9 +66,8 @@ def countdown(completion: str, problem: Problem) -> float:
     """1 if the completion is a well-formed expression of the given numbers, each once, whose exact
     value is the target; any such expression counts. Else 0 (division by zero, a number used twice
     or left out, a number not given, any text besides the expression)."""
-    parsed = parse_expression(completion)
-    return float(parsed is not None and sorted(parsed.numbers) == _given_numbers(problem)
-                 and parsed.value == int(problem.answer))
+    parsed = _well_formed(completion, problem)
+    return float(parsed is not None and parsed.value == int(problem.answer))
 
 
 @register_reward("python_tests")

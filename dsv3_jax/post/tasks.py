@@ -19,7 +19,6 @@ import numpy as np
 from dsv3_jax.post.expressions import parse_expression
 
 Split = str  # "train", "eval" (held out from the train distribution) or "ood" (outside it)
-SPLITS = ("train", "eval", "ood")
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ def arithmetic(rng: np.random.Generator, split: Split) -> Problem:
 # (post/rewards.py countdown), the SFT data shows one. Problems come from a random expression over
 # the numbers, so every problem has a solution; the split is by (sorted numbers, target).
 COUNTDOWN_NUMBERS = 3
-COUNTDOWN_MAX_TARGET = {"train": 49, "eval": 49, "ood": 99}  # ood: targets 50..99, never trained on
+COUNTDOWN_TARGETS = {"train": (1, 49), "eval": (1, 49), "ood": (50, 99)}  # ood: never trained on
 _SHAPES = ("{0}{o0}{1}{o1}{2}", "({0}{o0}{1}){o1}{2}", "{0}{o0}({1}{o1}{2})")
 
 
@@ -94,11 +93,10 @@ def countdown(rng: np.random.Generator, split: Split) -> Problem:
         o0, o1 = (str(o) for o in rng.choice(list("+-*/"), 2))
         expression = _SHAPES[int(rng.integers(len(_SHAPES)))].format(*order, o0=o0, o1=o1)
         value = parse_expression(expression).value
-        if value is None or value.denominator != 1 or not 1 <= value <= COUNTDOWN_MAX_TARGET[split]:
+        low, high = COUNTDOWN_TARGETS[split]
+        if value is None or value.denominator != 1 or not low <= value <= high:
             continue
         target = int(value)
-        if (split == "ood") != (target > COUNTDOWN_MAX_TARGET["train"]):
-            continue
         if split == "ood" or in_eval_split(*sorted(numbers), target) == (split == "eval"):
             return Problem(prompt=f"{','.join(map(str, numbers))}:{target}=", answer=str(target), response=expression)
 
