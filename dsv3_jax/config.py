@@ -149,8 +149,9 @@ class ModelConfig:
     # and scales, and the routed experts their input rows and SwiGLU inputs; false keeps them in
     # the compute dtype. The Linear after attention keeps bf16 (the report's E5M6 has no JAX dtype).
     fp8_activation_cache: bool = True
-    # Routed experts' grouped GEMM (model/grouped_gemm.py): "auto" = "blocked" on CPU (XLA:CPU
-    # lowers ragged_dot densely over all experts), "ragged_dot" elsewhere.
+    # Routed experts' grouped GEMM (model/grouped_gemm.py): "auto" = "ragged_dot" on TPU (XLA:TPU's
+    # grouped kernels), "blocked" on CPU and GPU (both XLA backends lower ragged_dot densely over
+    # all experts).
     grouped_gemm: GroupedGemmImpl = "auto"
     # Routed experts under a mesh with expert > 1 (parallel/expert.py, report §3.2.2): each rank
     # computes only its experts. "a2a": portable all-to-all, each token sent once per rank, buffers

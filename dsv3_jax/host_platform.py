@@ -21,8 +21,13 @@ def host_has_accelerator() -> bool:
 
 
 def default_to_cpu_without_accelerator() -> None:
-    if "JAX_PLATFORMS" not in os.environ and not host_has_accelerator():
-        os.environ["JAX_PLATFORMS"] = "cpu"
+    if host_has_accelerator():
+        return
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # No driver to check: without this, the CUDA plugin's version check fails when JAX first starts
+    # its backends (any jax.devices()), and the compile-only GPU topologies of `dsv3 compile` are
+    # gone for the rest of the process ("topology not implemented for cuda").
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 
 # XLA:CPU aborts the process (SIGABRT) when a collective's participants have not all arrived within

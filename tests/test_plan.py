@@ -28,7 +28,9 @@ def test_planner_agrees_with_the_compiled_step(sizes):
     assert abs(planned - compiled) <= 0.30 * compiled, got
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
+# DualPipe (slow: ~2 min of XLA:CPU here; experiments/plan_vs_compiler.py has it on an H100 target):
+# the stored 1/P and the mirrored stage received for the step.
+@pytest.mark.parametrize("schedule", ["1f1b", pytest.param("dualpipe", marks=pytest.mark.slow), "dualpipev"])
 def test_planner_agrees_with_the_compiled_pipelined_step(schedule):
     """On data=2,pipeline=2,expert=2 (tiny with 4 MoE layers): the stage-owned state, the weights
     outside the stack split at rest, the executor's pools of stage inputs and one stage's recomputed
@@ -84,16 +86,17 @@ def test_schedule_figures_follow_table_2():
 
 
 def test_pipeline_ranks_own_their_stages():
-    """The stage-owned layout: a 1F1B rank holds 1/P of the MoE stack, a DualPipe rank two copies."""
+    """The stage-owned layout: every schedule's rank stores 1/P of the MoE stack; a DualPipe rank
+    receives the mirrored stage P-1-r for the step (Table 2's 2x parameters), a step buffer with the
+    gathered weights, and computes gradients for both (parallel/pipeline/executor.py)."""
     config = apply_overrides(get_preset("deepseek-v3-671b"), ["train.microbatches=32"])  # DualPipe: >= 2P
     hw = HARDWARE["h800"]
     flat = plan(Layout(config, {"expert": 64}, hw))
-    import dataclasses
     one_f = plan(Layout(config, {"expert": 64, "pipeline": 16}, hw))
-    dual = plan(Layout(dataclasses.replace(config, train=dataclasses.replace(config.train,
-                                                                              pipeline_schedule="dualpipe")),
-                       {"expert": 64, "pipeline": 16}, hw))
-    assert one_f.params < flat.params / 4 and one_f.params < dual.params < 2 * one_f.params + flat.params / 16
+    dual = plan(Layout(apply_overrides(config, ["train.pipeline_schedule=dualpipe"]), {"expert": 64, "pipeline": 16}, hw))
+    assert one_f.params < flat.params / 4 and dual.params == one_f.params and dual.optimizer == one_f.optimizer
+    mirrored = dual.gathered - one_f.gathered
+    assert flat.params / 32 < mirrored < flat.params / 16 and dual.grads == one_f.grads + mirrored
 
 
 def test_plan_cli_prints_the_report_layout_and_refuses_bad_input():

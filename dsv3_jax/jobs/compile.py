@@ -336,19 +336,26 @@ def kernel_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def planned_vs_compiled(planned, report: CompileReport, config: Config) -> list[tuple[str, str]]:
-    """`dsv3 plan --compile`: the planner's per-device state and temporaries beside the compiler's
-    (state: the step's arguments less the token batch; temporaries: gradients + activations)."""
+def planned_and_compiled(planned, report: CompileReport, config: Config) -> dict[str, tuple[int, int]]:
+    """{"state": (planned, compiled), "temporaries": (planned, compiled)} bytes per device, counted as
+    `jobs/plan.check_against_compiler` counts them (state: the step's arguments less the token batch;
+    temporaries: gradients, activations and the weights gathered for the step)."""
     tc = config.train
     batch_bytes = tc.batch_size * (tc.seq_len + 1) * 4 // rules_for(config).shards("batch", config.mesh.sizes())
-    compiled_state = report.memory["argument"] - batch_bytes
-    planned_temps = planned.grads + planned.activations
+    return {"state": (planned.state, report.memory["argument"] - batch_bytes),
+            "temporaries": (planned.grads + planned.activations + planned.gathered, report.memory["temporary"])}
+
+
+def planned_vs_compiled(planned, report: CompileReport, config: Config) -> list[tuple[str, str]]:
+    """`dsv3 plan --compile`: the planner's per-device state and temporaries beside the compiler's."""
+    compared = planned_and_compiled(planned, report, config)
+    (planned_state, compiled_state), (planned_temps, compiled_temps) = compared["state"], compared["temporaries"]
     on = f"{report.target} ({report.what})"
     return [(f"compiled on {on}: state (arguments less the batch)", _gib(compiled_state)),
-            ("planned state / compiled", f"{planned.state / max(compiled_state, 1):.2f}"),
-            (f"compiled on {on}: temporaries", _gib(report.memory["temporary"])),
-            ("planned gradients + activations / compiled temporaries",
-             f"{planned_temps / max(report.memory['temporary'], 1):.2f}"),
+            ("planned state / compiled", f"{planned_state / max(compiled_state, 1):.2f}"),
+            (f"compiled on {on}: temporaries", _gib(compiled_temps)),
+            ("planned gradients + activations + gathered / compiled temporaries",
+             f"{planned_temps / max(compiled_temps, 1):.2f}"),
             (f"compiled on {on}: total per device", f"{_gib(report.memory['total'])} of {_gib(report.memory['device'])}")]
 
 

@@ -5,8 +5,9 @@ on an abstract mesh of any size, per device:
 - parameter, gradient and optimizer bytes: exact, from each leaf's shape, dtype and PartitionSpec;
   with `train.zero1` the optimizer state is split over the axes holding copies of each parameter,
   by the same rule the step's shardings use (`ShardingRules.zero1_spec`, report §3.2); pipeline
-  ranks own 1/P of the MoE stack (2/P under DualPipe) and 1/P at rest of everything else, which
-  the step gathers (a row of its own: under SPMD every rank holds the gathered copy);
+  ranks own 1/P of the MoE stack and 1/P at rest of everything else, which the step gathers (a row
+  of its own: under SPMD every rank holds the gathered copy; DualPipe's mirrored stage, received
+  for the step, is in that row too);
 - activation bytes: an inventory of the tensors the backward pass keeps per token and layer
   by activation name (`_layer_inventory`, the names of model/remat.py) and the parts the
   `model.remat` policy keeps. Pipelined with `train.pipeline_keep_residuals`, times the
@@ -151,19 +152,24 @@ def _outside_stack(parts: dict[str, int]) -> int:
     return sum(v for k, v in parts.items() if k != "moe_layers")
 
 
-def _pipeline_rank_bytes(stack_parts: dict[str, int], rest_parts: dict[str, int], pipeline: int, schedule: str,
-                         n_moe_layers: int) -> int:
-    """The largest rank's share: its stages of the MoE stack (`stack_parts`, bytes of one pipeline
-    rank's mesh; DualPipe keeps two copies, stages r and P-1-r: 2/P, Table 2; the others 1/P;
-    ceil(L / P) layers when P does not divide them) and its share at rest of everything else
-    (`rest_parts`, per device on the whole mesh: the rules split those over `pipeline` too)."""
-    stack, rest = stack_parts.get("moe_layers", 0), _outside_stack(rest_parts)
+def _stack_share(stack_parts: dict[str, int], pipeline: int, n_moe_layers: int) -> int:
+    """One pipeline rank's stored share of the MoE stack (`stack_parts`: bytes of one pipeline rank's
+    mesh): its stage-owned 1/P, ceil(L / P) layers when P does not divide them. Every schedule
+    stores 1/P (parallel/pipeline/executor.py); DualPipe's mirrored stage P-1-r is received for the
+    step, not stored (`plan` counts it with the gathered weights)."""
+    stack = stack_parts.get("moe_layers", 0)
     if pipeline == 1:
-        return stack + rest
+        return stack
     if n_moe_layers:
         stack = stack * math.ceil(n_moe_layers / pipeline) * pipeline / n_moe_layers
-    copies = 2 if schedule == "dualpipe" else 1
-    return round(copies * stack / pipeline + rest)
+    return round(stack / pipeline)
+
+
+def _pipeline_rank_bytes(stack_parts: dict[str, int], rest_parts: dict[str, int], pipeline: int,
+                         n_moe_layers: int) -> int:
+    """The largest rank's stored bytes: its share of the MoE stack and its share at rest of everything
+    else (`rest_parts`, per device on the whole mesh: the rules split those over `pipeline` too)."""
+    return _stack_share(stack_parts, pipeline, n_moe_layers) + _outside_stack(rest_parts)
 
 
 def expert_rows_per_token(cfg, tokens: int, ep: int, capacity_factor: float) -> float:
@@ -289,18 +295,20 @@ def plan(layout: Layout) -> Plan:
     _, _, state = abstract_train_state(config)
     schedule, pp = tc.pipeline_schedule, sizes["pipeline"]
 
-    # The stack's bytes inside one pipeline rank (its stage-owned split, uneven stages and DualPipe's
-    # copies are `_pipeline_rank_bytes`'s), everything else's on the whole mesh (split at rest over
-    # `pipeline` as over fsdp, parallel/sharding.py).
+    # The stack's bytes inside one pipeline rank (its stage-owned split and uneven stages are
+    # `_stack_share`'s), everything else's on the whole mesh (split at rest over `pipeline` as over
+    # fsdp, parallel/sharding.py).
     in_stage = abstract_mesh({**sizes, "pipeline": 1})
     rules = rules_for(layout.config)
     params_in_stage, params_at_rest = _bytes_by_part(state.params, in_stage, rules), _bytes_by_part(state.params, mesh, rules)
-    params = _pipeline_rank_bytes(params_in_stage, params_at_rest, pp, schedule, cfg.n_moe_layers)
+    params = _pipeline_rank_bytes(params_in_stage, params_at_rest, pp, cfg.n_moe_layers)
     optimizer = _pipeline_rank_bytes(_bytes_by_part(state.opt_state, in_stage, rules, tc.zero1),
-                                     _bytes_by_part(state.opt_state, mesh, rules, tc.zero1), pp, schedule, cfg.n_moe_layers)
-    # The step gathers the weights outside the stack; their gradients are whole until reduced
-    # (under SPMD every rank allocates both, whichever stage uses them).
-    gathered = _outside_stack(params_in_stage) - _outside_stack(params_at_rest)
+                                     _bytes_by_part(state.opt_state, mesh, rules, tc.zero1), pp, cfg.n_moe_layers)
+    # The step gathers the weights outside the stack, and under DualPipe receives the mirrored stage
+    # P-1-r it runs beside its own (Table 2's 2x parameters, as a step buffer); their gradients are
+    # whole until reduced or sent back (under SPMD every rank allocates both, whichever stage uses them).
+    mirrored = _stack_share(params_in_stage, pp, cfg.n_moe_layers) if schedule == "dualpipe" and pp > 1 else 0
+    gathered = _outside_stack(params_in_stage) - _outside_stack(params_at_rest) + mirrored
     grads = params + gathered  # same dtype and layout as the parameters, the rest whole
 
     # Tokens per device per micro-batch: rows split over data x fsdp x expert (the "batch" axes).
@@ -440,7 +448,7 @@ def report_rows(layout: Layout, result: Plan) -> list[tuple[str, str]]:
             ("parameters", _gb(result.params)), ("gradients", _gb(result.grads)),
             ("optimizer state" + (" (ZeRO-1)" if layout.zero1 else ""), _gb(result.optimizer)),
             ("activations at the schedule's peak", _gb(result.activations)),
-            ("weights outside the stack, gathered for the step", _gb(result.gathered)),
+            ("weights gathered for the step (outside the stack; DualPipe's mirrored stage)", _gb(result.gathered)),
             ("total", f"{_gb(result.total)} of {_gb(hw.hbm_bytes)} HBM")]
     rows += [(f"{name} sent per step", _gb(n)) for name, n in result.collectives.items()]
     rows += [(f"time: {name}", f"{1e3 * s:,.1f} ms") for name, s in result.parts_s.items()]

@@ -3,15 +3,18 @@
     y[rows of expert e] = x[rows of expert e] @ w[e]        (what `jax.lax.ragged_dot` computes)
 
 Two implementations (`impl`):
-- "ragged_dot": XLA's primitive; TPU and GPU lower it to grouped kernels.
+- "ragged_dot": XLA's primitive. XLA:TPU lowers it to its grouped (ragged-dot) kernels; XLA:CPU
+  and, in jaxlib 0.10.2, XLA:GPU lower it densely: every row against every expert, then a mask,
+  so E times the FLOPs and an [E, M, N] fp32 intermediate per GEMM (on `small`, data=2,expert=4,
+  compiled for 8 H100s: 64 MiB buffers of f32[4, 8192, 512], 2.18 GiB of temporaries against
+  1.20 GiB blocked; experiments/results/compile_targets.md).
 - "blocked": every expert's rows are padded to a multiple of 128, so each 128-row block belongs
   to one expert; a loop over the used blocks (`over_used_blocks`) runs one (128 x K) @ (K x N) GEMM
-  per block against its expert's weight (the padding-only blocks at the end are never visited). XLA:CPU lowers ragged_dot densely (every
-  row against every expert, E times the FLOPs: 11x slower than "blocked" at the `small` preset's
-  expert shapes, 3.6x at `tiny`'s; experiments/results/grouped_gemm_cpu.md), so "auto" is
-  "blocked" when the program is built for CPU and "ragged_dot" for GPU / TPU (the platform of the
-  mesh in context, `dsv3_jax/platform.py`: a step compiled for a TPU target from a CPU host gets
-  "ragged_dot").
+  per block against its expert's weight (the padding-only blocks at the end are never visited).
+  On CPU it is 11x faster than the dense lowering at the `small` preset's expert shapes, 3.6x at
+  `tiny`'s (experiments/results/grouped_gemm_cpu.md).
+"auto" is "ragged_dot" for TPU and "blocked" for CPU and GPU: the platform of the mesh in context
+(`dsv3_jax/platform.py`), so a step compiled for a TPU target from a CPU host gets "ragged_dot".
 
 The block layout is also what the FP8 recipe needs for experts (report §3.3): Wgrad quantizes
 x^T in 1x128 tiles along tokens, and with 128-row blocks no tile straddles two experts.
@@ -131,7 +134,7 @@ def resolve_impl(impl: GroupedGemmImpl) -> str:
     if impl not in IMPLS:
         raise ValueError(f"grouped GEMM impl {impl!r} must be one of {IMPLS}")
     if impl == "auto":
-        return "blocked" if current_platform() == "cpu" else "ragged_dot"
+        return "ragged_dot" if current_platform() == "tpu" else "blocked"
     return impl
 
 

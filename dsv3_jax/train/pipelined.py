@@ -35,7 +35,7 @@ from dsv3_jax.model.rope import rope_tables
 from dsv3_jax.model.routing import Balancing, RouterStats
 from dsv3_jax.parallel.pipeline.executor import pipeline_value_and_grad
 from dsv3_jax.parallel.pipeline.schedules import make_schedule
-from dsv3_jax.parallel.sharding import rules_for
+from dsv3_jax.parallel.sharding import constrain, rules_for
 from dsv3_jax.train.loss import LossParts, total_loss
 
 
@@ -67,6 +67,21 @@ class HeadStats(NamedTuple):
     """What the last stage reports per micro-batch (summed over micro-batches by the executor)."""
     parts: LossParts  # each already divided by the number of micro-batches
     mtp: RouterStats | None
+
+
+def layer_layout(stack):
+    """tree -> tree constrained as one layer of `stack` is (its Variables' logical axes after the
+    layer axis), for trees of `stack`'s structure with two leading axes (the stages a pipeline rank
+    runs, and their layers), inside the pipeline's shard_map: routed experts stay split over
+    `expert` there, as at rest (report §3.2.2: expert weights are never gathered)."""
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    axes = [tuple(v.get_metadata().get("logical_axes") or ()) for v in jax.tree.leaves(stack, is_leaf=is_variable)]
+
+    def layout(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef.unflatten([constrain(x, (None, None) + a[1:]) if a else x for x, a in zip(leaves, axes)])
+
+    return layout
 
 
 def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, balancing: Balancing):
@@ -119,7 +134,8 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
         tokens_MbS = split_mb(tokens_BS)
         result = pipeline_value_and_grad(stage_fn, loss_fn, schedule, mesh, to_stages((stack_params, stack_bias)),
                                          rest, tokens_MbS, tokens_MbS, first_fn=first_fn,
-                                         keep_residuals=tc.pipeline_keep_residuals)
+                                         keep_residuals=tc.pipeline_keep_residuals,
+                                         stage_layout=layer_layout((stack_params, stack_bias)))
 
         # Gradients: the stack from its stages; everything else (embedding and dense layers on the
         # first stage, head and MTP on the last) from the executor's head gradients.

@@ -234,7 +234,7 @@ class PipelineResult(NamedTuple):
 
 
 def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_S, head_params, x_MA, target_M,
-                            first_fn=None, keep_residuals: bool = False) -> PipelineResult:
+                            first_fn=None, keep_residuals: bool = False, stage_layout=None) -> PipelineResult:
     """The summed loss over micro-batches and its gradients, run pipelined over `mesh`'s `pipeline` axis.
 
     stage_fn(stage_params, x) -> (y, stage_loss, stats): y shaped like x; stage_loss a scalar added
@@ -245,7 +245,13 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
     first_fn(head_params, x) -> the first stage's input (e.g. embedding tokens), run per
     micro-batch on the first stage, its parameter gradients added to head_grads. keep_residuals:
     store the stage forward's residuals instead of recomputing it in the backward (module docstring).
+    stage_layout(tree) -> tree: the sharding constraints over the automatic axes of a tree shaped like
+    params_S with the stages a rank runs on axis 0, applied to those stages and to their gradient
+    accumulators. Without it GSPMD is free to pick a layout for the accumulators, and compiled for
+    8 H100s it made them whole over `expert` and all-gathered the expert weights to match (small,
+    data=2,pipeline=2,expert=2: four [4, 16, 512, 512] fp32 buffers where [4, 8, ...] are the rank's).
     """
+    stage_layout = stage_layout or (lambda tree: tree)
     n_ranks = mesh.shape["pipeline"]
     if n_ranks != schedule.n_ranks:
         raise ValueError(f"schedule for {schedule.n_ranks} ranks on mesh.pipeline={n_ranks}")
@@ -281,11 +287,11 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         return out
 
     def rank_program(local_params, head_params, x_MA, target_M):
-        params = jax.tree.map(to_slots, local_params)
+        params = stage_layout(jax.tree.map(to_slots, local_params))
         rank = jax.lax.axis_index("pipeline")
         pool = lambda n: current_rules().constrain(jnp.zeros((n,) + h.shape, h.dtype), BUFFER_LAYOUT)
         state0 = dict(stash=pool(ticks.n_stash), inbox=pool(ticks.n_inbox), cot=pool(ticks.n_cot),
-                      grads=jax.tree.map(jnp.zeros_like, params), head_grads=jax.tree.map(jnp.zeros_like, head_params),
+                      grads=stage_layout(jax.tree.map(jnp.zeros_like, params)), head_grads=jax.tree.map(jnp.zeros_like, head_params),
                       loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, (n_slots,)),
                       head_stats=zeros(head_stats_shape))
         if first_fn is None:
@@ -355,7 +361,7 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
             return dict(state, head_grads=add(state["head_grads"], d_head)), dx
 
         def take_dp(state, op, dp):
-            return dict(state, grads=jax.tree.map(lambda g, d: g.at[op[SLOT]].add(d), state["grads"], dp))
+            return dict(state, grads=stage_layout(jax.tree.map(lambda g, d: g.at[op[SLOT]].add(d), state["grads"], dp)))
 
         def input_grad(state, op):  # I: the forward recomputed (or its residuals read) for d input only
             return take_dx(state, op, stage_grads(state, op)[1])
