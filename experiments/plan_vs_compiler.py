@@ -66,6 +66,10 @@ READING = [
     "layout with FP8, fused attention and dropless dispatch (experiments/results/plan_deepseek_v3.md) is 71 GB. "
     "35 layers instead of 61: 58 MoE layers do not split into 32 equal DualPipe stages (the executor's stages are "
     "equal), and the stack is scanned, so a stage's program is the same at any depth.",
+    "- Not yet within 30%: the pipelined `small` rows on 8 H100s under-count temporaries (1F1B 0.70, DualPipe "
+    "0.59, DualPipeV 0.40; the same programs on XLA:CPU host devices, tiny, 0.98 and 0.79 in tests/test_plan.py). "
+    "The buffers XLA:GPU adds there are not yet read off its memory-usage report; the planner is to be fixed, not "
+    "the tolerance.",
     "- XLA:TPU (libtpu of the lock file) aborts on every pipelined step with a data or expert axis beside "
     "`pipeline` (`spmd_partitioner.cc:560 Check failed: target.IsManualSubgroup() == sharding().IsManualSubgroup()`, "
     "in 15-20 s); `pipeline=2` alone compiles. Those rows say so.", ""]

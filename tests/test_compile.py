@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 import subprocess
 import sys
 
@@ -176,6 +177,21 @@ def test_train_step_for_gpus_uses_the_blocked_grouped_gemm():
     assert r.devices == 8 and "H100" in r.device_kind and r.memory["device"] == 80 * 2 ** 30
     assert r.program["ragged_dot"] == 0 and r.ops["while"] > 0
     assert r.collectives["all-to-all"]["count"] > 0 and r.collectives["all-gather"]["count"] == 0
+
+
+@needs_gpu
+@pytest.mark.slow  # ~90 s of XLA:GPU; experiments/plan_vs_compiler.py's pipelined h100x8 rows measure the same program
+def test_pipelined_step_for_gpus_keeps_the_experts_split_inside_the_stages():
+    """Under the pipeline's shard_map XLA:GPU's partitioner made the stages' gradient accumulators
+    whole over `expert` and all-gathered the expert weights to match, unless the executor constrains
+    them (train/pipelined.layer_layout; XLA:CPU and `tiny` keep the split layout by themselves, so
+    it takes `small` compiled for GPUs). Planted: stage_layout=None -> bf16[4, 16, 512, 512] gathers."""
+    config = apply_overrides(get_preset("small"), ["model.dtype=bfloat16", "model.n_layers=9", "train.microbatches=4",
+                                                   "mesh.data=2", "mesh.pipeline=2", "mesh.expert=2"])
+    r = compile_step(config, parse_target(GPU), "pipeline", schedule="1f1b")
+    all_experts = [line for line in r.hlo.splitlines() if "16,512,512]" in line]  # [.., 16 experts, D, F]
+    assert not all_experts, all_experts[:3]
+    assert "[1,4,8,512,512]" in r.hlo  # a stage's 4 layers x this device's 8 experts
 
 
 def test_targets_parse_as_users_name_them_and_anything_else_is_refused():
