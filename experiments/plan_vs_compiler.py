@@ -78,8 +78,8 @@ READING = [
 def one(index: int) -> dict:
     """Plan and compile case `index` in this process; the numbers as a dict."""
     from dsv3_jax.config import apply_overrides, get_preset
-    from dsv3_jax.jobs.compile import compile_step, planned_and_compiled
-    from dsv3_jax.jobs.plan import HARDWARE, Layout, check_layout, plan
+    from dsv3_jax.jobs.compile import compile_step
+    from dsv3_jax.jobs.plan import HARDWARE, Layout, check_layout, compare_with_compiled, plan
     from dsv3_jax.targets import parse_target
 
     _, preset, target, mesh, overrides = CASES[index]
@@ -88,7 +88,7 @@ def one(index: int) -> dict:
     check_layout(layout)
     planned = plan(layout)
     report = compile_step(config, parse_target(target), "pipeline" if config.mesh.pipeline > 1 else "train")
-    compared = planned_and_compiled(planned, report, config)
+    compared = compare_with_compiled(planned, config, report.memory["argument"], report.memory["temporary"])
     return {"state": compared["state"], "temporaries": compared["temporaries"], "compile_s": report.compile_s,
             "device_bytes": report.memory["device"], "total": report.memory["total"],
             "planned": {"params": planned.params, "grads": planned.grads, "optimizer": planned.optimizer,

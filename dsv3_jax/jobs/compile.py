@@ -29,7 +29,7 @@ from dsv3_jax import hlo_stats
 from dsv3_jax.config import Config, MeshConfig, apply_overrides
 from dsv3_jax.errors import UsageError, first_line
 from dsv3_jax.infer.cache import init_caches
-from dsv3_jax.jobs.plan import HARDWARE
+from dsv3_jax.jobs.plan import HARDWARE, compare_with_compiled
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.pipeline.executor import BACKWARD_CHUNK, FORWARD_CHUNK
 from dsv3_jax.parallel.sharding import DEFAULT_RULES, rules_for, use_rules
@@ -336,19 +336,9 @@ def kernel_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def planned_and_compiled(planned, report: CompileReport, config: Config) -> dict[str, tuple[int, int]]:
-    """{"state": (planned, compiled), "temporaries": (planned, compiled)} bytes per device, counted as
-    `jobs/plan.check_against_compiler` counts them (state: the step's arguments less the token batch;
-    temporaries: gradients, activations and the weights gathered for the step)."""
-    tc = config.train
-    batch_bytes = tc.batch_size * (tc.seq_len + 1) * 4 // rules_for(config).shards("batch", config.mesh.sizes())
-    return {"state": (planned.state, report.memory["argument"] - batch_bytes),
-            "temporaries": (planned.grads + planned.activations + planned.gathered, report.memory["temporary"])}
-
-
 def planned_vs_compiled(planned, report: CompileReport, config: Config) -> list[tuple[str, str]]:
     """`dsv3 plan --compile`: the planner's per-device state and temporaries beside the compiler's."""
-    compared = planned_and_compiled(planned, report, config)
+    compared = compare_with_compiled(planned, config, report.memory["argument"], report.memory["temporary"])
     (planned_state, compiled_state), (planned_temps, compiled_temps) = compared["state"], compared["temporaries"]
     on = f"{report.target} ({report.what})"
     return [(f"compiled on {on}: state (arguments less the batch)", _gib(compiled_state)),

@@ -384,10 +384,19 @@ def plan(layout: Layout) -> Plan:
                          "pipeline send/recv": pipeline_s, "data-parallel reduce": dp_s})
 
 
+def compare_with_compiled(planned: Plan, config: Config, argument_bytes: int, temporary_bytes: int
+                          ) -> dict[str, tuple[int, int]]:
+    """{"state": (planned, compiled), "temporaries": (planned, compiled)} bytes per device, from a
+    compiled step's `memory_analysis()` (state: its arguments less the token batch; temporaries:
+    gradients, activations and the weights gathered for the step)."""
+    tc = config.train
+    batch_bytes = tc.batch_size * (tc.seq_len + 1) * 4 // rules_for(config).shards("batch", config.mesh.sizes())
+    return {"state": (planned.state, argument_bytes - batch_bytes),
+            "temporaries": (planned.grads + planned.activations + planned.gathered, temporary_bytes)}
+
+
 def check_against_compiler(config: Config, sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
-    """{"state": (planned, compiled), "temporaries": (planned, compiled)} bytes per device, the
-    compiled ones from `memory_analysis()` of the real train step AOT-compiled on this machine's
-    devices (state: its arguments less the token batch; temporaries: gradients + activations)."""
+    """`compare_with_compiled` for the real train step AOT-compiled on this machine's devices."""
     import dataclasses as dc
 
     config = dc.replace(config, mesh=MeshConfig(**sizes))
@@ -403,10 +412,8 @@ def check_against_compiler(config: Config, sizes: dict[str, int]) -> dict[str, t
                    donate_argnums=0)
     with jax.set_mesh(mesh), use_rules(rules):
         memory = step.lower(state, batch).compile().memory_analysis()
-    batch_bytes = batch.size * 4 // rules.shards("batch", dict(mesh.shape))
     planned = plan(Layout(config, sizes, HARDWARE["h100"]))
-    return {"state": (planned.state, memory.argument_size_in_bytes - batch_bytes),
-            "temporaries": (planned.grads + planned.activations + planned.gathered, memory.temp_size_in_bytes)}
+    return compare_with_compiled(planned, config, memory.argument_size_in_bytes, memory.temp_size_in_bytes)
 
 
 def check_layout(layout: Layout) -> None:

@@ -7,7 +7,7 @@ Two implementations (`impl`):
   and, in jaxlib 0.10.2, XLA:GPU lower it densely: every row against every expert, then a mask,
   so E times the FLOPs and an [E, M, N] fp32 intermediate per GEMM (on `small`, data=2,expert=4,
   compiled for 8 H100s: 64 MiB buffers of f32[4, 8192, 512], 2.18 GiB of temporaries against
-  1.20 GiB blocked; experiments/results/compile_targets.md).
+  1.20 GiB blocked; experiments/results/plan_vs_compiler.md).
 - "blocked": every expert's rows are padded to a multiple of 128, so each 128-row block belongs
   to one expert; a loop over the used blocks (`over_used_blocks`) runs one (128 x K) @ (K x N) GEMM
   per block against its expert's weight (the padding-only blocks at the end are never visited).
