@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -93,6 +94,26 @@ def test_planner_agrees_with_the_step_compiled_for_tpu():
     for part, tolerance in (("state", 0.15), ("temporaries", 0.30)):
         planned_bytes, compiled_bytes = got[part]
         assert abs(planned_bytes - compiled_bytes) <= tolerance * compiled_bytes, (part, got)
+
+
+@needs_tpu
+def test_pipelined_step_compiles_for_tpu_beside_a_data_axis():
+    """XLA:TPU aborted the process on every pipelined step with a batch or expert axis beside
+    `pipeline`: a stage's layers unrolled by `lax.scan(unroll=True)` around the router's nested
+    shard_map (spmd_partitioner's IsManualSubgroup check; model/block.py now unrolls in Python), and
+    the first stage's `cond` returning its two branches in different layouts (hlo_verifier). Either
+    alone aborts this step: 1F1B on data=2,pipeline=2, 2 layers per stage. (DualPipeV and DualPipe
+    with an expert axis: experiments/plan_vs_compiler.py, dualpipe_overlap.py.) In a `dsv3 compile`
+    process, so an abort fails this test and not the worker."""
+    out = subprocess.run([sys.executable, "-m", "dsv3_jax.cli", "compile", "--target", TPU, "--what", "pipeline",
+                          "--schedule", "1f1b", "--mesh", "data=2,pipeline=2", "--json", "--set", "model.n_layers=5",
+                          "--set", "model.mtp_depth=0", "--set", "train.seq_len=32", "--set", "train.batch_size=8",
+                          "--set", "train.microbatches=4"],
+                         capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["collectives"]["collective-permute"]["count"] > 0  # stages hand activations on
+    assert r["program"]["ragged_dot"] > 0 and r["fits"]
 
 
 def test_train_step_for_cpu_asks_for_no_accelerator_only_op(cpu_train):

@@ -28,9 +28,11 @@ def test_planner_agrees_with_the_compiled_step(sizes):
     assert abs(planned - compiled) <= 0.30 * compiled, got
 
 
-# DualPipe (slow: ~2 min of XLA:CPU here; experiments/plan_vs_compiler.py has it on an H100 target):
-# the stored 1/P and the mirrored stage received for the step.
-@pytest.mark.parametrize("schedule", ["1f1b", pytest.param("dualpipe", marks=pytest.mark.slow), "dualpipev"])
+# DualPipe and DualPipeV (slow: 1-2 min of XLA:CPU each here; experiments/plan_vs_compiler.py has
+# all three schedules of `small` compiled for 8 H100s and a v5p slice): DualPipe's stored 1/P and
+# the mirrored stage received for the step, DualPipeV's two stages per rank.
+@pytest.mark.parametrize("schedule", ["1f1b", pytest.param("dualpipe", marks=pytest.mark.slow),
+                                      pytest.param("dualpipev", marks=pytest.mark.slow)])
 def test_planner_agrees_with_the_compiled_pipelined_step(schedule):
     """On data=2,pipeline=2,expert=2 (tiny with 4 MoE layers): the stage-owned state, the weights
     outside the stack split at rest, the executor's pools of stage inputs and one stage's recomputed

@@ -64,7 +64,9 @@ def _tokenise(docs: list[str], tokenizer: Tokenizer, fim_rate: float, seed: int)
 
     dataset = grain.MapDataset.source(docs).random_map(
         lambda text, rng: encode_document(text, tokenizer, rng, fim_rate), seed=seed)
-    return list(dataset)
+    # By index, the same documents as iterating it: iteration goes through grain's threaded prefetch
+    # and its per-element statistics, 5x the time here (1.25 s -> 0.26 s for the synthetic corpus).
+    return [dataset[i] for i in range(len(dataset))]
 
 
 def build_data(config: Config, run_dir: Path | None = None, shards: list[int] | None = None) -> Data:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -96,7 +97,16 @@ def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, remat: str = "
 
     body = rematerialised(body, remat)
     n_layers = jax.tree.leaves(state)[0].shape[0]
-    return jax.lax.scan(body, carry, (state, xs), unroll=n_layers <= unroll_layers)
+    if n_layers > unroll_layers:
+        return jax.lax.scan(body, carry, (state, xs))
+    # Unrolled as a Python loop over static slices, not `lax.scan(unroll=True)`: XLA:TPU's SPMD
+    # partitioner aborts (IsManualSubgroup check) on an unrolled scan whose body holds the router's
+    # nested shard_map inside the pipeline's partial-manual one (tests/test_compile.py).
+    ys = []
+    for i in range(n_layers):
+        carry, y = body(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
 
 
 def run_blocks(stack: nnx.Module, x_BTD: Array, cos: Array, sin: Array, cfg: ModelConfig,

@@ -290,6 +290,7 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         params = stage_layout(jax.tree.map(to_slots, local_params))
         rank = jax.lax.axis_index("pipeline")
         pool = lambda n: current_rules().constrain(jnp.zeros((n,) + h.shape, h.dtype), BUFFER_LAYOUT)
+        activation = lambda a: current_rules().constrain(a, BUFFER_LAYOUT[1:])  # one entry of a pool
         state0 = dict(stash=pool(ticks.n_stash), inbox=pool(ticks.n_inbox), cot=pool(ticks.n_cot),
                       grads=stage_layout(jax.tree.map(jnp.zeros_like, params)), head_grads=jax.tree.map(jnp.zeros_like, head_params),
                       loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, (n_slots,)),
@@ -308,7 +309,10 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
             if first_fn is None:
                 x = jnp.where(first, x_MA[mb], state["inbox"][op[INBOX]])
             else:
-                x = jax.lax.cond(first, lambda: first_fn(head_params, x_MA[mb]), lambda: state["inbox"][op[INBOX]])
+                # Both branches in the buffers' layout: XLA:TPU refuses a conditional whose branches
+                # return differently sharded results (hlo_verifier: "Inconsistent conditional sharding").
+                x = jax.lax.cond(first, lambda: activation(first_fn(head_params, x_MA[mb])),
+                                 lambda: activation(state["inbox"][op[INBOX]]))
             if keep_residuals:
                 stage_params = at(slot)
                 (y, stage_loss), vjp_fn, stats = jax.vjp(stage_io, stage_params, x, has_aux=True)
