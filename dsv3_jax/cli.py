@@ -322,7 +322,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     import dataclasses
 
     from dsv3_jax.parallel.mesh import MESH_AXES, mesh_overrides  # on demand
-    from dsv3_jax.jobs.plan import HARDWARE, Layout, check_layout, plan, report_rows  # on demand
+    from dsv3_jax.jobs.plan import HARDWARE, RANK_COLUMNS, Layout, check_layout, plan, rank_rows, report_rows  # on demand
 
     if args.device not in HARDWARE:
         raise UsageError(f"--device {args.device!r} must be one of: {', '.join(HARDWARE)}")
@@ -363,8 +363,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
         except CompileFailure as e:
             raise UsageError(f"--compile {args.compile}: {e}") from None
         rows += planned_vs_compiled(planned, report, config)
+    per_rank = rank_rows(planned)
     if args.json:
-        print(json.dumps(dict(rows)))
+        ranks = {"per pipeline rank": [dict(zip(RANK_COLUMNS, row)) for row in per_rank]} if per_rank else {}
+        print(json.dumps({**dict(rows), **ranks}))
         return
     from rich.console import Console
     from rich.table import Table
@@ -375,6 +377,13 @@ def cmd_plan(args: argparse.Namespace) -> None:
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+    if per_rank:
+        by_rank = Table(title="per pipeline rank: what its own stages need")
+        for i, column in enumerate(RANK_COLUMNS):
+            by_rank.add_column(column, justify="left" if i < 3 else "right")
+        for row in per_rank:
+            by_rank.add_row(*row)
+        Console().print(by_rank)
 
 
 def cmd_check_router(args: argparse.Namespace) -> None:

@@ -491,7 +491,9 @@ PRESETS: dict[str, Config] = {
     "small": Config(model=_SMALL, train=TrainConfig(seq_len=256, batch_size=16, lr=1.5e-3),
                     data=DataConfig(max_bytes=40_000_000)),
     "deepseek-v2-lite": Config(model=_V2_LITE),
-    "deepseek-v3-671b": Config(model=_V3),
+    # DualPipe, the report's schedule (§3.2.1): on a pipeline mesh it needs >= 2 x mesh.pipeline
+    # micro-batches (the report's layout: experiments/plan_deepseek_v3.py).
+    "deepseek-v3-671b": Config(model=_V3, train=TrainConfig(pipeline_schedule="dualpipe")),
 }
 
 

@@ -168,7 +168,8 @@ def _instruction_flops(line: str, m, shapes: dict[str, str]) -> float:
     the computations it calls."""
     if not m or m.group("op") not in ("dot", "convolution", "custom-call"):
         return 0.0
-    lhs_dims = _dims(shapes.get(m.group("args").split(",")[0].strip().split()[-1].lstrip("%"), ""))
+    first = m.group("args").split(",")[0].split()  # empty for an op without operands (a custom call's)
+    lhs_dims = _dims(shapes.get(first[-1].lstrip("%"), "")) if first else []
     k = _contracted(line, m.group("op"), lhs_dims) if lhs_dims else (1 if m.group("op") == "dot" else None)
     return 0.0 if k is None else 2.0 * math.prod(_dims(m.group("shape"))) * k
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from dsv3_jax.config import apply_overrides, get_preset
-from dsv3_jax.jobs.plan import HARDWARE, Layout, check_layout, plan, report_rows
+from dsv3_jax.jobs.plan import HARDWARE, RANK_COLUMNS, Layout, check_layout, plan, rank_rows, report_rows
 
 RESULTS = Path(__file__).parent / "results" / "plan_deepseek_v3.md"
 MESH = {"data": 2, "expert": 64, "pipeline": 16}  # 2 x 64 x 16 = 2,048
@@ -60,11 +60,21 @@ def main() -> None:
                 f"train.ce_chunk={layout_options.pop('ce_chunk', 0)}"])
             layout = Layout(config, MESH, HARDWARE["h800"], matmul_efficiency=efficiency, **layout_options)
             check_layout(layout)
-            rows = report_rows(layout, plan(layout))
+            planned = plan(layout)
+            rows = report_rows(layout, planned)
             if efficiency == 0.5:
                 lines += [f"## {title}", "", "| quantity (per GPU unless stated) | estimate |", "|---|---|"]
                 lines += [f"| {q} | {v} |" for q, v in rows[2:]]
                 lines.append("")
+                if title == list(SCENARIOS)[-1]:  # the layout that fits: each pipeline rank's own needs
+                    lines += ["Per pipeline rank (`dsv3 plan` prints this table for any pipelined layout). Under "
+                              "DualPipe rank r runs stages r and P-1-r, so ranks 0 and 15 run both the embedding "
+                              "with the dense layers and the head with the MTP module (the report's §3.2.3 "
+                              "placement comes out of the schedule); the program is one SPMD program, so every "
+                              "rank allocates the last row.", "",
+                              "| " + " | ".join(RANK_COLUMNS) + " |", "|" + "---|" * len(RANK_COLUMNS)]
+                    lines += ["| " + " | ".join(row) + " |" for row in rank_rows(planned)]
+                    lines.append("")
             else:
                 lines += [f"At 30% of the peak instead: {dict(rows)['step time']} per step, "
                           f"{dict(rows)['device-hours per trillion tokens']} GPU-hours per trillion tokens.", ""]
@@ -83,9 +93,11 @@ def main() -> None:
               "and the weights outside the MoE stack (embedding, three dense layers, head, MTP) are split at rest over "
               "the 16 pipeline ranks, and each rank stores one stage of 4 MoE layers (parameters 8.4 GB per rank); but the "
               "step gathers the outside weights on every rank (under SPMD each rank allocates the same buffers) and "
-              "receives DualPipe's mirrored stage (Table 2's 2x parameters, 6.5 GB), 21.2 GB gathered in all, and "
-              "their fp32 gradients are whole until reduced or sent back, so parameters, gradients and the gathered "
-              "copies still come to 59 GB. "
+              "receives DualPipe's mirrored stage (Table 2's 2x parameters, 6.5 GB), and the executor's tick loop "
+              "runs the stages from a copy stacked by slot and carries their fp32 gradient accumulators beside the "
+              "stored-layout gradients it returns (one more 6.5 GB share of each: XLA:GPU allocates both, "
+              "experiments/results/plan_vs_compiler.md), 27.7 GB gathered in all; the fp32 gradients are whole until "
+              "reduced or sent back, so parameters, gradients and the gathered copies come to 72 GB. "
               "The report puts the embedding and head with the MTP module on one rank and balances the layers per "
               "stage by hand; an SPMD program cannot give one rank buffers the others lack, so this package's lever "
               "there is a bf16 gather (not built). The report's savings, recomputing "
@@ -95,13 +107,16 @@ def main() -> None:
               "164 GB is still twice an H800. This package's default pipeline executor (`train.pipeline_keep_residuals"
               "=false`, the last table) keeps only each in-flight micro-batch's stage input and cotangent, in pools "
               "its tick table sizes (27 entries of 4K x 7,168), and recomputes a stage's forward in its backward: "
-              "21.5 GB of activations (12.7 GB of them the logits), 82.79 GB in all, for 5/3 of the FLOPs (127K "
-              "GPU-hours per trillion tokens at 50% of the peak, 208K at 30%). Chunked cross-entropy (`train.ce_chunk"
+              "21.5 GB of activations (12.7 GB of them the logits), 95.88 GB in all, for 5/3 of the FLOPs (128K "
+              "GPU-hours per trillion tokens at 50% of the peak, 209K at 30%). Chunked cross-entropy (`train.ce_chunk"
               "=512`, train/loss.py: the loss computed 512 positions of logits at a time, each chunk's logits "
               "recomputed in the backward; same loss and gradients, tests/test_loss.py) keeps one eighth of one "
-              "head's logits instead of all four heads' whole: activations 9.7 GB, 70.99 GB in all, under the "
-              "H800's 80 GB (the last table). On a pipelined tiny mesh "
-              "the planner's bytes match the compiler's: state 1.00, temporaries 0.98 (1F1B) and 0.79 (DualPipeV) "
+              "head's logits instead of all four heads' whole: activations 9.7 GB, 84.09 GB in all (the last table), "
+              "4 GB over the H800's 80 GB; 70.99 GB before the planner counted the executor's slot copy and "
+              "accumulators (2026-12-07). Dropping them is the executor's next memory step: run a rank's own stages "
+              "from their stored buffers and accumulate their gradients in the stored layout (only DualPipe's mirrored "
+              "stage needs a received copy and a separate accumulator), 13.1 GB back. On a pipelined tiny mesh "
+              "the planner's bytes match the compiler's: state 1.00, temporaries 1.10 (1F1B), 0.86 (DualPipe) and 0.89 (DualPipeV) "
               "(tests/test_plan.py); on the report's own mesh with the 671B widths (35 layers, one MoE layer per "
               "DualPipe stage), compiled for 2,048 H800s from a CPU host, state 1.00 and temporaries 1.14 of XLA's "
               "(experiments/results/plan_vs_compiler.md). Not modelled or built yet: fp32 master weights in the optimizer state "

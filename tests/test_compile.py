@@ -280,6 +280,7 @@ ENTRY %main (a: f32[64,32], b: f32[32,16], x: f32[8,128]) -> f32[8,128] {
   %fusion = f32[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(f)/bwd/dot_general"}
   %convolution = f32[64,16]{1,0} convolution(%a, %b), dim_labels=bf_io->bf, metadata={op_name="jit(f)/fwd/dot_general"}
   %gemm = (f32[64,16]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(f)/bwd/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %no-operands = u32[] custom-call(), custom_call_target="tpu_iteration_id"
   %all-to-all-done = f32[8,128]{1,0} all-to-all-done(%all-to-all-start)
   %all-reduce-start = f32[8,128]{1,0} all-reduce-start(%all-to-all-done)
   ROOT %all-reduce-done = f32[8,128]{1,0} all-reduce-done(%all-reduce-start)

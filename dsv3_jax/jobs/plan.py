@@ -7,7 +7,8 @@ on an abstract mesh of any size, per device:
   by the same rule the step's shardings use (`ShardingRules.zero1_spec`, report §3.2); pipeline
   ranks own 1/P of the MoE stack and 1/P at rest of everything else, which the step gathers (a row
   of its own: under SPMD every rank holds the gathered copy; DualPipe's mirrored stage, received
-  for the step, is in that row too);
+  for the step, is in that row too, and so is the pipeline executor's copy of the stages a rank
+  runs, whose gradient accumulators are counted with the gradients);
 - activation bytes: an inventory of the tensors the backward pass keeps per token and layer
   by activation name (`_layer_inventory`, the names of model/remat.py) and the parts the
   `model.remat` policy keeps. Pipelined with `train.pipeline_keep_residuals`, times the
@@ -20,7 +21,8 @@ on an abstract mesh of any size, per device:
 
 `check_against_compiler` AOT-compiles the real train step on host devices and sets the planner's
 per-device bytes beside `compiled.memory_analysis()` (tests/test_plan.py holds it to 15% for state
-and 30% for temporaries on three meshes and two pipelined ones).
+and 30% for temporaries on three meshes and a pipelined one; DualPipe and DualPipeV are slow-marked
+there, and experiments/plan_vs_compiler.py compares `small` compiled for GPU and TPU targets).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dsv3_jax.info import model_info
 from dsv3_jax.model.remat import REPORT_KEPT
 from dsv3_jax.parallel.expert import pair_capacity, ranks_per_token
 from dsv3_jax.parallel.mesh import MESH_AXES, abstract_mesh, make_mesh
-from dsv3_jax.parallel.pipeline.executor import tick_table
+from dsv3_jax.parallel.pipeline.executor import stage_slots, tick_table
 from dsv3_jax.parallel.pipeline.schedules import make_schedule
 from dsv3_jax.parallel.sharding import rules_for, use_rules
 from dsv3_jax.train.state import abstract_train_state
@@ -106,10 +108,30 @@ class Plan:
     step_s: float
     tokens_per_s: float
     parts_s: dict[str, float]  # compute, bubble, each collective's time
+    ranks: tuple = ()  # RankPlan per pipeline rank (pipelined layouts)
 
     @property
     def state(self) -> int:
         return self.params + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.gathered
+
+
+@dataclasses.dataclass(frozen=True)
+class RankPlan:
+    """What one pipeline rank's own stages need. The executor is one SPMD program, so every rank
+    allocates the largest rank's buffers (`Plan`'s figures, which the compiler check measures); this
+    is each rank's share of that, and what a per-rank program would hold."""
+    rank: int
+    stages: tuple[int, ...]  # the stages it runs (DualPipe: r and P-1-r; DualPipeV: r and 2P-1-r)
+    runs: str  # the pieces outside the stack it runs: the embedding and dense layers, the head and MTP
+    params: int
+    grads: int
+    optimizer: int
+    activations: int  # its pools' entries at its peak + one of its stages' backward (+ the head's logits)
+    gathered: int  # weights received for the step (outside the stack; DualPipe's mirrored stage)
 
     @property
     def total(self) -> int:
@@ -307,9 +329,16 @@ def plan(layout: Layout) -> Plan:
     # The step gathers the weights outside the stack, and under DualPipe receives the mirrored stage
     # P-1-r it runs beside its own (Table 2's 2x parameters, as a step buffer); their gradients are
     # whole until reduced or sent back (under SPMD every rank allocates both, whichever stage uses them).
-    mirrored = _stack_share(params_in_stage, pp, cfg.n_moe_layers) if schedule == "dualpipe" and pp > 1 else 0
+    share = _stack_share(params_in_stage, pp, cfg.n_moe_layers) if pp > 1 else 0
+    mirrored = share if schedule == "dualpipe" else 0
     gathered = _outside_stack(params_in_stage) - _outside_stack(params_at_rest) + mirrored
     grads = params + gathered  # same dtype and layout as the parameters, the rest whole
+    # The executor's tick loop runs the stages from a copy of them stacked by slot, and carries their
+    # gradient accumulators, beside the stored stages and the stored-layout gradients it returns
+    # (parallel/pipeline/executor.py `to_slots` / `from_slots`): one more share of each. (XLA:GPU
+    # allocates both; small data=2,pipeline=2,expert=2 DualPipeV: experiments/results/plan_vs_compiler.md.)
+    gathered += share
+    grads += share
 
     # Tokens per device per micro-batch: rows split over data x fsdp x expert (the "batch" axes).
     batch_ways = rules.shards("batch", sizes)
@@ -320,19 +349,38 @@ def plan(layout: Layout) -> Plan:
     n_moe_local = math.ceil(cfg.n_moe_layers / n_stages)
     layers = {"dense": cfg.first_k_dense, "moe": n_moe_local + cfg.mtp_depth}  # the first / last stage's
     recompute = pp > 1 and not tc.pipeline_keep_residuals
+    entry_bytes = round(tokens) * cfg.d_model * np.dtype(cfg.dtype).itemsize  # one stage input of a micro-batch
+
+    def kept(layers: dict[str, int], in_flight: int) -> int:
+        return activation_bytes(config, round(tokens), sizes, layers, in_flight, layout.fused_attention,
+                                layout.padded_dispatch)
+
+    ticks = tick_table(make_schedule(schedule, pp, microbatches)) if pp > 1 else None
     if recompute:
         # The executor's default (train.pipeline_keep_residuals=false, parallel/pipeline/executor.py):
         # a rank stores only stage inputs and cotangents, in pools the tick table sizes, and runs one
         # stage's backward at a time, its forward recomputed under the remat policy.
-        ticks = tick_table(make_schedule(schedule, pp, microbatches))
-        entries = ticks.n_stash + ticks.n_inbox + ticks.n_cot
-        pooled = entries * round(tokens) * cfg.d_model * np.dtype(cfg.dtype).itemsize
-        activations = pooled + activation_bytes(config, round(tokens), sizes, layers, 1, layout.fused_attention,
-                                                layout.padded_dispatch)
+        activations = (ticks.n_stash + ticks.n_inbox + ticks.n_cot) * entry_bytes + kept(layers, 1)
     else:  # every in-flight micro-batch's residuals kept (Table 2's count)
-        activations = activation_bytes(config, round(tokens), sizes, layers, peak_in_flight(schedule, pp, microbatches),
-                                       layout.fused_attention, layout.padded_dispatch)
+        activations = kept(layers, peak_in_flight(schedule, pp, microbatches))
     activations += logits_bytes(config, round(tokens), sizes["tensor"])
+
+    ranks = ()
+    if pp > 1:  # each rank's own stages: pools from its own tick-table entries, the pieces it runs
+        last = n_stages - 1
+        rank_rows = []
+        for r, slots in enumerate(stage_slots(make_schedule(schedule, pp, microbatches))):
+            stages = tuple(sorted({stage for _, stage in slots}))
+            first_here, last_here = 0 in stages, last in stages
+            own = {"dense": cfg.first_k_dense if first_here else 0,
+                   "moe": n_moe_local + (cfg.mtp_depth if last_here else 0)}
+            stash, inbox, cot = ticks.by_rank[r]
+            held = (stash + inbox + cot) * entry_bytes + kept(own, 1) if recompute else kept(own, stash)
+            held += logits_bytes(config, round(tokens), sizes["tensor"]) if last_here else 0
+            runs = ", ".join(p for p, here in (("embedding + dense layers", first_here), ("head + MTP", last_here))
+                             if here) or "-"
+            rank_rows.append(RankPlan(r, stages, runs, params, grads, optimizer, held, gathered))
+        ranks = tuple(rank_rows)
 
     # Collectives, bytes sent per device per step.
     act = 1 if layout.fp8 else np.dtype(cfg.dtype).itemsize
@@ -378,7 +426,7 @@ def plan(layout: Layout) -> Plan:
     comm = a2a_s + pipeline_s
     step_s = (max(compute_s, comm) if hidden else compute_s + comm) + bubble_s + dp_s
     return Plan(params=params, grads=grads, optimizer=optimizer, activations=activations, gathered=gathered,
-                collectives=collectives,
+                collectives=collectives, ranks=ranks,
                 flops_per_device=flops, step_s=step_s, tokens_per_s=global_tokens / step_s,
                 parts_s={"compute": compute_s, "bubble": bubble_s, "expert all-to-all": a2a_s,
                          "pipeline send/recv": pipeline_s, "data-parallel reduce": dp_s})
@@ -447,6 +495,21 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:,.2f} GB" if n >= 1e8 else f"{n / 1e6:,.2f} MB"
 
 
+RANK_COLUMNS = ("rank", "stages", "runs", "parameters", "gradients", "optimizer", "activations at its peak",
+                "weights received for the step", "total")
+
+
+def rank_rows(result: Plan) -> list[tuple[str, ...]]:
+    """One row per pipeline rank (RANK_COLUMNS), then the program's allocation on every rank."""
+    rows = [(str(r.rank), ", ".join(map(str, r.stages)), r.runs, _gb(r.params), _gb(r.grads), _gb(r.optimizer),
+             _gb(r.activations), _gb(r.gathered), _gb(r.total)) for r in result.ranks]
+    if rows:
+        rows.append(("every rank (one SPMD program: the largest of each buffer)", "", "", _gb(result.params),
+                     _gb(result.grads), _gb(result.optimizer), _gb(result.activations), _gb(result.gathered),
+                     _gb(result.total)))
+    return rows
+
+
 def report_rows(layout: Layout, result: Plan) -> list[tuple[str, str]]:
     """(quantity, value) rows of a plan, per device unless stated."""
     hw, n_devices = layout.hardware, math.prod(layout.mesh.get(a, 1) for a in MESH_AXES)
@@ -455,7 +518,8 @@ def report_rows(layout: Layout, result: Plan) -> list[tuple[str, str]]:
             ("parameters", _gb(result.params)), ("gradients", _gb(result.grads)),
             ("optimizer state" + (" (ZeRO-1)" if layout.zero1 else ""), _gb(result.optimizer)),
             ("activations at the schedule's peak", _gb(result.activations)),
-            ("weights gathered for the step (outside the stack; DualPipe's mirrored stage)", _gb(result.gathered)),
+            ("weights gathered for the step (outside the stack; the pipeline's copy of the stages a rank runs, "
+             "DualPipe's mirrored one among them)", _gb(result.gathered)),
             ("total", f"{_gb(result.total)} of {_gb(hw.hbm_bytes)} HBM")]
     rows += [(f"{name} sent per step", _gb(n)) for name, n in result.collectives.items()]
     rows += [(f"time: {name}", f"{1e3 * s:,.1f} ms") for name, s in result.parts_s.items()]

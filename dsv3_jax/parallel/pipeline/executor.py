@@ -85,6 +85,7 @@ class TickTable:
     n_stash: int  # pool entries per rank: stored stage inputs
     n_inbox: int  # received forward activations
     n_cot: int  # cotangents (received, or the head's on the last stage)
+    by_rank: tuple  # per rank, the (stash, inbox, cot) entries it needs (the pools are their maxima)
 
 
 def _units(ops: tuple[Op, ...]) -> list[tuple[Op, ...]]:
@@ -177,7 +178,8 @@ def tick_table(schedule: Schedule) -> TickTable:
                    entry(0, r, key), entry(1, r, key), entry(2, r, key), dest)
             table[tick, r, 0 if op.kind == "F" else 1] = row
     sizes = [max(n for _, n in pool) for pool in pools]
-    return TickTable(branch, table, *sizes)
+    by_rank = tuple(tuple(pool[r][1] for pool in pools) for r in range(P))
+    return TickTable(branch, table, *sizes, by_rank)
 
 
 def slot_routes(schedule: Schedule) -> list[list[tuple[int, list[tuple[int, int]]]]]:
