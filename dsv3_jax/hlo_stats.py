@@ -141,11 +141,28 @@ def _dims(shape: str) -> list[int]:
 _DOT_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([0-9,]*)\}")
 _GEMM_CONTRACTING = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')  # a cuBLAS call's backend config
 _DIM_LABELS = re.compile(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)")
+_OPERAND_LAYOUTS = re.compile(r"operand_layout_constraints=\{(.*?\})\}")
+
+
+def _ragged_dot_contracted(line: str, out_dims: list[int]) -> int | None:
+    """Elements each output element sums over in XLA:TPU's ragged-dot kernel (a Mosaic custom call
+    whose operand shapes are in its layout constraints): [M, K] x [G, K, N] -> [M, N] sums over K
+    (forward, Dgrad); [M, K] x [M, N] -> [G, K, N] over each group's rows, M in all (Wgrad)."""
+    found = _OPERAND_LAYOUTS.search(line)
+    if not found:
+        return None
+    floats = [_dims(a.group(0)) for a in _ARRAY.finditer(found.group(1)) if a.group(1).startswith(("f", "bf"))]
+    if len(out_dims) == 2:
+        return next((d[1] for d in floats if len(d) == 3 and d[2] == out_dims[1]), None)
+    if len(out_dims) == 3:
+        rows = [d[0] for d in floats if len(d) == 2]
+        return rows[0] // out_dims[0] if rows else None  # per output element: its group's share of the rows
+    return None
 _WINDOW_SIZE = re.compile(r"window=\{size=([0-9x]+)")
 _GROUPS = re.compile(r"feature_group_count=([0-9]+)")
 
 
-def _contracted(line: str, op: str, lhs_dims: list[int]) -> int | None:
+def _contracted(line: str, op: str, lhs_dims: list[int], out_dims: list[int] = ()) -> int | None:
     """Elements each output element sums over, for the ops that multiply matrices: a `dot`; a
     `convolution` (XLA:TPU writes dots as `dim_labels=bf_io->bf`: the lhs's feature dimension x the
     window, over the feature groups); a cuBLAS custom call (dots XLA:GPU does not fuse). None else."""
@@ -156,6 +173,8 @@ def _contracted(line: str, op: str, lhs_dims: list[int]) -> int | None:
         window, groups = _WINDOW_SIZE.search(line), _GROUPS.search(line)
         taps = math.prod(int(d) for d in window.group(1).split("x")) if window else 1
         return lhs_dims[labels.group(1).index("f")] // (int(groups.group(1)) if groups else 1) * taps
+    if op == "custom-call" and "ragged-dot" in line and 'custom_call_target="tpu_custom_call"' in line:
+        return _ragged_dot_contracted(line, out_dims)
     found = _DOT_CONTRACTING.search(line) if op == "dot" else \
         _GEMM_CONTRACTING.search(line) if op == "custom-call" and "__cublas" in line else None
     if found is None:
@@ -170,8 +189,10 @@ def _instruction_flops(line: str, m, shapes: dict[str, str]) -> float:
         return 0.0
     first = m.group("args").split(",")[0].split()  # empty for an op without operands (a custom call's)
     lhs_dims = _dims(shapes.get(first[-1].lstrip("%"), "")) if first else []
-    k = _contracted(line, m.group("op"), lhs_dims) if lhs_dims else (1 if m.group("op") == "dot" else None)
-    return 0.0 if k is None else 2.0 * math.prod(_dims(m.group("shape"))) * k
+    out_dims = _dims(m.group("shape"))
+    k = _contracted(line, m.group("op"), lhs_dims, out_dims) if lhs_dims or m.group("op") == "custom-call" else \
+        (1 if m.group("op") == "dot" else None)
+    return 0.0 if k is None else 2.0 * math.prod(out_dims) * k
 
 
 def computation_flops(computations: dict[str, list[str]]) -> dict[str, float]:
