@@ -66,13 +66,22 @@ READING = [
     "layout with FP8, fused attention and dropless dispatch (experiments/results/plan_deepseek_v3.md) is 71 GB. "
     "35 layers instead of 61: 58 MoE layers do not split into 32 equal DualPipe stages (the executor's stages are "
     "equal), and the stack is scanned, so a stage's program is the same at any depth.",
-    "- Not yet within 30%: the pipelined `small` rows on 8 H100s under-count temporaries (1F1B 0.70, DualPipe "
-    "0.59, DualPipeV 0.40; the same programs on XLA:CPU host devices, tiny, 0.98 and 0.79 in tests/test_plan.py). "
-    "The buffers XLA:GPU adds there are not yet read off its memory-usage report; the planner is to be fixed, not "
-    "the tolerance.",
-    "- XLA:TPU (libtpu of the lock file) aborts on every pipelined step with a data or expert axis beside "
-    "`pipeline` (`spmd_partitioner.cc:560 Check failed: target.IsManualSubgroup() == sharding().IsManualSubgroup()`, "
-    "in 15-20 s); `pipeline=2` alone compiles. Those rows say so.", ""]
+    "- The pipelined rows (2026-12-07, second pass). XLA:GPU allocates, beside the stored stages and the "
+    "stored-layout gradients the executor returns, the tick loop's copy of the stages a rank runs (stacked by "
+    "slot, parallel/pipeline/executor.py `to_slots`) and their fp32 gradient accumulators: `small` DualPipeV "
+    "held f32[2,2,8,512,512] buffers of both (the memory-usage report of its buffer assignment), and the planner, "
+    "which counted neither, was at 0.54 of its temporaries. It now counts one more share of the stack in each "
+    "(jobs/plan.py): 1F1B 1.01, DualPipe 0.82, DualPipeV 0.90 on 8 H100s (0.70 / 0.59 / 0.40 in the first pass, "
+    "before this session's executor and block changes and the planner fix), and 1.10 / 0.86 / 0.89 for `tiny` on 8 "
+    "host devices (tests/test_plan.py). The 671B row was planned and compiled before this (its planned "
+    "temporaries would add 13.1 GB; not re-compiled: 19 minutes).",
+    "- XLA:TPU compiles the pipelined rows since 2026-12-07 (until then every pipelined step with a data or "
+    "expert axis beside `pipeline` aborted the process: an unrolled `lax.scan` of a stage's layers around the "
+    "router's nested shard_map tripped `spmd_partitioner.cc:560 IsManualSubgroup`, and the first stage's `cond` "
+    "returned its branches in different layouts; model/block.py and the executor fixed both, "
+    "tests/test_compile.py guards them). Its pipelined temporaries: 1F1B 0.96, DualPipe 0.72, DualPipeV 0.74 of "
+    "the planner's; XLA:TPU holds more than XLA:GPU for the two DualPipe schedules (1.14 and 0.76 GiB against "
+    "1.01 and 0.62), not yet read off its buffer assignment.", ""]
 
 
 def one(index: int) -> dict:
