@@ -146,7 +146,15 @@ def main() -> None:
              "chunk (the shared expert beside the routed dispatch, weight gradients): that is why EP "
              "without a pipeline hides some bytes too. XLA:GPU lowers the routed experts' `ragged_dot` "
              "as a dense GEMM against every local expert (the 17.2 GFLOP fusions of shape [2048, 1024] "
-             "above), so GPU FLOPs inside windows overstate the useful work.", ""]
+             "above), so GPU FLOPs inside windows overstate the useful work.", "",
+             "Dates. The h100x8 rows were compiled before 2026-12-07's changes: GPU programs now run the routed "
+             "experts as the 128-row blocked loops (model/grouped_gemm.py) and the pipeline no longer gathers a "
+             "stage's expert weights (train/pipelined.py `layer_layout`); re-running them needs a trip-count "
+             "estimate first, as `hlo_stats.async_windows` counts a while loop's body once. The tpu-v5p rows were "
+             "compiled on 2026-12-07 after the fix of XLA:TPU's pipeline abort (model/block.py, "
+             "tests/test_compile.py) and count the FLOPs of XLA:TPU's ragged-dot kernels (Mosaic custom calls). "
+             "On TPU DualPipeV hides more of its all-to-all bytes than 1F1B, but almost none behind the other "
+             "chunk: the scheduler puts the other micro-batch's GEMMs into 2 of the pair's 23 windows.", ""]
     for target_name in targets:
         mine = [r for r in results if r["target"] == target_name]
         from dsv3_jax.jobs.compile import options_text
