@@ -81,17 +81,21 @@ def test_a_packed_example_sees_only_itself(tiny_cfg):
     packed = _packed_batch(EXAMPLES)
     tokens_BS, positions_BS, segments_BS, _ = unpack(packed)
     out = model(tokens_BS, positions_BS, True, segments_BS)
-    for row in range(tokens_BS.shape[0]):
-        for seg in np.unique(np.asarray(segments_BS[row])):
-            if seg == 0:
-                continue
-            where = np.flatnonzero(np.asarray(segments_BS[row]) == seg)
-            alone = model(tokens_BS[row:row + 1, where])
-            np.testing.assert_allclose(out.logits_BTV[row, where], alone.logits_BTV[0], atol=2e-5, rtol=1e-5)
-            # MTP depth 1 at the example's positions whose input t_{i+1} is still in the example
-            inner = where[:-1]
-            np.testing.assert_allclose(out.mtp_logits_PBTV[0, row, inner], alone.mtp_logits_PBTV[0, 0, :-1],
-                                       atol=2e-5, rtol=1e-5)
+    segments = np.asarray(segments_BS)
+    examples = [(row, np.flatnonzero(segments[row] == seg)) for row in range(segments.shape[0])
+                for seg in np.unique(segments[row]) if seg != 0]
+    # Each example alone in its own row, from position 0, zero-padded after its end to one length so
+    # one forward runs them all (attention is causal: the padding is after every position compared).
+    alone_NT = np.zeros((len(examples), max(len(where) for _, where in examples)), np.int32)
+    for i, (row, where) in enumerate(examples):
+        alone_NT[i, :len(where)] = np.asarray(tokens_BS[row, where])
+    alone = model(jnp.asarray(alone_NT))
+    for i, (row, where) in enumerate(examples):
+        n = len(where)
+        np.testing.assert_allclose(out.logits_BTV[row, where], alone.logits_BTV[i, :n], atol=2e-5, rtol=1e-5)
+        # MTP depth 1 at the example's positions whose input t_{i+1} is still in the example
+        np.testing.assert_allclose(out.mtp_logits_PBTV[0, row, where[:-1]], alone.mtp_logits_PBTV[0, i, :n - 1],
+                                   atol=2e-5, rtol=1e-5)
 
 
 def test_examples_in_both_formats_become_masked_pieces():
