@@ -141,7 +141,13 @@ def _dims(shape: str) -> list[int]:
 _DOT_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([0-9,]*)\}")
 _GEMM_CONTRACTING = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')  # a cuBLAS call's backend config
 _DIM_LABELS = re.compile(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)")
-_OPERAND_LAYOUTS = re.compile(r"operand_layout_constraints=\{(.*?\})\}")
+_OPERAND_LAYOUTS = re.compile(r"operand_layout_constraints=\{(.*?\})\}")  # a Mosaic call's operand shapes
+_WINDOW_SIZE = re.compile(r"window=\{size=([0-9x]+)")
+_GROUPS = re.compile(r"feature_group_count=([0-9]+)")
+
+
+def _is_tpu_ragged_dot(line: str) -> bool:
+    return "ragged-dot" in line and 'custom_call_target="tpu_custom_call"' in line
 
 
 def _ragged_dot_contracted(line: str, out_dims: list[int]) -> int | None:
@@ -158,14 +164,13 @@ def _ragged_dot_contracted(line: str, out_dims: list[int]) -> int | None:
         rows = [d[0] for d in floats if len(d) == 2]
         return rows[0] // out_dims[0] if rows else None  # per output element: its group's share of the rows
     return None
-_WINDOW_SIZE = re.compile(r"window=\{size=([0-9x]+)")
-_GROUPS = re.compile(r"feature_group_count=([0-9]+)")
 
 
-def _contracted(line: str, op: str, lhs_dims: list[int], out_dims: list[int] = ()) -> int | None:
+def _contracted(line: str, op: str, lhs_dims: list[int], out_dims: list[int]) -> int | None:
     """Elements each output element sums over, for the ops that multiply matrices: a `dot`; a
     `convolution` (XLA:TPU writes dots as `dim_labels=bf_io->bf`: the lhs's feature dimension x the
-    window, over the feature groups); a cuBLAS custom call (dots XLA:GPU does not fuse). None else."""
+    window, over the feature groups); a cuBLAS custom call (dots XLA:GPU does not fuse); XLA:TPU's
+    ragged-dot kernel (the routed experts' grouped GEMM). None else."""
     if op == "convolution":
         labels = _DIM_LABELS.search(line)
         if not labels or "f" not in labels.group(1):
@@ -173,7 +178,7 @@ def _contracted(line: str, op: str, lhs_dims: list[int], out_dims: list[int] = (
         window, groups = _WINDOW_SIZE.search(line), _GROUPS.search(line)
         taps = math.prod(int(d) for d in window.group(1).split("x")) if window else 1
         return lhs_dims[labels.group(1).index("f")] // (int(groups.group(1)) if groups else 1) * taps
-    if op == "custom-call" and "ragged-dot" in line and 'custom_call_target="tpu_custom_call"' in line:
+    if op == "custom-call" and _is_tpu_ragged_dot(line):
         return _ragged_dot_contracted(line, out_dims)
     found = _DOT_CONTRACTING.search(line) if op == "dot" else \
         _GEMM_CONTRACTING.search(line) if op == "custom-call" and "__cublas" in line else None
@@ -190,8 +195,10 @@ def _instruction_flops(line: str, m, shapes: dict[str, str]) -> float:
     first = m.group("args").split(",")[0].split()  # empty for an op without operands (a custom call's)
     lhs_dims = _dims(shapes.get(first[-1].lstrip("%"), "")) if first else []
     out_dims = _dims(m.group("shape"))
-    k = _contracted(line, m.group("op"), lhs_dims, out_dims) if lhs_dims or m.group("op") == "custom-call" else \
-        (1 if m.group("op") == "dot" else None)
+    if lhs_dims or _is_tpu_ragged_dot(line):  # the kernel's operand shapes are in its layout constraints
+        k = _contracted(line, m.group("op"), lhs_dims, out_dims)
+    else:
+        k = 1 if m.group("op") == "dot" else None
     return 0.0 if k is None else 2.0 * math.prod(out_dims) * k
 
 

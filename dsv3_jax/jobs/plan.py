@@ -131,7 +131,7 @@ class RankPlan:
     grads: int
     optimizer: int
     activations: int  # its pools' entries at its peak + one of its stages' backward (+ the head's logits)
-    gathered: int  # weights received for the step (outside the stack; DualPipe's mirrored stage)
+    gathered: int  # weights received for the step (as Plan.gathered: one SPMD program, equal stages)
 
     @property
     def total(self) -> int:
@@ -355,7 +355,8 @@ def plan(layout: Layout) -> Plan:
         return activation_bytes(config, round(tokens), sizes, layers, in_flight, layout.fused_attention,
                                 layout.padded_dispatch)
 
-    ticks = tick_table(make_schedule(schedule, pp, microbatches)) if pp > 1 else None
+    pipeline_schedule = make_schedule(schedule, pp, microbatches) if pp > 1 else None
+    ticks = tick_table(pipeline_schedule) if pp > 1 else None
     if recompute:
         # The executor's default (train.pipeline_keep_residuals=false, parallel/pipeline/executor.py):
         # a rank stores only stage inputs and cotangents, in pools the tick table sizes, and runs one
@@ -368,8 +369,8 @@ def plan(layout: Layout) -> Plan:
     ranks = ()
     if pp > 1:  # each rank's own stages: pools from its own tick-table entries, the pieces it runs
         last = n_stages - 1
-        rank_rows = []
-        for r, slots in enumerate(stage_slots(make_schedule(schedule, pp, microbatches))):
+        per_rank = []
+        for r, slots in enumerate(stage_slots(pipeline_schedule)):
             stages = tuple(sorted({stage for _, stage in slots}))
             first_here, last_here = 0 in stages, last in stages
             own = {"dense": cfg.first_k_dense if first_here else 0,
@@ -379,8 +380,8 @@ def plan(layout: Layout) -> Plan:
             held += logits_bytes(config, round(tokens), sizes["tensor"]) if last_here else 0
             runs = ", ".join(p for p, here in (("embedding + dense layers", first_here), ("head + MTP", last_here))
                              if here) or "-"
-            rank_rows.append(RankPlan(r, stages, runs, params, grads, optimizer, held, gathered))
-        ranks = tuple(rank_rows)
+            per_rank.append(RankPlan(r, stages, runs, params, grads, optimizer, held, gathered))
+        ranks = tuple(per_rank)
 
     # Collectives, bytes sent per device per step.
     act = 1 if layout.fp8 else np.dtype(cfg.dtype).itemsize

@@ -82,10 +82,20 @@ def stage_slots(schedule: Schedule) -> list[list[tuple[int, int]]]:
 class TickTable:
     branch: np.ndarray  # [ticks, ranks]: 0 idle, KINDS, or PAIR
     ops: np.ndarray  # [ticks, ranks, 2, 9]: side 0 the forward, side 1 the backward (columns above)
-    n_stash: int  # pool entries per rank: stored stage inputs
-    n_inbox: int  # received forward activations
-    n_cot: int  # cotangents (received, or the head's on the last stage)
-    by_rank: tuple  # per rank, the (stash, inbox, cot) entries it needs (the pools are their maxima)
+    by_rank: tuple  # per rank, the (stash, inbox, cot) pool entries it needs
+
+    # Every rank's pools are sized to the largest rank's need (one SPMD program).
+    @property
+    def n_stash(self) -> int:  # stored stage inputs
+        return max(stash for stash, _, _ in self.by_rank)
+
+    @property
+    def n_inbox(self) -> int:  # received forward activations
+        return max(inbox for _, inbox, _ in self.by_rank)
+
+    @property
+    def n_cot(self) -> int:  # cotangents (received, or the head's on the last stage)
+        return max(cot for _, _, cot in self.by_rank)
 
 
 def _units(ops: tuple[Op, ...]) -> list[tuple[Op, ...]]:
@@ -177,9 +187,7 @@ def tick_table(schedule: Schedule) -> TickTable:
             row = (slots[r].index((op.direction, op.stage)), op.mb, op.stage == 0, op.stage == S - 1, send,
                    entry(0, r, key), entry(1, r, key), entry(2, r, key), dest)
             table[tick, r, 0 if op.kind == "F" else 1] = row
-    sizes = [max(n for _, n in pool) for pool in pools]
-    by_rank = tuple(tuple(pool[r][1] for pool in pools) for r in range(P))
-    return TickTable(branch, table, *sizes, by_rank)
+    return TickTable(branch, table, tuple(tuple(pool[r][1] for pool in pools) for r in range(P)))
 
 
 def slot_routes(schedule: Schedule) -> list[list[tuple[int, list[tuple[int, int]]]]]:
