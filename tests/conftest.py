@@ -50,6 +50,11 @@ from dsv3_jax.config import ModelConfig, get_preset
 JAX_CACHE = Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compilation"
 
 
+# Likewise the data pipeline's trained tokenizer and packed windows (dsv3_jax/data/cache.py): most
+# `dsv3` processes of the suite read the default corpus, 7 s of BPE training and tokenising each.
+os.environ.setdefault("DSV3_DATA_CACHE", str(JAX_CACHE.parent / "dsv3-data"))
+
+
 # The test processes use it too, for compiles over a second: the same reference steps are built
 # by several test files.
 jax.config.update("jax_compilation_cache_dir", str(JAX_CACHE))

@@ -157,3 +157,36 @@ def test_rows_that_split_a_data_shard_are_refused():
     assert shards_for_rows(0, 16, 16, 4) == [0, 1, 2, 3]
     with pytest.raises(UsageError, match=r"rows \[6, 12\) of each batch of 16, which splits data shards of 4 rows"):
         shards_for_rows(6, 12, 16, 4)
+
+
+def test_the_data_cache_returns_what_the_pipeline_computes_and_survives_damage(tmp_path, monkeypatch):
+    """A second build reads the tokenizer and the windows from the cache (nothing is trained or
+    tokenised), equal to the first; damaged entries are computed again; a changed setting (FIM rate)
+    is a new entry, not the old windows."""
+    import dsv3_jax.data.pipeline as pipeline
+
+    monkeypatch.setenv("DSV3_DATA_CACHE", str(tmp_path))
+    config = apply_overrides(get_preset("tiny"), ["data.source=synthetic", "train.seq_len=32", "model.vocab_size=512"])
+    first = build_data(config)
+    entries = sorted(tmp_path.iterdir())
+    assert [e.name.split("-")[0] for e in entries] == ["tokenizer", "windows", "windows"]  # train + val windows
+
+    computed = []
+    with monkeypatch.context() as m:  # a read must not compute
+        m.setattr(pipeline, "train_tokenizer", lambda *a: computed.append("bpe"))
+        m.setattr(pipeline, "_tokenise", lambda *a: computed.append("tokens"))
+        again = build_data(config)
+    assert computed == [] and again.tokenizer.to_str() == first.tokenizer.to_str()
+    np.testing.assert_array_equal(again.train_windows, first.train_windows)
+    np.testing.assert_array_equal(again.val_windows, first.val_windows)
+
+    for entry in entries:
+        entry.write_bytes(b"damaged")
+    repaired = build_data(config)
+    np.testing.assert_array_equal(repaired.train_windows, first.train_windows)
+    assert all(entry.read_bytes() != b"damaged" for entry in entries)
+
+    more_fim = build_data(apply_overrides(config, ["data.fim_rate=0.9"]))
+    fim_begin = first.tokenizer.token_to_id(FIM_BEGIN)
+    assert (more_fim.train_windows == fim_begin).sum() > 3 * (first.train_windows == fim_begin).sum()
+    assert len(list(tmp_path.iterdir())) == 4  # the new training windows; the validation set has no FIM

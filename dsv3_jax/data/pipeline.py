@@ -23,6 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from dsv3_jax.config import Config
+from dsv3_jax.data import cache
 from dsv3_jax.data.corpus import load_documents
 from dsv3_jax.data.fim import encode_document
 from dsv3_jax.data.packing import pack
@@ -52,7 +53,9 @@ def get_tokenizer(config: Config, docs: list[str], run_dir: Path | None) -> Toke
     elif cached is not None and cached.exists():
         tokenizer = load_tokenizer(cached)
     else:
-        tokenizer = train_tokenizer(docs, config.model.vocab_size)
+        tokenizer = cache.cached("tokenizer", cache.digest("bpe", config.model.vocab_size, docs),
+                                 lambda: train_tokenizer(docs, config.model.vocab_size),
+                                 lambda tokenizer, path: tokenizer.save(str(path)), load_tokenizer)
     if tokenizer.get_vocab_size() > config.model.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size="
                          f"{config.model.vocab_size}; pass --set model.vocab_size={tokenizer.get_vocab_size()}")
@@ -69,6 +72,20 @@ def _tokenise(docs: list[str], tokenizer: Tokenizer, fim_rate: float, seed: int)
     return [dataset[i] for i in range(len(dataset))]
 
 
+def _windows(docs: list[str], tokenizer: Tokenizer, fim_rate: float, seed: int, window: int) -> np.ndarray:
+    """The documents FIM-transformed, tokenised and packed into windows (read from the data cache when
+    they were built before from the same text, tokenizer and settings)."""
+    eos = tokenizer.token_to_id(EOS)
+    key = cache.digest("windows", tokenizer.to_str(), fim_rate, seed, window, docs)
+
+    def write(windows: np.ndarray, path: Path) -> None:
+        with open(path, "wb") as f:
+            np.save(f, windows)
+
+    return cache.cached("windows", key, lambda: pack(_tokenise(docs, tokenizer, fim_rate, seed), window, eos), write,
+                        lambda path: np.load(path))
+
+
 def build_data(config: Config, run_dir: Path | None = None, shards: list[int] | None = None) -> Data:
     """Tokenizer, the training windows of `shards` (default: all of data.shards) and the validation windows."""
     docs = load_documents(config.data.source, config.data.max_bytes)
@@ -81,18 +98,16 @@ def build_data(config: Config, run_dir: Path | None = None, shards: list[int] | 
     train_docs = [docs[i] for i in order[n_val:]]
     val_docs = [docs[i] for i in order[:n_val]]
     window = config.train.seq_len + 1
-    eos = tokenizer.token_to_id(EOS)
     seed = config.data.shuffle_seed
     n_shards = config.data.shards
-    train = {shard: pack(_tokenise(train_docs[shard::n_shards], tokenizer, config.data.fim_rate, seed + shard),
-                         window, eos)
+    train = {shard: _windows(train_docs[shard::n_shards], tokenizer, config.data.fim_rate, seed + shard, window)
              for shard in (range(n_shards) if shards is None else shards)}
     for shard, windows in train.items():
         if len(windows) < config.train.batch_size // n_shards:
             raise UsageError(f"data shard {shard} of {n_shards} has {len(windows)} windows of {window} tokens, "
                              f"fewer than the {config.train.batch_size // n_shards} rows it gives each batch; use "
                              "fewer data.shards or more data")
-    val = pack(_tokenise(val_docs, tokenizer, 0.0, seed + n_shards), window, eos)
+    val = _windows(val_docs, tokenizer, 0.0, seed + n_shards, window)
     return Data(tokenizer, train, val)
 
 
