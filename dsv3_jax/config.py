@@ -492,8 +492,11 @@ PRESETS: dict[str, Config] = {
                     data=DataConfig(max_bytes=40_000_000)),
     "deepseek-v2-lite": Config(model=_V2_LITE),
     # DualPipe, the report's schedule (§3.2.1): on a pipeline mesh it needs >= 2 x mesh.pipeline
-    # micro-batches (the report's layout: experiments/plan_deepseek_v3.py).
-    "deepseek-v3-671b": Config(model=_V3, train=TrainConfig(pipeline_schedule="dualpipe")),
+    # micro-batches (the report's layout: experiments/plan_deepseek_v3.py). Sequences of 4K (§4.2),
+    # and the cross-entropy 512 positions at a time: one 4K sequence's whole fp32 logits over 129,280
+    # tokens and the MTP head are 12.7 GB on a GPU of the report's layout, a sixth of its 80 GB.
+    "deepseek-v3-671b": Config(model=_V3, train=TrainConfig(pipeline_schedule="dualpipe", seq_len=4096,
+                                                           ce_chunk=512)),
 }
 
 

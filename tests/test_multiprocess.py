@@ -108,7 +108,10 @@ def test_a_dead_peer_stops_the_other_and_the_checkpoints_restore(one_process_run
     after a worker's death the checkpoints on disk restore in a one-process run on 8 devices, which
     repeats the logged losses of the steps after its checkpoint."""
     run, steps = tmp_path / "two", 40
-    procs = _two_processes("--steps", str(steps), "--run-dir", str(run), "--distributed-timeout", "30", logs=tmp_path)
+    # Constant after warm-up (not decaying from 60% of train.steps): the resume below ends sooner.
+    constant_lr = ["--set", "train.decay_start_fraction=1.0"]
+    procs = _two_processes("--steps", str(steps), "--run-dir", str(run), "--distributed-timeout", "30", *constant_lr,
+                           logs=tmp_path)
     metrics = run / "metrics.jsonl"
     assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, procs[0],
                     timeout=600), _tail(tmp_path)
@@ -127,11 +130,14 @@ def test_a_dead_peer_stops_the_other_and_the_checkpoints_restore(one_process_run
     if victim == 0:
         return  # the same checkpoints as below; restoring them once is enough
 
-    resumed = _dsv3("--steps", str(steps), "--run-dir", str(run), "--resume", "--set", "train.checkpoint_every=2",
-                    log=tmp_path / "resume.log", host_devices=8)
+    # Resumed one step past the last logged one: every logged step after the checkpoint is repeated
+    # (the 40 steps above only leave room for the kill).
+    end = max(logged) + 1
+    resumed = _dsv3("--steps", str(end), "--run-dir", str(run), "--resume", "--set", "train.checkpoint_every=2",
+                    *constant_lr, log=tmp_path / "resume.log", host_devices=8)
     assert resumed.wait(timeout=600) == 0, _tail(tmp_path)
     after = dict(losses(run))
-    assert sorted(after) == list(range(1, steps + 1))
+    assert sorted(after) == list(range(1, end + 1))
     overlap = [s for s in logged if s in after and s > 2]
     np.testing.assert_allclose([after[s] for s in overlap], [logged[s] for s in overlap], rtol=1e-6)
     # 2 processes -> 1 on the same mesh: the checkpoint's layout was 2 processes, the resume's 1.

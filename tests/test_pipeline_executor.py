@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax.parallel.pipeline.executor import MB, PAIR, pipeline_value_and_grad, tick_table
+from dsv3_jax.parallel.pipeline.executor import MB, PAIR, pipeline_value_and_grad, stored_slots, tick_table
 from dsv3_jax.parallel.pipeline.schedules import SCHEDULES, make_schedule, peak_activations
 from tests.conftest import need_devices
 from dsv3_jax.parallel.mesh import make_mesh
@@ -113,3 +113,12 @@ def test_dualpipe_pairs_run_fused_in_one_tick():
         for t in pairs:  # a forward of one micro-batch and a full backward of another, other directions
             f, b = table.ops[t, r]
             assert f[MB] != b[MB]
+
+
+def test_a_rank_reads_its_stored_stages_in_place_and_receives_only_the_others():
+    """Slot by slot: the local index of a stored stage read in place (no copy, gradients accumulated in
+    the stored layout), or None for a stage received for the step. The equality test above runs both."""
+    for name in ("gpipe", "1f1b", "zb1p"):
+        assert stored_slots(make_schedule(name, P_RANKS, N_MB)) == [0]
+    assert stored_slots(make_schedule("dualpipe", P_RANKS, N_MB)) == [0, None]  # stage r stored; P-1-r received
+    assert stored_slots(make_schedule("dualpipev", P_RANKS, N_MB)) == [None, None]  # stages r, 2P-1-r: stored 2q, 2q+1

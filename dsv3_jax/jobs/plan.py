@@ -39,7 +39,7 @@ from dsv3_jax.info import model_info
 from dsv3_jax.model.remat import REPORT_KEPT
 from dsv3_jax.parallel.expert import pair_capacity, ranks_per_token
 from dsv3_jax.parallel.mesh import MESH_AXES, abstract_mesh, make_mesh
-from dsv3_jax.parallel.pipeline.executor import stage_slots, tick_table
+from dsv3_jax.parallel.pipeline.executor import stage_slots, stored_slots, tick_table
 from dsv3_jax.parallel.pipeline.schedules import make_schedule
 from dsv3_jax.parallel.sharding import rules_for, use_rules
 from dsv3_jax.train.state import abstract_train_state
@@ -326,19 +326,22 @@ def plan(layout: Layout) -> Plan:
     params = _pipeline_rank_bytes(params_in_stage, params_at_rest, pp, cfg.n_moe_layers)
     optimizer = _pipeline_rank_bytes(_bytes_by_part(state.opt_state, in_stage, rules, tc.zero1),
                                      _bytes_by_part(state.opt_state, mesh, rules, tc.zero1), pp, cfg.n_moe_layers)
-    # The step gathers the weights outside the stack, and under DualPipe receives the mirrored stage
-    # P-1-r it runs beside its own (Table 2's 2x parameters, as a step buffer); their gradients are
-    # whole until reduced or sent back (under SPMD every rank allocates both, whichever stage uses them).
-    share = _stack_share(params_in_stage, pp, cfg.n_moe_layers) if pp > 1 else 0
-    mirrored = share if schedule == "dualpipe" else 0
-    gathered = _outside_stack(params_in_stage) - _outside_stack(params_at_rest) + mirrored
-    grads = params + gathered  # same dtype and layout as the parameters, the rest whole
-    # The executor's tick loop runs the stages from a copy of them stacked by slot, and carries their
-    # gradient accumulators, beside the stored stages and the stored-layout gradients it returns
-    # (parallel/pipeline/executor.py `to_slots` / `from_slots`): one more share of each. (XLA:GPU
-    # allocates both; small data=2,pipeline=2,expert=2 DualPipeV: experiments/results/plan_vs_compiler.md.)
-    gathered += share
-    grads += share
+    # The step gathers the weights outside the stack, and receives the stages a rank runs but does not
+    # store (DualPipe's mirrored stage P-1-r beside its own: Table 2's 2x parameters; DualPipeV's V)
+    # into a step buffer (parallel/pipeline/executor.py `stored_slots`; its own stages are read in
+    # place). Their gradients are whole until reduced or sent back (under SPMD every rank allocates
+    # both, whichever stage uses them).
+    # The tick loop accumulates a stage's gradients after its backward has produced them whole: one
+    # stage's more (compiled for 8 H100s and a v5p slice, experiments/results/plan_vs_compiler.md).
+    pipeline_schedule = make_schedule(schedule, pp, tc.microbatches) if pp > 1 else None
+    received = backward_output = 0
+    if pp > 1:
+        stored_per_rank = pipeline_schedule.n_stages // pp
+        per_stage = _stack_share(params_in_stage, pp, cfg.n_moe_layers) / stored_per_rank
+        received = round(per_stage * stored_slots(pipeline_schedule).count(None))
+        backward_output = round(per_stage)
+    gathered = _outside_stack(params_in_stage) - _outside_stack(params_at_rest) + received
+    grads = params + gathered + backward_output  # same dtype and layout as the parameters, the rest whole
 
     # Tokens per device per micro-batch: rows split over data x fsdp x expert (the "batch" axes).
     batch_ways = rules.shards("batch", sizes)
@@ -355,7 +358,6 @@ def plan(layout: Layout) -> Plan:
         return activation_bytes(config, round(tokens), sizes, layers, in_flight, layout.fused_attention,
                                 layout.padded_dispatch)
 
-    pipeline_schedule = make_schedule(schedule, pp, microbatches) if pp > 1 else None
     ticks = tick_table(pipeline_schedule) if pp > 1 else None
     if recompute:
         # The executor's default (train.pipeline_keep_residuals=false, parallel/pipeline/executor.py):

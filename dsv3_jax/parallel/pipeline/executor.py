@@ -18,10 +18,11 @@ whole mesh would wait for ranks that run another branch (tests check the compile
 
 Stage-owned parameters. Stage parameters arrive stage-major ([S, ...]) and sharded over
 `pipeline`: rank q stores stages q*S/P .. (q+1)*S/P - 1 and returns their gradients in the same
-layout, so optimizer state and updates are 1/P per rank. A schedule that runs other stages on a
-rank (DualPipe's mirrored copy, DualPipeV's V) receives them by `ppermute` at the start of the
-step and sends their gradients back, where they are summed into the owner's (DualPipe's two
-copies of a stage stay equal because they are one stored stage).
+layout, so optimizer state and updates are 1/P per rank. The stages a rank stores and runs are read
+in place and their gradients accumulate in the stored layout (`stored_slots`). A schedule that runs
+other stages on a rank (DualPipe's mirrored copy, DualPipeV's V) receives them by `ppermute` at the
+start of the step into a step buffer and sends their gradients back, where they are summed into the
+owner's (DualPipe's two copies of a stage stay equal because they are one stored stage).
 
 Buffers. Stored stage inputs, received activations and received cotangents live in per-rank pools
 sized to the schedule's peak (intervals from the tick table, coloured greedily), not one entry per
@@ -205,6 +206,17 @@ def slot_routes(schedule: Schedule) -> list[list[tuple[int, list[tuple[int, int]
     return routes
 
 
+def stored_slots(schedule: Schedule) -> list[int | None]:
+    """Per slot, the local index of its stage when every rank stores the stage it runs there (the
+    slot is read in place, no copy), else None (the stages arrive by `ppermute` into a step buffer):
+    every slot of 1F1B, GPipe and ZB1P, DualPipe's own direction but not its mirrored stage P-1-r, and
+    DualPipeV's stages (2P of them, stored two per rank in stage order) only on the ranks that own both."""
+    n_ranks = schedule.n_ranks
+    in_place = lambda by_local: (len(by_local) == 1 and len(by_local[0][1]) == n_ranks
+                                 and all(src == dst for src, dst in by_local[0][1]))
+    return [by_local[0][0] if in_place(by_local) else None for by_local in slot_routes(schedule)]
+
+
 class ResidualLayout(NamedTuple):
     """Where a stage's `jax.vjp` residuals come from: the leaves of the vjp function, each either one
     of the stage's parameter leaves (`param_at` its index: never copied) or stored (shapes in order)."""
@@ -270,6 +282,13 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
     branch_index, op_table = jnp.asarray(np.searchsorted(used, ticks.branch)), jnp.asarray(ticks.ops)
     routes = slot_routes(schedule)
     n_slots = len(routes)
+    # A slot runs in place from the stored stages, or from a step buffer of the stages received.
+    stored_at = stored_slots(schedule)
+    received = [j for j, i in enumerate(stored_at) if i is None]
+    in_place = [j for j, i in enumerate(stored_at) if i is not None]
+    stored_index = jnp.asarray([i or 0 for i in stored_at])
+    received_index = jnp.asarray([received.index(j) if j in received else 0 for j in range(n_slots)])
+    is_stored = jnp.asarray([i is not None for i in stored_at])
     one_stage = jax.tree.map(lambda p: p[0], params_S)
     h = x_MA[0] if first_fn is None else jax.eval_shape(first_fn, head_params, x_MA[0])  # a stage's input
     _, _, stats_shape = jax.eval_shape(stage_fn, one_stage, h)
@@ -285,29 +304,39 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
             return x  # every rank runs this slot on a stage it stores
         return jax.lax.ppermute(x, "pipeline", pairs)
 
-    def to_slots(local):  # this rank's stored stages [S/P, ...] -> the stages it runs [slots, ...]
-        gathered = [sum(route(local[i], pairs) for i, pairs in by_local) for by_local in routes]
-        return jnp.stack(gathered)
+    def receive(local):  # this rank's stored stages [S/P, ...] -> the stages it runs from others [received, ...]
+        return jnp.stack([sum(route(local[i], pairs) for i, pairs in routes[j]) for j in received])
 
-    def from_slots(slot_grads, like):  # gradients per slot -> summed into the owners' stored stages
-        out = jnp.zeros_like(like)
-        for j, by_local in enumerate(routes):
-            for i, pairs in by_local:
-                out = out.at[i].add(route(slot_grads[j], [(dst, src) for src, dst in pairs]))
-        return out
+    def send_back(received_grads, stored_grads):  # their gradients, summed into the owners' stored stages
+        for k, j in enumerate(received):
+            for i, pairs in routes[j]:
+                stored_grads = stored_grads.at[i].add(route(received_grads[k], [(dst, src) for src, dst in pairs]))
+        return stored_grads
 
     def rank_program(local_params, head_params, x_MA, target_M):
-        params = stage_layout(jax.tree.map(to_slots, local_params))
+        # The stages a rank stores are read where they are and their gradients accumulate in the stored
+        # layout; only the stages it runs for others' storage (DualPipe's mirrored one) are received.
+        own = stage_layout(local_params)
+        others = stage_layout(jax.tree.map(receive, local_params)) if received else None
         rank = jax.lax.axis_index("pipeline")
         pool = lambda n: current_rules().constrain(jnp.zeros((n,) + h.shape, h.dtype), BUFFER_LAYOUT)
         activation = lambda a: current_rules().constrain(a, BUFFER_LAYOUT[1:])  # one entry of a pool
         state0 = dict(stash=pool(ticks.n_stash), inbox=pool(ticks.n_inbox), cot=pool(ticks.n_cot),
-                      grads=stage_layout(jax.tree.map(jnp.zeros_like, params)), head_grads=jax.tree.map(jnp.zeros_like, head_params),
+                      own_grads=stage_layout(jax.tree.map(jnp.zeros_like, own)),
+                      received_grads=stage_layout(jax.tree.map(jnp.zeros_like, others)) if received else None,
+                      head_grads=jax.tree.map(jnp.zeros_like, head_params),
                       loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, (n_slots,)),
                       head_stats=zeros(head_stats_shape))
         if first_fn is None:
             state0["dx"] = jnp.zeros_like(x_MA)
-        at = lambda slot: jax.tree.map(lambda p: p[slot], params)
+        def at(slot):  # the parameters of the stage in `slot`: stored, or received
+            if not received:
+                return jax.tree.map(lambda p: p[stored_index[slot]], own)
+            if not in_place:
+                return jax.tree.map(lambda p: p[received_index[slot]], others)
+            return jax.tree.map(lambda p, q: jnp.where(is_stored[slot], p[stored_index[slot]], q[received_index[slot]]),
+                                own, others)
+
         no_msg = jnp.zeros(h.shape, h.dtype)
         if keep_residuals:  # traced here, in the context the stages run in (nested shard_maps differ outside)
             layout = residual_layout(stage_io, at(0), no_msg)
@@ -374,8 +403,24 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
             d_head = jax.lax.cond(first, into_first_fn, lambda dx: jax.tree.map(jnp.zeros_like, head_params), dx)
             return dict(state, head_grads=add(state["head_grads"], d_head)), dx
 
-        def take_dp(state, op, dp):
-            return dict(state, grads=stage_layout(jax.tree.map(lambda g, d: g.at[op[SLOT]].add(d), state["grads"], dp)))
+        def take_dp(state, op, dp):  # into the stored stage's accumulator, or the received one's
+            slot = op[SLOT]
+
+            def into(acc, index, here):
+                # A masked add over the accumulator's stages, not a scatter-add at a dynamic index:
+                # elementwise, it runs in whatever layout XLA gives the loop-carried accumulator (XLA:GPU
+                # laid a scatter's operand out apart from the carry and copied the accumulator into the
+                # branch: small DualPipe on 8 H100s, 24 MiB more temporaries).
+                def add(g, d):
+                    mask = (jnp.arange(g.shape[0]) == index[slot]) & here
+                    return g + jnp.where(mask.reshape((-1,) + (1,) * d.ndim), d[None], jnp.zeros((), d.dtype))
+                return stage_layout(jax.tree.map(add, acc, dp))
+
+            if in_place:
+                state = dict(state, own_grads=into(state["own_grads"], stored_index, is_stored[slot]))
+            if received:
+                state = dict(state, received_grads=into(state["received_grads"], received_index, ~is_stored[slot]))
+            return state
 
         def input_grad(state, op):  # I: the forward recomputed (or its residuals read) for d input only
             return take_dx(state, op, stage_grads(state, op)[1])
@@ -407,7 +452,8 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
                 after_backward, dx = full_backward(dict(state, head_grads=zero_head), ops[1])
             with jax.named_scope(FORWARD_CHUNK):
                 after_forward, y = forward(pair_forward_reads(state, after_backward), ops[0])
-            merged = dict(after_forward, grads=after_backward["grads"],
+            merged = dict(after_forward, own_grads=after_backward["own_grads"],
+                          received_grads=after_backward["received_grads"],
                           head_grads=add(after_forward["head_grads"], after_backward["head_grads"]))
             if first_fn is None:
                 merged["dx"] = after_backward["dx"]
@@ -437,7 +483,9 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         state = jax.lax.fori_loop(0, ticks.branch.shape[0], tick, state0)
         per_rank = lambda tree: jax.tree.map(lambda a: a[None], tree)
         total = lambda tree: jax.tree.map(lambda a: jax.lax.psum(a, "pipeline"), tree)
-        stored_grads = jax.tree.map(from_slots, state["grads"], local_params)
+        stored_grads = state["own_grads"]
+        if received:
+            stored_grads = jax.tree.map(send_back, state["received_grads"], stored_grads)
         dx = total(state["dx"]) if first_fn is None else jnp.zeros(())
         return (total(state["loss"]), stored_grads, total(state["head_grads"]), dx, per_rank(state["stats"]),
                 total(state["head_stats"]))
