@@ -81,7 +81,26 @@ READING = [
     "returned its branches in different layouts; model/block.py and the executor fixed both, "
     "tests/test_compile.py guards them). Its pipelined temporaries: 1F1B 0.96, DualPipe 0.72, DualPipeV 0.74 of "
     "the planner's; XLA:TPU holds more than XLA:GPU for the two DualPipe schedules (1.14 and 0.76 GiB against "
-    "1.01 and 0.62), not yet read off its buffer assignment.", ""]
+    "1.01 and 0.62), not yet read off its buffer assignment.",
+    "- Third pass (2026-12-07, later). The copy the second pass found was not the slot stack alone: read off "
+    "the buffer assignment of 1F1B on 8 H100s, XLA:GPU copies the f32 expert weights into the layout the tick "
+    "loop's GEMMs read (3 x 32 MiB), and the backward branches hold a stage's gradients beside the "
+    "accumulators. The executor now reads a rank's stored stages in place, accumulates their gradients in "
+    "the stored layout by a masked add (DualPipe 1009 -> 985 MiB of temporaries on 8 H100s; a scatter-add "
+    "copied the accumulator into the branch), and receives only stages stored elsewhere (DualPipe's mirrored "
+    "one, DualPipeV's); the planner counts those received stages and one stage backward's gradients, no slot "
+    "copy. Planned/compiled temporaries: 8 H100s 1F1B 0.82, DualPipe 0.78, DualPipeV 1.01; v5p 1F1B 0.78, "
+    "DualPipe 0.63, DualPipeV 0.80; tiny on 8 host devices 1.04 / 0.85 / 0.92. The v5p DualPipe row is outside "
+    "the 30%: XLA:TPU keeps bf16 copies of whole stages' expert weights (about ten bf16[1,4,8,512,512] "
+    "buffers live at the peak) and writes the masked add of both accumulators out of place (2 x 2 x 32 MiB), "
+    "neither of which the planner models. The 671B row (re-compiled, 35 layers): state 1.00, temporaries "
+    "1.30 (the planner over-counts by 23 GB; compiled 78.09 GiB of temporaries, 80.13 before).",
+    "- Tried and not adopted: `Format(Layout.AUTO)` for the train state's shardings lets XLA pick the "
+    "parameters' layouts, which removed the weight copy (1F1B on 8 H100s 638 -> 538 MiB, on v5p 668 -> 628); "
+    "the train loop would have to compile ahead of time and place the state (and every restored checkpoint) in "
+    "the compiler's layouts. One switch branch per (kind, own or received stage), so no branch picks between "
+    "two stages at run time: DualPipe on 8 H100s 985 -> 963 MiB for 40% more compile time, on v5p 1221 -> 1371 "
+    "MiB.", ""]
 
 
 def one(index: int) -> dict:

@@ -521,8 +521,8 @@ def report_rows(layout: Layout, result: Plan) -> list[tuple[str, str]]:
             ("parameters", _gb(result.params)), ("gradients", _gb(result.grads)),
             ("optimizer state" + (" (ZeRO-1)" if layout.zero1 else ""), _gb(result.optimizer)),
             ("activations at the schedule's peak", _gb(result.activations)),
-            ("weights gathered for the step (outside the stack; the pipeline's copy of the stages a rank runs, "
-             "DualPipe's mirrored one among them)", _gb(result.gathered)),
+            ("weights gathered for the step (outside the stack; stages a rank runs but does not store, "
+             "e.g. DualPipe's mirrored one)", _gb(result.gathered)),
             ("total", f"{_gb(result.total)} of {_gb(hw.hbm_bytes)} HBM")]
     rows += [(f"{name} sent per step", _gb(n)) for name, n in result.collectives.items()]
     rows += [(f"time: {name}", f"{1e3 * s:,.1f} ms") for name, s in result.parts_s.items()]
