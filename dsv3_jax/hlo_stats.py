@@ -202,9 +202,20 @@ def _instruction_flops(line: str, m, shapes: dict[str, str]) -> float:
     return 0.0 if k is None else 2.0 * math.prod(out_dims) * k
 
 
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"([0-9]+)"\}')
+
+
+def _calls_flops(line: str, flops_of) -> float:
+    """FLOPs of the computations an instruction calls: a while loop's body (and condition) times the
+    trip count XLA's annotator wrote in its backend config (once when unknown), every branch of a
+    conditional, a fusion's computation once."""
+    trips = _TRIP_COUNT.search(line) if " while(" in line else None
+    return (int(trips.group(1)) if trips else 1) * sum(flops_of(c) for c in _called(line))
+
+
 def computation_flops(computations: dict[str, list[str]]) -> dict[str, float]:
-    """Dot FLOPs of each computation, the computations it calls (fusions, loop bodies counted once,
-    branches) included."""
+    """Dot FLOPs of each computation, the computations it calls (fusions, loop bodies times their
+    known trip count, branches) included."""
     memo: dict[str, float] = {}
 
     def flops(name: str, depth: int = 0) -> float:
@@ -215,7 +226,7 @@ def computation_flops(computations: dict[str, list[str]]) -> dict[str, float]:
         total = 0.0
         for line in lines:
             total += _instruction_flops(line, _NAMED.match(line), shapes)
-            total += sum(flops(c, depth + 1) for c in _called(line))
+            total += _calls_flops(line, lambda c: flops(c, depth + 1))
         memo[name] = total
         return total
 
@@ -261,7 +272,7 @@ def async_windows(hlo_text: str, scopes: tuple[str, ...] = ()) -> list[dict]:
                 continue
             by_scope: dict[str | None, float] = {}
             for line, p in zip(lines[i + 1:j], parsed[i + 1:j]):
-                here = _instruction_flops(line, p, shapes) + sum(flops.get(c, 0.0) for c in _called(line))
+                here = _instruction_flops(line, p, shapes) + _calls_flops(line, lambda c: flops.get(c, 0.0))
                 if here:
                     scope = _scope(line, scopes)
                     by_scope[scope] = by_scope.get(scope, 0.0) + here
