@@ -112,15 +112,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise UsageError("--resume needs --run-dir DIR (the run to continue)")
     name = args.preset or (Path(args.config).stem if args.config else "tiny")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from dsv3_jax.parallel.distributed import is_main, peers_guarded  # on demand
+    from dsv3_jax.parallel.distributed import exit_together, is_main, peers_guarded  # on demand
 
     with peers_guarded(f"its checkpoints in {run_dir / 'checkpoints'} are kept: start every process again "
                        "with --resume"):
         status = train(config, run_dir, resume=args.resume, progress=not args.quiet, saved=saved)
+    if status == 0 and is_main():
+        print(f"done: metrics, plots and checkpoints in {run_dir}", file=sys.stderr)
+    exit_together(status)  # several processes: all at once, here
     if status:
         raise SystemExit(status)
-    if is_main():
-        print(f"done: metrics, plots and checkpoints in {run_dir}", file=sys.stderr)
 
 
 def _post_training(args: argparse.Namespace, command: str, start_option: str, new_config, run) -> None:

@@ -89,7 +89,7 @@ def test_each_chunk_of_a_dualpipev_pair_overlaps_the_other_chunks_gemms(monkeypa
     # Planted (the issue's): the forward's input waits on the backward's gradients -> nothing of
     # one chunk is scheduled inside the other's all-to-alls.
     def forward_after_backward(tick_state, after_backward):
-        grads = sum(jnp.sum(g) for g in jax.tree.leaves(after_backward["grads"]))
+        grads = sum(jnp.sum(g) for g in jax.tree.leaves((after_backward["own_grads"], after_backward["received_grads"])))
         return dict(tick_state, inbox=tick_state["inbox"] + (0 * grads).astype(tick_state["inbox"].dtype))
 
     monkeypatch.setattr(executor, "pair_forward_reads", forward_after_backward)
