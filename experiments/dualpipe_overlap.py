@@ -144,21 +144,23 @@ def main() -> None:
              "to a 1 MiB transfer: the fractions are what the schedule allows at this size, not the "
              "report's 1:1 ratio. Within one micro-batch XLA also overlaps independent work of the same "
              "chunk (the shared expert beside the routed dispatch, weight gradients): that is why EP "
-             "without a pipeline hides some bytes too. XLA:GPU lowers the routed experts' `ragged_dot` "
-             "as a dense GEMM against every local expert (the 17.2 GFLOP fusions of shape [2048, 1024] "
-             "above), so GPU FLOPs inside windows overstate the useful work.", "",
-             "Dates. The h100x8 rows were compiled before 2026-12-07's changes: GPU programs now run the routed "
-             "experts as the 128-row blocked loops (model/grouped_gemm.py) and the pipeline no longer gathers a "
-             "stage's expert weights (train/pipelined.py `layer_layout`); re-running them needs a trip-count "
-             "estimate first, as `hlo_stats.async_windows` counts a while loop's body once. The tpu-v5p rows were "
-             "compiled on 2026-12-07 after the fix of XLA:TPU's pipeline abort (model/block.py, "
-             "tests/test_compile.py) and count the FLOPs of XLA:TPU's ragged-dot kernels (Mosaic custom calls). "
+             "without a pipeline hides some bytes too.", "",
+             "Dates. The h100x8 rows were compiled again on 2026-12-07 (third session) with the GPU programs as "
+             "they are now: the routed experts run as 128-row blocked loops (model/grouped_gemm.py), whose "
+             "bodies `hlo_stats` counts their known trip count times; the first GPU rows lowered `ragged_dot` "
+             "densely, every row against every local expert, and their 69.8 GFLOP of other-chunk compute in "
+             "DualPipeV's pair (hiding 20.0%) was mostly that inflation. With the real FLOPs XLA:GPU still places "
+             "the other micro-batch's GEMMs in 7 of the pair's 33 windows (40% of its bytes), but 1.7 GFLOP "
+             "beside 44 MiB hides 0.1% by the estimate, and no case hides any bytes overall: at `small`'s size "
+             "the transfers, not the GEMMs, are the long pole. The tpu-v5p rows were compiled on 2026-12-07 "
+             "(second session) after the fix of XLA:TPU's pipeline abort (model/block.py, tests/test_compile.py) "
+             "and count the FLOPs of XLA:TPU's ragged-dot kernels (Mosaic custom calls), which are not loops. "
              "On TPU DualPipeV hides more of its all-to-all bytes than 1F1B, but almost none behind the other "
              "chunk: the scheduler puts the other micro-batch's GEMMs into 2 of the pair's 23 windows. Not a matter of "
              "size: with 4x the micro-batch (train.batch_size=128, 4 rows of 256 tokens per device; not in the "
              "table) DualPipeV hides 9.4% and 1F1B 11.1%, and still 2 of 28 pair windows hold 1.8 GFLOP of the "
              "other chunk; nor of `xla_tpu_overlap_compute_collective_tc` / `xla_tpu_enable_async_collective_fusion` "
-             "(the same 2 of 23). XLA:GPU interleaves the same pair (9 of 33 windows above).", ""]
+             "(the same 2 of 23). XLA:GPU interleaves the same pair more (7 of 33 windows above).", ""]
     for target_name in targets:
         mine = [r for r in results if r["target"] == target_name]
         from dsv3_jax.jobs.compile import options_text
