@@ -8,7 +8,9 @@ window). A second run on the same corpus reads them instead of computing them: f
 Where: $DSV3_DATA_CACHE, else $XDG_CACHE_HOME/dsv3_jax/data (~/.cache/dsv3_jax/data); DSV3_DATA_CACHE=off
 turns it off. The cache is never needed: an entry that cannot be read is computed again and
 rewritten, and one that cannot be written is only not kept. Entries are written to a temporary file
-and renamed, so processes sharing the directory see whole entries or none.
+of a name unique to the writer and renamed, so processes sharing the directory (the suite's workers)
+see whole entries or none (run_dir.write_atomic's one fixed temporary name would let two writers of
+the same entry collide).
 """
 
 from __future__ import annotations

@@ -299,18 +299,16 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         y, stage_loss, stats = stage_fn(p, x)
         return (y, stage_loss.astype(jnp.float32)), stats
 
-    def route(x, pairs):
-        if len(pairs) == n_ranks and all(src == dst for src, dst in pairs):
-            return x  # every rank runs this slot on a stage it stores
-        return jax.lax.ppermute(x, "pipeline", pairs)
-
+    # Only the slots `stored_slots` marks None travel: a slot every rank stores is read in place.
     def receive(local):  # this rank's stored stages [S/P, ...] -> the stages it runs from others [received, ...]
-        return jnp.stack([sum(route(local[i], pairs) for i, pairs in routes[j]) for j in received])
+        return jnp.stack([sum(jax.lax.ppermute(local[i], "pipeline", pairs) for i, pairs in routes[j])
+                          for j in received])
 
     def send_back(received_grads, stored_grads):  # their gradients, summed into the owners' stored stages
         for k, j in enumerate(received):
             for i, pairs in routes[j]:
-                stored_grads = stored_grads.at[i].add(route(received_grads[k], [(dst, src) for src, dst in pairs]))
+                back = jax.lax.ppermute(received_grads[k], "pipeline", [(dst, src) for src, dst in pairs])
+                stored_grads = stored_grads.at[i].add(back)
         return stored_grads
 
     def rank_program(local_params, head_params, x_MA, target_M):
