@@ -30,6 +30,7 @@ _NAMED = re.compile(rf"^\s*(?:ROOT\s+)?%(?P<name>[\w.-]+)\s*=\s*(?P<shape>{_SHAP
 _ARRAY = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
 _CUSTOM_CALL = re.compile(r'%(?P<name>[\w.-]+) = .*custom_call_target="(?P<target>[^"]+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_REPLICA_GROUPS = re.compile(r"replica_groups=(?:\{\{(?P<first>[0-9,]*)\}|\[[0-9]+,(?P<iota>[0-9]+)\]<=)")
 
 
 def shape_bytes(shape: str) -> int:
@@ -247,8 +248,29 @@ def _scope(line: str, scopes: tuple[str, ...]) -> str | None:
     return next((s for s in scopes if op_name and s in op_name.group(1)), None)
 
 
+def group_size(line: str) -> int | None:
+    """Devices in each replica group of a collective (explicit `{{0,2},...}` or iota `[4,2]<=[8]`)."""
+    m = _REPLICA_GROUPS.search(line)
+    if not m:
+        return None
+    return int(m.group("iota")) if m.group("iota") else len(m.group("first").split(","))
+
+
+def wire_bytes(kind: str, result_bytes: int, group: int | None) -> float:
+    """Bytes one device sends for a collective whose result is `result_bytes`, in a group of `group`
+    (bandwidth-optimal algorithms): an all-to-all keeps its own 1/G and sends the rest; an all-gather
+    receives (G-1)/G of its result; a reduce-scatter sends (G-1) result-sized pieces; an all-reduce
+    is both, 2(G-1)/G; a permute sends it all."""
+    if kind == "collective-permute" or not group:
+        return float(result_bytes)
+    share = (group - 1) / group
+    return result_bytes * {"all-to-all": share, "ragged-all-to-all": share, "all-gather": share,
+                           "reduce-scatter": group - 1, "all-reduce": 2 * share}[kind]
+
+
 def async_windows(hlo_text: str, scopes: tuple[str, ...] = ()) -> list[dict]:
-    """Every asynchronous collective of a scheduled module: its kind, bytes, where it was issued
+    """Every asynchronous collective of a scheduled module: its kind, bytes (and the bytes it sends,
+    `wire_bytes`), where it was issued
     (op_name), the computation it is scheduled in, and the dot FLOPs of the instructions the
     schedule placed between its start and its done (fusions and called computations included):
     the compute that can run while it moves. With `scopes` (name scopes of the program), each
@@ -277,7 +299,9 @@ def async_windows(hlo_text: str, scopes: tuple[str, ...] = ()) -> list[dict]:
                     scope = _scope(line, scopes)
                     by_scope[scope] = by_scope.get(scope, 0.0) + here
             op_name = _OP_NAME.search(lines[i])
-            out.append({"kind": m.group("op").removesuffix("-start"), "bytes": shape_bytes(done.group("shape")),
+            kind, result_bytes = m.group("op").removesuffix("-start"), shape_bytes(done.group("shape"))
+            out.append({"kind": kind, "bytes": result_bytes,
+                        "wire_bytes": wire_bytes(kind, result_bytes, group_size(lines[i])),
                         "flops_between": sum(by_scope.values()), "ops_between": j - i - 1,
                         "op": op_name.group(1) if op_name else "", "computation": computation,
                         "scope": _scope(lines[i], scopes), "flops_by_scope": by_scope})

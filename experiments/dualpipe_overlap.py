@@ -3,14 +3,15 @@
 Command:   uv run --extra tpu --extra cuda12 python experiments/dualpipe_overlap.py [--targets h100x8 tpu-v5p:2x2x2]
 Runtime:   about 10 minutes on a 2-core CPU (each compile 1-3 min; each in its own process, so a
            compiler that aborts costs its row, not the run).
-Shows:     `small` with 8 MoE layers (n_layers 9) on 8 devices, data=2,pipeline=2,expert=2, compiled
+Shows:     `small` with 8 MoE layers (n_layers 9), in bf16, on 8 devices, data=2,pipeline=2,expert=2, compiled
            for an 8 x H100 host and a v5p slice from this CPU host, with DualPipeV, 1F1B, and expert
            parallelism without a pipeline (data=4,expert=2: one micro-batch, nothing to pair with).
            For every asynchronous all-to-all of the optimized program: its bytes and the GEMM FLOPs
            XLA's latency-hiding scheduler placed between its start and its done, split by chunk
            (in an F&B pair: the all-to-all's own chunk or the other micro-batch's), and the bytes
            whose window holds at least their own transfer time of compute at the target's bf16 peak
-           and intra-host link (an estimate from the schedule, not a timing).
+           and intra-host link, and the share of transfer time compute covers (estimates from the
+           schedule, not timings; a transfer is the bytes that leave the device, `wire_bytes`).
            Writes experiments/results/dualpipe_overlap.md.
 """
 
@@ -27,7 +28,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only targets; the host 
 
 from variants import RESULTS
 
-SMALL = ["model.n_layers=9", "train.batch_size=32"]  # 8 MoE layers: 4 stages of 2 on DualPipeV's V
+# 8 MoE layers (4 stages of 2 on DualPipeV's V), computing in bf16 as the report's training does (its
+# GEMMs in FP8, §3.3): the estimate times GEMMs at the bf16 peak, and the dispatch moves bf16 rows.
+SMALL = ["model.n_layers=9", "train.batch_size=32", "model.dtype=bfloat16"]
 CASES = {  # name -> (what, mesh, schedule)
     "dualpipev": ("pipeline", "data=2,pipeline=2,expert=2", "dualpipev"),
     "1f1b": ("pipeline", "data=2,pipeline=2,expert=2", "1f1b"),
@@ -37,6 +40,66 @@ CASES = {  # name -> (what, mesh, schedule)
     "dualpipev, expert=4": ("pipeline", "pipeline=2,expert=4", "dualpipev"),
     "1f1b, expert=4": ("pipeline", "pipeline=2,expert=4", "1f1b"),
 }
+
+
+HEADER = ("`small` with 8 MoE layers in bf16 (`--set model.n_layers=9 --set train.batch_size=32 --set "
+          "model.dtype=bfloat16`), 8 devices; pipelined cases data=2,pipeline=2,expert=2 (8 micro-batches), EP "
+          "without pipeline data=4,expert=2. Command: `uv run --extra tpu --extra cuda12 python "
+          "experiments/dualpipe_overlap.py`.\n\n"
+          "An all-to-all's *window* is what XLA's scheduler placed between its start and its done. Its "
+          "*transfer* is the bytes that leave the device ((G-1)/G of the buffer for a group of G: "
+          "`hlo_stats.wire_bytes`) over the target's intra-host link; its *compute* the dot FLOPs inside, at "
+          "the target's bf16 peak. *Bytes hidden*: the bytes of windows whose compute takes at least their "
+          "transfer's time (all or nothing per window). *Transfer time covered*: each window counts "
+          "min(compute, transfer), over all the windows' transfer time. Both are estimates from the schedule, "
+          "not timings. *Other chunk*: windows of an F&B pair's all-to-alls that hold the other "
+          "micro-batch's GEMMs (report §3.2.1, Figure 4), from the pair's name scopes in the ops' metadata; "
+          "*hiding* and *covering* there count only those GEMMs.")
+
+READING = (
+    "How to read it. The F&B pair's two chunks are independent in the program (the backward reads the "
+    "state its tick started with, not the one the forward leaves), so the scheduler may put either "
+    "chunk's GEMMs inside the other's all-to-all windows; the order inside the pair is XLA's, "
+    "constrained only by data flow. `tests/test_overlap.py` holds a compiled TPU program to it, and "
+    "fails when the forward is made to wait on the backward.\n\n"
+    "On h100x8 DualPipeV's compute covers 23.6% of its all-to-all transfer time against 1F1B's 16.7% "
+    "(bytes hidden whole: 0.5% against 0.3%), and the other micro-batch's GEMMs cover 8.7% of the pair's, "
+    "from 5 of its 33 windows. With expert=4 the two schedules are level (8.9% against 9.9%). Why so "
+    "little: XLA:GPU's latency-hiding scheduler prices every asynchronous collective at one fixed latency "
+    "and every cuBLAS GEMM at a fifth of it (xla/service/gpu/gpu_latency_hiding_scheduler.cc), so it "
+    "places a handful of GEMMs in each window whatever the window's bytes. Its analytical estimators do "
+    "not price all-to-alls: the speed-of-light one switches itself off for a module with them, the "
+    "other logs \"Runtime estimate for all-to-all not implemented\" and counts a launch. The "
+    "profile-guided one (`--xla_gpu_pgle_profile_file_or_directory_path`) needs a profile taken on a GPU. "
+    "`--xla_gpu_experimental_parallel_collective_overlap_limit=4` (more collectives in flight) raised "
+    "1F1B to 28.1% and left DualPipeV at 23.7%, its pair at 1.4%, so the package does not set it. EP "
+    "without a pipeline covers the most (38.5%): its one micro-batch is 4 rows per device, and its "
+    "windows hold that micro-batch's own larger GEMMs. At `small`'s widths (d_model 512, expert FFN "
+    "512) a layer's routed GEMMs for one 256-token micro-batch take about as long as its transfers, so "
+    "no order hides much more; the report's 1:1 ratio is at 7168 / 2048 over 50 GB/s InfiniBand.\n\n"
+    "Tried, not adopted: XLA's scheduling annotations (`_scheduling_group_id`, set with "
+    "`jax.experimental.xla_metadata.set_xla_metadata`), which would pin Figure 4's order (one chunk's "
+    "dispatch with the other's MLP). On a toy, an all-to-all annotated with four independent GEMMs, "
+    "XLA:GPU's compile crashed (SIGSEGV) and XLA:TPU refused the group (\"Support for annotation groups "
+    "with gaps doesn't exist yet\"). Making the order explicit is the next step.\n\n"
+    "On tpu-v5p:2x2x2 DualPipeV hides 29.6% of its all-to-all bytes (covers 52.1% of their time) "
+    "against 1F1B's 17.9% (21.9%), but none behind the other chunk: XLA:TPU puts no GEMM of the other "
+    "micro-batch in any of the pair's 28 windows (with expert=4, 2 of 22, covering 6.7%). Its windows "
+    "hold the same micro-batch's independent work (the shared expert beside the routed dispatch, weight "
+    "gradients beside activation gradients). In the scheduled pair branch the backward's all-to-alls "
+    "start in one run with backward ops between them, then the forward's with forward ops. The program "
+    "allows more: the toy pair of tests/test_overlap.py gets the backward's GEMMs inside the forward's "
+    "windows from the same compiler. Not the cause, tried on the DualPipeV row: the scheduler's memory-"
+    "pressure tracking off (`xla_tpu_enable_scheduler_memory_pressure_tracking=false`: the same windows), "
+    "multi-output fusion off (`xla_jf_enable_multi_output_fusion=false`: 0 of 22, 13.1% hidden), and in "
+    "the f32 rows before, `xla_tpu_overlap_compute_collective_tc` and "
+    "`xla_tpu_enable_async_collective_fusion`. EP without a pipeline hides 0.8% on TPU.\n\n"
+    "Dates. All rows were compiled again on 2026-12-07 (fourth session) in bf16 with the transfer "
+    "counted as the bytes that leave the device. The rows before computed in f32 (small's default; "
+    "twice the bytes, timed at the bf16 peak) and counted whole buffers: DualPipeV 0.0%, 1F1B 0.0% bytes "
+    "hidden on h100x8. The first GPU rows of all (DualPipeV 11.6%) counted a dense lowering of "
+    "`ragged_dot` that did every local expert's work for every row; GPU programs run the experts as "
+    "128-row blocked loops (model/grouped_gemm.py), counted at their trip counts.")
 
 
 def run_case(target_name: str, case: str) -> dict:
@@ -61,7 +124,7 @@ def run_case(target_name: str, case: str) -> dict:
         own = w["flops_between"] - other
         rows.append({"computation": w["computation"], "scope": w["scope"], "bytes": w["bytes"],
                      "ops_between": w["ops_between"], "own_flops": own, "other_flops": other,
-                     "transfer_s": w["bytes"] / hardware.node_link_bytes_per_s,
+                     "transfer_s": w["wire_bytes"] / hardware.node_link_bytes_per_s,
                      "compute_s": w["flops_between"] / hardware.bf16_flops})
     return {"target": target_name, "case": case, "compile_s": report.compile_s,
             "summary": overlap_summary(windows, hardware),
@@ -80,15 +143,16 @@ def _worker(target_name: str, case: str) -> dict:
 def _summary_row(r: dict) -> str:
     if "error" in r:
         check = re.search(r"Check failed: [^/|]*", r["error"])
-        return f"| {r['case']} | does not compile: {check.group(0).strip() if check else r['error']} | | | | | |"
-    a2a = r["summary"]["by_kind"].get("all-to-all", {"windows": 0, "bytes": 0, "with_compute": 0, "bytes_hidden": 0})
+        return f"| {r['case']} | does not compile: {check.group(0).strip() if check else r['error']} | | | | | | | |"
+    a2a = r["summary"]["by_kind"]["all-to-all"]
     pair = r["summary"]["pair"]
-    hidden = a2a["bytes_hidden"] / max(a2a["bytes"], 1)
     other = (f"{pair['with_other_chunk']} of {pair['all_to_alls']} ({pair['bytes_with_other_chunk'] / max(pair['bytes'], 1):.0%}"
              f" of their bytes), {pair['other_chunk_flops'] / 1e9:.1f} GFLOP; hiding "
-             f"{pair['bytes_hidden_by_other_chunk'] / max(pair['bytes'], 1):.1%}") if pair["all_to_alls"] else "no pairs"
+             f"{pair['by_other_chunk_fraction_hidden']:.1%}, covering {pair['by_other_chunk_fraction_covered']:.1%}"
+             ) if pair["all_to_alls"] else "no pairs"
     return (f"| {r['case']} | {a2a['windows']} | {a2a['bytes'] / 2 ** 20:.1f} MiB | {a2a['with_compute']} | "
-            f"{hidden:.1%} | {other} | {r['compile_s']:.0f} s |")
+            f"{a2a['fraction_hidden']:.1%} | {a2a['fraction_covered']:.1%} | {other} | {r['temporary'] / 2 ** 20:.0f} MiB | "
+            f"{r['compile_s']:.0f} s |")
 
 
 def _window_rows(r: dict) -> list[str]:
@@ -126,41 +190,7 @@ def main() -> None:
             print("  ", _summary_row(stored[(target_name, case)]), flush=True)
             store.write_text(json.dumps(list(stored.values()), indent=1))
     results = [stored[(t, c)] for t in targets for c in CASES if (t, c) in stored]
-    lines = ["# DualPipe's overlap in the compiled program", "",
-             "`small` with 8 MoE layers (`--set model.n_layers=9 --set train.batch_size=32`), 8 devices; pipelined "
-             "cases data=2,pipeline=2,expert=2 (8 micro-batches), EP without pipeline data=4,expert=2. "
-             "Command: `uv run --extra tpu --extra cuda12 python experiments/dualpipe_overlap.py`.", "",
-             "An all-to-all's *window* is what XLA's scheduler placed between its start and its done. "
-             "*Hidden* counts the bytes of windows whose GEMMs take at least the transfer's own time at the "
-             "target's bf16 peak and intra-host link (an estimate from the schedule, not a timing). "
-             "*Other chunk*: windows of an F&B pair's all-to-alls that hold the other micro-batch's GEMMs "
-             "(report §3.2.1, Figure 4), from the pair's name scopes in the ops' metadata.", "",
-             "How to read it. The F&B pair's two chunks are independent in the program (the backward reads "
-             "the state its tick started with, not the one the forward leaves), so the scheduler may put "
-             "either chunk's GEMMs inside the other's all-to-all windows; the order inside the pair is "
-             "XLA's, constrained only by data flow. `tests/test_overlap.py` holds a compiled TPU program to "
-             "it, and fails when the forward is made to wait on the backward. At `small`'s size one "
-             "micro-batch per device is a single 256-token row, so most windows hold little compute next "
-             "to a 1 MiB transfer: the fractions are what the schedule allows at this size, not the "
-             "report's 1:1 ratio. Within one micro-batch XLA also overlaps independent work of the same "
-             "chunk (the shared expert beside the routed dispatch, weight gradients): that is why EP "
-             "without a pipeline hides some bytes too.", "",
-             "Dates. The h100x8 rows were compiled again on 2026-12-07 (third session) with the GPU programs as "
-             "they are now: the routed experts run as 128-row blocked loops (model/grouped_gemm.py), whose "
-             "bodies `hlo_stats` counts their known trip count times; the first GPU rows lowered `ragged_dot` "
-             "densely, every row against every local expert, and their 69.8 GFLOP of other-chunk compute in "
-             "DualPipeV's pair (hiding 20.0%) was mostly that inflation. With the real FLOPs XLA:GPU still places "
-             "the other micro-batch's GEMMs in 7 of the pair's 33 windows (40% of its bytes), but 1.7 GFLOP "
-             "beside 44 MiB hides 0.1% by the estimate, and no case hides any bytes overall: at `small`'s size "
-             "the transfers, not the GEMMs, are the long pole. The tpu-v5p rows were compiled on 2026-12-07 "
-             "(second session) after the fix of XLA:TPU's pipeline abort (model/block.py, tests/test_compile.py) "
-             "and count the FLOPs of XLA:TPU's ragged-dot kernels (Mosaic custom calls), which are not loops. "
-             "On TPU DualPipeV hides more of its all-to-all bytes than 1F1B, but almost none behind the other "
-             "chunk: the scheduler puts the other micro-batch's GEMMs into 2 of the pair's 23 windows. Not a matter of "
-             "size: with 4x the micro-batch (train.batch_size=128, 4 rows of 256 tokens per device; not in the "
-             "table) DualPipeV hides 9.4% and 1F1B 11.1%, and still 2 of 28 pair windows hold 1.8 GFLOP of the "
-             "other chunk; nor of `xla_tpu_overlap_compute_collective_tc` / `xla_tpu_enable_async_collective_fusion` "
-             "(the same 2 of 23). XLA:GPU interleaves the same pair more (7 of 33 windows above).", ""]
+    lines = ["# DualPipe's overlap in the compiled program", "", HEADER, "", READING, ""]
     for target_name in targets:
         mine = [r for r in results if r["target"] == target_name]
         from dsv3_jax.jobs.compile import options_text
@@ -168,8 +198,9 @@ def main() -> None:
 
         lines += [f"## {target_name}", "", f"compiler options set by the package: "
                                            f"{options_text(parse_target(target_name).platform)}", "",
-                  "| case | all-to-alls | bytes | with compute inside | bytes hidden | windows with the other chunk's GEMMs | compile |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| case | all-to-alls | bytes | with compute inside | bytes hidden | transfer time covered | "
+                  "windows with the other chunk's GEMMs | temporaries | compile |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [_summary_row(r) for r in mine]
         for r in mine:
             if "error" not in r:

@@ -276,7 +276,7 @@ ENTRY %main (a: f32[64,32], b: f32[32,16], x: f32[8,128]) -> f32[8,128] {
   %a = f32[64,32]{1,0} parameter(0)
   %b = f32[32,16]{1,0} parameter(1)
   %x = f32[8,128]{1,0} parameter(2)
-  %all-to-all-start = ((f32[8,128]{1,0}), f32[8,128]{1,0}) all-to-all-start(%x), metadata={op_name="jit(f)/fwd/dispatch"}
+  %all-to-all-start = ((f32[8,128]{1,0}), f32[8,128]{1,0}) all-to-all-start(%x), replica_groups={{0,2,4,6},{1,3,5,7}}, metadata={op_name="jit(f)/fwd/dispatch"}
   %fusion = f32[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(f)/bwd/dot_general"}
   %convolution = f32[64,16]{1,0} convolution(%a, %b), dim_labels=bf_io->bf, metadata={op_name="jit(f)/fwd/dot_general"}
   %gemm = (f32[64,16]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(f)/bwd/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
@@ -284,7 +284,7 @@ ENTRY %main (a: f32[64,32], b: f32[32,16], x: f32[8,128]) -> f32[8,128] {
   %loop = f32[64,16]{1,0} while(%a), condition=%no_flops, body=%fused_dot, metadata={op_name="jit(f)/bwd/while"}, backend_config={"known_induction_variable":{"tuple_index":"0"},"known_trip_count":{"n":"3"}}
   %ragged-dot-none = f32[512,64]{1,0:T(8,128)} custom-call(%s, %x2, %w3), custom_call_target="tpu_custom_call", operand_layout_constraints={s32[1]{0}, f32[512,128]{1,0}, f32[2,128,64]{2,1,0}}, metadata={op_name="jit(f)/fwd/ragged_dot_general/ragged-dot-none"}
   %all-to-all-done = f32[8,128]{1,0} all-to-all-done(%all-to-all-start)
-  %all-reduce-start = f32[8,128]{1,0} all-reduce-start(%all-to-all-done)
+  %all-reduce-start = f32[8,128]{1,0} all-reduce-start(%all-to-all-done), replica_groups=[4,2]<=[8]
   ROOT %all-reduce-done = f32[8,128]{1,0} all-reduce-done(%all-reduce-start)
 }
 """
@@ -295,10 +295,43 @@ ENTRY %main (a: f32[64,32], b: f32[32,16], x: f32[8,128]) -> f32[8,128] {
     # over blocks of rows: model/grouped_gemm.py).
     assert windows["all-to-all"]["flops_between"] == 3 * gemm + ragged + 3 * gemm
     assert windows["all-to-all"]["bytes"] == 8 * 128 * 4
+    # What leaves the device: an all-to-all over 4 keeps its own quarter; a ring all-reduce over 2
+    # sends 2 (G-1)/G of its bytes.
+    assert windows["all-to-all"]["wire_bytes"] == 8 * 128 * 4 * 3 / 4
+    assert windows["all-reduce"]["wire_bytes"] == 8 * 128 * 4 * 2 * 1 / 2
     assert windows["all-to-all"]["op"] == "jit(f)/fwd/dispatch" and windows["all-to-all"]["scope"] == "fwd"
     assert windows["all-to-all"]["flops_by_scope"] == {"bwd": 5 * gemm, "fwd": gemm + ragged}
     assert windows["all-reduce"]["flops_between"] == 0  # nothing scheduled inside it
     assert hlo_stats.collectives(text)["all-to-all"] == {"count": 1, "bytes": 8 * 128 * 4}  # nested-tuple start
+
+
+def test_overlap_summary_counts_bytes_hidden_and_transfer_time_covered():
+    """By hand, on a link of 1 byte/s and 1 FLOP/s: a window hides its bytes only when its compute
+    takes the whole transfer; the covered time is each window's min(compute, transfer). In the F&B
+    pair only the other chunk's FLOPs count."""
+    from dsv3_jax.jobs.compile import PAIR_SCOPES, overlap_summary
+
+    unit = dataclasses.replace(HARDWARE["h100"], bf16_flops=1.0, node_link_bytes_per_s=1.0)
+    fwd, bwd = PAIR_SCOPES
+    windows = [  # (bytes, wire bytes, FLOPs by scope, issuing scope)
+        {"kind": "all-to-all", "bytes": 8, "wire_bytes": 4, "flops_between": 6, "scope": fwd,
+         "flops_by_scope": {fwd: 1, bwd: 5}},  # other chunk 5 >= 4: hidden by it
+        {"kind": "all-to-all", "bytes": 8, "wire_bytes": 4, "flops_between": 3, "scope": bwd,
+         "flops_by_scope": {fwd: 2, bwd: 1}},  # other chunk 2 of 4
+        {"kind": "all-to-all", "bytes": 16, "wire_bytes": 8, "flops_between": 0, "scope": None,
+         "flops_by_scope": {}},
+        {"kind": "collective-permute", "bytes": 10, "wire_bytes": 10, "flops_between": 20, "scope": None,
+         "flops_by_scope": {None: 20}},
+    ]
+    summary = overlap_summary(windows, unit)
+    a2a = summary["by_kind"]["all-to-all"]
+    assert a2a["bytes_hidden"] == 8 and a2a["fraction_hidden"] == 8 / 32
+    assert a2a["fraction_covered"] == (4 + 3 + 0) / (4 + 4 + 8)
+    assert summary["by_kind"]["collective-permute"]["fraction_hidden"] == 1.0
+    pair = summary["pair"]
+    assert pair["all_to_alls"] == 2 and pair["with_other_chunk"] == 2 and pair["other_chunk_flops"] == 7
+    assert pair["by_other_chunk_fraction_hidden"] == 8 / 16
+    assert pair["by_other_chunk_fraction_covered"] == (4 + 2) / 8
 
 
 def test_kernel_footprint_is_read_from_the_kernel_refs():

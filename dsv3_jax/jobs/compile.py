@@ -175,27 +175,46 @@ def overlap_summary(windows: list[dict], hardware=None) -> dict:
     """What the schedule can hide, from `hlo_stats.async_windows` of a scheduled program.
 
     by_kind: per collective kind, its asynchronous windows, their bytes, the windows with compute
-    scheduled inside and the bytes "hidden": those of windows whose compute takes at least the
-    transfer's own time (dot FLOPs at the device's bf16 peak against bytes over its intra-host
-    link). An estimate from the schedule, not a timing: real kernels run below peak and links share
-    bandwidth. Without `hardware` (no figures for the target) only the counts.
+    scheduled inside, the bytes "hidden": those of windows whose compute takes at least the
+    transfer's own time (dot FLOPs at the device's bf16 peak against the bytes the device sends,
+    `wire_bytes`, over its intra-host link), and the fraction of all transfer time that compute
+    covers (each window's min(compute, transfer)). An estimate from the schedule, not a timing: real
+    kernels run below peak and links share bandwidth. Without `hardware` (no figures for the target)
+    only the counts.
     pair: DualPipe's F&B pairs (report §3.2.1, Figure 4): the all-to-alls each chunk of a pair
     issues, and those with the OTHER chunk's GEMMs inside their window (the overlap DualPipe is
-    for), with the bytes that compute hides; zeros for a schedule without pairs."""
-    def hides(w, flops):
-        return hardware is not None and flops / hardware.bf16_flops >= w["bytes"] / hardware.node_link_bytes_per_s
+    for), with the bytes and the transfer time that compute hides; zeros for a schedule without pairs."""
+    def seconds(w, flops):
+        if hardware is None:
+            return 0.0, 0.0
+        return w["wire_bytes"] / hardware.node_link_bytes_per_s, flops / hardware.bf16_flops
+
+    def add(row, w, flops, prefix=""):
+        transfer_s, compute_s = seconds(w, flops)
+        row[prefix + "bytes_hidden"] += w["bytes"] if hardware is not None and flops and compute_s >= transfer_s else 0
+        row[prefix + "transfer_s"] += transfer_s
+        row[prefix + "covered_s"] += min(transfer_s, compute_s)
+
+    def fractions(row, prefix=""):
+        if hardware is None:
+            row[prefix + "fraction_hidden"] = row[prefix + "fraction_covered"] = None
+            return
+        row[prefix + "fraction_hidden"] = row[prefix + "bytes_hidden"] / max(row["bytes"], 1)
+        row[prefix + "fraction_covered"] = row[prefix + "covered_s"] / max(row[prefix + "transfer_s"], 1e-30)
 
     by_kind: dict[str, dict] = {}
     for w in windows:
-        row = by_kind.setdefault(w["kind"], {"windows": 0, "bytes": 0, "with_compute": 0, "bytes_hidden": 0})
+        row = by_kind.setdefault(w["kind"], {"windows": 0, "bytes": 0, "with_compute": 0, "bytes_hidden": 0,
+                                             "transfer_s": 0.0, "covered_s": 0.0})
         row["windows"] += 1
         row["bytes"] += w["bytes"]
         row["with_compute"] += w["flops_between"] > 0
-        row["bytes_hidden"] += w["bytes"] if hides(w, w["flops_between"]) else 0
+        add(row, w, w["flops_between"])
     for row in by_kind.values():
-        row["fraction_hidden"] = row["bytes_hidden"] / max(row["bytes"], 1) if hardware is not None else None
+        fractions(row)
     pair = {"all_to_alls": 0, "bytes": 0, "with_other_chunk": 0, "bytes_with_other_chunk": 0,
-            "bytes_hidden_by_other_chunk": 0, "other_chunk_flops": 0.0}
+            "other_chunk_flops": 0.0, "by_other_chunk_bytes_hidden": 0, "by_other_chunk_transfer_s": 0.0,
+            "by_other_chunk_covered_s": 0.0}
     for w in windows:
         if w["kind"] not in ("all-to-all", "ragged-all-to-all") or w.get("scope") is None:
             continue
@@ -204,8 +223,9 @@ def overlap_summary(windows: list[dict], hardware=None) -> dict:
         pair["bytes"] += w["bytes"]
         pair["with_other_chunk"] += other > 0
         pair["bytes_with_other_chunk"] += w["bytes"] if other > 0 else 0
-        pair["bytes_hidden_by_other_chunk"] += w["bytes"] if other > 0 and hides(w, other) else 0
         pair["other_chunk_flops"] += other
+        add(pair, w, other, "by_other_chunk_")
+    fractions(pair, "by_other_chunk_")
     return {"by_kind": by_kind, "pair": pair}
 
 
@@ -380,16 +400,19 @@ def report_lines(report: CompileReport) -> list[str]:
     program = ", ".join(f"{op}: {n}" for op, n in report.program.items())
     lines += ["", f"kernels (custom calls): {kernels}", f"optimized HLO ops: {ops}", f"lowered program ops: {program}"]
     if report.overlap:
-        lines += ["", "| asynchronous collective | windows | with compute inside | bytes | bytes hidden (estimate) |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| asynchronous collective | windows | with compute inside | bytes | bytes hidden | "
+                      "transfer time covered (estimates) |", "|---|---|---|---|---|---|"]
         lines += [f"| {kind} | {r['windows']} | {r['with_compute']} | {r['bytes']:,} | "
-                  + (f"{r['fraction_hidden']:.1%} |" if r["fraction_hidden"] is not None else "- |")
+                  + (f"{r['fraction_hidden']:.1%} | {r['fraction_covered']:.1%} |" if r["fraction_hidden"] is not None
+                     else "- | - |")
                   for kind, r in report.overlap["by_kind"].items()]
         p = report.overlap["pair"]
         if p["all_to_alls"]:
             lines += ["", f"F&B pairs: {p['with_other_chunk']} of their {p['all_to_alls']} all-to-alls have the other "
                           f"chunk's GEMMs inside ({p['bytes_with_other_chunk']:,} of {p['bytes']:,} bytes; "
-                          f"{p['other_chunk_flops'] / 1e9:.1f} GFLOP); hidden by it: {p['bytes_hidden_by_other_chunk']:,} bytes"]
+                          f"{p['other_chunk_flops'] / 1e9:.1f} GFLOP); hidden by it: {p['by_other_chunk_bytes_hidden']:,} bytes"
+                          + (f", {p['by_other_chunk_fraction_covered']:.1%} of their transfer time covered"
+                             if p["by_other_chunk_fraction_covered"] is not None else "")]
     return lines
 
 
