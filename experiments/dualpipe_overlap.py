@@ -42,6 +42,27 @@ CASES = {  # name -> (what, mesh, schedule)
 }
 
 
+# The same compiles with other compiler options or widths: what was tried to get more of the other
+# chunk into the pair's windows, none adopted (`--variants`; the md's last section).
+REPORT_WIDTHS = ["model.d_model=7168", "model.moe_ffn_dim=2048", "model.ffn_dim=18432", "model.n_heads=16",
+                 "model.q_lora_rank=1536", "model.kv_lora_rank=512", "model.qk_nope_dim=128",
+                 "model.qk_rope_dim=64", "model.v_head_dim=128"]  # §4.2's widths at small's depth, 16 experts
+_GPU_LIMIT_4 = {"XLA_FLAGS": "--xla_gpu_experimental_parallel_collective_overlap_limit=4"}
+VARIANTS = {  # name -> (target, case, config overrides, environment)
+    "dualpipev, 4 collectives in flight": ("h100x8", "dualpipev", [], _GPU_LIMIT_4),
+    "1f1b, 4 collectives in flight": ("h100x8", "1f1b", [], _GPU_LIMIT_4),
+    "dualpipev, speed-of-light latency estimator": (
+        "h100x8", "dualpipev", [], {"XLA_FLAGS": "--xla_gpu_enable_analytical_sol_latency_estimator=true"}),
+    "dualpipev, the report's widths": ("h100x8", "dualpipev", REPORT_WIDTHS, {}),
+    "1f1b, the report's widths": ("h100x8", "1f1b", REPORT_WIDTHS, {}),
+    "dualpipev, scheduler memory-pressure tracking off": (
+        "tpu-v5p:2x2x2", "dualpipev", [],
+        {"LIBTPU_INIT_ARGS": "--xla_tpu_enable_scheduler_memory_pressure_tracking=false"}),
+    "dualpipev, multi-output fusion off": (
+        "tpu-v5p:2x2x2", "dualpipev", [], {"LIBTPU_INIT_ARGS": "--xla_jf_enable_multi_output_fusion=false"}),
+}
+
+
 HEADER = ("`small` with 8 MoE layers in bf16 (`--set model.n_layers=9 --set train.batch_size=32 --set "
           "model.dtype=bfloat16`), 8 devices; pipelined cases data=2,pipeline=2,expert=2 (8 micro-batches), EP "
           "without pipeline data=4,expert=2. Command: `uv run --extra tpu --extra cuda12 python "
@@ -67,26 +88,26 @@ READING = (
     "from 5 of its 33 windows. With expert=4 the two schedules are level (8.9% against 9.9%). Why so "
     "little: XLA:GPU's latency-hiding scheduler prices every asynchronous collective at one fixed latency "
     "and every cuBLAS GEMM at a fifth of it (xla/service/gpu/gpu_latency_hiding_scheduler.cc), so it "
-    "places a handful of GEMMs in each window whatever the window's bytes. Its analytical estimators do "
-    "not price all-to-alls: the speed-of-light one switches itself off for a module with them, the "
-    "other logs \"Runtime estimate for all-to-all not implemented\" and counts a launch. The "
-    "profile-guided one (`--xla_gpu_pgle_profile_file_or_directory_path`) needs a profile taken on a GPU. "
-    "`--xla_gpu_experimental_parallel_collective_overlap_limit=4` (more collectives in flight) raised "
-    "1F1B to 28.1% and left DualPipeV at 23.7%, its pair at 1.4%, so the package does not set it. EP "
-    "without a pipeline covers the most (38.5%): its one micro-batch is 4 rows per device, and its "
-    "windows hold that micro-batch's own larger GEMMs. At `small`'s widths (d_model 512, expert FFN "
-    "512) a layer's routed GEMMs for one 256-token micro-batch take about as long as its transfers, so "
-    "no order hides much more; the report's 1:1 ratio is at 7168 / 2048 over 50 GB/s InfiniBand. At the "
-    "report's widths on the same mesh (not in the table: d_model 7168, expert FFN 2048, dense FFN 18432, "
-    "MLA ranks 1536 / 512, 16 heads, `small`'s depth and 16 experts; compiled once on 2026-12-07) "
-    "DualPipeV hides 29.5% of its all-to-all bytes (covers 59.3%) and 1F1B 25.9% (57.1%), but the other "
-    "micro-batch's GEMMs are still in 3 of the pair's 33 windows (15.2 GFLOP, covering 6.4%): wider "
-    "GEMMs hide their own chunk's transfers, and the scheduler still keeps the chunks apart.\n\n"
-    "Tried, not adopted: XLA's scheduling annotations (`_scheduling_group_id`, set with "
-    "`jax.experimental.xla_metadata.set_xla_metadata`), which would pin Figure 4's order (one chunk's "
-    "dispatch with the other's MLP). On a toy, an all-to-all annotated with four independent GEMMs, "
-    "XLA:GPU's compile crashed (SIGSEGV) and XLA:TPU refused the group (\"Support for annotation groups "
-    "with gaps doesn't exist yet\"). Making the order explicit is the next step.\n\n"
+    "places a handful of GEMMs in each window whatever the window's bytes (the variants below). Its "
+    "speed-of-light estimator, which would price a window by its bytes, does not take modules with "
+    "all-to-alls: asked for, it changes nothing. The profile-guided one "
+    "(`--xla_gpu_pgle_profile_file_or_directory_path`) needs a profile taken on a GPU. Four collectives "
+    "in flight instead of one raised 1F1B to 28.1% and left DualPipeV at 23.7%, its pair at 1.4%, so the "
+    "package does not set it. EP without a pipeline covers the most (38.5%): its one micro-batch is 4 "
+    "rows per device, and its windows hold that micro-batch's own larger GEMMs. At `small`'s widths "
+    "(d_model 512, expert FFN 512) a layer's routed GEMMs for one 256-token micro-batch take about as "
+    "long as its transfers; the report's 1:1 ratio is at 7168 / 2048 over 50 GB/s InfiniBand. At the "
+    "report's widths (variants below: d_model 7168, expert FFN 2048, dense FFN 18432, MLA ranks 1536 / "
+    "512, 16 heads, at `small`'s depth with 16 experts) DualPipeV hides 29.5% of its all-to-all bytes and "
+    "1F1B 25.9%, but the other micro-batch's GEMMs are still in 3 of the pair's 33 windows (covering "
+    "6.4%): wider GEMMs hide their own chunk's transfers, and the scheduler still keeps the chunks "
+    "apart.\n\n"
+    "Making Figure 4's order explicit is the next step: XLA's scheduling annotations "
+    "(`_scheduling_group_id`, set with `jax.experimental.xla_metadata.set_xla_metadata`) ask the "
+    "scheduler to put chosen GEMMs inside a collective's window. On a toy "
+    "([scheduling_annotations.md](scheduling_annotations.md): an all-to-all grouped with four independent "
+    "GEMMs) XLA:GPU's compile crashes (SIGSEGV) and XLA:TPU refuses the group (\"annotation groups with "
+    "gaps\"); with the annotations propagated it compiles, but keeps that toy's all-to-alls synchronous.\n\n"
     "On tpu-v5p:2x2x2 DualPipeV hides 29.6% of its all-to-all bytes (covers 52.1% of their time) "
     "against 1F1B's 17.9% (21.9%), but none behind the other chunk: XLA:TPU puts no GEMM of the other "
     "micro-batch in any of the pair's 28 windows (with expert=4, 2 of 22, covering 6.7%). Its windows "
@@ -94,10 +115,9 @@ READING = (
     "gradients beside activation gradients). In the scheduled pair branch the backward's all-to-alls "
     "start in one run with backward ops between them, then the forward's with forward ops. The program "
     "allows more: the toy pair of tests/test_overlap.py gets the backward's GEMMs inside the forward's "
-    "windows from the same compiler. Not the cause, tried on the DualPipeV row: the scheduler's memory-"
-    "pressure tracking off (`xla_tpu_enable_scheduler_memory_pressure_tracking=false`: the same windows), "
-    "multi-output fusion off (`xla_jf_enable_multi_output_fusion=false`: 0 of 22, 13.1% hidden), and in "
-    "the f32 rows before, `xla_tpu_overlap_compute_collective_tc` and "
+    "windows from the same compiler. Not the cause (variants below): the scheduler's memory-pressure "
+    "tracking off (the same windows), multi-output fusion off (0 of 22, 13.1% hidden), and in the f32 "
+    "rows before, `xla_tpu_overlap_compute_collective_tc` and "
     "`xla_tpu_enable_async_collective_fusion`. EP without a pipeline hides 0.8% on TPU.\n\n"
     "Dates. All rows were compiled again on 2026-12-07 (fourth session) in bf16 with the transfer "
     "counted as the bytes that leave the device. The rows before computed in f32 (small's default; "
@@ -107,38 +127,44 @@ READING = (
     "128-row blocked loops (model/grouped_gemm.py), counted at their trip counts.")
 
 
-def run_case(target_name: str, case: str) -> dict:
+def run_case(target_name: str, case: str, overrides: tuple[str, ...] = ()) -> dict:
     """One compile (in this process): the summary and the all-to-all windows."""
     from dsv3_jax import hlo_stats
-    from dsv3_jax.jobs.compile import PAIR_SCOPES, _OVERLAP_HARDWARE, compile_step, other_chunk_flops, overlap_summary
+    from dsv3_jax.jobs.compile import (PAIR_SCOPES, _OVERLAP_HARDWARE, compile_step, other_chunk_flops,
+                                       overlap_summary, window_seconds)
     from dsv3_jax.config import apply_overrides, get_preset
     from dsv3_jax.jobs.plan import HARDWARE
     from dsv3_jax.targets import parse_target
 
     what, mesh, schedule = CASES[case]
     mesh_overrides = [f"mesh.{kv}" for kv in mesh.split(",")]
-    config = apply_overrides(get_preset("small"), SMALL + mesh_overrides)
+    config = apply_overrides(get_preset("small"), SMALL + mesh_overrides + list(overrides))
     target = parse_target(target_name)
     report = compile_step(config, target, what, schedule=schedule)
     windows = hlo_stats.async_windows(report.hlo, PAIR_SCOPES)
     hardware = HARDWARE[_OVERLAP_HARDWARE[target.kind]]
-    a2a = [w for w in windows if w["kind"] == "all-to-all"]
     rows = []
-    for w in a2a:
+    for w in (w for w in windows if w["kind"] == "all-to-all"):
         other = other_chunk_flops(w)
-        own = w["flops_between"] - other
+        transfer_s, compute_s = window_seconds(w, w["flops_between"], hardware)
         rows.append({"computation": w["computation"], "scope": w["scope"], "bytes": w["bytes"],
-                     "ops_between": w["ops_between"], "own_flops": own, "other_flops": other,
-                     "transfer_s": w["wire_bytes"] / hardware.node_link_bytes_per_s,
-                     "compute_s": w["flops_between"] / hardware.bf16_flops})
+                     "ops_between": w["ops_between"], "own_flops": w["flops_between"] - other, "other_flops": other,
+                     "transfer_s": transfer_s, "compute_s": compute_s})
     return {"target": target_name, "case": case, "compile_s": report.compile_s,
             "summary": overlap_summary(windows, hardware),
             "windows": rows, "temporary": report.memory["temporary"]}
 
 
-def _worker(target_name: str, case: str) -> dict:
+def _worker(target_name: str, case: str, variant: str | None = None) -> dict:
+    """`run_case` in its own process (a compiler that aborts costs its row), with a variant's flags."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__, "--case", target_name, case], capture_output=True, text=True, env=env)
+    command = [sys.executable, __file__, "--case", target_name, case]
+    if variant is not None:
+        *_, flags = VARIANTS[variant]
+        for name, value in flags.items():  # XLA_FLAGS / LIBTPU_INIT_ARGS: added to the caller's
+            env[name] = f"{env.get(name, '')} {value}".strip()
+        command += ["--variant", variant]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = [line for line in (proc.stderr or "").splitlines() if line.strip()][-3:]
         return {"target": target_name, "case": case, "error": f"exit {proc.returncode}: " + " / ".join(tail)[-400:]}
@@ -148,14 +174,14 @@ def _worker(target_name: str, case: str) -> dict:
 def _summary_row(r: dict) -> str:
     if "error" in r:
         check = re.search(r"Check failed: [^/|]*", r["error"])
-        return f"| {r['case']} | does not compile: {check.group(0).strip() if check else r['error']} | | | | | | | |"
+        return f"| {r.get('variant') or r['case']} | does not compile: {check.group(0).strip() if check else r['error']} | | | | | | | |"
     a2a = r["summary"]["by_kind"]["all-to-all"]
     pair = r["summary"]["pair"]
     other = (f"{pair['with_other_chunk']} of {pair['all_to_alls']} ({pair['bytes_with_other_chunk'] / max(pair['bytes'], 1):.0%}"
              f" of their bytes), {pair['other_chunk_flops'] / 1e9:.1f} GFLOP; hiding "
              f"{pair['by_other_chunk_fraction_hidden']:.1%}, covering {pair['by_other_chunk_fraction_covered']:.1%}"
              ) if pair["all_to_alls"] else "no pairs"
-    return (f"| {r['case']} | {a2a['windows']} | {a2a['bytes'] / 2 ** 20:.1f} MiB | {a2a['with_compute']} | "
+    return (f"| {r.get('variant') or r['case']} | {a2a['windows']} | {a2a['bytes'] / 2 ** 20:.1f} MiB | {a2a['with_compute']} | "
             f"{a2a['fraction_hidden']:.1%} | {a2a['fraction_covered']:.1%} | {other} | {r['temporary'] / 2 ** 20:.0f} MiB | "
             f"{r['compile_s']:.0f} s |")
 
@@ -172,14 +198,39 @@ def _window_rows(r: dict) -> list[str]:
     return out
 
 
+def _variant_lines(compile_missing: bool, recompile: bool) -> list[str]:
+    """The variants' table (compiling those missing when asked), from their own store."""
+    store = RESULTS / "dualpipe_overlap_variants.json"
+    stored = {r["variant"]: r for r in json.loads(store.read_text())} if store.exists() else {}
+    for name, (target_name, case, _, _) in VARIANTS.items():
+        if compile_missing and (recompile or name not in stored or "error" in stored[name]):
+            print(f"variant: {name} ...", flush=True)
+            stored[name] = dict(_worker(target_name, case, name), variant=name)
+            print("  ", _summary_row(stored[name]), flush=True)
+            store.write_text(json.dumps(list(stored.values()), indent=1))
+    if not stored:
+        return []
+    lines = ["## Variants tried, not adopted", "",
+             "The same compiles with one compiler option changed, or at the report's widths "
+             "(`--variants`; flags and overrides in `VARIANTS` of the script).", "",
+             "| target | variant | all-to-alls | bytes | with compute inside | bytes hidden | transfer time covered | "
+             "windows with the other chunk's GEMMs | temporaries | compile |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {VARIANTS[name][0]} " + _summary_row(stored[name]) for name in VARIANTS if name in stored]
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--targets", nargs="+", default=["h100x8", "tpu-v5p:2x2x2"])
     parser.add_argument("--recompile", action="store_true", help="compile every case again")
+    parser.add_argument("--variants", action="store_true", help="also compile the variants not compiled yet")
     parser.add_argument("--case", nargs=2, metavar=("TARGET", "CASE"), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(*args.case)))
+        overrides = VARIANTS[args.variant][2] if args.variant else []
+        print(json.dumps(dict(run_case(*args.case, tuple(overrides)), variant=args.variant)))
         return
     # Earlier compiles are reused (a row that failed is tried again) unless --recompile; the rows of
     # targets not named this time are kept.
@@ -213,6 +264,7 @@ def main() -> None:
                           + (" of the F&B pair" if any(w["scope"] for w in r["windows"]) else " with compute inside"), ""]
                 lines += _window_rows(r)
         lines.append("")
+    lines += _variant_lines(args.variants, args.recompile)
     (RESULTS / "dualpipe_overlap.md").write_text("\n".join(lines) + "\n")
     print("wrote", RESULTS / "dualpipe_overlap.md")
 

@@ -105,7 +105,9 @@ READING = [
     "2026-12-07; tests/test_pipeline_executor.py): collective-permutes of stage weights, per weight, 1F1B 0, "
     "DualPipe 2 (the mirrored stage in, its gradient back), DualPipeV 8; temporaries 53.0 / 177.3 / 183.8 KB "
     "against 53.1 / 226.2 / 194.2 KB with the stacked slot copy: DualPipe holds 3.9 stages more than 1F1B, "
-    "5.4 before.", ""]
+    "5.4 before. (Session 4: a DualPipeV rank, which reads no stage in place, no longer carries an "
+    "accumulator for its own stages through the tick loop; XLA had already dropped it: the same 53,080 / "
+    "177,472 / 183,912 bytes.)", ""]
 
 
 def one(index: int) -> dict:

@@ -171,6 +171,12 @@ def other_chunk_flops(window: dict) -> float:
     return sum(f for scope, f in window["flops_by_scope"].items() if scope not in (None, window["scope"]))
 
 
+def window_seconds(window: dict, flops: float, hardware) -> tuple[float, float]:
+    """An `async_windows` window's transfer time (the bytes the device sends over its intra-host link)
+    and the time of `flops` at the device's bf16 peak."""
+    return window["wire_bytes"] / hardware.node_link_bytes_per_s, flops / hardware.bf16_flops
+
+
 def overlap_summary(windows: list[dict], hardware=None) -> dict:
     """What the schedule can hide, from `hlo_stats.async_windows` of a scheduled program.
 
@@ -184,13 +190,8 @@ def overlap_summary(windows: list[dict], hardware=None) -> dict:
     pair: DualPipe's F&B pairs (report §3.2.1, Figure 4): the all-to-alls each chunk of a pair
     issues, and those with the OTHER chunk's GEMMs inside their window (the overlap DualPipe is
     for), with the bytes and the transfer time that compute hides; zeros for a schedule without pairs."""
-    def seconds(w, flops):
-        if hardware is None:
-            return 0.0, 0.0
-        return w["wire_bytes"] / hardware.node_link_bytes_per_s, flops / hardware.bf16_flops
-
     def add(row, w, flops, prefix=""):
-        transfer_s, compute_s = seconds(w, flops)
+        transfer_s, compute_s = window_seconds(w, flops, hardware) if hardware is not None else (0.0, 0.0)
         row[prefix + "bytes_hidden"] += w["bytes"] if hardware is not None and flops and compute_s >= transfer_s else 0
         row[prefix + "transfer_s"] += transfer_s
         row[prefix + "covered_s"] += min(transfer_s, compute_s)

@@ -320,7 +320,7 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         pool = lambda n: current_rules().constrain(jnp.zeros((n,) + h.shape, h.dtype), BUFFER_LAYOUT)
         activation = lambda a: current_rules().constrain(a, BUFFER_LAYOUT[1:])  # one entry of a pool
         state0 = dict(stash=pool(ticks.n_stash), inbox=pool(ticks.n_inbox), cot=pool(ticks.n_cot),
-                      own_grads=stage_layout(jax.tree.map(jnp.zeros_like, own)),
+                      own_grads=stage_layout(jax.tree.map(jnp.zeros_like, own)) if in_place else None,
                       received_grads=stage_layout(jax.tree.map(jnp.zeros_like, others)) if received else None,
                       head_grads=jax.tree.map(jnp.zeros_like, head_params),
                       loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, (n_slots,)),
@@ -481,7 +481,7 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         state = jax.lax.fori_loop(0, ticks.branch.shape[0], tick, state0)
         per_rank = lambda tree: jax.tree.map(lambda a: a[None], tree)
         total = lambda tree: jax.tree.map(lambda a: jax.lax.psum(a, "pipeline"), tree)
-        stored_grads = state["own_grads"]
+        stored_grads = state["own_grads"] if in_place else stage_layout(jax.tree.map(jnp.zeros_like, own))
         if received:
             stored_grads = jax.tree.map(send_back, state["received_grads"], stored_grads)
         dx = total(state["dx"]) if first_fn is None else jnp.zeros(())
