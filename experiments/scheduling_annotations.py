@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only targets
 
@@ -76,8 +77,8 @@ def _worker(name: str) -> dict:
         env[key] = f"{env.get(key, '')} {value}".strip()
     proc = subprocess.run([sys.executable, __file__, "--row", name], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
-        return {"error": f"exit {proc.returncode}" + (f": {errors[-1][-300:]}" if errors else " (no message)")}
+        errors = [line.split("Error: ", 1)[-1] for line in proc.stderr.splitlines() if "Error: " in line]
+        return {"error": f"exit {proc.returncode}" + (f": {errors[-1][:300]}" if errors else " (no message)")}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -86,7 +87,11 @@ def main() -> None:
         target_name, annotated, _ = ROWS[sys.argv[2]]
         print(json.dumps(compile_toy(target_name, annotated)))
         return
-    lines = ["# XLA scheduling annotations on a toy pair", "", __doc__.split("Shows:")[1].split("Writes")[0].strip(), "",
+    from importlib.metadata import version
+
+    lines = ["# XLA scheduling annotations on a toy pair", "",
+             f"Compiled {time.strftime('%Y-%m-%d')} from a CPU host: jax {version('jax')}, libtpu {version('libtpu')}, "
+             f"jax-cuda12-plugin {version('jax-cuda12-plugin')}.", "", " ".join(__doc__.split("Shows:")[1].split("Writes")[0].split()), "",
              "| row | asynchronous all-to-alls | GEMM GFLOP inside each | synchronous all-to-alls |", "|---|---|---|---|"]
     for name in ROWS:
         r = _worker(name)
