@@ -78,53 +78,47 @@ HEADER = ("`small` with 8 MoE layers in bf16 (`--set model.n_layers=9 --set trai
           "*hiding* and *covering* there count only those GEMMs.")
 
 READING = (
-    "How to read it. The F&B pair's two chunks are independent in the program (the backward reads the "
-    "state its tick started with, not the one the forward leaves), so the scheduler may put either "
-    "chunk's GEMMs inside the other's all-to-all windows; the order inside the pair is XLA's, "
-    "constrained only by data flow. `tests/test_overlap.py` holds a compiled TPU program to it, and "
-    "fails when the forward is made to wait on the backward.\n\n"
-    "On h100x8 DualPipeV's compute covers 23.6% of its all-to-all transfer time against 1F1B's 16.7% "
-    "(bytes hidden whole: 0.5% against 0.3%), and the other micro-batch's GEMMs cover 8.7% of the pair's, "
-    "from 5 of its 33 windows. With expert=4 the two schedules are level (8.9% against 9.9%). Why so "
-    "little: XLA:GPU's latency-hiding scheduler prices every asynchronous collective at one fixed latency "
-    "and every cuBLAS GEMM at a fifth of it (xla/service/gpu/gpu_latency_hiding_scheduler.cc), so it "
-    "places a handful of GEMMs in each window whatever the window's bytes (the variants below). Its "
+    "How to read it. The F&B pair runs in Figure 4's order (parallel/pipeline/executor.py "
+    "`lockstep_pair`, since 2026-12-07's fifth session): each MoE block in four phases (attention, "
+    "dispatch, experts, combine: model/block.py `Block.PHASES`), and round k of the pair runs the "
+    "forward chunk's phase k beside the backward chunk's mirror phase (the forward's dispatch beside the "
+    "backward's experts, its combine beside the backward's attention, ...), rounds closed by an "
+    "optimization barrier. An all-to-all then shares its round only with the other micro-batch's "
+    "attention or MLP. `tests/test_overlap.py` holds a compiled TPU pair to it, and fails when the "
+    "forward is made to wait on the backward.\n\n"
+    "Before the rounds (the pair's chunks independent, their order XLA's), XLA:TPU put no GEMM of the "
+    "other micro-batch in any of the pair's 28 windows: it ran the backward's all-to-alls, then the "
+    "forward's. With them, on tpu-v5p:2x2x2, 5 of the 28 windows hold the other chunk's GEMMs and hide "
+    "19.9% of the pair's bytes behind them; DualPipeV hides 32.0% of its all-to-all bytes in all (29.6% "
+    "before) against 1F1B's 17.9%. With expert=4: 10 of 24 windows, hiding 25.1% of the pair's bytes "
+    "(2 of 22 and 0.0% before), 22.1% in all (13.2%) against 1F1B's 12.2%, and 609 MiB of temporaries "
+    "instead of 709. The windows without the other chunk are mostly the backward's recomputed forward, "
+    "which runs before the rounds (the stage keeps only its input: `train.pipeline_keep_residuals` "
+    "would remove the recompute, but its residuals are the whole stage's and the pair then runs "
+    "unordered).\n\n"
+    "On h100x8 the rounds double the windows holding the other chunk's GEMMs (10 of 33 against 5; "
+    "with expert=4, 10 against 3), covering 10.8% of the pair's transfer time (8.7% before; expert=4 "
+    "6.0% against 2.0%). In all DualPipeV's compute covers 21.6% of its all-to-all transfer time (23.6% "
+    "before) against 1F1B's 16.7%; bytes hidden whole stay small (0.5% against 0.3%). XLA:GPU's "
+    "latency-hiding scheduler prices every asynchronous collective at one fixed latency and every "
+    "cuBLAS GEMM at a fifth of it (xla/service/gpu/gpu_latency_hiding_scheduler.cc), so it places a "
+    "handful of GEMMs in each window whatever the window's bytes (the variants below). Its "
     "speed-of-light estimator, which would price a window by its bytes, does not take modules with "
     "all-to-alls: asked for, it changes nothing. The profile-guided one "
-    "(`--xla_gpu_pgle_profile_file_or_directory_path`) needs a profile taken on a GPU. Four collectives "
-    "in flight instead of one raised 1F1B to 28.1% and left DualPipeV at 23.7%, its pair at 1.4%, so the "
-    "package does not set it. EP without a pipeline covers the most (38.5%): its one micro-batch is 4 "
-    "rows per device, and its windows hold that micro-batch's own larger GEMMs. At `small`'s widths "
-    "(d_model 512, expert FFN 512) a layer's routed GEMMs for one 256-token micro-batch take about as "
-    "long as its transfers; the report's 1:1 ratio is at 7168 / 2048 over 50 GB/s InfiniBand. At the "
-    "report's widths (variants below: d_model 7168, expert FFN 2048, dense FFN 18432, MLA ranks 1536 / "
-    "512, 16 heads, at `small`'s depth with 16 experts) DualPipeV hides 29.5% of its all-to-all bytes and "
-    "1F1B 25.9%, but the other micro-batch's GEMMs are still in 3 of the pair's 33 windows (covering "
-    "6.4%): wider GEMMs hide their own chunk's transfers, and the scheduler still keeps the chunks "
-    "apart.\n\n"
-    "Making Figure 4's order explicit is the next step: XLA's scheduling annotations "
-    "(`_scheduling_group_id`, set with `jax.experimental.xla_metadata.set_xla_metadata`) ask the "
-    "scheduler to put chosen GEMMs inside a collective's window. On a toy "
-    "([scheduling_annotations.md](scheduling_annotations.md): an all-to-all grouped with four independent "
-    "GEMMs) XLA:GPU's compile crashes (SIGSEGV) and XLA:TPU refuses the group (\"annotation groups with "
-    "gaps\"); with the annotations propagated it compiles, but keeps that toy's all-to-alls synchronous.\n\n"
-    "On tpu-v5p:2x2x2 DualPipeV hides 29.6% of its all-to-all bytes (covers 52.1% of their time) "
-    "against 1F1B's 17.9% (21.9%), but none behind the other chunk: XLA:TPU puts no GEMM of the other "
-    "micro-batch in any of the pair's 28 windows (with expert=4, 2 of 22, covering 6.7%). Its windows "
-    "hold the same micro-batch's independent work (the shared expert beside the routed dispatch, weight "
-    "gradients beside activation gradients). In the scheduled pair branch the backward's all-to-alls "
-    "start in one run with backward ops between them, then the forward's with forward ops. The program "
-    "allows more: the toy pair of tests/test_overlap.py gets the backward's GEMMs inside the forward's "
-    "windows from the same compiler. Not the cause (variants below): the scheduler's memory-pressure "
-    "tracking off (the same windows), multi-output fusion off (0 of 22, 13.1% hidden), and in the f32 "
-    "rows before, `xla_tpu_overlap_compute_collective_tc` and "
-    "`xla_tpu_enable_async_collective_fusion`. EP without a pipeline hides 0.8% on TPU.\n\n"
-    "Dates. All rows were compiled again on 2026-12-07 (fourth session) in bf16 with the transfer "
-    "counted as the bytes that leave the device. The rows before computed in f32 (small's default; "
-    "twice the bytes, timed at the bf16 peak) and counted whole buffers: DualPipeV 0.0%, 1F1B 0.0% bytes "
-    "hidden on h100x8. The first GPU rows of all (DualPipeV 11.6%) counted a dense lowering of "
-    "`ragged_dot` that did every local expert's work for every row; GPU programs run the experts as "
-    "128-row blocked loops (model/grouped_gemm.py), counted at their trip counts.")
+    "(`--xla_gpu_pgle_profile_file_or_directory_path`) needs a profile taken on a GPU. EP without a "
+    "pipeline covers the most on GPU (38.5%): its one micro-batch is 4 rows per device, and its windows "
+    "hold that micro-batch's own larger GEMMs. At `small`'s widths (d_model 512, expert FFN 512) a "
+    "layer's routed GEMMs for one 256-token micro-batch take about as long as its transfers; the "
+    "report's 1:1 ratio is at 7168 / 2048 over 50 GB/s InfiniBand.\n\n"
+    "The variants below were compiled before the rounds (2026-12-07, fourth session): what was tried "
+    "to get the other chunk into the windows with compiler options alone. XLA's scheduling annotations "
+    "(`_scheduling_group_id`) were the other candidate: on a toy ([scheduling_annotations.md]"
+    "(scheduling_annotations.md)) XLA:GPU's compile crashes and XLA:TPU refuses groups with gaps.\n\n"
+    "Dates. The dualpipev rows were compiled on 2026-12-07 (fifth session) with the rounds, the others in "
+    "the fourth session; all in bf16 with the transfer counted as the bytes that leave the device. The "
+    "dualpipev rows' compile seconds were measured with other compiles beside them. Rows before the "
+    "fourth session computed in f32 and counted whole buffers (DualPipeV 0.0%, 1F1B 0.0% bytes hidden on "
+    "h100x8); the first GPU rows of all (DualPipeV 11.6%) counted a dense lowering of `ragged_dot`.")
 
 
 def run_case(target_name: str, case: str, overrides: tuple[str, ...] = ()) -> dict:
@@ -223,7 +217,8 @@ def _variant_lines(compile_missing: bool, recompile: bool) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--targets", nargs="+", default=["h100x8", "tpu-v5p:2x2x2"])
-    parser.add_argument("--recompile", action="store_true", help="compile every case again")
+    parser.add_argument("--recompile", action="store_true", help="compile every case (of --cases) again")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="the cases to compile")
     parser.add_argument("--variants", action="store_true", help="also compile the variants not compiled yet")
     parser.add_argument("--case", nargs=2, metavar=("TARGET", "CASE"), help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -238,7 +233,7 @@ def main() -> None:
     stored = {(r["target"], r["case"]): r for r in json.loads(store.read_text())} if store.exists() else {}
     targets = list(dict.fromkeys([t for t, _ in stored] + args.targets))
     for target_name in args.targets:
-        for case in CASES:
+        for case in args.cases:
             earlier = stored.get((target_name, case))
             if args.recompile or earlier is None or "error" in earlier:
                 print(f"{target_name} {case} ...", flush=True)

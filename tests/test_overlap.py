@@ -1,9 +1,11 @@
 """DualPipe's F&B pair overlaps one chunk's all-to-all with the other chunk's GEMMs (report
 §3.2.1, Figure 4), read from the program XLA:TPU schedules (compiled from this host for a v5p
-slice, the `tpu` extra): the pair's two chunks are independent, so the latency-hiding scheduler
-places the backward's GEMMs inside the forward's dispatch window and the reverse. Planted: the
-backward reading the state the forward leaves (the sequencing the executor had) -> no window of
-either chunk holds the other's compute."""
+slice, the `tpu` extra). The stage is given in phases that alternate compute and all-to-all, as
+the model's MoE blocks are (model/block.py Block.PHASES), so the pair runs in
+`executor.lockstep_pair`'s rounds: the forward's dispatch beside the backward's expert GEMMs, the
+backward's transposed combine beside the forward's dense GEMMs, and so on. Planted: the forward
+reading what the backward computed in the same round -> no window of either chunk holds the
+other's compute."""
 
 from __future__ import annotations
 
@@ -24,24 +26,34 @@ from dsv3_jax.platform import compiler_options
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="needs the `tpu` extra (libtpu): uv run --extra tpu pytest")
-M, B, T, D = 4, 2, 128, 256  # micro-batches (DualPipeV on 2 ranks needs 4), rows, tokens per row, width
+M, B, T, D, L = 4, 2, 128, 256, 2  # micro-batches (DualPipeV on 2 ranks needs 4), rows, tokens per row, width, layers
 
 
-def _stage(p, x_BTD):
-    """An expert-parallel layer in miniature: tokens dispatched over `expert` by all-to-all, a GEMM
-    on the rows that arrived, combined back by all-to-all, then a dense GEMM."""
+def _exchange(x_BTD):
+    """Tokens over `expert` and back by all-to-all: the dispatch or the combine of a toy MoE layer."""
     from jax.sharding import PartitionSpec
 
-    def experts(x_bTD, w_DD):  # this rank's rows: their tokens sent over `expert` and back
-        x_bTD = jax.lax.all_to_all(x_bTD, "expert", 1, 1, tiled=True)  # dispatch
-        return jax.lax.all_to_all(jnp.tanh(x_bTD @ w_DD), "expert", 1, 1, tiled=True)  # combine
+    swap = lambda x_bTD: jax.lax.all_to_all(x_bTD, "expert", 1, 1, tiled=True)  # noqa: E731
+    return jax.shard_map(swap, mesh=jax.sharding.get_abstract_mesh(), in_specs=PartitionSpec("expert"),
+                         out_specs=PartitionSpec("expert"), axis_names=frozenset({"expert"}), check_vma=False)(x_BTD)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    routed = jax.shard_map(experts, mesh=mesh, in_specs=(PartitionSpec("expert"), PartitionSpec()),
-                           out_specs=PartitionSpec("expert"), axis_names=frozenset({"expert"}), check_vma=False)
-    y_BTD = x_BTD + routed(x_BTD, p["w_expert"])
-    y_BTD = y_BTD + jnp.tanh(y_BTD @ p["w_in"]) @ p["w_out"]
-    return y_BTD, jnp.zeros(()), {}
+
+# An expert-parallel layer in miniature, in four phases: a dense GEMM, the dispatch, the "expert"
+# GEMM on the rows that arrived, the combine (the last returns the layer's output and its stats).
+_PHASES = (lambda p, x_BTD: (x_BTD, x_BTD + jnp.tanh(x_BTD @ p["w_in"]) @ p["w_out"]),
+           lambda p, carry: (carry[0], _exchange(carry[1])),
+           lambda p, carry: (carry[0], jnp.tanh(carry[1] @ p["w_expert"])),
+           lambda p, carry: (carry[0] + _exchange(carry[1]), {}))
+LAYERS = executor.StageLayers(_PHASES, lambda stats: (jnp.zeros(()), stats))
+
+
+def _stage(p, x_BTD):  # the phases composed, layer after layer
+    for i in range(jax.tree.leaves(p)[0].shape[0]):
+        carry = x_BTD
+        for phase in _PHASES:
+            carry = phase(jax.tree.map(lambda a: a[i], p), carry)
+        x_BTD, _ = carry
+    return x_BTD, jnp.zeros(()), {}
 
 
 def _loss(head, y_BTD, target_BTD):
@@ -62,10 +74,11 @@ def _pair_windows(schedule_name: str = "dualpipev") -> list[dict]:
     schedule = make_schedule(schedule_name, 2, M)
     S = schedule.n_stages
     spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    params = {"w_expert": spec(S, D, D), "w_in": spec(S, D, D), "w_out": spec(S, D, D)}
+    params = {"w_expert": spec(S, L, D, D), "w_in": spec(S, L, D, D), "w_out": spec(S, L, D, D)}
     args = (params, {"w": spec(D, D)}, spec(M, B, T, D), spec(M, B, T, D))
     with jax.set_mesh(mesh), _no_persistent_cache():
-        step = jax.jit(lambda *a: executor.pipeline_value_and_grad(_stage, _loss, schedule, mesh, *a),
+        step = jax.jit(lambda *a: executor.pipeline_value_and_grad(_stage, _loss, schedule, mesh, *a,
+                                                                         stage_layers=LAYERS),
                        in_shardings=(DEFAULT_RULES.sharding(("stage",), mesh),) + (DEFAULT_RULES.sharding((), mesh),) * 3)
         text = step.lower(*args).compile(compiler_options=compiler_options("tpu")).as_text()
     return [w for w in hlo_stats.async_windows(text, (FORWARD, GRADIENT, RECOMPUTE)) if w["kind"] == "all-to-all"]
@@ -81,17 +94,19 @@ def test_each_chunk_of_a_dualpipev_pair_overlaps_the_other_chunks_gemms(monkeypa
     windows = _pair_windows()
     backward = (GRADIENT, RECOMPUTE)
     assert any(w["scope"] == FORWARD for w in windows) and any(w["scope"] in backward for w in windows)
-    # The backward's gradient all-to-alls (transposed combine / dispatch) hide the forward's GEMMs:
-    # with the backward reading the state the forward left (the cotangent buffer the last stage's
-    # forward writes), as the executor did, they had to wait for the whole forward.
+    # Figure 4: the forward's dispatch / combine hide the backward's GEMMs, and the backward's
+    # transposed ones the forward's.
+    assert _flops(windows, (FORWARD,), (GRADIENT,)) > 0
     assert _flops(windows, (GRADIENT,), (FORWARD,)) > 0
 
-    # Planted (the issue's): the forward's input waits on the backward's gradients -> nothing of
-    # one chunk is scheduled inside the other's all-to-alls.
-    def forward_after_backward(tick_state, after_backward):
-        grads = sum(jnp.sum(g) for g in jax.tree.leaves((after_backward["own_grads"], after_backward["received_grads"])))
-        return dict(tick_state, inbox=tick_state["inbox"] + (0 * grads).astype(tick_state["inbox"].dtype))
+    # Planted (the issue's): each of the forward's phases waits on the backward's phase of the same
+    # round -> neither chunk's round windows hold the other's compute. (The backward's recomputed
+    # forward, before the rounds, may still run beside the forward's first phase: the last phase's
+    # gradient needs none of its residuals.)
+    def forward_after_backward(forward_in, backward_out):
+        wait = (0 * sum(jnp.sum(g) for g in jax.tree.leaves(backward_out)))
+        return jax.tree.map(lambda a: a + wait.astype(a.dtype), forward_in)
 
     monkeypatch.setattr(executor, "pair_forward_reads", forward_after_backward)
     planted = _pair_windows()
-    assert planted and _flops(planted, (FORWARD,), backward) == 0 and _flops(planted, backward, (FORWARD,)) == 0
+    assert planted and _flops(planted, (FORWARD,), backward) == 0 and _flops(planted, (GRADIENT,), (FORWARD,)) == 0

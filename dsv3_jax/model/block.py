@@ -43,6 +43,40 @@ class Block(nnx.Module):
             x_BTD, stats = self._ffn(x_BTD, token_ids_BT)
         return constrain(x_BTD, HIDDEN_BTD), stats
 
+    # The MoE block in four phases that alternate compute and communication, for the pipeline's F&B
+    # pair (report §3.2.1, Figure 4: parallel/pipeline/executor.py `lockstep_pair` runs one micro-batch's
+    # phase beside the other's mirror phase: attention beside the combine's backward, dispatch beside
+    # the experts' backward, ...). Their composition is __call__ (the same ops; the routed experts as
+    # four shard_maps instead of one). `phased()` says whether the block has them.
+    PHASES = ("attend_and_send", "dispatch", "compute", "combine")
+
+    def phased(self) -> bool:
+        return self.is_moe and self.ffn.phased()
+
+    def attend_and_send(self, x_BTD: Float[Array, "B T D"], cos: Array, sin: Array) -> dict:
+        """Attention, then the router and the rows each expert-parallel rank will receive."""
+        with jax.named_scope("attention"):
+            x_BTD = name(x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin), "residual")
+        with jax.named_scope("ffn"):
+            h_BTD = self.ffn_norm(x_BTD)
+            sent, stats = self.ffn.send(h_BTD)
+        return dict(x_BTD=x_BTD, h_BTD=h_BTD, sent=sent, stats=stats)
+
+    def dispatch(self, carry: dict) -> dict:  # communication only
+        with jax.named_scope("ffn"):
+            return dict(carry, sent=self.ffn.dispatch(carry["sent"]))
+
+    def compute(self, carry: dict) -> dict:  # the routed experts on the rows that arrived, the shared experts
+        with jax.named_scope("ffn"):
+            done, shared_BTD = self.ffn.experts(carry["sent"], carry["h_BTD"])
+        return dict(x_BTD=carry["x_BTD"], sent=done, shared_BTD=shared_BTD, stats=carry["stats"])
+
+    def combine(self, carry: dict) -> tuple[Float[Array, "B T D"], RouterStats]:  # communication, then the residual
+        x_BTD = carry["x_BTD"]
+        with jax.named_scope("ffn"):
+            y_BTD = self.ffn.combine(carry["sent"], carry["shared_BTD"], x_BTD.shape)
+        return constrain(x_BTD + y_BTD, HIDDEN_BTD), carry["stats"]
+
     def cached(self, x_BTD: Array, cos: Array, sin: Array, cache: tuple[Array, Array], positions_BT: Array,
                mode: str, token_ids_BT: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
         """The block on new tokens against a KV cache (see MLA.cached); returns the updated cache."""

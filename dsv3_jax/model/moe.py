@@ -26,7 +26,8 @@ from dsv3_jax.model.grouped_gemm import grouped_matmul, resolve_impl
 from dsv3_jax.model.layers import MLP, dtype_of, param
 from dsv3_jax.model.remat import name
 from dsv3_jax.model.routing import Router, RouterStats, Routing, configured_router, is_token_choice
-from dsv3_jax.parallel.expert import (batch_parallel_mesh, batch_parallel_routed_experts, expert_parallel_mesh,
+from dsv3_jax.parallel.expert import (Sent, batch_parallel_mesh, batch_parallel_routed_experts, ep_combine,
+                                      ep_dispatch, ep_experts, ep_send, expert_axis, expert_parallel_mesh,
                                       expert_parallel_routed_experts, sum_rows)
 
 
@@ -121,6 +122,49 @@ class MoE(nnx.Module):
                 y_BTD = y_BTD + self.shared(x_BTD)
         return y_BTD, stats
 
+    # The layer in phases (parallel/expert.py `ep_send` .. `ep_combine`), for the pipeline's F&B pair
+    # to interleave with another micro-batch's (Block.PHASES). Their composition is __call__.
+    def phased(self) -> bool:
+        """Whether the routed experts can run in phases: the "a2a" transport under an expert mesh."""
+        return self.expert_dispatch == "a2a" and self.token_choice and expert_parallel_mesh() is not None
+
+    def send(self, x_BTD: Float[Array, "B T D"], token_ids_BT: Array | None = None) -> tuple[Sent, RouterStats]:
+        """Route, and gather each destination's rows."""
+        B, T, D = x_BTD.shape
+        with jax.named_scope("router"):
+            routing, stats = self.router(x_BTD, token_ids_BT)
+        gate_NK, expert_NK = routing.gate_M.reshape(B * T, -1), routing.expert_M.reshape(B * T, -1)
+        with jax.named_scope("routed_experts"):
+            sent, dropped = ep_send(x_BTD.reshape(B * T, D).astype(self.dtype), expert_NK, gate_NK, self.w_gate_EDF[...],
+                                    self.w_down_EFD[...], expert_parallel_mesh(), self.capacity_factor, self.groups)
+        return sent, stats._replace(capacity_dropped=dropped / expert_NK.size)
+
+    def dispatch(self, sent: Sent) -> Sent:
+        with jax.named_scope("routed_experts"):
+            return ep_dispatch(sent, expert_parallel_mesh(), expert_axis(expert_parallel_mesh(), self.w_gate_EDF))
+
+    def experts(self, received: Sent, x_BTD: Float[Array, "B T D"]) -> tuple[Sent, Array | None]:
+        """The rows through this rank's experts, and the shared experts on the layer's input."""
+        cast = lambda w: w[...].astype(self.dtype)  # noqa: E731
+        with jax.named_scope("routed_experts"):
+            done = ep_experts(received, cast(self.w_gate_EDF), cast(self.w_up_EDF), cast(self.w_down_EFD),
+                              expert_parallel_mesh(), self._experts_fn())
+        if self.shared is None:
+            return done, None
+        with jax.named_scope("shared_experts"):
+            return done, self.shared(x_BTD)
+
+    def combine(self, done: Sent, shared_BTD: Array | None, shape: tuple[int, int, int]) -> Float[Array, "B T D"]:
+        B, T, D = shape
+        with jax.named_scope("routed_experts"):
+            mesh = expert_parallel_mesh()
+            y_BTD = ep_combine(done, B * T, self.dtype, mesh, expert_axis(mesh, self.w_gate_EDF)).reshape(B, T, D)
+        return y_BTD if shared_BTD is None else y_BTD + shared_BTD
+
+    def _experts_fn(self):
+        return functools.partial(grouped_swiglu, impl=self.grouped_gemm, fp8_backend=self.fp8_backend,
+                                 cache_fp8=self.cache_fp8)
+
     def _routed(self, x_ND: Array, routing: Routing, stats: RouterStats) -> tuple[Array, RouterStats]:
         """The routed experts' sum for every token: expert-parallel under a mesh with an expert axis,
         batch-parallel under data axes only, else on this device."""
@@ -131,8 +175,7 @@ class MoE(nnx.Module):
         dp_mesh = batch_parallel_mesh() if explicit else None
         if ep_mesh is None and dp_mesh is None:
             return routed_experts(x_ND, routing, *weights, self.grouped_gemm, self.fp8_backend, self.cache_fp8), stats
-        experts_fn = functools.partial(grouped_swiglu, impl=self.grouped_gemm, fp8_backend=self.fp8_backend,
-                                       cache_fp8=self.cache_fp8)
+        experts_fn = self._experts_fn()
         N = x_ND.shape[0]
         gate_NK, expert_NK = routing.gate_M.reshape(N, -1), routing.expert_M.reshape(N, -1)
         if ep_mesh is None:

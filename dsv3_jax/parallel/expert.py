@@ -147,26 +147,39 @@ def _rows_through_experts(x_RD, expert_RJ, gate_RJ, weights, experts):
     return sum_rows(experts(x_RD[row_M], expert_RJ.reshape(-1), gate_RJ.reshape(-1), *weights), row_M, R)
 
 
+def _send_rows(x_nD, plan: Dispatch) -> jax.Array:
+    """The rows of each destination's buffer [P, C, D] (zeros for empty rows)."""
+    return jnp.concatenate([x_nD, jnp.zeros((1, x_nD.shape[1]), x_nD.dtype)])[plan.token_PC]
+
+
+def _received_rows_through_experts(recv_PCD, recv_count_P, expert_PCJ, gate_PCJ, weights, experts):
+    """The rows that arrived ([P sources, C, D]) through this rank's experts: [P, C, D] in x's dtype."""
+    ep, capacity, D = recv_PCD.shape
+    local_E = weights[0].shape[0]
+    real_PC = jnp.arange(capacity)[None, :] < recv_count_P[:, None]
+    expert_PCJ = jnp.where(real_PC[..., None], expert_PCJ, local_E)
+    y_RD = _rows_through_experts(recv_PCD.reshape(ep * capacity, D), expert_PCJ.reshape(ep * capacity, -1),
+                                 gate_PCJ.reshape(ep * capacity, -1), weights, experts)
+    return y_RD.reshape(ep, capacity, D).astype(recv_PCD.dtype)
+
+
+def _add_back(back_PCD, token_PC, n: int, dtype) -> jax.Array:
+    """The rows come home: each token's sum over the ranks it went to [n, D]."""
+    D = back_PCD.shape[-1]
+    return jnp.zeros((n + 1, D), jnp.float32).at[token_PC].add(back_PCD.astype(jnp.float32))[:n].astype(dtype)
+
+
 def _a2a(x_nD, expert_nK, gate_nK, *weights, ep, experts, capacity, axis, ragged):
     n, D = x_nD.shape
-    local_E = weights[0].shape[0]
-    plan = plan_dispatch(expert_nK, gate_nK, ep, local_E, capacity)
+    plan = plan_dispatch(expert_nK, gate_nK, ep, weights[0].shape[0], capacity)
     exchange = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0, tiled=True)
     recv_count_P = exchange(plan.count_P)  # counts first: how many real rows each source sends here
-    x_padded = jnp.concatenate([x_nD, jnp.zeros((1, D), x_nD.dtype)])
-    send_PCD = x_padded[plan.token_PC]
-    if ragged:
-        recv_PCD = _ragged_exchange(send_PCD, plan.count_P, recv_count_P, axis)
-    else:
-        recv_PCD = exchange(send_PCD)
-    real_PC = jnp.arange(capacity)[None, :] < recv_count_P[:, None]
-    expert_PCJ = jnp.where(real_PC[..., None], exchange(plan.expert_PCJ), local_E)
-    y_RD = _rows_through_experts(recv_PCD.reshape(ep * capacity, D), expert_PCJ.reshape(ep * capacity, -1),
-                                 exchange(plan.gate_PCJ).reshape(ep * capacity, -1), weights, experts)
-    y_PCD = y_RD.reshape(ep, capacity, D).astype(x_nD.dtype)
+    send_PCD = _send_rows(x_nD, plan)
+    recv_PCD = _ragged_exchange(send_PCD, plan.count_P, recv_count_P, axis) if ragged else exchange(send_PCD)
+    y_PCD = _received_rows_through_experts(recv_PCD, recv_count_P, exchange(plan.expert_PCJ),
+                                           exchange(plan.gate_PCJ), weights, experts)
     back_PCD = _ragged_exchange(y_PCD, recv_count_P, plan.count_P, axis) if ragged else exchange(y_PCD)
-    y_nD = jnp.zeros((n + 1, D), jnp.float32).at[plan.token_PC].add(back_PCD.astype(jnp.float32))[:n]
-    return y_nD.astype(x_nD.dtype), plan.dropped
+    return _add_back(back_PCD, plan.token_PC, n, x_nD.dtype), plan.dropped
 
 
 def _ragged_exchange(send_PCD, send_count_P, recv_count_P, axis):
@@ -227,6 +240,94 @@ def expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_ED
     shard = jax.shard_map(run, mesh=mesh, in_specs=(tokens, tokens, tokens, gate_up, gate_up, down),
                           out_specs=(tokens, current_rules().spec((), mesh=mesh)), check_vma=False)
     return shard(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+
+class Sent(NamedTuple):
+    """The "a2a" transport between its phases (`ep_send` .. `ep_combine`): each rank's [P, C, ...]
+    buffers, stacked over the token shards on axis 0 (the rows' layout outside the shard_map)."""
+    rows_PCD: jax.Array  # rows to each destination; after `ep_dispatch` from each source; after `ep_experts` their outputs
+    expert_PCJ: jax.Array  # the destination's local expert ids of each row's slots
+    gate_PCJ: jax.Array  # their gates
+    count_P: jax.Array  # real rows to each destination (after `ep_dispatch`: from each source)
+    token_PC: jax.Array  # the local token each sent row came from: where `ep_combine` adds it back
+
+
+def expert_axis(mesh, w_gate_EDF):
+    """The mesh axis (or axes) the routed experts are split over: what the all-to-alls run over."""
+    return current_rules().spec(("expert", "embed", "moe_ffn"), w_gate_EDF.shape, mesh, compute=True)[0]
+
+
+def _ep_layout(mesh, w_gate_EDF, w_down_EFD):
+    spec = lambda axes, a: current_rules().spec(axes, a.shape, mesh, compute=True)  # noqa: E731
+    tokens = current_rules().spec(("batch",), mesh=mesh)
+    return tokens, spec(("expert", "embed", "moe_ffn"), w_gate_EDF), spec(("expert", "moe_ffn", "embed"), w_down_EFD)
+
+
+def _sent_specs(tokens) -> Sent:
+    return Sent(*(tokens,) * 5)
+
+
+# The "a2a" transport as four programs, for a caller that interleaves them with other work (the
+# pipeline's F&B pair, parallel/pipeline/executor.py `lockstep_pair`, report §3.2.1 Figure 4): plan
+# and gather the rows (compute), dispatch (all-to-all only), the experts (compute), combine
+# (all-to-all, then each row added back to its token). `expert_parallel_routed_experts` with
+# dispatch="a2a" is their composition in one shard_map.
+def ep_send(x_ND, expert_NK, gate_NK, w_gate_EDF, w_down_EFD, mesh, capacity_factor: float = 2.0,
+            groups: tuple[int, int] = (1, 1)) -> tuple[Sent, jax.Array]:
+    """Plan the dispatch and gather the rows to send; (Sent, assignments dropped for capacity)."""
+    tokens, gate_up, down = _ep_layout(mesh, w_gate_EDF, w_down_EFD)
+    ep, local_E = mesh.shape["expert"], w_gate_EDF.shape[0] // mesh.shape["expert"]
+    n_local = x_ND.shape[0] // current_rules().shards("batch", mesh.shape)
+    capacity = pair_capacity(n_local, ranks_per_token(expert_NK.shape[1], ep, *groups), ep, capacity_factor)
+    token_axes = tokens[0] if len(tokens) else ()
+
+    def run(x_nD, expert_nK, gate_nK):
+        plan = plan_dispatch(expert_nK, gate_nK, ep, local_E, capacity)
+        sent = Sent(_send_rows(x_nD, plan), plan.expert_PCJ, plan.gate_PCJ, plan.count_P, plan.token_PC)
+        return sent, jax.lax.psum(plan.dropped, token_axes) if token_axes else plan.dropped
+
+    return jax.shard_map(run, mesh=mesh, in_specs=(tokens,) * 3,
+                         out_specs=(_sent_specs(tokens), current_rules().spec((), mesh=mesh)),
+                         check_vma=False)(x_ND, expert_NK, gate_NK)
+
+
+def ep_dispatch(sent: Sent, mesh, axis) -> Sent:
+    """The dispatch all-to-alls: counts, rows, expert ids and gates to the ranks that hold the experts."""
+    tokens = current_rules().spec(("batch",), mesh=mesh)
+    exchange = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0, tiled=True)
+
+    def run(sent):
+        return Sent(exchange(sent.rows_PCD), exchange(sent.expert_PCJ), exchange(sent.gate_PCJ),
+                    exchange(sent.count_P), sent.token_PC)
+
+    return jax.shard_map(run, mesh=mesh, in_specs=(_sent_specs(tokens),), out_specs=_sent_specs(tokens),
+                         check_vma=False)(sent)
+
+
+def ep_experts(received: Sent, w_gate_EDF, w_up_EDF, w_down_EFD, mesh, experts_fn: ExpertsFn) -> Sent:
+    """The rows that arrived through this rank's experts, gated and summed per row (rows_PCD replaced)."""
+    tokens, gate_up, down = _ep_layout(mesh, w_gate_EDF, w_down_EFD)
+    experts = functools.partial(_local_experts, experts_fn=experts_fn, ffn_axes=down[1])
+
+    def run(received, *weights):
+        y_PCD = _received_rows_through_experts(received.rows_PCD, received.count_P, received.expert_PCJ,
+                                               received.gate_PCJ, weights, experts)
+        return received._replace(rows_PCD=y_PCD)
+
+    return jax.shard_map(run, mesh=mesh, in_specs=(_sent_specs(tokens), gate_up, gate_up, down),
+                         out_specs=_sent_specs(tokens), check_vma=False)(received, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+
+def ep_combine(done: Sent, n_tokens: int, dtype, mesh, axis) -> jax.Array:
+    """The combine all-to-all, and each token's rows added back: the routed experts' sum [N, D]."""
+    tokens = current_rules().spec(("batch",), mesh=mesh)
+    n_local = n_tokens // current_rules().shards("batch", mesh.shape)
+    exchange = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0, tiled=True)
+
+    def run(done):
+        return _add_back(exchange(done.rows_PCD), done.token_PC, n_local, dtype)
+
+    return jax.shard_map(run, mesh=mesh, in_specs=(_sent_specs(tokens),), out_specs=tokens, check_vma=False)(done)
 
 
 def batch_parallel_routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF, w_down_EFD, mesh,

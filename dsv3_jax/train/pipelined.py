@@ -29,11 +29,12 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.config import Config, ConfigError
-from dsv3_jax.model.block import run_blocks
+from dsv3_jax.model.block import Block, run_blocks
+from dsv3_jax.model.remat import rematerialised
 from dsv3_jax.model.model import ModelStats
 from dsv3_jax.model.rope import rope_tables
 from dsv3_jax.model.routing import Balancing, RouterStats
-from dsv3_jax.parallel.pipeline.executor import pipeline_value_and_grad
+from dsv3_jax.parallel.pipeline.executor import StageLayers, pipeline_value_and_grad
 from dsv3_jax.parallel.pipeline.schedules import make_schedule
 from dsv3_jax.parallel.sharding import constrain, rules_for
 from dsv3_jax.train.loss import LossParts, total_loss
@@ -115,6 +116,20 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
             y_bTD, stats = run_blocks(nnx.merge(stack_graphdef, *stage), x_bTD, cos, sin, cfg)
             return y_bTD, balancing.loss(stats) / n_mb, stats.without_tokens()  # summed over micro-batches
 
+        # The pair's lockstep runs a stage phase by phase (executor.StageLayers): the MoE block's four
+        # phases when its routed experts run the "a2a" transport under an expert mesh, else whole blocks.
+        block = lambda layer: nnx.merge(stack_graphdef, *layer)  # noqa: E731
+        if block(jax.tree.map(lambda a: a[0], (stack_params, stack_bias))).phased():
+            _, *rest_phases = Block.PHASES
+            phases = [lambda layer, x_bTD: block(layer).attend_and_send(x_bTD, cos, sin)]
+            phases += [lambda layer, carry, name=name: getattr(block(layer), name)(carry) for name in rest_phases]
+        else:
+            phases = [lambda layer, x_bTD: block(layer)(x_bTD, cos, sin)]
+        phases = tuple(rematerialised(phase, cfg.remat) for phase in phases)
+
+        def finish_fn(stats):  # what stage_fn returns besides y, from its layers' stats
+            return balancing.loss(stats) / n_mb, stats.without_tokens()
+
         def loss_fn(rest, y_bTD, tokens_bS):
             model = model_without_stack(rest)
             if tc.ce_chunk:  # the loss from the head's inputs, ce_chunk positions of logits at a time
@@ -135,7 +150,8 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
         result = pipeline_value_and_grad(stage_fn, loss_fn, schedule, mesh, to_stages((stack_params, stack_bias)),
                                          rest, tokens_MbS, tokens_MbS, first_fn=first_fn,
                                          keep_residuals=tc.pipeline_keep_residuals,
-                                         stage_layout=layer_layout((stack_params, stack_bias)))
+                                         stage_layout=layer_layout((stack_params, stack_bias)),
+                                         stage_layers=StageLayers(phases, finish_fn))
 
         # Gradients: the stack from its stages; everything else (embedding and dense layers on the
         # first stage, head and MTP on the last) from the executor's head gradients.

@@ -16,6 +16,13 @@ branch may only hold collectives within its pipeline rank's devices (all-to-all 
 all-reduce over data / tensor); a resharding that XLA lowers to a collective-permute over the
 whole mesh would wait for ranks that run another branch (tests check the compiled HLO).
 
+The F&B pair in Figure 4's order. Given the stage as layers in phases (`StageLayers`: the MoE
+block's attention, dispatch, experts, combine), the pair runs in rounds (`lockstep_pair`): the
+forward's phase k beside the backward's mirror phase, rounds closed by optimization barriers, so
+each all-to-all shares its round only with the other micro-batch's attention or MLP. Without
+phases (or with `keep_residuals`, whose residuals are the whole stage's) the order inside the pair
+is the compiler's.
+
 Stage-owned parameters. Stage parameters arrive stage-major ([S, ...]) and sharded over
 `pipeline`: rank q stores stages q*S/P .. (q+1)*S/P - 1 and returns their gradients in the same
 layout, so optimizer state and updates are 1/P per rank. The stages a rank stores and runs are read
@@ -63,11 +70,12 @@ SLOT, MB, FIRST, LAST, SEND, STASH, INBOX, COT, DEST = range(9)
 BUFFER_LAYOUT = (None, "batch", "seq", "act_embed")  # [entries, b, T, D]
 
 
-def pair_forward_reads(tick_state: dict, after_backward: dict) -> dict:
-    """The state an F&B pair's forward chunk reads: the one its tick started with, never the one
-    the pair's backward leaves (see `pair` in `pipeline_value_and_grad`). A function of its own so a
-    test can plant a dependency of the forward on the backward and watch the compiled overlap go."""
-    return tick_state
+def pair_forward_reads(forward_in, backward_out):
+    """What an F&B pair's forward chunk reads: its own input, never anything of the backward's
+    (`backward_out`: in `lockstep_pair`, the backward's result of the same round; else the whole
+    backward's input gradient). The identity, as a function of its own so a test can plant a
+    dependency of the forward on the backward and watch the compiled overlap go."""
+    return forward_in
 
 
 def stage_slots(schedule: Schedule) -> list[list[tuple[int, int]]]:
@@ -246,6 +254,71 @@ def residual_layout(fn, params, x) -> ResidualLayout:
     return ResidualLayout(found["treedef"], found["param_at"], tuple(stored))
 
 
+class StageLayers(NamedTuple):
+    """A stage as its layers, each in phases, for the F&B pair's lockstep (`lockstep_pair`): the
+    stage's parameter leaves stack its layers on axis 0, and stage_fn(p, x) is, layer after layer,
+    the phases in order (the first takes the layer's input, the last returns (y, layer_stats)),
+    then `finish_fn` of the layers' stats stacked on axis 0."""
+    phases: tuple  # (layer_params, carry) -> carry; the first takes x, the last returns (y, layer_stats)
+    finish_fn: Any  # (layer_stats stacked) -> (stage_loss, stats): what stage_fn returns besides y
+
+
+def _tie(a, b):
+    """optimization_barrier over two trees (float0 cotangents of integer values pass outside it)."""
+    leaves, treedef = jax.tree.flatten((a, b))
+    real = [i for i, leaf in enumerate(leaves) if jnp.result_type(leaf) != jax.dtypes.float0]
+    tied = iter(jax.lax.optimization_barrier([leaves[i] for i in real]))
+    return treedef.unflatten([next(tied) if i in real else leaf for i, leaf in enumerate(leaves)])
+
+
+def lockstep_pair(layers: StageLayers, p_F, x_F, p_B, x_B, dy_B):
+    """The F&B pair's two chunks phase by phase in Figure 4's order (report §3.2.1). With U phases
+    in all, round k runs the forward chunk's phase k beside the backward chunk's phase U-1-k, and
+    an optimization barrier on the values that cross into the next round closes it: a round holds
+    one phase of each micro-batch and nothing else. With phases that alternate compute and
+    communication (model/block.py Block.PHASES: attention, dispatch, experts, combine) a round
+    pairs one chunk's all-to-all with the other chunk's attention or MLP, so the all-to-all can
+    only be hidden by the other micro-batch's work. Left to itself, XLA:TPU ran the backward's
+    layers, then the forward's (experiments/results/dualpipe_overlap.md). The backward chunk
+    recomputes its stage's forward first (keeping each phase's vjp), as `stage_grads` does; its
+    weight gradients are outside the barriers, free to fill later rounds.
+
+    Returns ((y_F, stage_loss_F), stats_F, (d p_B, d x_B)): what `stage_io` and `stage_grads` give."""
+    n_layers, n_phases = jax.tree.leaves(p_F)[0].shape[0], len(layers.phases)
+    n_units = n_layers * n_phases
+    layer = lambda p, i: jax.tree.map(lambda a: a[i], p)  # noqa: E731
+    stacked = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+    last_phase = lambda u: u % n_phases == n_phases - 1  # noqa: E731
+    with jax.named_scope(BACKWARD_CHUNK):
+        carry, vjps, stats = x_B, [], []
+        for u in range(n_units):
+            carry, vjp = jax.vjp(layers.phases[u % n_phases], layer(p_B, u // n_phases), carry)
+            vjps.append(vjp)
+            if last_phase(u):
+                carry, s = carry
+                stats.append(s)
+        _, finish_vjp = jax.vjp(lambda s: layers.finish_fn(s)[0].astype(jnp.float32), stacked(stats))
+        (d_stats,) = finish_vjp(jnp.ones((), jnp.float32))
+    carry_F, stats_F, d_carry_B, dp_B = x_F, [], dy_B, [None] * n_layers
+    for k in range(n_units):
+        with jax.named_scope(BACKWARD_CHUNK):
+            u = n_units - 1 - k
+            cot = (d_carry_B, layer(d_stats, u // n_phases)) if last_phase(u) else d_carry_B
+            dp, d_carry_B = vjps[u](cot)
+            i = u // n_phases
+            dp_B[i] = dp if dp_B[i] is None else jax.tree.map(jnp.add, dp_B[i], dp)
+        with jax.named_scope(FORWARD_CHUNK):
+            carry_F = layers.phases[k % n_phases](layer(p_F, k // n_phases), pair_forward_reads(carry_F, d_carry_B))
+            if last_phase(k):
+                carry_F, s = carry_F
+                stats_F.append(s)
+        if k < n_units - 1:
+            carry_F, d_carry_B = _tie(carry_F, d_carry_B)
+    with jax.named_scope(FORWARD_CHUNK):
+        loss_F, stats_out_F = layers.finish_fn(stacked(stats_F))
+    return (carry_F, loss_F.astype(jnp.float32)), stats_out_F, (stacked(dp_B), d_carry_B)
+
+
 class PipelineResult(NamedTuple):
     loss: jax.Array  # sum over micro-batches of every stage's loss and the head's loss
     stage_grads: Any  # like params_S: stage-major, sharded over pipeline (DualPipe's two copies summed)
@@ -256,7 +329,8 @@ class PipelineResult(NamedTuple):
 
 
 def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_S, head_params, x_MA, target_M,
-                            first_fn=None, keep_residuals: bool = False, stage_layout=None) -> PipelineResult:
+                            first_fn=None, keep_residuals: bool = False, stage_layout=None,
+                            stage_layers: StageLayers | None = None) -> PipelineResult:
     """The summed loss over micro-batches and its gradients, run pipelined over `mesh`'s `pipeline` axis.
 
     stage_fn(stage_params, x) -> (y, stage_loss, stats): y shaped like x; stage_loss a scalar added
@@ -272,8 +346,11 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
     accumulators. Without it GSPMD is free to pick a layout for the accumulators, and compiled for
     8 H100s it made them whole over `expert` and all-gathered the expert weights to match (small,
     data=2,pipeline=2,expert=2: four [4, 16, 512, 512] fp32 buffers where [4, 8, ...] are the rank's).
+    stage_layers: stage_fn as its layers (`StageLayers`); an F&B pair then runs its two chunks in
+    `lockstep_pair`'s rounds (without `keep_residuals`, whose residuals are the whole stage's).
     """
     stage_layout = stage_layout or (lambda tree: tree)
+    lockstep = stage_layers is not None and not keep_residuals
     n_ranks = mesh.shape["pipeline"]
     if n_ranks != schedule.n_ranks:
         raise ValueError(f"schedule for {schedule.n_ranks} ranks on mesh.pipeline={n_ranks}")
@@ -341,16 +418,21 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
             state0["residuals"] = [jnp.zeros((ticks.n_stash,) + r.shape, r.dtype) for r in layout.stored]
         add = lambda tree, more: jax.tree.map(jnp.add, tree, more)
 
-        def forward(state, op):
-            slot, mb, first, last = op[SLOT], op[MB], op[FIRST] == 1, op[LAST] == 1
+        def forward_input(state, op):  # the micro-batch's tokens through first_fn, or the received activation
+            mb, first = op[MB], op[FIRST] == 1
             if first_fn is None:
-                x = jnp.where(first, x_MA[mb], state["inbox"][op[INBOX]])
-            else:
-                # Both branches in the buffers' layout: XLA:TPU refuses a conditional whose branches
-                # return differently sharded results (hlo_verifier: "Inconsistent conditional sharding").
-                x = jax.lax.cond(first, lambda: activation(first_fn(head_params, x_MA[mb])),
-                                 lambda: activation(state["inbox"][op[INBOX]]))
-            if keep_residuals:
+                return jnp.where(first, x_MA[mb], state["inbox"][op[INBOX]])
+            # Both branches in the buffers' layout: XLA:TPU refuses a conditional whose branches
+            # return differently sharded results (hlo_verifier: "Inconsistent conditional sharding").
+            return jax.lax.cond(first, lambda: activation(first_fn(head_params, x_MA[mb])),
+                                lambda: activation(state["inbox"][op[INBOX]]))
+
+        def forward(state, op, x=None, ran=None):  # x: the stage's input if read already; ran: stage_io's result
+            slot, mb, last = op[SLOT], op[MB], op[LAST] == 1
+            x = forward_input(state, op) if x is None else x
+            if ran is not None:
+                (y, stage_loss), stats = ran
+            elif keep_residuals:
                 stage_params = at(slot)
                 (y, stage_loss), vjp_fn, stats = jax.vjp(stage_io, stage_params, x, has_aux=True)
                 stored, param_at = _split_residuals(vjp_fn, stage_params)
@@ -426,8 +508,8 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         def weight_grad(state, op):  # W: again, for d params only
             return take_dp(state, op, stage_grads(state, op)[0]), no_msg
 
-        def full_backward(state, op):  # B: one recomputation (or one read) for both
-            dp, dx = stage_grads(state, op)
+        def full_backward(state, op, grads=None):  # B: one recomputation (or one read) for both
+            dp, dx = stage_grads(state, op) if grads is None else grads
             return take_dx(take_dp(state, op, dp), op, dx)
 
         # Each branch: (state, ops [2, 9]) -> (state, (forward side's message, backward side's message)).
@@ -444,12 +526,25 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
             with (the buffer entries it reads are never the ones the forward writes this tick:
             `_pack` reuses an entry only after its last tick), and the two write disjoint fields
             but the accumulators, which are summed at the end. Sequencing them through one state
-            made the backward's cotangent read wait for the forward's head (a false dependency)."""
-            with jax.named_scope(BACKWARD_CHUNK):  # its head gradients (first_fn's) from zero: added below
-                zero_head = jax.tree.map(jnp.zeros_like, state["head_grads"])
-                after_backward, dx = full_backward(dict(state, head_grads=zero_head), ops[1])
+            made the backward's cotangent read wait for the forward's head (a false dependency).
+            Given the stage's phases, the two chunks run in `lockstep_pair`'s rounds (Figure 4's
+            order); else the order inside the pair is the compiler's."""
+            f, b = ops
             with jax.named_scope(FORWARD_CHUNK):
-                after_forward, y = forward(pair_forward_reads(state, after_backward), ops[0])
+                x = forward_input(state, f)
+            if lockstep:
+                y_and_loss, stats, grads = lockstep_pair(stage_layers, at(f[SLOT]), x, at(b[SLOT]),
+                                                         state["stash"][b[STASH]], state["cot"][b[COT]])
+                ran = (y_and_loss, stats)
+            else:
+                with jax.named_scope(BACKWARD_CHUNK):
+                    grads = stage_grads(state, b)
+                x, ran = pair_forward_reads(x, grads[1]), None
+            zero_head = jax.tree.map(jnp.zeros_like, state["head_grads"])  # the backward's head gradients: added below
+            with jax.named_scope(BACKWARD_CHUNK):
+                after_backward, dx = full_backward(dict(state, head_grads=zero_head), b, grads)
+            with jax.named_scope(FORWARD_CHUNK):
+                after_forward, y = forward(state, f, x, ran)
             merged = dict(after_forward, own_grads=after_backward["own_grads"],
                           received_grads=after_backward["received_grads"],
                           head_grads=add(after_forward["head_grads"], after_backward["head_grads"]))
