@@ -5,7 +5,6 @@ import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from dsv3_jax.config import Config, ConfigError, MeshConfig, TrainConfig
@@ -48,8 +47,11 @@ def test_sharded_train_step_equals_unsharded(reference, sizes):
         got_state, got = step(state, tokens)
     # The gradients themselves, before clipping and AdamW (whose first step is ~lr * sign(g)).
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    np.testing.assert_allclose(optax.tree.norm(grads), optax.tree.norm(want_grads), rtol=1e-5)
-    scale = max(float(abs(g).max()) for g in jax.tree.leaves(want_grads))
+    # In numpy: eager jnp ops on each of the ~75 leaves compile one small program per op and shape.
+    host = lambda tree: [np.asarray(g, np.float64) for g in jax.tree.leaves(tree)]  # noqa: E731
+    norm = lambda tree: np.sqrt(sum(np.sum(g * g) for g in host(tree)))  # noqa: E731
+    np.testing.assert_allclose(norm(grads), norm(want_grads), rtol=1e-5)
+    scale = max(np.abs(g).max() for g in host(want_grads))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grads, want_grads)
     np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-5)
     np.testing.assert_allclose(got["expert_load"], want["expert_load"])
