@@ -11,6 +11,7 @@ import pytest
 
 from dsv3_jax.config import Config, MeshConfig, TrainConfig
 from dsv3_jax.parallel.mesh import make_mesh
+from dsv3_jax.parallel.pipeline import executor
 from dsv3_jax.parallel.pipeline.executor import tick_table
 from dsv3_jax.parallel.pipeline.schedules import make_schedule
 from dsv3_jax.parallel.sharding import DEFAULT_RULES
@@ -73,6 +74,25 @@ def test_composed_pipeline_gradients_equal_the_single_device_step(composed_refer
     for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want_grads)):
         scale = float(np.abs(want).max())
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def test_kept_residuals_hold_no_copy_of_the_stage_weights(composed_reference, monkeypatch):
+    """With train.pipeline_keep_residuals the executor pools the stage forward's vjp residuals per
+    stash entry; the stage's weights are read where they are stored, never pooled. Checked on an
+    unrolled stage (2 layers), where slicing a layer's weights inside the vjp made every slice a
+    residual: 26 of them in each entry. Traced only: the layout is abstract."""
+    need_devices(8)
+    layouts = []
+    real_layout = executor.residual_layout
+    monkeypatch.setattr(executor, "residual_layout", lambda *a: layouts.append(real_layout(*a)) or layouts[-1])
+    mesh, fn, args = _composed_step(composed_reference, "data2-pipeline2-expert2", "zb1p", "keep_residuals")
+    with jax.set_mesh(mesh):
+        fn.lower(*args)
+    stack = jax.tree.leaves(composed_reference[2].params["moe_layers"])
+    weight_shapes = {a.shape[1:] for a in stack} | {(2,) + a.shape[1:] for a in stack}  # a layer's, a stage's
+    (layout,) = layouts
+    assert layout.stored and not [r.shape for r in layout.stored if r.shape in weight_shapes]
+    assert sum(p is not None for p in layout.param_at) >= len(stack)  # the weights, read from where they are
 
 
 def test_composed_pipeline_splits_microbatch_rows_and_keeps_collectives_in_the_pipeline_rank(composed_reference):

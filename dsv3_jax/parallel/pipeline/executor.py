@@ -376,6 +376,28 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
         y, stage_loss, stats = stage_fn(p, x)
         return (y, stage_loss.astype(jnp.float32)), stats
 
+    # What `keep_residuals` differentiates: with the stage's layers, their parameters sliced outside
+    # the vjp, so the residuals that are parameters are those very arrays (`_split_residuals` knows
+    # them and they are not pooled). Slicing inside it, an unrolled stage pooled a copy of every
+    # layer's weights in each stash entry (tests/test_pipelined_composed.py).
+    if stage_layers is not None and keep_residuals:
+        n_layers = jax.tree.leaves(params_S)[0].shape[1]
+        kept_params = lambda p: [jax.tree.map(lambda a: a[i], p) for i in range(n_layers)]  # noqa: E731
+        from_kept = lambda grads: jax.tree.map(lambda *g: jnp.stack(g), *grads)  # noqa: E731
+
+        def kept_stage_io(layer_params, x):
+            carry, stats = x, []
+            for i, p in enumerate(layer_params):
+                for phase in stage_layers.phases:
+                    carry = phase(p, carry)
+                carry, s = carry
+                stats.append(s)
+            stage_loss, stats = stage_layers.finish_fn(from_kept(stats))
+            return (carry, stage_loss.astype(jnp.float32)), stats
+    else:
+        kept_params = from_kept = lambda tree: tree  # noqa: E731
+        kept_stage_io = stage_io
+
     # Only the slots `stored_slots` marks None travel: a slot every rank stores is read in place.
     def receive(local):  # this rank's stored stages [S/P, ...] -> the stages it runs from others [received, ...]
         return jnp.stack([sum(jax.lax.ppermute(local[i], "pipeline", pairs) for i, pairs in routes[j])
@@ -414,7 +436,7 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
 
         no_msg = jnp.zeros(h.shape, h.dtype)
         if keep_residuals:  # traced here, in the context the stages run in (nested shard_maps differ outside)
-            layout = residual_layout(stage_io, at(0), no_msg)
+            layout = residual_layout(kept_stage_io, kept_params(at(0)), no_msg)
             state0["residuals"] = [jnp.zeros((ticks.n_stash,) + r.shape, r.dtype) for r in layout.stored]
         add = lambda tree, more: jax.tree.map(jnp.add, tree, more)
 
@@ -433,8 +455,8 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
             if ran is not None:
                 (y, stage_loss), stats = ran
             elif keep_residuals:
-                stage_params = at(slot)
-                (y, stage_loss), vjp_fn, stats = jax.vjp(stage_io, stage_params, x, has_aux=True)
+                stage_params = kept_params(at(slot))
+                (y, stage_loss), vjp_fn, stats = jax.vjp(kept_stage_io, stage_params, x, has_aux=True)
                 stored, param_at = _split_residuals(vjp_fn, stage_params)
                 assert param_at == layout.param_at, "the stage's residuals differ from their traced layout"
                 state = dict(state, residuals=[buf.at[op[STASH]].set(r) for buf, r in zip(state["residuals"], stored)])
@@ -461,13 +483,14 @@ def pipeline_value_and_grad(stage_fn, loss_fn, schedule: Schedule, mesh, params_
             return state["cot"][op[COT]], jnp.ones((), jnp.float32)
 
         def stored_vjp(state, op):  # the forward's vjp function, from its pooled residuals
-            params, stored = jax.tree.leaves(at(op[SLOT])), iter(buf[op[STASH]] for buf in state["residuals"])
+            params, stored = jax.tree.leaves(kept_params(at(op[SLOT]))), iter(buf[op[STASH]] for buf in state["residuals"])
             leaves = [next(stored) if i is None else params[i] for i in layout.param_at]
             return jax.tree.unflatten(layout.treedef, leaves)
 
         def stage_grads(state, op):  # (d params, d input) of the stage from one vjp; XLA drops an unused half
             if keep_residuals:
-                return stored_vjp(state, op)(cotangent(state, op))
+                dp, dx = stored_vjp(state, op)(cotangent(state, op))
+                return from_kept(dp), dx
             _, vjp, _ = jax.vjp(stage_io, at(op[SLOT]), state["stash"][op[STASH]], has_aux=True)
             return vjp(cotangent(state, op))
 
