@@ -167,7 +167,7 @@ def test_expert_parallel_train_step_equals_single_device(sizes, whole_step):
             if "top_k" in line and ('custom_call_target="TopK"' in line or " sort(" in line)}
     assert rows == {tokens.shape[0] * (tokens.shape[1] - 1) // DEFAULT_RULES.shards("batch", dict(mesh.shape))}, rows
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    scale = max(float(abs(g).max()) for g in jax.tree.leaves(want_grads))
+    scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(want_grads))  # numpy: no compile per leaf
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grads, want_grads)
     if not whole_step:
         return

@@ -60,11 +60,12 @@ def test_causality_main_and_mtp_heads(model_and_fn):
 
 
 def test_dense_only_and_no_mtp_configs_run():
+    forward = nnx.jit(lambda model, tokens: model(tokens))  # one compile, not one per eager op
     cfg = tiny_model_config(first_k_dense=2, n_layers=2, mtp_depth=0)
-    out = DeepSeekV3(cfg, nnx.Rngs(0))(jnp.zeros((1, 4), jnp.int32))
+    out = forward(DeepSeekV3(cfg, nnx.Rngs(0)), jnp.zeros((1, 4), jnp.int32))
     assert out.mtp_logits_PBTV is None and out.stats == (None, None)
     cfg = tiny_model_config(first_k_dense=0, n_layers=2, q_lora_rank=0, score_func="softmax", n_group=1, topk_group=1)
-    out = DeepSeekV3(cfg, nnx.Rngs(0))(jnp.zeros((1, 4), jnp.int32))
+    out = forward(DeepSeekV3(cfg, nnx.Rngs(0)), jnp.zeros((1, 4), jnp.int32))
     assert out.stats.moe_layers.expert_load.shape == (2, cfg.n_routed_experts)
 
 
@@ -98,9 +99,10 @@ def test_bfloat16_compute_tracks_float32(tiny_cfg):
     import dataclasses
 
     tokens = jax.random.randint(jax.random.key(7), (2, 16), 0, tiny_cfg.vocab_size)
-    f32 = DeepSeekV3(tiny_cfg, nnx.Rngs(0))(tokens).logits_BTV
+    logits = nnx.jit(lambda model, tokens: model(tokens).logits_BTV)  # one compile, not one per eager op
+    f32 = logits(DeepSeekV3(tiny_cfg, nnx.Rngs(0)), tokens)
     bf16_cfg = dataclasses.replace(tiny_cfg, dtype="bfloat16")
-    bf16 = DeepSeekV3(bf16_cfg, nnx.Rngs(0))(tokens).logits_BTV
+    bf16 = logits(DeepSeekV3(bf16_cfg, nnx.Rngs(0)), tokens)
     assert bf16.dtype == jnp.float32  # logits are promoted for the softmax
     x, y = np.asarray(f32, np.float64), np.asarray(bf16, np.float64)
     assert 1 - 2 * np.sum(x * y) / (np.sum(x * x) + np.sum(y * y)) < 1e-2

@@ -43,7 +43,7 @@ def test_moe_equals_naive_per_token_loop(B, T):
     moe.router.bias_E[...] = jax.random.normal(jax.random.key(9), (8,)) * 0.05
     moe.router.centroids_DE[...] = moe.router.centroids_DE[...] * 20  # spread the scores
     x_BTD = jax.random.normal(jax.random.key(1), (B, T, cfg.d_model))
-    y_BTD, stats = moe(x_BTD)
+    y_BTD, stats = nnx.jit(lambda moe, x: moe(x))(moe, x_BTD)  # jitted: one compile, not one per eager op
     expected = _naive_moe(moe, cfg, x_BTD.reshape(-1, cfg.d_model))
     np.testing.assert_allclose(np.asarray(y_BTD).reshape(-1, cfg.d_model), expected, rtol=2e-4, atol=2e-5)
     assert float(stats.expert_load.sum()) == B * T * 3
@@ -54,7 +54,7 @@ def test_moe_is_dropless_under_total_imbalance():
     moe = MoE(cfg, nnx.Rngs(0))
     moe.router.bias_E[...] = jnp.array([5.0, 5.0, 0, 0, 0, 0, 0, 0])  # every token -> experts 0 and 1
     x_BTD = jax.random.normal(jax.random.key(2), (2, 5, cfg.d_model))
-    y, stats = moe(x_BTD)
+    y, stats = nnx.jit(lambda moe, x: moe(x))(moe, x_BTD)
     np.testing.assert_array_equal(stats.expert_load, [10, 10, 0, 0, 0, 0, 0, 0])
     np.testing.assert_allclose(np.asarray(y).reshape(10, -1), _naive_moe(moe, cfg, x_BTD.reshape(10, -1)),
                                rtol=2e-4, atol=2e-5)
@@ -80,5 +80,5 @@ def test_moe_gradients_match_naive_dense_computation(T):
         w_NE = jnp.zeros((T, cfg.n_routed_experts)).at[routing.token_M, routing.expert_M].add(routing.gate_M)
         return jnp.sum((jnp.einsum("ned,ne->nd", y_NED, w_NE) + m.shared(x)) ** 2)
 
-    g1, g2 = jax.grad(loss_sorted)(params), jax.grad(loss_dense)(params)
+    g1, g2 = jax.jit(jax.grad(loss_sorted))(params), jax.jit(jax.grad(loss_dense))(params)  # jitted: one compile each
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
