@@ -136,7 +136,7 @@ def test_gqa_sharded_over_tensor_and_data_equals_unsharded():
                                                                  DEFAULT_RULES.batch(mesh)))(state.params, state.routing_bias,
                                                                                      tokens)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    scale = max(float(abs(g).max()) for g in jax.tree.leaves(want_grads))
+    scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(want_grads))  # numpy: no compile per leaf
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grads, want_grads)
     w_q = state.params["moe_layers"]["attn"]["w_q"]["kernel"].get_value()
     assert not w_q.sharding.is_fully_replicated

@@ -86,12 +86,12 @@ def test_causal_chunks_give_the_gradients_of_the_full_score_matrix(kv_heads):
     segments = jnp.cumsum(jax.random.bernoulli(k[3], 0.01, (B, T)), axis=1)
     mask = attention_mask(T, segments)
     r = jax.random.normal(jax.random.key(6), (B, T, H, V))
-    loss = lambda causal: jax.value_and_grad(
-        lambda q, kk, v: jnp.sum(dot_product_attention(q, kk, v, mask, 0.3, causal) * r), argnums=(0, 1, 2))
+    loss = lambda causal: jax.jit(jax.value_and_grad(  # jitted: one compile, not one per eager op
+        lambda q, kk, v: jnp.sum(dot_product_attention(q, kk, v, mask, 0.3, causal) * r), argnums=(0, 1, 2)))
     (got, got_grads), (want, want_grads) = loss(True)(q, kk, v), loss(False)(q, kk, v)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
     copies = lambda x: jnp.repeat(x, H // kv_heads, axis=2)  # query head h reads K/V head h // (H / G)
-    np.testing.assert_allclose(dot_product_attention(q, kk, v, mask, 0.3, True),
-                               dot_product_attention(q, copies(kk), copies(v), mask, 0.3, True), rtol=1e-5, atol=1e-6)
+    attend = jax.jit(lambda kk, v: dot_product_attention(q, kk, v, mask, 0.3, True))
+    np.testing.assert_allclose(attend(kk, v), attend(copies(kk), copies(v)), rtol=1e-5, atol=1e-6)
