@@ -13,6 +13,11 @@ from dsv3_jax.model.model import DeepSeekV3
 from tests.conftest import tiny_model_config
 
 
+# The full forward every decoding test compares against, jitted once (eager, it compiled one small
+# program per op and shape).
+full_logits = nnx.jit(lambda model, tokens: model(tokens).logits_BTV)
+
+
 @pytest.fixture(scope="module")
 def model():
     # YaRN on with a short original context, so decoding runs past it (report §4.3).
@@ -25,7 +30,7 @@ def model():
 def test_cached_decoding_matches_full_forward_at_every_position(model, mode, cache_dtype):
     cfg = model.cfg
     tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, cfg.vocab_size)
-    full = model(tokens).logits_BTV
+    full = full_logits(model, tokens)
     caches = init_caches(cfg, 2, 24, mode, jnp.dtype(cache_dtype))
     graphdef, state = nnx.split(model)
     # Prefill 7 tokens at once, then one token per step past the original context of 8.
