@@ -112,9 +112,12 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
         def first_fn(rest, tokens_bS):  # per micro-batch, on the first stage's rank
             return model_without_stack(rest).embed_and_dense(tokens_bS[:, :-1], cos, sin)
 
+        def finish_fn(stats):  # a stage's loss and stats from its layers' stats (summed over micro-batches)
+            return balancing.loss(stats) / n_mb, stats.without_tokens()
+
         def stage_fn(stage, x_bTD):
             y_bTD, stats = run_blocks(nnx.merge(stack_graphdef, *stage), x_bTD, cos, sin, cfg)
-            return y_bTD, balancing.loss(stats) / n_mb, stats.without_tokens()  # summed over micro-batches
+            return y_bTD, *finish_fn(stats)
 
         # The pair's lockstep runs a stage phase by phase (executor.StageLayers): the MoE block's four
         # phases when its routed experts run the "a2a" transport under an expert mesh, else whole blocks.
@@ -126,9 +129,6 @@ def make_pipelined_loss_and_grads(config: Config, graphdef: nnx.GraphDef, mesh, 
         else:
             phases = [lambda layer, x_bTD: block(layer)(x_bTD, cos, sin)]
         phases = tuple(rematerialised(phase, cfg.remat) for phase in phases)
-
-        def finish_fn(stats):  # what stage_fn returns besides y, from its layers' stats
-            return balancing.loss(stats) / n_mb, stats.without_tokens()
 
         def loss_fn(rest, y_bTD, tokens_bS):
             model = model_without_stack(rest)
