@@ -9,10 +9,11 @@ import jax
 import numpy as np
 import pytest
 
+from dsv3_jax import hlo_stats
 from dsv3_jax.config import Config, MeshConfig, TrainConfig
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.parallel.pipeline import executor
-from dsv3_jax.parallel.pipeline.executor import tick_table
+from dsv3_jax.parallel.pipeline.executor import BACKWARD_CHUNK, FORWARD_CHUNK, tick_table
 from dsv3_jax.parallel.pipeline.schedules import make_schedule
 from dsv3_jax.parallel.sharding import DEFAULT_RULES
 from dsv3_jax.train.state import create_train_state
@@ -122,6 +123,11 @@ def test_composed_pipeline_splits_microbatch_rows_and_keeps_collectives_in_the_p
     gathered = re.findall(r"= f32\[([\d,]+)\]\S* all-gather\(", hlo)
     assert not any(shape.endswith(("8,32,16", "8,16,32")) for shape in gathered)
     assert re.search(r"f32\[2,4,32,16\]", hlo)  # a stage's 2 layers x the device's 4 experts
+    # The F&B pair runs its MoE blocks in phases (executor.lockstep_pair): both chunks move tokens by
+    # all-to-all over `expert` only (groups of 2 of the 8 devices), not by gathering experts.
+    a2a = [line for line in hlo.splitlines() if re.search(r" all-to-all(-start)?\(", line)]
+    assert {hlo_stats.group_size(line) for line in a2a} == {2}
+    assert all(any(f"{chunk}/" in line for line in a2a) for chunk in (FORWARD_CHUNK, BACKWARD_CHUNK))
     assert any(pipeline_coordinate[a] != pipeline_coordinate[b] for a, b in pairs)
 
 

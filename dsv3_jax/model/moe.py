@@ -135,13 +135,14 @@ class MoE(nnx.Module):
             routing, stats = self.router(x_BTD, token_ids_BT)
         gate_NK, expert_NK = routing.gate_M.reshape(B * T, -1), routing.expert_M.reshape(B * T, -1)
         with jax.named_scope("routed_experts"):
-            sent, dropped = ep_send(x_BTD.reshape(B * T, D).astype(self.dtype), expert_NK, gate_NK, self.w_gate_EDF[...],
-                                    self.w_down_EFD[...], expert_parallel_mesh(), self.capacity_factor, self.groups)
+            sent, dropped = ep_send(x_BTD.reshape(B * T, D).astype(self.dtype), expert_NK, gate_NK,
+                                    self.w_gate_EDF.shape[0], expert_parallel_mesh(), self.capacity_factor, self.groups)
         return sent, stats._replace(capacity_dropped=dropped / expert_NK.size)
 
     def dispatch(self, sent: Sent) -> Sent:
+        mesh = expert_parallel_mesh()
         with jax.named_scope("routed_experts"):
-            return ep_dispatch(sent, expert_parallel_mesh(), expert_axis(expert_parallel_mesh(), self.w_gate_EDF))
+            return ep_dispatch(sent, mesh, expert_axis(mesh, self.w_gate_EDF))
 
     def experts(self, received: Sent, x_BTD: Float[Array, "B T D"]) -> tuple[Sent, Array | None]:
         """The rows through this rank's experts, and the shared experts on the layer's input."""

@@ -91,6 +91,25 @@ def pair_capacity(n_tokens: int, fan_out: int, ep: int, capacity_factor: float) 
     return max(1, min(n_tokens, math.ceil(capacity_factor * n_tokens * fan_out / ep)))
 
 
+def _capacity(n_tokens: int, top_k: int, mesh, capacity_factor: float, groups: tuple[int, int]) -> int:
+    """`pair_capacity` for `n_tokens` tokens over the mesh's batch shards, routed top_k of (n_group, topk_group)."""
+    ep = mesh.shape["expert"]
+    n_local = n_tokens // current_rules().shards("batch", mesh.shape)
+    return pair_capacity(n_local, ranks_per_token(top_k, ep, *groups), ep, capacity_factor)
+
+
+def _exchange(axis):
+    """The tiled all-to-all over `axis` of [P, ...] buffers: block p goes to rank p."""
+    return functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0, tiled=True)
+
+
+def _ep_layout(mesh, w_gate_EDF, w_down_EFD):
+    """(token spec, gate/up weight spec, down weight spec) in the compute layout: the shard_maps' specs."""
+    spec = lambda axes, a: current_rules().spec(axes, a.shape, mesh, compute=True)  # noqa: E731
+    tokens = current_rules().spec(("batch",), mesh=mesh)
+    return tokens, spec(("expert", "embed", "moe_ffn"), w_gate_EDF), spec(("expert", "moe_ffn", "embed"), w_down_EFD)
+
+
 def _local_experts(x_RD, local_expert_R, gate_R, w_gate, w_up, w_down, experts_fn: ExpertsFn, ffn_axes):
     """Rows through this rank's experts by local expert id, gated; id local_E (no local expert) gives zeros."""
     local_E = w_gate.shape[0]
@@ -172,7 +191,7 @@ def _add_back(back_PCD, token_PC, n: int, dtype) -> jax.Array:
 def _a2a(x_nD, expert_nK, gate_nK, *weights, ep, experts, capacity, axis, ragged):
     n, D = x_nD.shape
     plan = plan_dispatch(expert_nK, gate_nK, ep, weights[0].shape[0], capacity)
-    exchange = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0, tiled=True)
+    exchange = _exchange(axis)
     recv_count_P = exchange(plan.count_P)  # counts first: how many real rows each source sends here
     send_PCD = _send_rows(x_nD, plan)
     recv_PCD = _ragged_exchange(send_PCD, plan.count_P, recv_count_P, axis) if ragged else exchange(send_PCD)
@@ -222,14 +241,10 @@ def expert_parallel_routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_ED
     ep = mesh.shape["expert"]
     if E % ep:
         raise ValueError(f"{E} routed experts cannot be split over mesh.expert={ep}")
-    spec = lambda axes, a: current_rules().spec(axes, a.shape, mesh, compute=True)
-    tokens = current_rules().spec(("batch",), mesh=mesh)
-    gate_up, down = spec(("expert", "embed", "moe_ffn"), w_gate_EDF), spec(("expert", "moe_ffn", "embed"), w_down_EFD)
-    n_local = x_ND.shape[0] // current_rules().shards("batch", mesh.shape)
+    tokens, gate_up, down = _ep_layout(mesh, w_gate_EDF, w_down_EFD)
     experts = functools.partial(_local_experts, experts_fn=experts_fn, ffn_axes=down[1])
     local = functools.partial(_TRANSPORTS[dispatch], ep=ep, experts=experts, axis=gate_up[0],
-                              capacity=pair_capacity(n_local, ranks_per_token(expert_NK.shape[1], ep, *groups), ep,
-                                                     capacity_factor))
+                              capacity=_capacity(x_ND.shape[0], expert_NK.shape[1], mesh, capacity_factor, groups))
     token_axes = tokens[0] if len(tokens) else ()
 
     def run(*args):
@@ -257,12 +272,6 @@ def expert_axis(mesh, w_gate_EDF):
     return current_rules().spec(("expert", "embed", "moe_ffn"), w_gate_EDF.shape, mesh, compute=True)[0]
 
 
-def _ep_layout(mesh, w_gate_EDF, w_down_EFD):
-    spec = lambda axes, a: current_rules().spec(axes, a.shape, mesh, compute=True)  # noqa: E731
-    tokens = current_rules().spec(("batch",), mesh=mesh)
-    return tokens, spec(("expert", "embed", "moe_ffn"), w_gate_EDF), spec(("expert", "moe_ffn", "embed"), w_down_EFD)
-
-
 def _sent_specs(tokens) -> Sent:
     return Sent(*(tokens,) * 5)
 
@@ -272,13 +281,13 @@ def _sent_specs(tokens) -> Sent:
 # and gather the rows (compute), dispatch (all-to-all only), the experts (compute), combine
 # (all-to-all, then each row added back to its token). `expert_parallel_routed_experts` with
 # dispatch="a2a" is their composition in one shard_map.
-def ep_send(x_ND, expert_NK, gate_NK, w_gate_EDF, w_down_EFD, mesh, capacity_factor: float = 2.0,
+def ep_send(x_ND, expert_NK, gate_NK, n_experts: int, mesh, capacity_factor: float = 2.0,
             groups: tuple[int, int] = (1, 1)) -> tuple[Sent, jax.Array]:
     """Plan the dispatch and gather the rows to send; (Sent, assignments dropped for capacity)."""
-    tokens, gate_up, down = _ep_layout(mesh, w_gate_EDF, w_down_EFD)
-    ep, local_E = mesh.shape["expert"], w_gate_EDF.shape[0] // mesh.shape["expert"]
-    n_local = x_ND.shape[0] // current_rules().shards("batch", mesh.shape)
-    capacity = pair_capacity(n_local, ranks_per_token(expert_NK.shape[1], ep, *groups), ep, capacity_factor)
+    tokens = current_rules().spec(("batch",), mesh=mesh)
+    ep = mesh.shape["expert"]
+    local_E = n_experts // ep
+    capacity = _capacity(x_ND.shape[0], expert_NK.shape[1], mesh, capacity_factor, groups)
     token_axes = tokens[0] if len(tokens) else ()
 
     def run(x_nD, expert_nK, gate_nK):
@@ -294,7 +303,7 @@ def ep_send(x_ND, expert_NK, gate_NK, w_gate_EDF, w_down_EFD, mesh, capacity_fac
 def ep_dispatch(sent: Sent, mesh, axis) -> Sent:
     """The dispatch all-to-alls: counts, rows, expert ids and gates to the ranks that hold the experts."""
     tokens = current_rules().spec(("batch",), mesh=mesh)
-    exchange = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0, tiled=True)
+    exchange = _exchange(axis)
 
     def run(sent):
         return Sent(exchange(sent.rows_PCD), exchange(sent.expert_PCJ), exchange(sent.gate_PCJ),
@@ -322,7 +331,7 @@ def ep_combine(done: Sent, n_tokens: int, dtype, mesh, axis) -> jax.Array:
     """The combine all-to-all, and each token's rows added back: the routed experts' sum [N, D]."""
     tokens = current_rules().spec(("batch",), mesh=mesh)
     n_local = n_tokens // current_rules().shards("batch", mesh.shape)
-    exchange = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0, tiled=True)
+    exchange = _exchange(axis)
 
     def run(done):
         return _add_back(exchange(done.rows_PCD), done.token_PC, n_local, dtype)
@@ -336,9 +345,7 @@ def batch_parallel_routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDF, w_up_EDF
     computes only its own tokens' assignments, with the weights in their compute layout (fsdp
     gathered; moe_ffn split over tensor, partial sums added). Left to GSPMD, the sort over all
     tokens' assignments is not partitioned and every data rank computes the whole batch's experts."""
-    spec = lambda axes, a: current_rules().spec(axes, a.shape, mesh, compute=True)
-    tokens = current_rules().spec(("batch",), mesh=mesh)
-    gate_up, down = spec(("expert", "embed", "moe_ffn"), w_gate_EDF), spec(("expert", "moe_ffn", "embed"), w_down_EFD)
+    tokens, gate_up, down = _ep_layout(mesh, w_gate_EDF, w_down_EFD)
     experts = functools.partial(_local_experts, experts_fn=experts_fn, ffn_axes=down[1])
 
     def run(x_nD, expert_nK, gate_nK, *weights):
